@@ -1,0 +1,108 @@
+"""Gaussian Quant selection in numpy (the service side; `training/gq.py` is the torch twin).
+
+For a token posterior N(mu, sigma^2) in R^d, GQ picks the codeword c that
+maximizes the density ratio q(c|x) / p(c)^beta:
+
+    score(c) = sum_i (beta - 1/sigma_i^2) c_i^2 + 2 c_i mu_i / sigma_i^2   (+ terms without c)
+
+which is one matrix product between per-token features [beta - 1/sigma^2, 2 mu / sigma^2]
+and per-codeword features [c^2, c], followed by an argmax.
+
+Memory: the full tokens x K score matrix is never built. Tokens go through in
+row chunks of exactly `row_chunk` rows (the last one zero-padded) against
+codeword chunks of at most `code_chunk` columns, keeping a running max. Peak
+extra memory is about 4 * row_chunk * (code_chunk + 4d + 2) bytes, 4.2 MiB with
+the defaults, for any number of tokens, plus the [K, 2d] codeword features that
+`GaussianQuantizer` computes once.
+
+Batch independence: every matrix product has the same shape whatever the
+number of tokens, so BLAS takes the same code path and summation order for a
+token whether it is alone or among thousands; its result does not depend on
+its neighbours. Ties go to the lowest codeword index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ROW_CHUNK = 256  # tokens per matrix product (fixed: see "Batch independence")
+CODE_CHUNK = 4096  # codewords per matrix product
+LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's log-variance (reference value)
+
+
+def codeword_features(codebook: np.ndarray) -> np.ndarray:
+    """[K, d] codebook -> [K, 2d] float32 features [c^2, c]."""
+    c = np.asarray(codebook, dtype=np.float32)
+    if c.ndim != 2:
+        raise ValueError(f"codebook must be [K, d], got shape {c.shape}")
+    return np.ascontiguousarray(np.concatenate([c * c, c], axis=1))
+
+
+def token_features(mu: np.ndarray, logvar: np.ndarray, beta: float) -> np.ndarray:
+    """[N, d] posterior -> [N, 2d] float32 features [beta - 1/sigma^2, 2 mu / sigma^2]."""
+    mu = np.asarray(mu, dtype=np.float32)
+    inv_var = np.exp(-np.clip(np.asarray(logvar, dtype=np.float32), *LOGVAR_RANGE))
+    return np.concatenate([np.float32(beta) - inv_var, 2.0 * mu * inv_var], axis=1).astype(np.float32)
+
+
+def select_from_features(
+    tok: np.ndarray, code: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK
+) -> np.ndarray:
+    """argmax_k tok @ code[k] for every row of tok, chunked. Returns int64 [N]."""
+    n, k = tok.shape[0], code.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    block = np.zeros((row_chunk, tok.shape[1]), dtype=np.float32)
+    code_t = [np.ascontiguousarray(code[s : s + code_chunk].T) for s in range(0, k, code_chunk)]
+    rows = np.arange(row_chunk)
+    for start in range(0, n, row_chunk):
+        m = min(row_chunk, n - start)
+        block[:m] = tok[start : start + m]
+        block[m:] = 0.0
+        best = np.full(row_chunk, -np.inf, dtype=np.float32)
+        best_idx = np.zeros(row_chunk, dtype=np.int64)
+        for ci, ct in enumerate(code_t):
+            scores = block @ ct
+            idx = scores.argmax(axis=1)
+            val = scores[rows, idx]
+            better = val > best  # strict: earlier chunks win ties -> lowest index
+            best = np.where(better, val, best)
+            best_idx = np.where(better, idx + ci * code_chunk, best_idx)
+        out[start : start + m] = best_idx[:m]
+    return out
+
+
+class GaussianQuantizer:
+    """Holds a codebook and its features; selects and looks up codewords.
+
+    codebook: float32 [K, d], e.g. from `gqtok.codebook.make_codebook`.
+    beta:     weight of the prior term; 1 is the reference density ratio,
+              0 reduces to picking the codeword most likely under q alone.
+    """
+
+    def __init__(self, codebook: np.ndarray, beta: float = 1.0):
+        self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
+        self.beta = float(beta)
+        self.features = codeword_features(self.codebook)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.codebook.shape[1]
+
+    def select(self, mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+        """mu, logvar: [..., d] -> int64 codeword ids [...]."""
+        mu = np.asarray(mu)
+        if mu.shape != np.shape(logvar) or mu.shape[-1] != self.dim:
+            raise ValueError(f"mu {mu.shape} and logvar {np.shape(logvar)} must match and end in d={self.dim}")
+        flat = token_features(mu.reshape(-1, self.dim), np.reshape(logvar, (-1, self.dim)), self.beta)
+        return select_from_features(flat, self.features).reshape(mu.shape[:-1])
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """int ids [...] -> float32 codewords [..., d]."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_codes):
+            raise ValueError(f"token ids must lie in [0, {self.num_codes}), got [{ids.min()}, {ids.max()}]")
+        return self.codebook[ids]

@@ -1,0 +1,132 @@
+"""Held-out evaluation of a run: the continuous VAE (posterior mean) against its GQ tokenizer.
+
+Reports PSNR / SSIM / MS-SSIM for both, the rate (tokens per image, bits per
+token, bpp), per-token KL in bits against log2 K, codebook usage, and the
+distribution of |z_hat - mu| / sigma (how far GQ moved each latent, in
+posterior standard deviations). Writes JSON and a PNG grid
+(original | posterior mean | GQ tokens, one row per photo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pytorch_msssim import ms_ssim, ssim
+
+from training import data as photo_data
+from training.gq import GaussianQuantizer
+from training.model import kl_bits_per_token
+from training.train import load_run
+
+MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window need more than (11 - 1) * 2^4 pixels
+
+
+def image_metrics(x_u8: np.ndarray, y_u8: np.ndarray) -> dict:
+    """PSNR (dB), SSIM and MS-SSIM of two uint8 [H, W, 3] images, on the [0, 1] scale."""
+    x = torch.from_numpy(np.array(x_u8)).permute(2, 0, 1)[None].double() / 255
+    y = torch.from_numpy(np.array(y_u8)).permute(2, 0, 1)[None].double() / 255
+    mse = F.mse_loss(x, y).item()
+    out = {
+        "psnr": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
+        "ssim": ssim(x, y, data_range=1.0).item(),
+        "ms_ssim": None,
+    }
+    if min(x_u8.shape[:2]) >= MS_SSIM_MIN_SIDE:
+        out["ms_ssim"] = ms_ssim(x, y, data_range=1.0).item()
+    return out
+
+
+def _mean(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r[key] is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _quantiles(x: np.ndarray, qs=(5, 50, 95)) -> dict:
+    return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(x, qs))}
+
+
+@torch.no_grad()
+def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_out: Path | None = None,
+             size: tuple[int, int] = photo_data.HELDOUT_SIZE, limit: int | None = None, device: str = "cpu",
+             progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    model, config = load_run(run_dir, device)
+    cfg = model.cfg
+    if size[0] % cfg.downsample or size[1] % cfg.downsample:
+        raise ValueError(f"evaluation size {size} must be a multiple of f={cfg.downsample}")
+    gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta).to(device)
+    _, heldout = photo_data.split_heldout(photo_data.list_images(data_dir))
+    if not heldout:
+        raise FileNotFoundError(f"none of the held-out photos ({', '.join(photo_data.HELDOUT[:3])}, ...) are in {data_dir}")
+    heldout = heldout[:limit] if limit else heldout
+
+    rows, kls, errs, counts, grid_rows = [], [], [], np.zeros(cfg.num_codes, np.int64), []
+    for path in tqdm(heldout, desc="eval", disable=not progress, leave=False):
+        original = photo_data.center_crop(photo_data.load_rgb(path), size)
+        x = photo_data.to_model_input(original[None]).to(device)
+        mu, logvar = model.encoder(x)
+        ids = gq.encode_latent(mu, logvar)
+        z_hat = gq.decode_latent(ids)
+        recon_mean = photo_data.to_uint8(model.decoder(mu))[0]
+        recon_gq = photo_data.to_uint8(model.decoder(z_hat))[0]
+
+        kls.append(kl_bits_per_token(mu, logvar, cfg.token_dim).flatten().cpu().numpy())
+        errs.append(((z_hat - mu).abs() / torch.exp(0.5 * logvar)).flatten().cpu().numpy())
+        counts += np.bincount(ids.flatten().cpu().numpy(), minlength=cfg.num_codes)
+        rows.append({"image": path.name, "continuous": image_metrics(original, recon_mean),
+                     "gq": image_metrics(original, recon_gq)})
+        grid_rows.append(np.concatenate([original, recon_mean, recon_gq], axis=1))
+
+    kl, err = np.concatenate(kls), np.concatenate(errs)
+    target, band = float(cfg.codebook_bits), float(config.get("train", {}).get("tdc_band", 0.5))
+    h, w = size
+    tokens = cfg.tokens_per_position * (h // cfg.downsample) * (w // cfg.downsample)
+    p = counts[counts > 0] / counts.sum()
+    result = {
+        "run": str(run_dir),
+        "step": config.get("step"),
+        "preset": config.get("preset"),
+        "model": cfg.to_dict(),
+        "parameters": model.num_parameters(),
+        "images": len(rows),
+        "image_size": [h, w],
+        "continuous": {k: _mean([r["continuous"] for r in rows], k) for k in ("psnr", "ssim", "ms_ssim")},
+        "gq": {k: _mean([r["gq"] for r in rows], k) for k in ("psnr", "ssim", "ms_ssim")},
+        "rate": {
+            "tokens_per_image": tokens,
+            "tokens_per_256x256": cfg.tokens_per_position * (256 // cfg.downsample) ** 2,
+            "bits_per_token": cfg.codebook_bits,
+            "bpp": tokens * cfg.codebook_bits / (h * w),
+        },
+        "kl_bits_per_token": {
+            "target": target, "band": band, "mean": float(kl.mean()), **_quantiles(kl),
+            "min": float(kl.min()), "max": float(kl.max()),
+            "fraction_in_band": float(np.mean(np.abs(kl - target) <= band)),
+        },
+        "codebook": {
+            "size": cfg.num_codes,
+            "used_fraction": float((counts > 0).mean()),
+            "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+            "tokens_counted": int(counts.sum()),
+        },
+        "quantization_error_in_sigmas": {
+            "mean": float(err.mean()), **_quantiles(err, (50, 95, 99)), "max": float(err.max()),
+            "fraction_below_1": float(np.mean(err < 1.0)),
+        },
+        "per_image": rows,
+    }
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    if png_out:
+        grid = np.concatenate(grid_rows[:6], axis=0)
+        Path(png_out).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).resize((grid.shape[1] // 2, grid.shape[0] // 2), Image.LANCZOS).save(png_out)
+    return result

@@ -1,0 +1,185 @@
+"""Convolutional Gaussian VAE: the continuous model that GQ turns into a tokenizer.
+
+Encoder: image in [-1, 1] -> (mu, logvar), each [B, C, H/f, W/f].
+Decoder: latent [B, C, H/f, W/f] -> image in [-1, 1] (not clamped; clamp for display).
+Built from ResNet blocks with GroupNorm, stride-2 convs down, nearest-neighbour
+upsampling + conv up, optional self-attention at the lowest resolution. Every
+op exports to ONNX with dynamic batch, height and width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gqtok.layout import tokens_per_position
+from gqtok.select import LOGVAR_RANGE
+
+
+@dataclass
+class VAEConfig:
+    downsample: int = 8  # f: latent grid is H/f x W/f; 8 or 16
+    latent_channels: int = 16  # C: channels of mu (and of logvar)
+    token_dim: int = 16  # d: channels per token; C/d tokens per position
+    codebook_bits: int = 16  # b: K = 2^b codewords, target KL log2 K bits per token
+    codebook_seed: int = 0  # seed of the GQ codebook (gqtok.codebook)
+    gq_beta: float = 1.0  # prior weight in the GQ selection score
+    base_channels: int = 64  # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # width multiplier per level; len = log2(f) + 1
+    blocks_per_level: int = 1  # ResNet blocks per level
+    attention: bool = False  # self-attention at the lowest resolution
+    groups: int = 16  # GroupNorm groups (must divide every level's width)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if self.downsample not in (8, 16):
+            raise ValueError(f"downsample must be 8 or 16, got {self.downsample}")
+        if len(self.channel_mult) != int(math.log2(self.downsample)) + 1:
+            raise ValueError(
+                f"channel_mult needs log2(f) + 1 = {int(math.log2(self.downsample)) + 1} entries, got {self.channel_mult}"
+            )
+        tokens_per_position(self.latent_channels, self.token_dim)  # raises if C % d
+        if not 1 <= self.codebook_bits <= 24:
+            raise ValueError(f"codebook_bits must be in [1, 24], got {self.codebook_bits}")
+        for m in self.channel_mult:
+            if (self.base_channels * m) % self.groups:
+                raise ValueError(f"groups={self.groups} must divide every width {self.base_channels}*{m}")
+
+    @property
+    def num_codes(self) -> int:
+        return 2**self.codebook_bits
+
+    @property
+    def tokens_per_position(self) -> int:
+        return self.latent_channels // self.token_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all positions of the lowest-resolution grid."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj = nn.GroupNorm(groups, ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [b, hw, c]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+def _mid(ch: int, cfg: VAEConfig) -> nn.Sequential:
+    layers = [ResBlock(ch, ch, cfg.groups)]
+    if cfg.attention:
+        layers += [Attention(ch, cfg.groups), ResBlock(ch, ch, cfg.groups)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        layers, ch = [], widths[0]
+        for i, w in enumerate(widths):
+            for _ in range(cfg.blocks_per_level):
+                layers.append(ResBlock(ch, w, cfg.groups))
+                ch = w
+            if i < len(widths) - 1:
+                layers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.down = nn.Sequential(*layers)
+        self.mid = _mid(ch, cfg)
+        self.norm_out = nn.GroupNorm(cfg.groups, ch)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.mid(self.down(self.conv_in(x)))
+        mu, logvar = self.conv_out(F.silu(self.norm_out(h))).chunk(2, dim=1)
+        return mu, logvar.clamp(*LOGVAR_RANGE)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mult][::-1]
+        ch = widths[0]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
+        self.mid = _mid(ch, cfg)
+        layers = []
+        for i, w in enumerate(widths):
+            for _ in range(cfg.blocks_per_level):
+                layers.append(ResBlock(ch, w, cfg.groups))
+                ch = w
+            if i < len(widths) - 1:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
+        self.up = nn.Sequential(*layers)
+        self.norm_out = nn.GroupNorm(cfg.groups, ch)
+        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, z):
+        return self.conv_out(F.silu(self.norm_out(self.up(self.mid(self.conv_in(z))))))
+
+
+class GaussianVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    def forward(self, x, sample: bool = True):
+        """Returns (reconstruction, mu, logvar); sample=False decodes the posterior mean."""
+        mu, logvar = self.encoder(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        return self.decoder(z), mu, logvar
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def kl_bits_per_token(mu: torch.Tensor, logvar: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) in bits, summed over each token's d channels -> [B, T, H, W]."""
+    from gqtok import layout
+
+    kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()) / math.log(2.0)
+    return layout.group(kl, token_dim).sum(-1)
+
+
+PRESETS: dict[str, dict] = {
+    # Trains in seconds on a CPU: for tests and smoke runs. 2 tokens of 256 codes per 8x8 patch.
+    "tiny": dict(
+        model=dict(
+            downsample=8, latent_channels=8, token_dim=4, codebook_bits=8, base_channels=16,
+            channel_mult=(1, 1, 2, 2), blocks_per_level=1, attention=False, groups=8,
+        ),
+        train=dict(crop=64, batch_size=8, steps=60, lr=1e-3, log_every=10, image_every=0, ckpt_every=0),
+    ),
+    # The paper's headline rate: f=8, C=16, d=16, K=2^16 -> one token per 8x8 patch, 0.25 bpp.
+    # Width is sized so that hours of CPU training get somewhere; raise it on a GPU.
+    "default": dict(
+        model=dict(
+            downsample=8, latent_channels=16, token_dim=16, codebook_bits=16, base_channels=32,
+            channel_mult=(1, 2, 2, 4), blocks_per_level=1, attention=True, groups=16,
+        ),
+        train=dict(crop=128, batch_size=8, steps=200_000, lr=2e-4),
+    ),
+}

@@ -1,0 +1,275 @@
+"""TDC training of the Gaussian VAE: single process, or data-parallel under torchrun.
+
+A run directory holds:
+  config.json          preset name, VAEConfig and TrainConfig (everything needed to rebuild the model)
+  model.safetensors    model weights plus the TDC scalars (tdc.lam, tdc.lam_max, tdc.lam_min)
+  trainer.pt           optimizer state, step and RNG states (for --resume)
+  log.jsonl            one line of metrics every `log_every` steps
+  samples/step_N.png   originals (top) over reconstructions (bottom), every `image_every` steps
+
+Data parallel: `torchrun --nproc_per_node N -m gqtok.cli train ...` (gloo on CPU,
+nccl on GPU). Each rank draws its own crops (seed + rank); DDP averages the
+gradients and TDC all-reduces its KL statistics, so every rank holds the same
+model and the same three scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from training import data as photo_data
+from training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
+from training.tdc import TDC
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000  # optimizer steps in total (a resumed run continues up to this)
+    time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0 = no limit
+    batch_size: int = 8  # images per step per rank
+    crop: int = 128  # random square crop size
+    lr: float = 2e-4  # Adam learning rate
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    recon_loss: str = "l1"  # "l1" or "mse", mean over pixels in [-1, 1]
+    perceptual_weight: float = 0.0  # weight of the EfficientNet-Lite0 deep-feature distance; 0 = off
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    tdc_band: float = 0.5  # +- bits around log2 K
+    tdc_rate: float = 1.01  # per-step multiplicative update of lam, lam_max, lam_min
+    tdc_lam_init: float = 1e-4  # first KL weight (adapts)
+    seed: int = 0
+    log_every: int = 50  # steps between log lines (and bar updates)
+    image_every: int = 1000  # steps between reconstruction grids; 0 = only at the end
+    ckpt_every: int = 1000  # steps between checkpoints; 0 = only at the end
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+    def __post_init__(self):
+        if self.recon_loss not in ("l1", "mse"):
+            raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+
+def build_configs(preset: str, overrides: dict | None = None) -> tuple[VAEConfig, TrainConfig]:
+    """Preset values, then `overrides` (field name -> value; names are unique across both configs)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    model_kw, train_kw = dict(PRESETS[preset]["model"]), dict(PRESETS[preset]["train"])
+    model_names = {f.name for f in fields(VAEConfig)}
+    train_names = {f.name for f in fields(TrainConfig)}
+    for key, value in (overrides or {}).items():
+        if key in model_names:
+            model_kw[key] = value
+        elif key in train_names:
+            train_kw[key] = value
+        else:
+            raise ValueError(f"unknown setting {key!r}")
+    return VAEConfig(**model_kw), TrainConfig(**train_kw)
+
+
+def load_run(run_dir: Path, device: str = "cpu") -> tuple[GaussianVAE, dict]:
+    """Rebuild the model of a run directory from config.json + model.safetensors."""
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
+    if not cfg_path.exists() or not weights.exists():
+        raise FileNotFoundError(f"{run_dir} is not a training run (needs config.json and model.safetensors)")
+    config = json.loads(cfg_path.read_text())
+    model = GaussianVAE(VAEConfig(**config["model"]))
+    state = load_file(str(weights), device=device)
+    model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+    return model.to(device).eval(), config
+
+
+def _grid_png(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int = 8) -> None:
+    from PIL import Image
+
+    top = photo_data.to_uint8(originals[:n])
+    bottom = photo_data.to_uint8(recons[:n])
+    grid = np.concatenate([np.concatenate(list(top), axis=1), np.concatenate(list(bottom), axis=1)], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    mse = F.mse_loss(x.float().clamp(-1, 1), y.float()).item() / 4.0  # [-1,1] -> [0,1] scale
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+class Trainer:
+    def __init__(self, run_dir: Path, data_dir: Path, model_cfg: VAEConfig, train_cfg: TrainConfig, preset: str,
+                 progress: bool = True):
+        self.run_dir, self.preset = Path(run_dir), preset
+        self.mcfg, self.tcfg = model_cfg, train_cfg
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        use_cuda = train_cfg.device == "cuda" or (train_cfg.device == "auto" and torch.cuda.is_available())
+        if self.distributed:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        self.progress = progress and self.rank == 0
+
+        torch.manual_seed(train_cfg.seed)  # same initial weights on every rank
+        self.model = GaussianVAE(model_cfg).to(self.device)
+        self.tdc = TDC(model_cfg.codebook_bits, train_cfg.tdc_band, train_cfg.tdc_rate, train_cfg.tdc_lam_init).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if use_cuda else None)
+                    if self.distributed else self.model)
+        self.perceptual = None
+        if train_cfg.perceptual_weight > 0:
+            from training.perceptual import DeepFeatureDistance
+
+            self.perceptual = DeepFeatureDistance().to(self.device)
+        self.step = 0
+
+        train_paths, _ = photo_data.split_heldout(photo_data.list_images(data_dir))
+        self.data = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=train_cfg.seed + 1000 * self.rank,
+                                           progress=self.progress)
+        self.fixed = photo_data.to_model_input(
+            photo_data.RandomCrops(train_paths, train_cfg.crop, seed=12345).batch(8)).to(self.device)
+
+    # -- checkpoints ---------------------------------------------------------
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        state.update({f"tdc.{k}": v.detach().cpu() for k, v in self.tdc.state_dict().items()})
+        tmp = self.run_dir / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"step": str(self.step)})
+        os.replace(tmp, self.run_dir / "model.safetensors")  # never leave a half-written checkpoint
+        torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "data_rng": self.data.rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state()}, self.run_dir / "trainer.pt.tmp")
+        os.replace(self.run_dir / "trainer.pt.tmp", self.run_dir / "trainer.pt")
+        (self.run_dir / "config.json").write_text(json.dumps(
+            {"preset": self.preset, "model": self.mcfg.to_dict(), "train": asdict(self.tcfg), "step": self.step,
+             "world_size": self.world, "tdc": self.tdc.scalars()}, indent=2))
+
+    def load(self) -> None:
+        state = load_file(str(self.run_dir / "model.safetensors"), device=str(self.device))
+        self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        self.tdc.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tdc.")})
+        trainer = torch.load(self.run_dir / "trainer.pt", map_location=self.device, weights_only=False)
+        self.opt.load_state_dict(trainer["optimizer"])
+        self.step = trainer["step"]
+        if self.world == 1:  # with several ranks each keeps drawing fresh crops from its own seed
+            self.data.rng.bit_generator.state = trainer["data_rng"]
+            torch.set_rng_state(trainer["torch_rng"])
+
+    # -- one step ------------------------------------------------------------
+    def train_step(self) -> dict:
+        x = photo_data.to_model_input(self.data.batch(self.tcfg.batch_size)).to(self.device)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.tcfg.precision == "bf16"
+                    else nullcontext())
+        with autocast:
+            recon, mu, logvar = self.ddp(x)
+        recon = recon.float()
+        rec = F.l1_loss(recon, x) if self.tcfg.recon_loss == "l1" else F.mse_loss(recon, x)
+        kl_tok = kl_bits_per_token(mu, logvar, self.mcfg.token_dim)
+        loss = rec + self.tdc.loss(kl_tok)
+        if self.perceptual is not None:
+            loss = loss + self.tcfg.perceptual_weight * self.perceptual(recon, x).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        self.opt.step()
+        stats = self.tdc.statistics(kl_tok)  # all-reduced: every rank updates the same way
+        scalars_before = self.tdc.scalars()
+        self.tdc.update(stats)
+        self.step += 1
+        return {"loss": loss.item(), "recon": rec.item(), "kl_mean": stats["mean"], "kl_min": stats["min"],
+                "kl_max": stats["max"], "psnr": _psnr(recon.detach(), x), **scalars_before}
+
+    @torch.no_grad()
+    def sample_grid(self) -> None:
+        if self.rank != 0:
+            return
+        self.model.eval()
+        recon, _, _ = self.model(self.fixed, sample=False)
+        self.model.train()
+        _grid_png(self.fixed, recon, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.tcfg
+        start, last = time.monotonic(), {}
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc="train")
+        log = open(self.run_dir / "log.jsonl", "a") if self.rank == 0 else None
+        self.model.train()
+        while self.step < cfg.steps:
+            last = self.train_step()
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}",
+                                kl=f"{last['kl_mean']:.2f}/{last['kl_min']:.1f}/{last['kl_max']:.1f}",
+                                lam=f"{last['lam']:.2e}", lam_max=f"{last['lam_max']:.2f}",
+                                lam_min=f"{last['lam_min']:.3f}")
+                if log:
+                    log.write(json.dumps({"step": self.step, "time_s": round(time.monotonic() - start, 1), **last}) + "\n")
+                    log.flush()
+            if cfg.image_every and self.step % cfg.image_every == 0:
+                self.sample_grid()
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                self.save()
+            if cfg.time_limit_min and self._time_up(start):
+                break
+        bar.close()
+        self.sample_grid()
+        self.save()
+        if log:
+            log.close()
+        return last
+
+    def _time_up(self, start: float) -> bool:
+        # Ranks must stop at the same step, or the next all-reduce would hang.
+        up = torch.tensor([float(time.monotonic() - start > 60 * self.tcfg.time_limit_min)], device=self.device)
+        if self.distributed:
+            dist.all_reduce(up, op=dist.ReduceOp.MAX)
+        return bool(up.item())
+
+    def close(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def train(run_dir: Path, data_dir: Path, preset: str = "default", overrides: dict | None = None,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run; returns the last step's metrics."""
+    run_dir = Path(run_dir)
+    if resume:
+        saved = json.loads((run_dir / "config.json").read_text())
+        preset = saved["preset"]
+        model_cfg = VAEConfig(**saved["model"])
+        train_kw = {**saved["train"], **{k: v for k, v in (overrides or {}).items() if k in saved["train"]}}
+        if set(overrides or {}) - set(train_kw):
+            raise ValueError("only training settings can change on --resume, not the model's")
+        train_cfg = TrainConfig(**train_kw)
+    else:
+        if (run_dir / "model.safetensors").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        model_cfg, train_cfg = build_configs(preset, overrides)
+    trainer = Trainer(run_dir, data_dir, model_cfg, train_cfg, preset, progress=progress)
+    try:
+        if resume:
+            trainer.load()
+        else:
+            trainer.save()  # config.json exists from the first moment
+        return trainer.fit()
+    finally:
+        trainer.close()
