@@ -54,6 +54,8 @@ def select_from_features(
     block = np.zeros((row_chunk, tok.shape[1]), dtype=np.float32)
     code_t = [np.ascontiguousarray(code[s : s + code_chunk].T) for s in range(0, k, code_chunk)]
     rows = np.arange(row_chunk)
+    # One score buffer reused for every product, so two score matrices never coexist.
+    buf = np.empty(row_chunk * min(code_chunk, k), dtype=np.float32)
     for start in range(0, n, row_chunk):
         m = min(row_chunk, n - start)
         block[:m] = tok[start : start + m]
@@ -61,7 +63,7 @@ def select_from_features(
         best = np.full(row_chunk, -np.inf, dtype=np.float32)
         best_idx = np.zeros(row_chunk, dtype=np.int64)
         for ci, ct in enumerate(code_t):
-            scores = block @ ct
+            scores = np.matmul(block, ct, out=buf[: row_chunk * ct.shape[1]].reshape(row_chunk, ct.shape[1]))
             idx = scores.argmax(axis=1)
             val = scores[rows, idx]
             better = val > best  # strict: earlier chunks win ties -> lowest index

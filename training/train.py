@@ -134,7 +134,7 @@ class Trainer:
             from training.perceptual import DeepFeatureDistance
 
             self.perceptual = DeepFeatureDistance().to(self.device)
-        self.step = 0
+        self.step, self.ranks = 0, []
 
         train_paths, _ = photo_data.split_heldout(photo_data.list_images(data_dir))
         self.data = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=train_cfg.seed + 1000 * self.rank,
@@ -157,7 +157,7 @@ class Trainer:
         os.replace(self.run_dir / "trainer.pt.tmp", self.run_dir / "trainer.pt")
         (self.run_dir / "config.json").write_text(json.dumps(
             {"preset": self.preset, "model": self.mcfg.to_dict(), "train": asdict(self.tcfg), "step": self.step,
-             "world_size": self.world, "tdc": self.tdc.scalars()}, indent=2))
+             "world_size": self.world, "tdc": self.tdc.scalars(), "ranks": self.ranks}, indent=2))
 
     def load(self) -> None:
         state = load_file(str(self.run_dir / "model.safetensors"), device=str(self.device))
@@ -231,10 +231,24 @@ class Trainer:
                 break
         bar.close()
         self.sample_grid()
+        self.ranks = self._rank_agreement()
         self.save()
         if log:
             log.close()
         return last
+
+    @torch.no_grad()
+    def _rank_agreement(self) -> list[dict]:
+        """Every rank's TDC scalars and a weight checksum, gathered; recorded in config.json as a check."""
+        mine = torch.tensor([*self.tdc.scalars().values(),
+                             sum(p.double().sum().item() for p in self.model.parameters())],
+                            dtype=torch.float64, device=self.device)
+        everyone = [torch.zeros_like(mine) for _ in range(self.world)]
+        if self.distributed:
+            dist.all_gather(everyone, mine)
+        else:
+            everyone = [mine]
+        return [dict(zip(("lam", "lam_max", "lam_min", "weight_sum"), t.tolist())) for t in everyone]
 
     def _time_up(self, start: float) -> bool:
         # Ranks must stop at the same step, or the next all-reduce would hang.

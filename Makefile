@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make serve   set up, then serve the tokenizer on the embedded default model
+#   make test    set up (packages, photos), then run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data/endless-sky
+
+.PHONY: serve test setup data clean
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+
+# torch comes from pip's local CPU build for exactly torch==2.13.0 (see README).
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q -e '.[train,serve,export,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(BIN)/gqtok data fetch --dest $(DATA)
+
+test: setup data
+	GQTOK_DATA=$(DATA) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+serve: setup
+	$(BIN)/gqtok serve $(SERVE_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

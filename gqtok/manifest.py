@@ -1,0 +1,116 @@
+"""The artifact manifest: what `gqtok export` writes and the service reads.
+
+A model directory holds manifest.json plus the files it lists (ONNX graphs,
+codebook.safetensors). The manifest pins everything a client needs to agree
+with the server about tokens: grid geometry, token layout, the codebook's
+generator, seed and digest, and the input convention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gqtok import codebook as cb
+from gqtok.layout import LAYOUT_NAME
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CodebookSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generator: str = cb.GENERATOR_NAME  # algorithm that rebuilds the codebook from the seed
+    generator_version: int = cb.GENERATOR_VERSION
+    seed: int = Field(ge=0, lt=2**64)
+    num_codes: int = Field(ge=1, le=2**32)  # K
+    dim: int = Field(ge=1, le=cb.MAX_DIM)  # d
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the float32 little-endian [K, d] bytes
+
+    def build(self):
+        """Rebuild the codebook and check it against the recorded digest (ValueError on mismatch)."""
+        if (self.generator, self.generator_version) != (cb.GENERATOR_NAME, cb.GENERATOR_VERSION):
+            raise ValueError(
+                f"codebook generator {self.generator} v{self.generator_version} is not supported "
+                f"(this gqtok has {cb.GENERATOR_NAME} v{cb.GENERATOR_VERSION})"
+            )
+        codebook = cb.make_codebook(self.seed, self.num_codes, self.dim)
+        digest = cb.codebook_digest(codebook)
+        if digest != self.sha256:
+            raise ValueError(
+                f"codebook rebuilt from seed {self.seed} has sha256 {digest}, manifest says {self.sha256}: "
+                "wrong seed or a different generator"
+            )
+        return codebook
+
+
+class InputSpec(BaseModel):
+    """How images become encoder input: RGB uint8 x -> x / 127.5 - 1, NCHW float32."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    color: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    scale: float = 1 / 127.5
+    offset: float = -1.0
+    value_range: tuple[float, float] = (-1.0, 1.0)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    model_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model_version: str = "1"
+    downsample: int = Field(ge=1)  # f: one grid cell per f x f pixels
+    latent_channels: int = Field(ge=1)  # C
+    token_dim: int = Field(ge=1)  # d
+    tokens_per_position: int = Field(ge=1)  # T = C / d
+    token_layout: Literal["strided"] = LAYOUT_NAME
+    gq_beta: float = 1.0
+    codebook: CodebookSpec
+    input: InputSpec = InputSpec()
+    opset: int | None = None
+    files: dict[str, str] = {}  # file name -> sha256
+    eval: dict | None = None  # the run's held-out figures, as `gqtok eval` wrote them
+    training: dict | None = None  # preset, steps, budget: where the model came from
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.latent_channels != self.tokens_per_position * self.token_dim:
+            raise ValueError(f"latent_channels {self.latent_channels} != tokens_per_position * token_dim")
+        if self.codebook.dim != self.token_dim:
+            raise ValueError(f"codebook dim {self.codebook.dim} != token_dim {self.token_dim}")
+        return self
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook.num_codes
+
+    def write(self, model_dir: Path) -> Path:
+        path = Path(model_dir) / MANIFEST_NAME
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "Manifest":
+        path = Path(model_dir) / MANIFEST_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {model_dir}")
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"{path} is not a valid gqtok manifest: {e}") from e
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,118 @@
+"""Real training on real photos: the tiny preset end to end, resume, and data-parallel agreement."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from training.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args, **kw):
+    proc = subprocess.run([sys.executable, "-m", "gqtok.cli", *args], capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_tiny_train_then_eval_writes_every_field(small_photos, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "--preset", "tiny", "--data", str(small_photos), "--out", str(run), "--steps", "40", "--quiet")
+    assert {"config.json", "model.safetensors", "trainer.pt", "log.jsonl"} <= {p.name for p in run.iterdir()}
+    assert (run / "samples").is_dir() and any((run / "samples").glob("*.png"))
+    out = tmp_path / "eval.json"
+    run_cli("eval", str(run), "--data", str(small_photos), "--json", str(out), "--size", "192", "256", "--quiet")
+    r = json.loads(out.read_text())
+
+    assert r["images"] == 3 and r["image_size"] == [192, 256]
+    for part in ("continuous", "gq"):
+        assert 10 < r[part]["psnr"] < 60
+        assert 0 < r[part]["ssim"] <= 1 and 0 < r[part]["ms_ssim"] <= 1
+    # tiny: f=8, C=8, d=4 -> 2 tokens per position of 8 bits
+    assert r["rate"] == {"tokens_per_image": 2 * 24 * 32, "tokens_per_256x256": 2048, "bits_per_token": 8,
+                         "bpp": 2 * 24 * 32 * 8 / (192 * 256)}
+    kl = r["kl_bits_per_token"]
+    assert kl["target"] == 8 and kl["band"] == 0.5
+    assert kl["min"] <= kl["p5"] <= kl["p50"] <= kl["p95"] <= kl["max"] and 0 <= kl["fraction_in_band"] <= 1
+    cb = r["codebook"]
+    assert cb["size"] == 256 and 0 < cb["used_fraction"] <= 1 and 1 <= cb["perplexity"] <= 256
+    assert cb["tokens_counted"] == 3 * 2 * 24 * 32
+    err = r["quantization_error_in_sigmas"]
+    assert 0 <= err["p50"] <= err["p95"] <= err["p99"] <= err["max"] and 0 <= err["fraction_below_1"] <= 1
+    assert len(r["per_image"]) == 3
+    grid = Image.open(out.with_suffix(".png"))
+    assert grid.size == (3 * 256 // 2, 3 * 192 // 2)  # original | mean | GQ, three rows, half size
+
+
+def test_resume_continues_exactly(small_photos, tmp_path):
+    """20 + 20 resumed steps give the same weights and TDC scalars as 40 straight steps."""
+    kw = dict(data_dir=small_photos, preset="tiny", progress=False)
+    train(tmp_path / "straight", overrides={"steps": 40, "image_every": 0}, **kw)
+    train(tmp_path / "split", overrides={"steps": 20, "image_every": 0}, **kw)
+    mid = json.loads((tmp_path / "split" / "config.json").read_text())["tdc"]
+    train(tmp_path / "split", overrides={"steps": 40}, resume=True, **kw)
+
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert a.keys() == b.keys() and {"tdc.lam", "tdc.lam_max", "tdc.lam_min"} <= a.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the scalars moved on from where the first half left them, not from their initial values
+    assert b["tdc.lam"].item() != mid["lam"] and json.loads((tmp_path / "split" / "config.json").read_text())["step"] == 40
+
+
+def test_resume_refuses_model_changes_and_overwrites(small_photos, tmp_path):
+    train(tmp_path / "r", small_photos, "tiny", {"steps": 2}, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tmp_path / "r", small_photos, "tiny", {"steps": 2}, progress=False)
+    with pytest.raises(ValueError, match="model"):
+        train(tmp_path / "r", small_photos, "tiny", {"steps": 4, "latent_channels": 4}, resume=True, progress=False)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_ranks_agree(small_photos, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "gqtok.cli", "train", "--preset", "tiny", "--data", str(small_photos),
+           "--out", str(run), "--steps", "12", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["step"] == 12 and len(cfg["ranks"]) == 2
+    r0, r1 = cfg["ranks"]
+    assert r0 == r1  # same TDC scalars and the same weights on both ranks
+    assert r0["lam"] != pytest.approx(1e-4)  # and the scalars did move
+
+
+def _stats_worker(rank, port, out):
+    import torch.distributed as dist
+
+    from training.tdc import TDC
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    local = torch.tensor([[1.0, 2.0]]) if rank == 0 else torch.tensor([[3.0, 10.0], [4.0, 4.0]])
+    out[rank] = TDC.statistics(local)
+    dist.destroy_process_group()
+
+
+def test_kl_statistics_are_all_reduced():
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_stats_worker, args=(_free_port(), out), nprocs=2)
+    expected = {"mean": np.mean([1, 2, 3, 10, 4, 4]), "max": 10.0, "min": 1.0}
+    assert out[0] == pytest.approx(expected) and out[1] == pytest.approx(expected)
