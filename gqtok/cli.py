@@ -59,6 +59,14 @@ def cmd_eval(args) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def cmd_export(args) -> None:
+    from export.exporter import export_run
+
+    manifest = export_run(Path(args.run), Path(args.out), model_id=args.model_id, model_version=args.model_version,
+                          eval_json=args.eval)
+    print(json.dumps({"model_id": manifest.model_id, "out": args.out, "files": manifest.files}, indent=1))
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gqtok", description="Gaussian Quant image tokenizer: train, evaluate, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +104,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="export a run to ONNX + manifest (a model directory the service loads)")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--out", required=True, help="model directory to write, e.g. models/NAME")
+    ex.add_argument("--model-id", help="model id (default: the run directory's name)")
+    ex.add_argument("--model-version", default="1")
+    ex.add_argument("--eval", help="eval JSON to embed (default: RUN/eval.json if present)")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 
@@ -104,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"gqtok: error: {e}", file=sys.stderr)
         sys.exit(2)
 

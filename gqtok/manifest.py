@@ -50,12 +50,18 @@ class CodebookSpec(BaseModel):
 
 
 class InputSpec(BaseModel):
-    """How images become encoder input: RGB uint8 x -> x / 127.5 - 1, NCHW float32."""
+    """What encoder.onnx takes and decoder.onnx gives back.
+
+    The encoder takes raw RGB pixels (uint8, NHWC) and normalizes inside the
+    graph to model space x * scale + offset, in value_range; the decoder maps
+    model space back and returns float32 NHWC in [0, 1].
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     color: Literal["RGB"] = "RGB"
-    layout: Literal["NCHW"] = "NCHW"
+    encoder_input: Literal["uint8 NHWC"] = "uint8 NHWC"
+    decoder_output: Literal["float32 NHWC in [0, 1]"] = "float32 NHWC in [0, 1]"
     scale: float = 1 / 127.5
     offset: float = -1.0
     value_range: tuple[float, float] = (-1.0, 1.0)
@@ -76,12 +82,16 @@ class Manifest(BaseModel):
     codebook: CodebookSpec
     input: InputSpec = InputSpec()
     opset: int | None = None
+    gq_select_rows: int = Field(default=64, ge=1)  # fixed row count of gq_select.onnx
     files: dict[str, str] = {}  # file name -> sha256
     eval: dict | None = None  # the run's held-out figures, as `gqtok eval` wrote them
     training: dict | None = None  # preset, steps, budget: where the model came from
 
     @model_validator(mode="after")
     def _consistent(self):
+        bad = [n for n in self.files if "/" in n or "\\" in n or n in ("", ".", "..")]
+        if bad:
+            raise ValueError(f"file names must be plain names inside the model directory, got {bad}")
         if self.latent_channels != self.tokens_per_position * self.token_dim:
             raise ValueError(f"latent_channels {self.latent_channels} != tokens_per_position * token_dim")
         if self.codebook.dim != self.token_dim:

@@ -28,3 +28,25 @@ def small_photos(photos_dir, tmp_path_factory) -> Path:
     for p in train[::20][:12] + [h for h in held if h.stem in HELDOUT[:3]]:
         (out / p.name).symlink_to(p.resolve())
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_photos, tmp_path_factory) -> Path:
+    """A real tiny model trained by our code (80 steps) and evaluated on the held-out photos."""
+    from training.evaluate import evaluate
+    from training.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train(run, small_photos, preset="tiny", overrides={"steps": 80, "image_every": 0}, progress=False)
+    evaluate(run, small_photos, json_out=run / "eval.json", size=(192, 256), progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported to ONNX: a model directory the service can load."""
+    from export.exporter import export_run
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    export_run(tiny_run, out, model_id="tiny")
+    return out

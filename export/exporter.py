@@ -1,0 +1,121 @@
+"""`gqtok export RUN --out models/NAME`: a training run -> ONNX graphs + verified manifest.
+
+Writes encoder.onnx, decoder.onnx, gq_select.onnx, codebook.safetensors and
+manifest.json (every file's sha256, the codebook's generator, seed and digest,
+the run's eval figures). Graph conventions (recorded in the manifest):
+  encoder.onnx   image uint8 [B, H, W, 3] RGB (H, W multiples of f) -> mu, logvar float32 [B, C, H/f, W/f]
+                 (the x / 127.5 - 1 normalization is inside the graph)
+  decoder.onnx   latent float32 [B, C, h, w] -> image float32 [B, 8h, 8w, 3] in [0, 1] (clamped; round to uint8 yourself)
+  gq_select.onnx mu, logvar [R, d], codebook [K, d] -> ids int64 [R]  (R fixed; see export/gq_graph.py)
+Batch, height and width are dynamic in the encoder and decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from safetensors.numpy import save_file
+
+from export.gq_graph import ROWS, build_gq_select
+from gqtok import codebook as cb
+from gqtok.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
+from gqtok.manifest import CodebookSpec, Manifest, file_sha256
+from training.train import load_run
+
+OPSET = 18
+MAX_SIDE = 8192  # largest image side the dynamic axes promise to support
+
+
+class EncoderGraph(torch.nn.Module):
+    """uint8 NHWC -> (mu, logvar); normalization inside, so clients send raw pixels."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image):
+        return self.encoder(image.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+
+
+class DecoderGraph(torch.nn.Module):
+    """latent -> float NHWC image in [0, 1]."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, latent):
+        return ((self.decoder(latent).clamp(-1.0, 1.0) + 1.0) * 0.5).permute(0, 2, 3, 1)
+
+
+def _export(module, example, path: Path, input_name: str, output_names: list[str], dynamic: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=[input_name],
+                          output_names=output_names, dynamic_shapes={input_name: dynamic}, opset_version=OPSET,
+                          optimize=True, verbose=False, external_data=False)
+    onnx.checker.check_model(str(path))
+
+
+def _eval_summary(run_dir: Path, eval_json: Path | None) -> dict | None:
+    path = Path(eval_json) if eval_json else Path(run_dir) / "eval.json"
+    if not path.exists():
+        return None
+    full = json.loads(path.read_text())
+    keys = ("images", "image_size", "continuous", "gq", "rate", "kl_bits_per_token", "codebook",
+            "quantization_error_in_sigmas", "step")
+    return {k: full[k] for k in keys if k in full}
+
+
+def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_version: str = "1",
+               eval_json: Path | None = None) -> Manifest:
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, config = load_run(run_dir)
+    cfg = model.cfg
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = cfg.downsample
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    hb, wb = torch.export.Dim("grid_h", min=1, max=MAX_SIDE // f), torch.export.Dim("grid_w", min=1, max=MAX_SIDE // f)
+    with torch.no_grad():
+        _export(EncoderGraph(model.encoder), torch.zeros(2, 4 * f, 6 * f, 3, dtype=torch.uint8), out_dir / ENCODER,
+                "image", ["mu", "logvar"], {0: batch, 1: f * hb, 2: f * wb})
+        _export(DecoderGraph(model.decoder), torch.zeros(2, cfg.latent_channels, 4, 6), out_dir / DECODER,
+                "latent", ["image"], {0: batch, 2: hb, 3: wb})
+    onnx.save(build_gq_select(cfg.num_codes, cfg.token_dim, cfg.gq_beta, opset=OPSET), str(out_dir / GQ_SELECT))
+
+    codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
+    save_file({"codebook": codebook}, str(out_dir / CODEBOOK),
+              metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
+    manifest = Manifest(
+        model_id=model_id or run_dir.name,
+        model_version=model_version,
+        downsample=f,
+        latent_channels=cfg.latent_channels,
+        token_dim=cfg.token_dim,
+        tokens_per_position=cfg.tokens_per_position,
+        gq_beta=cfg.gq_beta,
+        codebook=CodebookSpec(seed=cfg.codebook_seed, num_codes=cfg.num_codes, dim=cfg.token_dim,
+                              sha256=cb.codebook_digest(codebook)),
+        opset=OPSET,
+        gq_select_rows=ROWS,
+        files={name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, GQ_SELECT, CODEBOOK)},
+        eval=_eval_summary(run_dir, eval_json),
+        training={"preset": config.get("preset"), "step": config.get("step"), "model": cfg.to_dict(),
+                  "train": config.get("train"), "parameters": model.num_parameters()},
+    )
+    manifest.write(out_dir)
+    load_artifact(out_dir)  # what we wrote must pass the loader's checks
+    return manifest
+
+
+def codebook_from_safetensors(path: Path) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))["codebook"]

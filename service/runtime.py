@@ -1,0 +1,108 @@
+"""onnxruntime inference for one exported model: pixels <-> token grids. No torch.
+
+    rt = TokenizerRuntime(load_artifact("models/default"))
+    ids = rt.tokenize(images_u8)          # uint8 [B, H, W, 3] -> int64 [B, T, H/f, W/f]
+    pixels = rt.detokenize(ids)           # -> uint8 [B, H, W, 3]
+
+GQ selection runs in `gq_select.onnx` (on the same provider as the encoder)
+or in numpy (`selector="numpy"`, gqtok/select.py); both give a token the same
+id whatever else is in its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from gqtok import layout
+from gqtok.artifact import DECODER, ENCODER, GQ_SELECT, Artifact
+from gqtok.select import GaussianQuantizer
+
+log = logging.getLogger("gqtok.runtime")
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """'auto': CUDA when onnxruntime-gpu sees a GPU, else CPU; 'cuda' insists; 'cpu' forces CPU."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError(f"device 'cuda' asked for, but onnxruntime offers only {available}")
+    return ["CPUExecutionProvider"]
+
+
+class TokenizerRuntime:
+    """Sessions for one artifact.
+
+    device:   "auto", "cpu" or "cuda" (see choose_providers)
+    threads:  intra-op threads per session; 0 lets onnxruntime choose
+    selector: "onnx" (gq_select.onnx) or "numpy" (gqtok/select.py)
+    """
+
+    def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "onnx"):
+        self.artifact, self.manifest = artifact, artifact.manifest
+        self.providers = choose_providers(device)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.encoder = ort.InferenceSession(str(artifact.path(ENCODER)), opts, providers=self.providers)
+        self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
+        if selector not in ("onnx", "numpy"):
+            raise ValueError(f"selector must be 'onnx' or 'numpy', got {selector!r}")
+        self.selector = selector
+        self.gq_select = ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)
+        self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta)
+        log.info("model %s on %s (selector %s)", self.manifest.model_id, self.encoder.get_providers()[0], selector)
+
+    @property
+    def provider(self) -> str:
+        return self.encoder.get_providers()[0]
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, H, W, 3] -> mu, logvar float32 [B, C, H/f, W/f]."""
+        mu, logvar = self.encoder.run(None, {"image": np.ascontiguousarray(images, dtype=np.uint8)})
+        return mu, logvar
+
+    def select(self, mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+        """Latent grids [B, C, h, w] -> token ids int64 [B, T, h, w]."""
+        d = self.manifest.token_dim
+        tok_mu, tok_lv = layout.group(mu, d), layout.group(logvar, d)
+        shape = tok_mu.shape[:-1]
+        flat_mu = np.ascontiguousarray(tok_mu.reshape(-1, d), dtype=np.float32)
+        flat_lv = np.ascontiguousarray(tok_lv.reshape(-1, d), dtype=np.float32)
+        if self.selector == "numpy":
+            return self.quantizer.select(flat_mu, flat_lv).reshape(shape)
+        rows, n = self.manifest.gq_select_rows, flat_mu.shape[0]
+        ids = np.empty(n, dtype=np.int64)
+        block_mu, block_lv = np.zeros((rows, d), np.float32), np.zeros((rows, d), np.float32)
+        for start in range(0, n, rows):  # fixed-size blocks, zero-padded: see export/gq_graph.py
+            m = min(rows, n - start)
+            block_mu[:m], block_lv[:m] = flat_mu[start : start + m], flat_lv[start : start + m]
+            block_mu[m:], block_lv[m:] = 0.0, 0.0
+            out = self.gq_select.run(None, {"mu": block_mu, "logvar": block_lv, "codebook": self.artifact.codebook})[0]
+            ids[start : start + m] = out[:m]
+        return ids.reshape(shape)
+
+    def tokenize(self, images: np.ndarray) -> np.ndarray:
+        return self.select(*self.encode(images))
+
+    def latent_from_ids(self, ids: np.ndarray) -> np.ndarray:
+        """int [B, T, h, w] -> float32 latent [B, C, h, w]."""
+        return np.ascontiguousarray(layout.ungroup(self.quantizer.lookup(ids)), dtype=np.float32)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """latent [B, C, h, w] -> float32 [B, H, W, 3] in [0, 1]."""
+        return self.decoder.run(None, {"latent": np.ascontiguousarray(latent, dtype=np.float32)})[0]
+
+    def detokenize(self, ids: np.ndarray) -> np.ndarray:
+        """int [B, T, h, w] -> uint8 [B, H, W, 3]."""
+        return to_uint8(self.decode(self.latent_from_ids(ids)))
+
+
+def to_uint8(image01: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image01 * 255.0), 0, 255).astype(np.uint8)

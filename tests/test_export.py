@@ -1,0 +1,134 @@
+"""Export: torch against onnxruntime on held-out photos, batch independence, and tampered artifacts."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gqtok.artifact import ArtifactError, load_artifact
+from gqtok.codebook import codebook_digest
+from service.runtime import TokenizerRuntime
+from training import data as photo_data
+from training.gq import GaussianQuantizer
+from training.train import load_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def heldout_batch(photos_dir):
+    """8 different held-out photos, centre-cropped to 256x256, uint8 [8, 256, 256, 3]."""
+    _, held = photo_data.split_heldout(photo_data.list_images(photos_dir))
+    return np.stack([photo_data.center_crop(photo_data.load_rgb(p), (256, 256)) for p in held[:8]])
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model):
+    return TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1)
+
+
+def test_manifest_records_the_contract(tiny_model, tiny_run):
+    m = json.loads((tiny_model / "manifest.json").read_text())
+    assert m["model_id"] == "tiny" and m["token_layout"] == "strided" and m["opset"] >= 17
+    assert (m["downsample"], m["latent_channels"], m["token_dim"], m["tokens_per_position"]) == (8, 8, 4, 2)
+    assert m["codebook"]["generator"] == "sobol-ds-acklam" and m["codebook"]["num_codes"] == 256
+    assert set(m["files"]) == {"encoder.onnx", "decoder.onnx", "gq_select.onnx", "codebook.safetensors"}
+    assert m["eval"]["gq"]["psnr"] == json.loads((tiny_run / "eval.json").read_text())["gq"]["psnr"]
+    assert m["input"]["encoder_input"] == "uint8 NHWC"
+
+
+def test_codebook_file_matches_the_seed(tiny_model):
+    from safetensors.numpy import load_file
+
+    art = load_artifact(tiny_model)
+    stored = load_file(str(tiny_model / "codebook.safetensors"))["codebook"]
+    assert codebook_digest(stored) == art.manifest.codebook.sha256 and np.array_equal(stored, art.codebook)
+
+
+def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, runtime, heldout_batch, record_property):
+    model, _ = load_run(tiny_run)
+    cfg = model.cfg
+    gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta)
+    with torch.no_grad():
+        mu, logvar = model.encoder(photo_data.to_model_input(heldout_batch))
+        ids_torch = gq.encode_latent(mu, logvar).numpy()
+        decoded_torch = ((model.decoder(gq.decode_latent(torch.from_numpy(ids_torch))).clamp(-1, 1) + 1) / 2)
+    ids_ort = runtime.tokenize(heldout_batch)
+    agreement = float(np.mean(ids_ort == ids_torch))
+    record_property("token_agreement", agreement)
+    print(f"token agreement torch vs onnxruntime: {agreement:.6f} over {ids_ort.size} tokens")
+    assert ids_ort.shape == (8, 2, 32, 32) and agreement >= 0.999
+
+    decoded_ort = runtime.decode(runtime.latent_from_ids(ids_torch))
+    diff = np.abs(decoded_ort - decoded_torch.permute(0, 2, 3, 1).numpy()).max()
+    record_property("decoder_max_abs_diff", float(diff))
+    print(f"decoder max abs difference on [0, 1]: {diff:.2e}")
+    assert diff <= 1e-3
+
+
+@pytest.mark.parametrize("selector", ["onnx", "numpy"])
+def test_tokens_alone_equal_tokens_in_a_batch_of_8(tiny_model, heldout_batch, selector, record_property):
+    rt = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=2, selector=selector)
+    together = rt.tokenize(heldout_batch)
+    alone = np.concatenate([rt.tokenize(heldout_batch[i : i + 1]) for i in range(8)])
+    rate = float(np.mean(alone == together))
+    record_property("alone_vs_batch_agreement", rate)
+    print(f"{selector}: tokens alone vs in a batch of 8: {rate:.6f}")
+    assert rate == 1.0
+
+
+def test_any_multiple_of_f_and_round_trip(runtime, heldout_batch):
+    img = heldout_batch[:2, :40, :56]
+    ids = runtime.tokenize(img)
+    assert ids.shape == (2, 2, 5, 7) and ids.min() >= 0 and ids.max() < 256
+    assert runtime.detokenize(ids).shape == (2, 40, 56, 3)
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_flipped_byte_in_onnx_is_refused(tiny_model, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    data = bytearray((model / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (model / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"decoder\.onnx has sha256 [0-9a-f]{64}, manifest says"):
+        load_artifact(model)
+
+
+def test_wrong_seed_is_refused(tiny_model, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    m = json.loads((model / "manifest.json").read_text())
+    m["codebook"]["seed"] += 1
+    (model / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="codebook rebuilt from seed .* manifest says"):
+        load_artifact(model)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["files"].pop("encoder.onnx"), "no digest for encoder.onnx"),
+    (lambda m: m["files"].__setitem__("../x", "0" * 64), "plain names"),
+    (lambda m: m.__setitem__("token_dim", 3), "not a valid gqtok manifest"),
+    (lambda m: m["codebook"].__setitem__("generator", "torch-sobol"), "generator torch-sobol"),
+])
+def test_inconsistent_manifests_are_refused(tiny_model, tmp_path, edit, match):
+    model = _copy(tiny_model, tmp_path)
+    m = json.loads((model / "manifest.json").read_text())
+    edit(m)
+    (model / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=match):
+        load_artifact(model)
+
+
+def test_missing_file_and_missing_manifest(tiny_model, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    (model / "gq_select.onnx").unlink()
+    with pytest.raises(ArtifactError, match="gq_select.onnx is listed in the manifest but missing"):
+        load_artifact(model)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        load_artifact(tmp_path)
