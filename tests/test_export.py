@@ -132,3 +132,27 @@ def test_missing_file_and_missing_manifest(tiny_model, tmp_path):
         load_artifact(model)
     with pytest.raises(ArtifactError, match="no manifest.json"):
         load_artifact(tmp_path)
+
+
+def test_attention_model_exports_and_matches(tmp_path):
+    """The default preset has attention at the lowest resolution; its export must work and agree."""
+    from safetensors.torch import save_file
+
+    from export.exporter import export_run
+    from training.model import GaussianVAE, VAEConfig
+
+    torch.manual_seed(0)
+    cfg = VAEConfig(latent_channels=8, token_dim=8, codebook_bits=6, base_channels=8, channel_mult=(1, 1, 2, 2),
+                    attention=True, groups=4)
+    model = GaussianVAE(cfg).eval()
+    run = tmp_path / "attn"
+    run.mkdir()
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    (run / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    export_run(run, tmp_path / "m")
+    rt = TokenizerRuntime(load_artifact(tmp_path / "m"), device="cpu", threads=1)
+    img = np.random.default_rng(0).integers(0, 256, (2, 48, 32, 3), dtype=np.uint8)
+    mu, _ = rt.encode(img)
+    with torch.no_grad():
+        mu_t, _ = model.encoder(photo_data.to_model_input(img))
+    assert np.abs(mu - mu_t.numpy()).max() < 1e-4
