@@ -67,6 +67,36 @@ def cmd_export(args) -> None:
     print(json.dumps({"model_id": manifest.model_id, "out": args.out, "files": manifest.files}, indent=1))
 
 
+def cmd_serve(args) -> None:
+    from service.server import serve
+    from service.settings import ServiceSettings
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.model:
+        overrides["models"] = [Path(m) for m in args.model]
+    serve(ServiceSettings(**overrides))
+
+
+SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable GQTOK_<NAME>
+    "host": (str, "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
+    "port": (int, "port (default 8000)"),
+    "default_model": (str, "model id used when a request names none (default: the first --model)"),
+    "device": (str, "auto, cpu or cuda: onnxruntime provider (default auto: CUDA if onnxruntime-gpu sees a GPU)"),
+    "threads": (int, "intra-op threads per onnxruntime session (default 0: onnxruntime decides)"),
+    "selector": (str, "where GQ selection runs: onnx (default) or numpy"),
+    "max_batch_size": (int, "images or grids per inference call (default 8)"),
+    "max_queue_delay_ms": (float, "how long a batch waits for more requests (default 5)"),
+    "max_queue_size": (int, "waiting items per model and direction before 429 (default 256)"),
+    "max_images_per_request": (int, "images or grids in one request (default 32)"),
+    "max_body_bytes": (int, "request body limit, 413 past it (default 33554432)"),
+    "max_image_pixels": (int, "pixels per image, 413 past it (default 16777216)"),
+    "request_timeout_s": (float, "per-request limit for queue + inference, 503 past it (default 60)"),
+    "drain_timeout_s": (float, "on SIGTERM, how long in-flight requests may finish (default 30)"),
+    "api_key": (str, "require Authorization: Bearer KEY on every route but /health/* (default: off)"),
+    "log_level": (str, "debug, info, warning (default info)"),
+}
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gqtok", description="Gaussian Quant image tokenizer: train, evaluate, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +142,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ex.add_argument("--model-version", default="1")
     ex.add_argument("--eval", help="eval JSON to embed (default: RUN/eval.json if present)")
     ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve the tokenizer over HTTP (default: the embedded models/default)",
+                        description="Every option is also an environment variable GQTOK_<OPTION> (flags win); "
+                                    "GQTOK_MODELS takes a JSON list of directories.")
+    sv.add_argument("--model", action="append", metavar="DIR",
+                    help="model directory (repeat to serve several; the first is the default)")
+    for name, (kind, text) in SERVE_FLAGS.items():
+        sv.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", type=kind, default=None, help=text)
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

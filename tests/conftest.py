@@ -50,3 +50,75 @@ def tiny_model(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     export_run(tiny_run, out, model_id="tiny")
     return out
+
+
+class LiveServer:
+    """A real `gqtok serve` process (uvicorn) on a free loopback port."""
+
+    def __init__(self, model_dirs, *flags, env=None):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "gqtok.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
+        for d in model_dirs:
+            cmd += ["--model", str(d)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> str:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """Factory: start_server(model_dirs, *flags) -> LiveServer, stopped at the end of the session."""
+    servers = []
+
+    def start(model_dirs, *flags, env=None):
+        server = LiveServer(model_dirs, *flags, env=env)
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_model, start_server) -> str:
+    """Base URL of a real uvicorn serving the tiny model (id "tiny") with default settings."""
+    return start_server([tiny_model]).url

@@ -1,0 +1,129 @@
+"""Dynamic batching: requests for one model and direction share inference calls.
+
+Each submitted item (one image or one token grid) carries a shape key; only
+items with the same key are stacked. A batch starts when `max_batch_size`
+items of the oldest item's key are waiting, or `max_delay_s` after that item
+arrived, whichever is first. Inference runs in a dedicated worker thread, so
+the event loop never blocks; while it runs, the next batch gathers. The queue
+is bounded: past `max_queue` waiting items, `submit` raises QueueFull (429).
+A batch that raises fails only its own items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import InferenceFailed, QueueFull
+
+log = logging.getLogger("gqtok.batcher")
+
+
+@dataclass
+class Timing:
+    queue_s: float = 0.0  # from submit to the start of its batch
+    inference_s: float = 0.0  # the batch's inference call
+    batch_size: int = 0
+
+
+@dataclass
+class _Item:
+    key: tuple
+    payload: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+class Batcher:
+    def __init__(self, name: str, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
+                 max_delay_s: float, max_queue: int, on_batch: Callable[[Timing], None] | None = None):
+        self.name, self.run_batch = name, run_batch
+        self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
+        self.on_batch = on_batch
+        self.pending: list[_Item] = []
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.pending)
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for item in self.pending:
+            if not item.future.done():
+                item.future.set_exception(InferenceFailed("server stopped before this item ran"))
+        self.pending.clear()
+        self.executor.shutdown(wait=True)
+
+    def reserve(self, count: int) -> None:
+        """Raise QueueFull unless `count` more items fit; requests check all their images before queuing any."""
+        if len(self.pending) + count > self.max_queue:
+            raise QueueFull(f"{self.name} queue is full ({len(self.pending)} of {self.max_queue} waiting); retry later",
+                            headers={"Retry-After": "1"})
+
+    def submit(self, key: tuple, payload: np.ndarray) -> asyncio.Future:
+        """Queue one item; the future resolves to (output row, Timing)."""
+        self.reserve(1)
+        item = _Item(key, payload, asyncio.get_running_loop().create_future())
+        self.pending.append(item)
+        self._wakeup.set()
+        item.future.add_done_callback(lambda f, it=item: setattr(it, "cancelled", f.cancelled()))
+        return item.future
+
+    def _same_key(self, key: tuple) -> int:
+        return sum(1 for it in self.pending if it.key == key and not it.cancelled)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.pending = [it for it in self.pending if not it.cancelled]
+            if not self.pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = self.pending[0]
+            deadline = first.enqueued + self.max_delay_s
+            while self._same_key(first.key) < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    break
+            batch = [it for it in self.pending if it.key == first.key and not it.cancelled][: self.max_batch_size]
+            if not batch:
+                continue
+            taken = set(map(id, batch))
+            self.pending = [it for it in self.pending if id(it) not in taken]
+            start = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self.executor, self.run_batch, np.stack([it.payload for it in batch]))
+            except Exception as e:  # fail this batch's requests only; the server stays up
+                log.exception("%s batch of %d failed", self.name, len(batch))
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
+                continue
+            timing_end = time.perf_counter()
+            for i, it in enumerate(batch):
+                if not it.future.done():
+                    it.future.set_result((out[i], Timing(start - it.enqueued, timing_end - start, len(batch))))
+            if self.on_batch:
+                self.on_batch(Timing(0.0, timing_end - start, len(batch)))

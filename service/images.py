@@ -1,0 +1,74 @@
+"""Image bytes <-> uint8 arrays for the service, with the checks that keep bad input out.
+
+The pixel count is checked from the header, before any pixel is decoded, so a
+decompression bomb costs nothing. Only PNG, JPEG and WebP are accepted.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage
+
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+MEDIA_TYPES = set(FORMATS.values()) | {"image/jpg"}
+RESIZE_MODES = ("pad", "crop", "exact")
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Encoded PNG/JPEG/WebP -> uint8 [H, W, 3] RGB (first frame of an animation)."""
+    if not data:
+        raise InvalidImage(f"{name} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"{name}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InvalidImage(f"{name} is not a PNG, JPEG or WebP image") from None
+    if im.format not in FORMATS:
+        raise InvalidImage(f"{name} is {im.format}; send PNG, JPEG or WebP")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if w < 1 or h < 1:
+        raise InvalidImage(f"{name} has no pixels ({w}x{h})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # truncated or corrupt data fails here, inside the decoder
+        raise InvalidImage(f"{name} could not be decoded (truncated or corrupt): {e}") from None
+
+
+def fit_to_grid(img: np.ndarray, f: int, mode: str, name: str = "image") -> np.ndarray:
+    """Make H and W multiples of f: 'pad' (replicate the bottom and right edges), 'crop' (centre) or 'exact' (reject)."""
+    h, w = img.shape[:2]
+    if mode == "exact":
+        if h % f or w % f:
+            raise InvalidImage(f"{name} is {h}x{w} (HxW); resize=exact needs multiples of {f}")
+        return img
+    if mode == "crop":
+        ch, cw = h // f * f, w // f * f
+        if ch == 0 or cw == 0:
+            raise InvalidImage(f"{name} is {h}x{w}, smaller than one {f}x{f} cell; use resize=pad")
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return img[top : top + ch, left : left + cw]
+    if mode == "pad":
+        ph, pw = math.ceil(h / f) * f, math.ceil(w / f) * f
+        if (ph, pw) == (h, w):
+            return img
+        return np.pad(img, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+    raise InvalidImage(f"resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

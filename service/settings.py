@@ -1,0 +1,33 @@
+"""Service configuration: flags of `gqtok serve` and GQTOK_* environment variables (flags win)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GQTOK_", env_nested_delimiter="__")
+
+    models: list[Path] = Field(default_factory=lambda: [DEFAULT_MODEL_DIR])  # model directories; the first is the default
+    default_model: str | None = None  # model id to use when a request names none (default: the first)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # onnxruntime provider choice
+    threads: int = 0  # intra-op threads per onnxruntime session; 0 = onnxruntime's choice
+    selector: Literal["onnx", "numpy"] = "onnx"  # where GQ selection runs
+    max_batch_size: int = Field(8, ge=1)  # images (or grids) per inference call
+    max_queue_delay_ms: float = Field(5.0, ge=0)  # how long a batch waits for company
+    max_queue_size: int = Field(256, ge=1)  # queued images per model and direction; past it: 429
+    max_images_per_request: int = Field(32, ge=1)
+    max_body_bytes: int = Field(32 * 2**20, ge=1024)  # request body; past it: 413
+    max_image_pixels: int = Field(4096 * 4096, ge=64)  # per image, after decoding the header; past it: 413
+    request_timeout_s: float = Field(60.0, gt=0)  # per request, queue + inference; past it: 503
+    drain_timeout_s: float = Field(30.0, ge=0)  # graceful shutdown: how long in-flight requests may take
+    api_key: SecretStr | None = None  # when set, every route but /health/* needs "Authorization: Bearer KEY"
+    log_level: str = "info"

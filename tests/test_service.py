@@ -1,0 +1,348 @@
+"""The service over real HTTP: a real uvicorn serving a tiny model trained and exported by our code."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from gqtok.artifact import load_artifact
+from service.runtime import TokenizerRuntime
+from training import data as photo_data
+
+pytestmark = pytest.mark.slow
+NPY = "application/x-npy"
+
+
+def png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@pytest.fixture(scope="module")
+def photos(photos_dir) -> list[np.ndarray]:
+    """16 different real photo crops, 64x96 (a multiple of f=8)."""
+    paths = photo_data.list_images(photos_dir)[::15][:16]
+    return [photo_data.center_crop(photo_data.load_rgb(p), (64, 96)) for p in paths]
+
+
+def tokenize_npy(url: str, img: np.ndarray, **params) -> np.ndarray:
+    r = httpx.post(f"{url}/v1/tokenize", content=png(img), params=params,
+                   headers={"content-type": "image/png", "accept": NPY}, timeout=60)
+    assert r.status_code == 200, r.text
+    return load_npy(r.content)
+
+
+def assert_error(r: httpx.Response, status: int, error_type: str, contains: str = ""):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert body["error_type"] == error_type and contains in body["error"], body
+
+
+# -- the happy paths -------------------------------------------------------------------------------------------
+def test_round_trip_matches_the_model(live_server, tiny_model, photos):
+    img = photos[0]
+    r = httpx.post(f"{live_server}/v1/tokenize", content=png(img), headers={"content-type": "image/png"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "tiny"
+    res = body["results"][0]
+    assert res["grid_size"] == [8, 12] and res["tokens_per_position"] == 2
+    assert res["original_size"] == [64, 96] and res["padded_size"] == [64, 96]
+    for h in ("x-queue-time", "x-inference-time", "x-total-time"):
+        assert float(r.headers[h]) >= 0
+    tokens = np.array(res["tokens"])
+    assert tokens.shape == (2, 8, 12)
+
+    r = httpx.post(f"{live_server}/v1/detokenize", json={"tokens": tokens.tolist()})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    recon = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    # the same pixels as the model in process, and a real reconstruction
+    rt = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1)
+    assert np.array_equal(recon, rt.detokenize(rt.tokenize(img[None]))[0])
+    psnr = 10 * np.log10(255**2 / np.mean((recon.astype(float) - img) ** 2))
+    assert psnr > 12
+
+
+def test_pad_crop_and_exact(live_server, photos):
+    img = photos[1][:61, :83]
+    pad = httpx.post(f"{live_server}/v1/tokenize", content=png(img), headers={"content-type": "image/png"}).json()
+    assert pad["results"][0]["original_size"] == [61, 83] and pad["results"][0]["padded_size"] == [64, 88]
+    crop = httpx.post(f"{live_server}/v1/tokenize?resize=crop", content=png(img),
+                      headers={"content-type": "image/png"}).json()
+    assert crop["results"][0]["padded_size"] == [56, 80] and crop["results"][0]["grid_size"] == [7, 10]
+    r = httpx.post(f"{live_server}/v1/tokenize?resize=exact", content=png(img), headers={"content-type": "image/png"})
+    assert_error(r, 422, "invalid_image", "multiples of 8")
+    # image_size crops the decoded image back to the original
+    tokens = pad["results"][0]["tokens"]
+    r = httpx.post(f"{live_server}/v1/detokenize", json={"tokens": tokens, "image_size": [61, 83]})
+    assert Image.open(io.BytesIO(r.content)).size == (83, 61)
+
+
+def test_raw_multipart_and_json_agree(live_server, photos):
+    a, b = photos[2], photos[3]
+    raw = [tokenize_npy(live_server, x)[0] for x in (a, b)]
+    files = [("image", ("a.png", png(a), "image/png")), ("image", ("b.png", png(b), "image/png"))]
+    multi = httpx.post(f"{live_server}/v1/tokenize", files=files, headers={"accept": NPY})
+    assert multi.status_code == 200
+    arr = load_npy(multi.content)
+    assert arr.dtype == np.uint16 and arr.shape == (2, 2, 8, 12)
+    js = httpx.post(f"{live_server}/v1/tokenize",
+                    json={"images": [base64.b64encode(png(x)).decode() for x in (a, b)], "model": "tiny"}).json()
+    assert np.array_equal(arr, raw) and np.array_equal(np.array([r["tokens"] for r in js["results"]]), raw)
+    jpeg = io.BytesIO()
+    Image.fromarray(a).save(jpeg, format="JPEG")
+    r = httpx.post(f"{live_server}/v1/tokenize", content=jpeg.getvalue(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200
+
+
+def test_detokenize_several_as_json_and_npy(live_server, photos):
+    grids = np.stack([tokenize_npy(live_server, x)[0] for x in photos[:3]]).astype(np.int64)
+    r = httpx.post(f"{live_server}/v1/detokenize", json={"tokens": grids.tolist()})
+    assert r.status_code == 200
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(s)))) for s in r.json()["images"]]
+    r2 = httpx.post(f"{live_server}/v1/detokenize", content=npy(grids),
+                    headers={"content-type": NPY, "accept": NPY})
+    arr = load_npy(r2.content)
+    assert arr.dtype == np.uint8 and arr.shape == (3, 64, 96, 3)
+    assert all(np.array_equal(arr[i], images[i]) for i in range(3))
+
+
+def test_models_codebook_info_metrics(live_server, tiny_model):
+    models = httpx.get(f"{live_server}/v1/models").json()
+    assert models["default"] == "tiny" and models["models"][0]["num_codes"] == 256
+    meta = httpx.get(f"{live_server}/v1/models/tiny").json()
+    art = load_artifact(tiny_model)
+    assert meta["codebook"]["sha256"] == art.manifest.codebook.sha256 and meta["token_layout"] == "strided"
+    assert meta["limits"]["max_image_pixels"] > 0 and meta["npy_token_dtype"] == "uint16"
+    cb = load_npy(httpx.get(f"{live_server}/v1/models/tiny/codebook").content)
+    assert np.array_equal(cb, art.codebook)
+    st = httpx.get(f"{live_server}/v1/models/tiny/codebook", params={"format": "safetensors"}).content
+    assert st == (tiny_model / "codebook.safetensors").read_bytes()
+    info = httpx.get(f"{live_server}/info").json()
+    assert info["providers"]["tiny"] == "CPUExecutionProvider" and info["auth"] is False
+    assert httpx.get(f"{live_server}/health/live").json() == {"live": True}
+    text = httpx.get(f"{live_server}/metrics").text
+    assert 'gqtok_requests_total{route="/v1/tokenize",status="200"}' in text
+    assert "gqtok_batch_size_bucket" in text and "gqtok_queue_seconds_bucket" in text
+    assert "gqtok_inference_seconds_count" in text and "gqtok_ready 1.0" in text
+    assert httpx.get(f"{live_server}/docs").status_code == 200
+    assert "/v1/tokenize" in httpx.get(f"{live_server}/openapi.json").json()["paths"]
+
+
+# -- determinism under batching --------------------------------------------------------------------------------
+def test_same_tokens_alone_and_among_concurrent_requests(live_server, photos):
+    alone = [tokenize_npy(live_server, x) for x in photos]
+    with ThreadPoolExecutor(32) as pool:  # 32 concurrent clients, two requests each
+        concurrent = list(pool.map(lambda i: tokenize_npy(live_server, photos[i % 16]), range(64)))
+    for i, got in enumerate(concurrent):
+        assert np.array_equal(got, alone[i % 16]), f"request {i} differs from its sequential result"
+    # and batches really formed
+    text = httpx.get(f"{live_server}/metrics").text
+    sizes = [line for line in text.splitlines() if line.startswith("gqtok_batch_size_sum")]
+    counts = [line for line in text.splitlines() if line.startswith("gqtok_batch_size_count")]
+    assert sizes and counts
+
+
+def test_concurrent_detokenize_equals_sequential(live_server, photos):
+    grids = [tokenize_npy(live_server, x)[0].astype(np.int64) for x in photos[:8]]
+
+    def detok(g):
+        r = httpx.post(f"{live_server}/v1/detokenize", content=npy(g), headers={"content-type": NPY, "accept": NPY},
+                       timeout=60)
+        assert r.status_code == 200
+        return load_npy(r.content)
+
+    sequential = [detok(g) for g in grids]
+    with ThreadPoolExecutor(32) as pool:
+        concurrent = list(pool.map(lambda i: detok(grids[i % 8]), range(32)))
+    assert all(np.array_equal(c, sequential[i % 8]) for i, c in enumerate(concurrent))
+
+
+# -- bad input: a 4xx with a JSON body, never a 500 ------------------------------------------------------------
+def test_bad_images(live_server, photos):
+    post = lambda data, ct="image/png", **kw: httpx.post(f"{live_server}/v1/tokenize", content=data,  # noqa: E731
+                                                         headers={"content-type": ct}, **kw)
+    assert_error(post(b"not an image"), 422, "invalid_image", "not a PNG, JPEG or WebP")
+    assert_error(post(b""), 422, "invalid_image", "empty")
+    assert_error(post(png(photos[0])[:200]), 422, "invalid_image", "truncated or corrupt")
+    gif = io.BytesIO()
+    Image.fromarray(photos[0]).save(gif, format="GIF")
+    assert_error(post(gif.getvalue()), 422, "invalid_image", "GIF")
+    assert_error(post(png(photos[0]), "text/plain"), 415, "unsupported_media_type")
+    assert_error(post(png(photos[0][:4, :4])) if False else post(png(photos[0][:5, :5]), params={"resize": "crop"}),
+                 422, "invalid_image", "smaller than one 8x8 cell")
+    assert_error(post(png(photos[0]), params={"resize": "stretch"}), 400, "invalid_request", "resize")
+    assert_error(post(png(photos[0]), params={"model": "nope"}), 404, "unknown_model", "nope")
+    r = httpx.post(f"{live_server}/v1/tokenize", json={"images": ["%%%"]})
+    assert_error(r, 422, "invalid_image", "base64")
+    r = httpx.post(f"{live_server}/v1/tokenize", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_request", "JSON")
+    r = httpx.post(f"{live_server}/v1/tokenize", json={"images": []})
+    assert_error(r, 400, "invalid_request", "no images")
+    # different sizes cannot share one npy array
+    files = [("image", ("a.png", png(photos[0]), "image/png")), ("image", ("b.png", png(photos[1][:32]), "image/png"))]
+    assert_error(httpx.post(f"{live_server}/v1/tokenize", files=files, headers={"accept": NPY}), 406, "not_acceptable")
+
+
+def test_decompression_bomb_is_refused_before_decoding(live_server):
+    # 6000 x 6000 black pixels compress to a few kB; the header alone is enough to refuse it
+    bomb = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 100_000
+    r = httpx.post(f"{live_server}/v1/tokenize", content=bomb.getvalue(), headers={"content-type": "image/png"})
+    assert_error(r, 413, "image_too_large", "36000000 pixels")
+
+
+@pytest.mark.parametrize("tokens,status,error_type,contains", [
+    ([[[1, 2], [3, 4]]], 422, "invalid_tokens", "2 tokens per position; got 1"),   # T=1 grid for a T=2 model
+    ([[[1, 2], [3]], [[1, 2], [3, 4]]], 422, "invalid_tokens", "rectangular"),      # ragged
+    ([[[1.5, 2], [3, 4]], [[1, 2], [3, 4]]], 422, "invalid_tokens", "integer"),    # non-integer
+    ([[[True, 2], [3, 4]], [[1, 2], [3, 4]]], 422, "invalid_tokens", "integer"),   # bool mixes into ints
+    ([[["a", 2], [3, 4]], [[1, 2], [3, 4]]], 422, "invalid_tokens", "integer"),    # strings
+    ([[[256, 2], [3, 4]], [[1, 2], [3, 4]]], 422, "invalid_tokens", "[0, 256)"),   # out of range
+    ([[[-1, 2], [3, 4]], [[1, 2], [3, 4]]], 422, "invalid_tokens", "[0, 256)"),    # negative
+    ([[[10**30, 2], [3, 4]], [[1, 2], [3, 4]]], 422, "invalid_tokens", "beyond int64"),  # overflow
+    ([1, 2, 3], 422, "invalid_tokens", "dimensions"),                               # wrong rank
+    ([[[], []], [[], []]], 422, "invalid_tokens", "integer"),                       # empty
+    ([[[0] * 600] * 600] * 2, 413, "image_too_large", "4800x4800"),                 # decodes past the pixel limit
+])
+def test_bad_tokens(live_server, tokens, status, error_type, contains):
+    r = httpx.post(f"{live_server}/v1/detokenize", json={"tokens": tokens})
+    assert_error(r, status, error_type, contains)
+
+
+def test_bad_token_bodies(live_server):
+    url = f"{live_server}/v1/detokenize"
+    assert_error(httpx.post(url, content=b'{"tokens": [[[NaN]]]}', headers={"content-type": "application/json"}),
+                 400, "invalid_request", "NaN")
+    assert_error(httpx.post(url, content=npy(np.zeros((2, 2, 2), np.float32)), headers={"content-type": NPY}),
+                 422, "invalid_tokens", "float32")
+    assert_error(httpx.post(url, content=b"\x93NUMPY garbage", headers={"content-type": NPY}),
+                 422, "invalid_tokens", ".npy")
+    assert_error(httpx.post(url, json={"grids": []}), 400, "invalid_request", "tokens")
+    assert_error(httpx.post(url, json={"tokens": [[[1]], [[1]]], "image_size": [9, 9]}), 400, "invalid_request",
+                 "larger")
+    assert_error(httpx.post(url, json={"tokens": [[[1]], [[1]]], "image_size": [0, "x"]}), 400, "invalid_request")
+    assert_error(httpx.post(url, content=b"x", headers={"content-type": "text/csv"}), 415, "unsupported_media_type")
+    assert_error(httpx.get(f"{live_server}/v1/models/nope"), 404, "unknown_model")
+    assert_error(httpx.get(f"{live_server}/v1/models/tiny/codebook", params={"format": "csv"}), 400, "invalid_request")
+    assert_error(httpx.get(f"{live_server}/no/such/route"), 404, "not_found")
+
+
+# -- limits: body size, queue, timeout ---------------------------------------------------------------------------
+def test_body_limit(tiny_model, start_server, photos):
+    server = start_server([tiny_model], "--max-body-bytes", "4096")
+    r = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
+    assert_error(r, 413, "payload_too_large", "4096")
+
+    def chunks():  # no content-length: the limit must hold for streamed bodies too
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = httpx.post(f"{server.url}/v1/tokenize", content=chunks(), headers={"content-type": "image/png"})
+    assert_error(r, 413, "payload_too_large")
+
+
+def test_queue_full_gives_429_and_nothing_is_lost(tiny_model, start_server, photos):
+    server = start_server([tiny_model], "--max-queue-size", "4", "--max-batch-size", "2",
+                          "--max-queue-delay-ms", "300")
+    expected = [tokenize_npy(server.url, x) for x in photos[:4]]
+
+    def call(i):
+        return i, httpx.post(f"{server.url}/v1/tokenize", content=png(photos[i % 4]),
+                             headers={"content-type": "image/png", "accept": NPY}, timeout=60)
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(24)))
+    statuses = [r.status_code for _, r in results]
+    assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= 4
+    for i, r in results:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "1" and r.json()["error_type"] == "queue_full"
+        else:  # every accepted request answered correctly, nothing mixed up
+            assert np.array_equal(load_npy(r.content), expected[i % 4])
+
+
+def test_request_timeout_gives_503(tiny_model, start_server, photos):
+    server = start_server([tiny_model], "--request-timeout-s", "0.05", "--max-queue-delay-ms", "400",
+                          "--max-batch-size", "64")
+    r = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
+    assert_error(r, 503, "timeout", "0.05 s")
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+# -- auth ------------------------------------------------------------------------------------------------------
+def test_api_key(tiny_model, start_server, photos):
+    server = start_server([tiny_model], env={"GQTOK_API_KEY": "s3cret"})
+    url = server.url
+    for path in ("/v1/models", "/info", "/metrics", "/docs", "/openapi.json", "/v1/models/tiny/codebook"):
+        assert_error(httpx.get(url + path), 401, "unauthorized")
+        assert_error(httpx.get(url + path, headers={"authorization": "Bearer wrong"}), 401, "unauthorized")
+        assert httpx.get(url + path, headers={"authorization": "Bearer s3cret"}).status_code == 200
+    r = httpx.post(f"{url}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
+    assert_error(r, 401, "unauthorized")
+    r = httpx.post(f"{url}/v1/tokenize", content=png(photos[0]),
+                   headers={"content-type": "image/png", "authorization": "Bearer s3cret"})
+    assert r.status_code == 200
+    assert httpx.get(f"{url}/health/ready").status_code == 200 and httpx.get(f"{url}/health/live").status_code == 200
+    assert httpx.get(f"{url}/info", headers={"authorization": "Bearer s3cret"}).json()["auth"] is True
+
+
+# -- refusing bad artifacts, graceful shutdown ------------------------------------------------------------------
+def test_server_refuses_a_tampered_model(tiny_model, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    data = bytearray((bad / "encoder.onnx").read_bytes())
+    data[100] ^= 0xFF
+    (bad / "encoder.onnx").write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "gqtok.cli", "serve", "--model", str(bad), "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "encoder.onnx has sha256" in proc.stdout + proc.stderr
+
+
+def test_graceful_shutdown_drains_in_flight_requests(tiny_model, start_server, photos):
+    server = start_server([tiny_model], "--max-queue-delay-ms", "1500", "--max-batch-size", "64")
+    results = {}
+
+    def slow(i):  # waits in the queue for its batch to fill or 1.5 s to pass
+        results[i] = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[i]),
+                                headers={"content-type": "image/png"}, timeout=30)
+
+    threads = [threading.Thread(target=slow, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    late = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[5]), headers={"content-type": "image/png"})
+    assert_error(late, 503, "shutting_down")
+    assert httpx.get(f"{server.url}/health/ready").status_code == 503
+    for t in threads:
+        t.join()
+    assert all(results[i].status_code == 200 for i in range(3)), [r.text for r in results.values()]
+    assert server.proc.wait(20) == 0
