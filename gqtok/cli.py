@@ -74,7 +74,12 @@ def cmd_serve(args) -> None:
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.model:
         overrides["models"] = [Path(m) for m in args.model]
-    serve(ServiceSettings(**overrides))
+    settings = ServiceSettings(**overrides)
+    missing = [str(m) for m in settings.models if not (Path(m) / "manifest.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no exported model in {', '.join(missing)} (a folder with manifest.json); "
+                                "make one with `gqtok export RUN --out DIR` and pass --model DIR")
+    serve(settings)
 
 
 SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable GQTOK_<NAME>
