@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -134,7 +136,10 @@ class Trainer:
             from training.perceptual import DeepFeatureDistance
 
             self.perceptual = DeepFeatureDistance().to(self.device)
-        self.step, self.ranks = 0, []
+        self.step, self.ranks, self.interrupted = 0, [], False
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
 
         train_paths, _ = photo_data.split_heldout(photo_data.list_images(data_dir))
         self.data = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=train_cfg.seed + 1000 * self.rank,
@@ -227,7 +232,7 @@ class Trainer:
                 self.sample_grid()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
-            if cfg.time_limit_min and self._time_up(start):
+            if self._should_stop(start):
                 break
         bar.close()
         self.sample_grid()
@@ -250,12 +255,20 @@ class Trainer:
             everyone = [mine]
         return [dict(zip(("lam", "lam_max", "lam_min", "weight_sum"), t.tolist())) for t in everyone]
 
-    def _time_up(self, start: float) -> bool:
-        # Ranks must stop at the same step, or the next all-reduce would hang.
-        up = torch.tensor([float(time.monotonic() - start > 60 * self.tcfg.time_limit_min)], device=self.device)
-        if self.distributed:
-            dist.all_reduce(up, op=dist.ReduceOp.MAX)
-        return bool(up.item())
+    def _should_stop(self, start: float) -> bool:
+        """Time limit reached or SIGTERM/SIGINT received; ranks agree, or the next all-reduce would hang."""
+        limit = self.tcfg.time_limit_min
+        stop = self.interrupted or bool(limit and time.monotonic() - start > 60 * limit)
+        if not self.distributed:
+            return stop
+        flag = torch.tensor([float(stop)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.interrupted:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.interrupted = True  # finish this step, checkpoint, exit
 
     def close(self) -> None:
         if self.distributed:
