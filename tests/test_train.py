@@ -116,3 +116,20 @@ def test_kl_statistics_are_all_reduced():
     mp.spawn(_stats_worker, args=(_free_port(), out), nprocs=2)
     expected = {"mean": np.mean([1, 2, 3, 10, 4, 4]), "max": 10.0, "min": 1.0}
     assert out[0] == pytest.approx(expected) and out[1] == pytest.approx(expected)
+
+
+def test_sigterm_checkpoints_and_exits(small_photos, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "sig"
+    proc = subprocess.Popen([sys.executable, "-m", "gqtok.cli", "train", "--preset", "tiny", "--data", str(small_photos),
+                             "--out", str(run), "--steps", "1000000", "--quiet"], stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
+    step = json.loads((run / "config.json").read_text())["step"]
+    assert step >= 10 and torch.load(run / "trainer.pt", weights_only=False)["step"] == step
