@@ -307,6 +307,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     async def run_items(batcher: Batcher, items: list[tuple[tuple, np.ndarray]]) -> tuple[list[np.ndarray], Timing]:
         """Queue every item of one request, wait for all under the request timeout; worst timing of the lot."""
+        if len(items) > batcher.max_queue:  # would be refused forever: not a reason to retry
+            raise errors.PayloadTooLarge(f"{len(items)} items in one request; this server queues at most "
+                                         f"{batcher.max_queue} per model")
         batcher.reserve(len(items))
         futures = [batcher.submit(key, payload) for key, payload in items]
         try:
@@ -388,9 +391,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         NPY: {"schema": {"type": "string", "format": "binary"}}}}}
 
     @app.post("/v1/detokenize", openapi_extra=tokens_body, summary="Token grids -> images")
-    async def detokenize(request: Request, model: str | None = None):
+    async def detokenize(request: Request, model: str | None = None, image_size: str | None = None):
+        """`image_size` may come as a query parameter "H,W" (for npy bodies) or in the JSON body."""
         body = await read_body(request, settings.max_body_bytes)
-        kind, image_size = media_type(request), None
+        kind = media_type(request)
+        if image_size is not None:
+            try:
+                image_size = [int(v) for v in image_size.split(",")]
+            except ValueError:
+                raise errors.InvalidRequest(f"image_size must be H,W, got {image_size!r}") from None
         if kind == NPY:
             try:
                 tokens = np.load(io.BytesIO(body), allow_pickle=False)
@@ -400,7 +409,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             obj = parse_json(body)
             if "tokens" not in obj:
                 raise errors.InvalidRequest('JSON body must hold "tokens"')
-            tokens, image_size, model = obj["tokens"], obj.get("image_size"), obj.get("model") or model
+            tokens, model = obj["tokens"], obj.get("model") or model
+            image_size = obj.get("image_size", image_size)
         else:
             raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "
                                               f"send application/json or {NPY}")
