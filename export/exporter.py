@@ -93,6 +93,7 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
     save_file({"codebook": codebook}, str(out_dir / CODEBOOK),
               metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
+    (out_dir / CODEBOOK).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
     manifest = Manifest(
         model_id=model_id or run_dir.name,
         model_version=model_version,
