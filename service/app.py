@@ -498,7 +498,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "name": "gqtok", "version": gqtok.__version__, "onnxruntime": onnxruntime.__version__,
             "default_model": state["default"], "models": sorted(state["models"]),
             "providers": {mid: m.runtime.provider for mid, m in state["models"].items()},
-            "selector": settings.selector, "threads": settings.threads, "auth": api_key is not None,
+            "selector": {mid: m.runtime.selector for mid, m in state["models"].items()}, "threads": settings.threads, "auth": api_key is not None,
             "limits": {k: getattr(settings, k) for k in (
                 "max_batch_size", "max_queue_delay_ms", "max_queue_size", "max_images_per_request", "max_body_bytes",
                 "max_image_pixels", "request_timeout_s")},

@@ -47,7 +47,13 @@ def test_codebook_file_matches_the_seed(tiny_model):
     assert codebook_digest(stored) == art.manifest.codebook.sha256 and np.array_equal(stored, art.codebook)
 
 
-def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, runtime, heldout_batch, record_property):
+def test_auto_selector_is_numpy_on_cpu(runtime):
+    assert runtime.provider == "CPUExecutionProvider" and runtime.selector == "numpy"
+
+
+@pytest.mark.parametrize("selector", ["onnx", "numpy"])
+def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, tiny_model, selector, heldout_batch, record_property):
+    runtime = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1, selector=selector)
     model, _ = load_run(tiny_run)
     cfg = model.cfg
     gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta)
@@ -58,7 +64,7 @@ def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, runtime, heldou
     ids_ort = runtime.tokenize(heldout_batch)
     agreement = float(np.mean(ids_ort == ids_torch))
     record_property("token_agreement", agreement)
-    print(f"token agreement torch vs onnxruntime: {agreement:.6f} over {ids_ort.size} tokens")
+    print(f"token agreement torch vs onnxruntime ({selector} selection): {agreement:.6f} over {ids_ort.size} tokens")
     assert ids_ort.shape == (8, 2, 32, 32) and agreement >= 0.999
 
     decoded_ort = runtime.decode(runtime.latent_from_ids(ids_torch))
