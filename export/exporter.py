@@ -69,7 +69,7 @@ def _eval_summary(run_dir: Path, eval_json: Path | None) -> dict | None:
     if not path.exists():
         return None
     full = json.loads(path.read_text())
-    keys = ("images", "image_size", "continuous", "gq", "rate", "kl_bits_per_token", "codebook",
+    keys = ("method", "images", "image_size", "continuous", "quantized", "rate", "kl_bits_per_token", "codebook",
             "quantization_error_in_sigmas", "step")
     return {k: full[k] for k in keys if k in full}
 
@@ -79,6 +79,8 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
     cfg = model.cfg
+    if cfg.quantizer != "gq":
+        raise ValueError(f"only GQ models export to the service; {run_dir} trained the {cfg.quantizer} baseline")
     out_dir.mkdir(parents=True, exist_ok=True)
     f = cfg.downsample
     batch = torch.export.Dim("batch", min=1, max=4096)

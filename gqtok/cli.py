@@ -53,8 +53,9 @@ def cmd_eval(args) -> None:
 
     png = args.png or (Path(args.json).with_suffix(".png") if args.json else None)
     result = evaluate(Path(args.run), Path(args.data), json_out=args.json, png_out=png, size=tuple(args.size),
-                      limit=args.limit, device=args.device, progress=not args.quiet)
-    summary = {k: result[k] for k in ("continuous", "gq", "rate", "kl_bits_per_token", "codebook")}
+                      limit=args.limit, device=args.device, progress=not args.quiet, method=args.method,
+                      tokenbridge_levels=args.tokenbridge_levels, fd=args.fd)
+    summary = {k: result[k] for k in ("method", "continuous", "quantized", "rate", "kl_bits_per_token", "codebook")}
     summary["quantization_error_in_sigmas"] = result["quantization_error_in_sigmas"]
     print(json.dumps(summary, indent=1))
 
@@ -136,6 +137,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ev.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"),
                     help="centre-crop size (default 512 768)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N held-out photos")
+    ev.add_argument("--method", default="auto",
+                    help="auto (GQ for a Gaussian VAE, else the run's own quantizer), gq, or tokenbridge")
+    ev.add_argument("--tokenbridge-levels", type=int, default=64, help="bins per channel for --method tokenbridge")
+    ev.add_argument("--fd", action="store_true", help="also the Frechet distance on EfficientNet-Lite0 features")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)

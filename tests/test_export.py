@@ -35,7 +35,7 @@ def test_manifest_records_the_contract(tiny_model, tiny_run):
     assert (m["downsample"], m["latent_channels"], m["token_dim"], m["tokens_per_position"]) == (8, 8, 4, 2)
     assert m["codebook"]["generator"] == "sobol-ds-acklam" and m["codebook"]["num_codes"] == 256
     assert set(m["files"]) == {"encoder.onnx", "decoder.onnx", "gq_select.onnx", "codebook.safetensors"}
-    assert m["eval"]["gq"]["psnr"] == json.loads((tiny_run / "eval.json").read_text())["gq"]["psnr"]
+    assert m["eval"]["quantized"]["psnr"] == json.loads((tiny_run / "eval.json").read_text())["quantized"]["psnr"]
     assert m["input"]["encoder_input"] == "uint8 NHWC"
 
 

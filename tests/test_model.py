@@ -13,7 +13,8 @@ def test_shapes_for_any_multiple_of_f(f, mult, attention, hw):
                     channel_mult=mult, attention=attention, groups=4)
     model = GaussianVAE(cfg).eval()
     x = torch.rand(2, 3, *hw) * 2 - 1
-    recon, mu, logvar = model(x, sample=False)
+    recon, mu, logvar, quantized = model(x, sample=False)
+    assert quantized is None
     assert mu.shape == logvar.shape == (2, 8, hw[0] // f, hw[1] // f)
     assert recon.shape == x.shape
     assert logvar.min() >= -30 and logvar.max() <= 20

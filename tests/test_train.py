@@ -33,7 +33,7 @@ def test_tiny_train_then_eval_writes_every_field(small_photos, tmp_path):
     r = json.loads(out.read_text())
 
     assert r["images"] == 3 and r["image_size"] == [192, 256]
-    for part in ("continuous", "gq"):
+    for part in ("continuous", "quantized"):
         assert 10 < r[part]["psnr"] < 60
         assert 0 < r[part]["ssim"] <= 1 and 0 < r[part]["ms_ssim"] <= 1
     # tiny: f=8, C=8, d=4 -> 2 tokens per position of 8 bits

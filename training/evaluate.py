@@ -4,7 +4,9 @@ Reports PSNR / SSIM / MS-SSIM for both, the rate (tokens per image, bits per
 token, bpp), per-token KL in bits against log2 K, codebook usage, and the
 distribution of |z_hat - mu| / sigma (how far GQ moved each latent, in
 posterior standard deviations). Writes JSON and a PNG grid
-(original | posterior mean | GQ tokens, one row per photo).
+(original | posterior mean | tokens, one row per photo). The token path is GQ
+for a Gaussian VAE, or TokenBridge-style scalar quantization, or a baseline's
+own quantizer (VQ, FSQ, LFQ, BSQ).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pytorch_msssim import ms_ssim, ssim
 
 from training import data as photo_data
 from training.gq import GaussianQuantizer
+from training.quantizers.tokenbridge import GaussianScalarQuantizer
 from training.model import kl_bits_per_token
 from training.train import load_run
 
@@ -51,77 +54,126 @@ def _quantiles(x: np.ndarray, qs=(5, 50, 95)) -> dict:
     return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(x, qs))}
 
 
+class TokenPath:
+    """How one method turns posteriors into tokens and back: (mu, logvar) -> (ids [B, T, h, w], z_hat)."""
+
+    def __init__(self, model, method: str, levels: int, device: str):
+        cfg = model.cfg
+        self.method = method
+        if method == "gq":
+            if cfg.quantizer != "gq":
+                raise ValueError(f"GQ needs a Gaussian VAE; this run trained with the {cfg.quantizer} quantizer")
+            gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta).to(device)
+            self.num_codes, self.bits, self.per_position = cfg.num_codes, float(cfg.codebook_bits), cfg.tokens_per_position
+            self.encode = lambda mu, logvar: gq.encode_latent(mu, logvar)
+            self.decode = gq.decode_latent
+        elif method == "tokenbridge":
+            if cfg.quantizer != "gq":
+                raise ValueError("tokenbridge quantizes a Gaussian VAE's latents; this run is a baseline")
+            sq = GaussianScalarQuantizer(levels).to(device)
+            self.num_codes, self.bits, self.per_position = levels, sq.bits_per_token, cfg.latent_channels
+            self.encode = lambda mu, logvar: sq.encode(mu)
+            self.decode = sq.decode
+        elif method == cfg.quantizer:  # a baseline's own quantizer
+            q = model.quantizer
+            self.num_codes, self.bits, self.per_position = q.num_codes, float(q.bits_per_token), 1
+            self.encode = lambda mu, logvar: q(mu.float()).ids[:, None]
+            self.decode = lambda ids: q.decode_ids(ids[:, 0])
+        else:
+            raise ValueError(f"method {method!r} does not apply to a {cfg.quantizer} run (gq, tokenbridge or its own)")
+
+
 @torch.no_grad()
 def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_out: Path | None = None,
              size: tuple[int, int] = photo_data.HELDOUT_SIZE, limit: int | None = None, device: str = "cpu",
-             progress: bool = True) -> dict:
+             progress: bool = True, method: str = "auto", tokenbridge_levels: int = 64, fd: bool = False) -> dict:
+    """Evaluate a run on the held-out photos. method: "auto" (GQ for a Gaussian VAE, else the run's own
+    quantizer), "gq", or "tokenbridge" (per-channel scalar quantization with `tokenbridge_levels` bins)."""
     from tqdm import tqdm
 
     model, config = load_run(run_dir, device)
     cfg = model.cfg
+    gaussian = cfg.quantizer == "gq"
+    method = ("gq" if gaussian else cfg.quantizer) if method == "auto" else method
+    path_ = TokenPath(model, method, tokenbridge_levels, device)
     if size[0] % cfg.downsample or size[1] % cfg.downsample:
         raise ValueError(f"evaluation size {size} must be a multiple of f={cfg.downsample}")
-    gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta).to(device)
     _, heldout = photo_data.split_heldout(photo_data.list_images(data_dir))
     if not heldout:
         raise FileNotFoundError(f"none of the held-out photos ({', '.join(photo_data.HELDOUT[:3])}, ...) are in {data_dir}")
     heldout = heldout[:limit] if limit else heldout
 
-    rows, kls, errs, counts, grid_rows = [], [], [], np.zeros(cfg.num_codes, np.int64), []
-    for path in tqdm(heldout, desc="eval", disable=not progress, leave=False):
+    rows, kls, errs, grid_rows = [], [], [], []
+    counts = np.zeros(path_.num_codes, np.int64)
+    fd_sets = {"original": [], "continuous": [], "quantized": []}
+    for path in tqdm(heldout, desc=f"eval {method}", disable=not progress, leave=False):
         original = photo_data.center_crop(photo_data.load_rgb(path), size)
         x = photo_data.to_model_input(original[None]).to(device)
         mu, logvar = model.encoder(x)
-        ids = gq.encode_latent(mu, logvar)
-        z_hat = gq.decode_latent(ids)
+        ids = path_.encode(mu, logvar)
+        z_hat = path_.decode(ids)
         recon_mean = photo_data.to_uint8(model.decoder(mu))[0]
-        recon_gq = photo_data.to_uint8(model.decoder(z_hat))[0]
-
-        kls.append(kl_bits_per_token(mu, logvar, cfg.token_dim).flatten().cpu().numpy())
-        errs.append(((z_hat - mu).abs() / torch.exp(0.5 * logvar)).flatten().cpu().numpy())
-        counts += np.bincount(ids.flatten().cpu().numpy(), minlength=cfg.num_codes)
+        recon_q = photo_data.to_uint8(model.decoder(z_hat))[0]
+        if gaussian:
+            kls.append(kl_bits_per_token(mu, logvar, cfg.token_dim).flatten().cpu().numpy())
+            errs.append(((z_hat - mu).abs() / torch.exp(0.5 * logvar)).flatten().cpu().numpy())
+        counts += np.bincount(ids.flatten().cpu().numpy(), minlength=path_.num_codes)
         rows.append({"image": path.name, "continuous": image_metrics(original, recon_mean),
-                     "gq": image_metrics(original, recon_gq)})
-        grid_rows.append(np.concatenate([original, recon_mean, recon_gq], axis=1))
+                     "quantized": image_metrics(original, recon_q)})
+        grid_rows.append(np.concatenate([original, recon_mean, recon_q], axis=1))
+        if fd:
+            for key, img in (("original", original), ("continuous", recon_mean), ("quantized", recon_q)):
+                fd_sets[key].append(photo_data.to_model_input(img[None]))
 
-    kl, err = np.concatenate(kls), np.concatenate(errs)
-    target, band = float(cfg.codebook_bits), float(config.get("train", {}).get("tdc_band", 0.5))
     h, w = size
-    tokens = cfg.tokens_per_position * (h // cfg.downsample) * (w // cfg.downsample)
+    tokens = path_.per_position * (h // cfg.downsample) * (w // cfg.downsample)
     p = counts[counts > 0] / counts.sum()
     result = {
         "run": str(run_dir),
+        "method": method,
         "step": config.get("step"),
         "preset": config.get("preset"),
         "model": cfg.to_dict(),
+        "train": config.get("train"),
         "parameters": model.num_parameters(),
         "images": len(rows),
         "image_size": [h, w],
         "continuous": {k: _mean([r["continuous"] for r in rows], k) for k in ("psnr", "ssim", "ms_ssim")},
-        "gq": {k: _mean([r["gq"] for r in rows], k) for k in ("psnr", "ssim", "ms_ssim")},
+        "quantized": {k: _mean([r["quantized"] for r in rows], k) for k in ("psnr", "ssim", "ms_ssim")},
         "rate": {
             "tokens_per_image": tokens,
-            "tokens_per_256x256": cfg.tokens_per_position * (256 // cfg.downsample) ** 2,
-            "bits_per_token": cfg.codebook_bits,
-            "bpp": tokens * cfg.codebook_bits / (h * w),
+            "tokens_per_256x256": path_.per_position * (256 // cfg.downsample) ** 2,
+            "bits_per_token": path_.bits,
+            "bpp": tokens * path_.bits / (h * w),
         },
-        "kl_bits_per_token": {
-            "target": target, "band": band, "mean": float(kl.mean()), **_quantiles(kl),
-            "min": float(kl.min()), "max": float(kl.max()),
-            "fraction_in_band": float(np.mean(np.abs(kl - target) <= band)),
-        },
+        "kl_bits_per_token": None,
         "codebook": {
-            "size": cfg.num_codes,
+            "size": path_.num_codes,
             "used_fraction": float((counts > 0).mean()),
             "perplexity": float(np.exp(-(p * np.log(p)).sum())),
             "tokens_counted": int(counts.sum()),
         },
-        "quantization_error_in_sigmas": {
-            "mean": float(err.mean()), **_quantiles(err, (50, 95, 99)), "max": float(err.max()),
-            "fraction_below_1": float(np.mean(err < 1.0)),
-        },
+        "quantization_error_in_sigmas": None,
         "per_image": rows,
     }
+    if gaussian:
+        kl, err = np.concatenate(kls), np.concatenate(errs)
+        target, band = float(cfg.codebook_bits), float((config.get("train") or {}).get("tdc_band", 0.5))
+        result["kl_bits_per_token"] = {
+            "target": target, "band": band, "mean": float(kl.mean()), **_quantiles(kl),
+            "min": float(kl.min()), "max": float(kl.max()),
+            "fraction_in_band": float(np.mean(np.abs(kl - target) <= band)),
+        }
+        result["quantization_error_in_sigmas"] = {
+            "mean": float(err.mean()), **_quantiles(err, (50, 95, 99)), "max": float(err.max()),
+            "fraction_below_1": float(np.mean(err < 1.0)),
+        }
+    if fd:
+        from training.perceptual import fd_effnet_lite0
+
+        originals = torch.cat(fd_sets["original"])
+        result["fd_effnet_lite0"] = {k: fd_effnet_lite0(originals, torch.cat(fd_sets[k]))
+                                     for k in ("continuous", "quantized")}
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))

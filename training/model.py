@@ -20,6 +20,9 @@ from gqtok.layout import tokens_per_position
 from gqtok.select import LOGVAR_RANGE
 
 
+QUANTIZER_CHOICES = ("gq", "vq", "fsq", "lfq", "bsq")
+
+
 @dataclass
 class VAEConfig:
     downsample: int = 8  # f: latent grid is H/f x W/f; 8 or 16
@@ -33,6 +36,10 @@ class VAEConfig:
     blocks_per_level: int = 1  # ResNet blocks per level
     attention: bool = False  # self-attention at the lowest resolution
     groups: int = 16  # GroupNorm groups (must divide every level's width)
+    # "gq": a Gaussian VAE, turned into a tokenizer by GQ after training (the method);
+    # "vq", "fsq", "lfq", "bsq": baselines that train with their quantizer in the loop
+    # (training/quantizers/; one token per position, so token_dim must equal latent_channels)
+    quantizer: str = "gq"
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -48,6 +55,11 @@ class VAEConfig:
         for m in self.channel_mult:
             if (self.base_channels * m) % self.groups:
                 raise ValueError(f"groups={self.groups} must divide every width {self.base_channels}*{m}")
+        if self.quantizer not in QUANTIZER_CHOICES:
+            raise ValueError(f"quantizer must be one of {QUANTIZER_CHOICES}, got {self.quantizer!r}")
+        if self.quantizer != "gq" and self.token_dim != self.latent_channels:
+            raise ValueError(f"quantizer {self.quantizer} makes one token per position: token_dim must equal "
+                             f"latent_channels ({self.latent_channels}), got {self.token_dim}")
 
     @property
     def num_codes(self) -> int:
@@ -141,17 +153,38 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.up(self.mid(self.conv_in(z))))))
 
 
+def build_baseline_quantizer(cfg: VAEConfig) -> nn.Module:
+    """The in-the-loop quantizer of a baseline model, sized from the config."""
+    from training.quantizers import build_quantizer
+
+    kwargs = {"vq": dict(num_codes=cfg.num_codes, dim=cfg.latent_channels), "fsq": {},
+              "lfq": dict(dim=cfg.latent_channels), "bsq": dict(dim=cfg.latent_channels)}[cfg.quantizer]
+    q = build_quantizer(cfg.quantizer, **kwargs)
+    if q.dim != cfg.latent_channels:
+        raise ValueError(f"{cfg.quantizer} quantizes {q.dim} channels; set latent_channels and token_dim to {q.dim}")
+    return q
+
+
 class GaussianVAE(nn.Module):
+    """The encoder-decoder; with cfg.quantizer != "gq" a baseline quantizer sits between them."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantizer = build_baseline_quantizer(cfg) if cfg.quantizer != "gq" else None
 
     def forward(self, x, sample: bool = True):
-        """Returns (reconstruction, mu, logvar); sample=False decodes the posterior mean."""
+        """Returns (reconstruction, mu, logvar, quantizer output or None).
+
+        Gaussian: decodes a posterior sample (sample=False: the posterior mean).
+        Baselines: decodes the quantized mu (logvar is unused)."""
         mu, logvar = self.encoder(x)
+        if self.quantizer is not None:
+            q = self.quantizer(mu)
+            return self.decoder(q.z_q), mu, logvar, q
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
-        return self.decoder(z), mu, logvar
+        return self.decoder(z), mu, logvar, None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -48,6 +48,8 @@ class TrainConfig:
     recon_loss: str = "l1"  # "l1" or "mse", mean over pixels in [-1, 1]
     perceptual_weight: float = 0.0  # weight of the EfficientNet-Lite0 deep-feature distance; 0 = off
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    kl_mode: str = "tdc"  # "tdc": adaptive per-token constraint; "fixed": kl_weight * KL (the plain-KL baseline)
+    kl_weight: float = 1e-5  # KL weight when kl_mode == "fixed" (per bit, summed over tokens, mean over images)
     tdc_band: float = 0.5  # +- bits around log2 K
     tdc_rate: float = 1.01  # per-step multiplicative update of lam, lam_max, lam_min
     tdc_lam_init: float = 1e-4  # first KL weight (adapts)
@@ -60,6 +62,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.recon_loss not in ("l1", "mse"):
             raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
+        if self.kl_mode not in ("tdc", "fixed"):
+            raise ValueError(f"kl_mode must be 'tdc' or 'fixed', got {self.kl_mode!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -107,6 +111,17 @@ def _grid_png(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int 
 def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     mse = F.mse_loss(x.float().clamp(-1, 1), y.float()).item() / 4.0  # [-1,1] -> [0,1] scale
     return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def _bar_fields(m: dict) -> dict:
+    """loss, PSNR, KL bits per token (mean/min/max) and the TDC scalars, or a baseline's own stats."""
+    out = {"loss": f"{m['loss']:.4f}", "psnr": f"{m['psnr']:.2f}"}
+    if "kl_mean" in m:
+        out["kl"] = f"{m['kl_mean']:.2f}/{m['kl_min']:.1f}/{m['kl_max']:.1f}"
+    if "lam" in m:
+        out.update(lam=f"{m['lam']:.2e}", lam_max=f"{m['lam_max']:.2f}", lam_min=f"{m['lam_min']:.3f}")
+    out.update({k: f"{v:.3g}" for k, v in m.items() if k.startswith("q_")})
+    return out
 
 
 class Trainer:
@@ -181,11 +196,19 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.tcfg.precision == "bf16"
                     else nullcontext())
         with autocast:
-            recon, mu, logvar = self.ddp(x)
+            recon, mu, logvar, quantized = self.ddp(x)
         recon = recon.float()
         rec = F.l1_loss(recon, x) if self.tcfg.recon_loss == "l1" else F.mse_loss(recon, x)
-        kl_tok = kl_bits_per_token(mu, logvar, self.mcfg.token_dim)
-        loss = rec + self.tdc.loss(kl_tok)
+        logs = {}
+        if quantized is not None:  # a baseline: its own codebook / commitment / entropy terms
+            loss = rec + quantized.loss
+            logs = {f"q_{k}": float(v) for k, v in quantized.stats.items()}
+        else:
+            kl_tok = kl_bits_per_token(mu, logvar, self.mcfg.token_dim)
+            if self.tcfg.kl_mode == "tdc":
+                loss = rec + self.tdc.loss(kl_tok)
+            else:
+                loss = rec + self.tcfg.kl_weight * kl_tok.flatten(1).sum(1).mean()
         if self.perceptual is not None:
             loss = loss + self.tcfg.perceptual_weight * self.perceptual(recon, x).mean()
         self.opt.zero_grad(set_to_none=True)
@@ -193,19 +216,21 @@ class Trainer:
         if self.tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
         self.opt.step()
-        stats = self.tdc.statistics(kl_tok)  # all-reduced: every rank updates the same way
-        scalars_before = self.tdc.scalars()
-        self.tdc.update(stats)
+        if quantized is None:
+            stats = self.tdc.statistics(kl_tok)  # all-reduced: every rank updates the same way
+            logs.update(kl_mean=stats["mean"], kl_min=stats["min"], kl_max=stats["max"])
+            if self.tcfg.kl_mode == "tdc":
+                logs.update(self.tdc.scalars())
+                self.tdc.update(stats)
         self.step += 1
-        return {"loss": loss.item(), "recon": rec.item(), "kl_mean": stats["mean"], "kl_min": stats["min"],
-                "kl_max": stats["max"], "psnr": _psnr(recon.detach(), x), **scalars_before}
+        return {"loss": loss.item(), "recon": rec.item(), "psnr": _psnr(recon.detach(), x), **logs}
 
     @torch.no_grad()
     def sample_grid(self) -> None:
         if self.rank != 0:
             return
         self.model.eval()
-        recon, _, _ = self.model(self.fixed, sample=False)
+        recon = self.model(self.fixed, sample=False)[0]
         self.model.train()
         _grid_png(self.fixed, recon, self.run_dir / "samples" / f"step_{self.step:07d}.png")
 
@@ -221,10 +246,7 @@ class Trainer:
             last = self.train_step()
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}",
-                                kl=f"{last['kl_mean']:.2f}/{last['kl_min']:.1f}/{last['kl_max']:.1f}",
-                                lam=f"{last['lam']:.2e}", lam_max=f"{last['lam_max']:.2f}",
-                                lam_min=f"{last['lam_min']:.3f}")
+                bar.set_postfix(_bar_fields(last))
                 if log:
                     log.write(json.dumps({"step": self.step, "time_s": round(time.monotonic() - start, 1), **last}) + "\n")
                     log.flush()
