@@ -1,0 +1,265 @@
+"""GQ + TDC against the other tokenizers at equal bits per token, same networks, same training budget.
+
+    python benchmarks/quality.py --budget MINUTES [--jobs 2] [--quick]
+
+Trains, each for MINUTES of wall time on the same encoder/decoder (the
+`compare` architecture below), then evaluates on the held-out photos
+(768x512 centre crops):
+  gq_tdc            Gaussian VAE + TDC, GQ at d = 16 (0.25 bpp), and d = 8, 4 (0.5, 1 bpp)
+  plain_kl_W        Gaussian VAE with a fixed KL weight W (a small sweep), converted by GQ, and by
+                    TokenBridge-style per-channel scalar quantization (2 levels = 16 bits per position;
+                    64 levels = 96 bits per position as a higher-rate point)
+  vq, fsq, lfq, bsq the baselines, trained with their quantizer in the loop (training/quantizers/)
+  jpeg, webp        Pillow at the quality that lands closest below each bpp
+Metrics: PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on EfficientNet-Lite0 features;
+not FID), codebook usage and perplexity. Also a theory check: per-token GQ error against the
+bits of slack log2 K - KL. Writes benchmarks/results/quality.json, quality.md, quality_rd.png
+and quality_theory.png. --quick: a few seconds per method on small crops (< 60 s in all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+
+# The shared architecture: the default preset's shape without attention, trained on 64x64 crops in
+# bf16 so that a CPU gets a few hundred steps per method in minutes.
+COMPARE = dict(downsample=8, base_channels=32, channel_mult=(1, 2, 2, 4), blocks_per_level=1, attention=False,
+               groups=16, crop=64, batch_size=8, lr=2e-4, precision="bf16", log_every=25, image_every=0,
+               ckpt_every=0, steps=10**9)
+QUICK = dict(COMPARE, base_channels=16, channel_mult=(1, 1, 2, 2), groups=8, crop=32, batch_size=4)
+BASE = dict(latent_channels=16, token_dim=16, codebook_bits=16)
+KL_WEIGHTS = (1e-6, 1e-5, 1e-4)
+
+
+def method_table(quick: bool) -> list[tuple[str, dict, list[str]]]:
+    """(run name, settings, evaluations) for every trained model."""
+    table = [
+        ("gq_tdc", BASE, ["gq"]),
+        ("gq_tdc_d8", dict(BASE, token_dim=8), ["gq"]),
+        ("gq_tdc_d4", dict(BASE, token_dim=4), ["gq"]),
+        *[(f"plain_kl_{w:g}", dict(BASE, kl_mode="fixed", kl_weight=w), ["gq", "tokenbridge:2", "tokenbridge:64"])
+          for w in (KL_WEIGHTS[1:2] if quick else KL_WEIGHTS)],
+        ("vq", dict(BASE, quantizer="vq"), ["vq"]),
+        ("fsq", dict(quantizer="fsq", latent_channels=6, token_dim=6, codebook_bits=16), ["fsq"]),
+        ("lfq", dict(BASE, quantizer="lfq"), ["lfq"]),
+        ("bsq", dict(BASE, quantizer="bsq"), ["bsq"]),
+    ]
+    return table[:1] + table[3:4] + table[-4:] if quick else table
+
+
+def train_and_evaluate(job: dict) -> list[dict]:
+    """One worker: train one method for its budget, then run each of its evaluations."""
+    import torch
+
+    torch.set_num_threads(1)
+    from training.evaluate import evaluate
+    from training.train import train
+
+    run = Path(job["run"])
+    t0 = time.monotonic()
+    if not (run / "model.safetensors").exists() or job["retrain"]:
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+        train(run, job["data"], preset="default", overrides=job["settings"], progress=False)
+    train_s = time.monotonic() - t0
+    out = []
+    for how in job["evals"]:
+        method, _, levels = how.partition(":")
+        r = evaluate(run, job["data"], size=job["size"], limit=job["limit"], progress=False, method=method,
+                     tokenbridge_levels=int(levels or 64), fd=True)
+        r.pop("per_image")
+        out.append({"name": job["name"] + ("" if how in ("gq", job["name"]) else f"+{how}"),
+                    "trained": job["name"], "eval": how, "train_seconds": round(train_s, 1), **r})
+    return out
+
+
+def classic_codecs(data: Path, size, limit, targets) -> list[dict]:
+    """JPEG and WebP (Pillow) at the highest quality whose bpp stays at or under each target."""
+    from PIL import Image
+
+    from training import data as photo_data
+    from training.evaluate import image_metrics
+
+    _, held = photo_data.split_heldout(photo_data.list_images(data))
+    images = [photo_data.center_crop(photo_data.load_rgb(p), size) for p in held[:limit]]
+
+    def encode(img, fmt, q):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format=fmt, quality=q)
+        return buf.getvalue()
+
+    rows = []
+    for fmt in ("JPEG", "WEBP"):
+        for target in targets:
+            metrics, bpps = [], []
+            for img in images:
+                pixels = img.shape[0] * img.shape[1]
+                lo, hi, best = 1, 95, 1
+                while lo <= hi:  # bpp grows with quality: binary search the largest quality under target
+                    mid = (lo + hi) // 2
+                    if len(encode(img, fmt, mid)) * 8 / pixels <= target:
+                        best, lo = mid, mid + 1
+                    else:
+                        hi = mid - 1
+                data_bytes = encode(img, fmt, best)
+                bpps.append(len(data_bytes) * 8 / pixels)
+                decoded = np.asarray(Image.open(io.BytesIO(data_bytes)).convert("RGB"))
+                metrics.append(image_metrics(img, decoded))
+            rows.append({"name": f"{fmt.lower()}@{target:g}", "method": fmt.lower(), "images": len(images),
+                         "rate": {"bpp": float(np.mean(bpps)), "target_bpp": target},
+                         "quantized": {k: float(np.mean([m[k] for m in metrics if m[k] is not None]))
+                                       for k in ("psnr", "ssim", "ms_ssim")}})
+    return rows
+
+
+def theory_check(run: Path, data: Path, size, limit) -> dict:
+    """Per token: mean |z_hat - mu| / sigma over its d channels against log2 K - KL (bits of slack)."""
+    import torch
+
+    from gqtok import layout
+    from training import data as photo_data
+    from training.gq import GaussianQuantizer
+    from training.model import kl_bits_per_token
+    from training.train import load_run
+
+    model, _ = load_run(run)
+    cfg = model.cfg
+    gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta)
+    _, held = photo_data.split_heldout(photo_data.list_images(data))
+    slack, err = [], []
+    with torch.no_grad():
+        for p in held[:limit]:
+            x = photo_data.to_model_input(photo_data.center_crop(photo_data.load_rgb(p), size)[None])
+            mu, logvar = model.encoder(x)
+            z_hat = gq.decode_latent(gq.encode_latent(mu, logvar))
+            e = layout.group((z_hat - mu).abs() / torch.exp(0.5 * logvar), cfg.token_dim).mean(-1)
+            slack.append((cfg.codebook_bits - kl_bits_per_token(mu, logvar, cfg.token_dim)).flatten().numpy())
+            err.append(e.flatten().numpy())
+    slack, err = np.concatenate(slack), np.concatenate(err)
+    edges = np.arange(np.floor(slack.min()), np.ceil(slack.max()) + 1, 1.0)
+    bins = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        sel = (slack >= a) & (slack < b)
+        if sel.sum() >= 5:
+            bins.append({"slack_bits": float((a + b) / 2), "tokens": int(sel.sum()),
+                         "median_error": float(np.median(err[sel])), "p90_error": float(np.percentile(err[sel], 90))})
+    return {"run": str(run), "bins": bins, "tokens": int(slack.size)}
+
+
+def plots(result: dict, out_dir: Path, suffix: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = result["rows"]
+    for family, marker in (("gq_tdc", "o"), ("plain_kl", "s"), ("vq", "^"), ("fsq", "v"), ("lfq", "<"), ("bsq", ">"),
+                           ("jpeg", "x"), ("webp", "+")):
+        pts = sorted((r["rate"]["bpp"], r["quantized"]["psnr"], r["name"]) for r in rows
+                     if r["name"].startswith(family) and r["rate"]["bpp"] <= 1.6)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="-" if family in
+                    ("gq_tdc", "jpeg", "webp") else "none", label=family)
+    ax.set_xlabel("bits per pixel")
+    ax.set_ylabel("PSNR (dB), held-out 768x512")
+    ax.set_title(f"Rate-distortion at {result['budget_min']:g} min of CPU training per model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"quality_rd{suffix}.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for check in result["theory"]:
+        b = check["bins"]
+        ax.semilogy([x["slack_bits"] for x in b], [x["median_error"] for x in b], marker="o", label=Path(check["run"]).name)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("log2 K - KL(q||p) of the token (bits)")
+    ax.set_ylabel("median |z_hat - mu| / sigma")
+    ax.set_title("GQ error against the bits of slack")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"quality_theory{suffix}.png", dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    lines = [f"Budget: {result['budget_min']:g} min of wall time per model on {result['cpus']} CPU core(s) shared by "
+             f"{result['jobs']} job(s); held-out {result['images']} photos at {result['size'][1]}x{result['size'][0]}.",
+             "", "| method | bpp | bits/token | PSNR | SSIM | MS-SSIM | FD-EffNetLite0 | codebook used | perplexity | steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(result["rows"], key=lambda r: (r["rate"]["bpp"], -(r["quantized"]["psnr"] or 0))):
+        cb, fd = r.get("codebook") or {}, (r.get("fd_effnet_lite0") or {}).get("quantized")
+        lines.append(f"| {r['name']} | {r['rate']['bpp']:.3f} | {f(r['rate'].get('bits_per_token'), '.2f')} | "
+                     f"{r['quantized']['psnr']:.2f} | {r['quantized']['ssim']:.4f} | {f(r['quantized']['ms_ssim'], '.4f')} | "
+                     f"{f(fd, '.2f')} | {f(cb.get('used_fraction'), '.3f')} | {f(cb.get('perplexity'), '.0f')} | "
+                     f"{r.get('step') or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=5.0, help="minutes of training per model (default 5)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="models trained at once (1 thread each)")
+    ap.add_argument("--data", default=str(REPO / "data" / "endless-sky"))
+    ap.add_argument("--runs", default=str(REPO / "runs" / "quality"), help="where the trained runs go")
+    ap.add_argument("--retrain", action="store_true", help="train again even where a run exists")
+    ap.add_argument("--quick", action="store_true", help="seconds per method, small crops: a smoke run (< 60 s)")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    if args.quick:
+        budget, arch, size, limit, runs = 0.08, QUICK, (128, 128), 3, Path(args.runs + "-quick")
+    else:
+        budget, arch, size, limit, runs = args.budget, COMPARE, (512, 768), None, Path(args.runs)
+    jobs = [{"name": name, "run": str(runs / name), "data": Path(args.data), "size": size, "limit": limit,
+             "retrain": args.retrain or args.quick, "evals": evals,
+             "settings": {**arch, **settings, "time_limit_min": budget}}
+            for name, settings, evals in method_table(args.quick)]
+    start = time.monotonic()
+    rows = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for out in pool.map(train_and_evaluate, jobs):
+            for r in out:
+                print(f"{r['name']:<28} bpp {r['rate']['bpp']:.3f}  PSNR {r['quantized']['psnr']:.2f}  "
+                      f"SSIM {r['quantized']['ssim']:.4f}  steps {r['step']}", flush=True)
+            rows += out
+    targets = sorted({round(r["rate"]["bpp"], 4) for r in rows if r["rate"]["bpp"] <= 1.6})
+    rows += classic_codecs(Path(args.data), size, limit, targets)
+    theory = [theory_check(runs / name, Path(args.data), size, limit or 8) for name in ("gq_tdc", *(f"plain_kl_{w:g}" for w in KL_WEIGHTS))
+              if (runs / name / "model.safetensors").exists()]
+    result = {"benchmark": "quality", "quick": args.quick, "budget_min": budget, "jobs": args.jobs,
+              "cpus": os.cpu_count(), "size": list(size), "images": rows[0]["images"], "architecture": arch,
+              "seconds": round(time.monotonic() - start, 1), "rows": rows, "theory": theory}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (out_dir / f"quality{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / f"quality{suffix}.md").write_text(markdown(result))
+    plots(result, out_dir, suffix)
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
