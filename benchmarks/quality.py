@@ -122,8 +122,8 @@ def classic_codecs(data: Path, size, limit, targets) -> list[dict]:
                 metrics.append(image_metrics(img, decoded))
             rows.append({"name": f"{fmt.lower()}@{target:g}", "method": fmt.lower(), "images": len(images),
                          "rate": {"bpp": float(np.mean(bpps)), "target_bpp": target},
-                         "quantized": {k: float(np.mean([m[k] for m in metrics if m[k] is not None]))
-                                       for k in ("psnr", "ssim", "ms_ssim")}})
+                         "quantized": {k: (float(np.mean(v)) if (v := [m[k] for m in metrics if m[k] is not None])
+                                           else None) for k in ("psnr", "ssim", "ms_ssim")}})
     return rows
 
 
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     if args.quick:
-        budget, arch, size, limit, runs = 0.08, QUICK, (128, 128), 3, Path(args.runs + "-quick")
+        budget, arch, size, limit, runs = 0.04, QUICK, (128, 128), 2, Path(args.runs + "-quick")
     else:
         budget, arch, size, limit, runs = args.budget, COMPARE, (512, 768), None, Path(args.runs)
     jobs = [{"name": name, "run": str(runs / name), "data": Path(args.data), "size": size, "limit": limit,
@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
                 print(f"{r['name']:<28} bpp {r['rate']['bpp']:.3f}  PSNR {r['quantized']['psnr']:.2f}  "
                       f"SSIM {r['quantized']['ssim']:.4f}  steps {r['step']}", flush=True)
             rows += out
-    targets = sorted({round(r["rate"]["bpp"], 4) for r in rows if r["rate"]["bpp"] <= 1.6})
+    targets = sorted({round(r["rate"]["bpp"], 2) for r in rows if r["rate"]["bpp"] <= 1.6})
     rows += classic_codecs(Path(args.data), size, limit, targets)
     theory = [theory_check(runs / name, Path(args.data), size, limit or 8) for name in ("gq_tdc", *(f"plain_kl_{w:g}" for w in KL_WEIGHTS))
               if (runs / name / "model.safetensors").exists()]
