@@ -133,3 +133,12 @@ def test_sigterm_checkpoints_and_exits(small_photos, tmp_path):
     assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
     step = json.loads((run / "config.json").read_text())["step"]
     assert step >= 10 and torch.load(run / "trainer.pt", weights_only=False)["step"] == step
+
+
+def test_perceptual_term_trains(small_photos, tmp_path):
+    """--perceptual-weight adds the EfficientNet-Lite0 deep-feature distance to the loss."""
+    base = train(tmp_path / "a", small_photos, "tiny", {"steps": 2, "crop": 64}, progress=False)
+    with_p = train(tmp_path / "b", small_photos, "tiny", {"steps": 2, "crop": 64, "perceptual_weight": 1.0},
+                   progress=False)
+    assert with_p["loss"] > with_p["recon"] and np.isfinite(with_p["loss"])
+    assert with_p["loss"] != pytest.approx(base["loss"])
