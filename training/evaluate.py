@@ -32,9 +32,9 @@ MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window need more than (11 - 1)
 
 def image_metrics(x_u8: np.ndarray, y_u8: np.ndarray) -> dict:
     """PSNR (dB), SSIM and MS-SSIM of two uint8 [H, W, 3] images, on the [0, 1] scale."""
-    x = torch.from_numpy(np.array(x_u8)).permute(2, 0, 1)[None].double() / 255
-    y = torch.from_numpy(np.array(y_u8)).permute(2, 0, 1)[None].double() / 255
-    mse = F.mse_loss(x, y).item()
+    x = torch.from_numpy(np.array(x_u8)).permute(2, 0, 1)[None].float() / 255
+    y = torch.from_numpy(np.array(y_u8)).permute(2, 0, 1)[None].float() / 255
+    mse = F.mse_loss(x.double(), y.double()).item()
     out = {
         "psnr": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
         "ssim": ssim(x, y, data_range=1.0).item(),
