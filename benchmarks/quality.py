@@ -2,8 +2,9 @@
 
     python benchmarks/quality.py --budget MINUTES [--jobs 2] [--quick]
 
-Trains, each for MINUTES of wall time on the same encoder/decoder (the
-`compare` architecture below), then evaluates on the 24 held-out photos
+Trains every model for the same number of steps on the same encoder/decoder
+(the `compare` architecture below): the steps that the reference gq_tdc makes
+in MINUTES on one CPU thread, measured at the start. It then evaluates on the 24 held-out photos
 (centre crops, 384x256 by default; --size 512 768 for the full evaluation size):
   gq_tdc            Gaussian VAE + TDC, GQ at d = 16 (0.25 bpp), and d = 8, 4 (0.5, 1 bpp)
   plain_kl_W        Gaussian VAE with a fixed KL weight W (a small sweep), converted by GQ, and by
@@ -60,6 +61,37 @@ def method_table(quick: bool) -> list[tuple[str, dict, list[str]]]:
     return table[:1] + table[3:4] + table[-4:] if quick else table
 
 
+def calibrate_steps(budget_min: float, arch: dict) -> tuple[int, float]:
+    """Steps that the reference model (gq_tdc) makes in `budget_min` minutes on one thread here.
+
+    Every method then trains exactly that many steps: wall time alone would hand more steps to
+    whichever job happened to run alone on a core."""
+    import torch
+
+    from training.model import GaussianVAE, kl_bits_per_token
+    from training.train import build_configs
+
+    torch.set_num_threads(1)
+    mcfg, tcfg = build_configs("default", {**{k: v for k, v in arch.items() if k != "steps"}, **BASE})
+    torch.manual_seed(0)
+    model = GaussianVAE(mcfg)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    x = torch.rand(tcfg.batch_size, 3, tcfg.crop, tcfg.crop) * 2 - 1
+    times = []
+    for i in range(7):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
+            recon, mu, logvar, _ = model(x)
+        loss = (recon.float() - x).abs().mean() + 1e-6 * kl_bits_per_token(mu, logvar, mcfg.token_dim).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 2:  # the first steps warm up allocators and kernels
+            times.append(time.perf_counter() - t)
+    per_step = float(np.median(times))
+    return max(5, int(budget_min * 60 / per_step)), per_step
+
+
 def train_and_evaluate(job: dict) -> list[dict]:
     """One worker: train one method for its budget, then run each of its evaluations."""
     import torch
@@ -71,7 +103,8 @@ def train_and_evaluate(job: dict) -> list[dict]:
     run = Path(job["run"])
     t0 = time.monotonic()
     config = run / "config.json"
-    finished = config.exists() and json.loads(config.read_text()).get("ranks")  # written when fit() ends
+    saved = json.loads(config.read_text()) if config.exists() else {}
+    finished = saved.get("ranks") and saved.get("step") == job["steps"]  # "ranks" is written when fit() ends
     if not finished or job["retrain"]:
         if run.exists():
             import shutil
@@ -180,7 +213,7 @@ def plots(result: dict, out_dir: Path, suffix: str = "") -> None:
                     ("gq_tdc", "jpeg", "webp") else "none", label=family)
     ax.set_xlabel("bits per pixel")
     ax.set_ylabel(f"PSNR (dB), held-out {result['size'][1]}x{result['size'][0]}")
-    ax.set_title(f"Rate-distortion at {result['budget_min']:g} min of CPU training per model")
+    ax.set_title(f"Rate-distortion, {result['steps_per_model']} training steps per model")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -206,8 +239,9 @@ def markdown(result: dict) -> str:
     def f(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
-    lines = [f"Budget: {result['budget_min']:g} min of wall time per model on {result['cpus']} CPU core(s) shared by "
-             f"{result['jobs']} job(s); held-out {result['images']} photos at {result['size'][1]}x{result['size'][0]}.",
+    lines = [f"Budget: {result['steps_per_model']} training steps per model (what gq_tdc makes in "
+             f"{result['budget_min']:g} min on one CPU thread); held-out {result['images']} photos at "
+             f"{result['size'][1]}x{result['size'][0]}.",
              "", "| method | bpp | bits/token | PSNR | SSIM | MS-SSIM | FD-EffNetLite0 | codebook used | perplexity | steps |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(result["rows"], key=lambda r: (r["rate"]["bpp"], -(r["quantized"]["psnr"] or 0))):
@@ -236,9 +270,11 @@ def main(argv=None) -> dict:
         budget, arch, size, limit, runs = 0.04, QUICK, (128, 128), 2, Path(args.runs + "-quick")
     else:
         budget, arch, size, limit, runs = args.budget, COMPARE, tuple(args.size), None, Path(args.runs)
+    steps, per_step = calibrate_steps(budget, arch)
+    print(f"{budget:g} min per model = {steps} steps ({per_step:.3f} s per step of gq_tdc on one thread)", flush=True)
     jobs = [{"name": name, "run": str(runs / name), "data": Path(args.data), "size": size, "limit": limit,
-             "retrain": args.retrain or args.quick, "evals": evals,
-             "settings": {**arch, **settings, "time_limit_min": budget}}
+             "retrain": args.retrain or args.quick, "evals": evals, "steps": steps,
+             "settings": {**arch, **settings, "steps": steps}}
             for name, settings, evals in method_table(args.quick)]
     start = time.monotonic()
     rows = []
@@ -252,7 +288,8 @@ def main(argv=None) -> dict:
     rows += classic_codecs(Path(args.data), size, limit, targets)
     theory = [theory_check(runs / name, Path(args.data), size, limit or 8) for name in ("gq_tdc", *(f"plain_kl_{w:g}" for w in KL_WEIGHTS))
               if (runs / name / "model.safetensors").exists()]
-    result = {"benchmark": "quality", "quick": args.quick, "budget_min": budget, "jobs": args.jobs,
+    result = {"benchmark": "quality", "quick": args.quick, "budget_min": budget, "steps_per_model": steps,
+              "seconds_per_step_reference": round(per_step, 4), "jobs": args.jobs,
               "cpus": os.cpu_count(), "size": list(size), "images": rows[0]["images"], "architecture": arch,
               "seconds": round(time.monotonic() - start, 1), "rows": rows, "theory": theory}
     out_dir = Path(args.out_dir)
