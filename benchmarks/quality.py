@@ -267,7 +267,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     if args.quick:
-        budget, arch, size, limit, runs = 0.04, QUICK, (128, 128), 2, Path(args.runs + "-quick")
+        budget, arch, size, limit, runs = 0.03, QUICK, (128, 128), 2, Path(args.runs + "-quick")
     else:
         budget, arch, size, limit, runs = args.budget, COMPARE, tuple(args.size), None, Path(args.runs)
     steps, per_step = calibrate_steps(budget, arch)
