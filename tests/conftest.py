@@ -15,7 +15,8 @@ def photos_dir() -> Path:
     """The default photo set (gqtok data fetch), in the repo's data/ folder or $GQTOK_DATA."""
     from training.data import fetch_default_photos
 
-    return fetch_default_photos(Path(os.environ.get("GQTOK_DATA", REPO / "data" / "endless-sky")))
+    # absolute: some tests hand the path to processes running in other folders
+    return fetch_default_photos(Path(os.environ.get("GQTOK_DATA", REPO / "data" / "endless-sky")).resolve())
 
 
 @pytest.fixture(scope="session")
