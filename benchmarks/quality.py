@@ -295,7 +295,8 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (out_dir / f"quality{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    # paths inside the repository are recorded relative to it
+    (out_dir / f"quality{suffix}.json").write_text(json.dumps(result, indent=1).replace(str(REPO) + os.sep, "") + "\n")
     (out_dir / f"quality{suffix}.md").write_text(markdown(result))
     plots(result, out_dir, suffix)
     print(markdown(result))

@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "service", "model": args.model, "seconds_per_case": seconds, "image_size": [256, 256],
               "server": info, "cpu_count": os.cpu_count(), "python": platform.python_version(), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(result, indent=2).replace(str(REPO) + os.sep, "") + "\n")  # repo-relative
     return result
 
 
