@@ -61,6 +61,12 @@ def _export(module, example, path: Path, input_name: str, output_names: list[str
         torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=[input_name],
                           output_names=output_names, dynamic_shapes={input_name: dynamic}, opset_version=OPSET,
                           optimize=True, verbose=False, external_data=False)
+    # The exporter annotates every node with its Python stack trace (machine paths, a large share of
+    # the file); the graph does not need them.
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
 
 
