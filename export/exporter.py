@@ -17,7 +17,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from safetensors.numpy import save_file
@@ -123,8 +122,3 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     load_artifact(out_dir)  # what we wrote must pass the loader's checks
     return manifest
 
-
-def codebook_from_safetensors(path: Path) -> np.ndarray:
-    from safetensors.numpy import load_file
-
-    return load_file(str(path))["codebook"]

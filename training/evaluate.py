@@ -95,7 +95,7 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
     cfg = model.cfg
     gaussian = cfg.quantizer == "gq"
     method = ("gq" if gaussian else cfg.quantizer) if method == "auto" else method
-    path_ = TokenPath(model, method, tokenbridge_levels, device)
+    token_path = TokenPath(model, method, tokenbridge_levels, device)
     if size[0] % cfg.downsample or size[1] % cfg.downsample:
         raise ValueError(f"evaluation size {size} must be a multiple of f={cfg.downsample}")
     _, heldout = photo_data.split_heldout(photo_data.list_images(data_dir))
@@ -104,20 +104,20 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
     heldout = heldout[:limit] if limit else heldout
 
     rows, kls, errs, grid_rows = [], [], [], []
-    counts = np.zeros(path_.num_codes, np.int64)
+    counts = np.zeros(token_path.num_codes, np.int64)
     fd_sets = {"original": [], "continuous": [], "quantized": []}
     for path in tqdm(heldout, desc=f"eval {method}", disable=not progress, leave=False):
         original = photo_data.center_crop(photo_data.load_rgb(path), size)
         x = photo_data.to_model_input(original[None]).to(device)
         mu, logvar = model.encoder(x)
-        ids = path_.encode(mu, logvar)
-        z_hat = path_.decode(ids)
+        ids = token_path.encode(mu, logvar)
+        z_hat = token_path.decode(ids)
         recon_mean = photo_data.to_uint8(model.decoder(mu))[0]
         recon_q = photo_data.to_uint8(model.decoder(z_hat))[0]
         if gaussian:
             kls.append(kl_bits_per_token(mu, logvar, cfg.token_dim).flatten().cpu().numpy())
             errs.append(((z_hat - mu).abs() / torch.exp(0.5 * logvar)).flatten().cpu().numpy())
-        counts += np.bincount(ids.flatten().cpu().numpy(), minlength=path_.num_codes)
+        counts += np.bincount(ids.flatten().cpu().numpy(), minlength=token_path.num_codes)
         rows.append({"image": path.name, "continuous": image_metrics(original, recon_mean),
                      "quantized": image_metrics(original, recon_q)})
         grid_rows.append(np.concatenate([original, recon_mean, recon_q], axis=1))
@@ -126,7 +126,7 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
                 fd_sets[key].append(photo_data.to_model_input(img[None]))
 
     h, w = size
-    tokens = path_.per_position * (h // cfg.downsample) * (w // cfg.downsample)
+    tokens = token_path.per_position * (h // cfg.downsample) * (w // cfg.downsample)
     p = counts[counts > 0] / counts.sum()
     result = {
         "run": str(run_dir),
@@ -142,13 +142,13 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
         "quantized": {k: _mean([r["quantized"] for r in rows], k) for k in ("psnr", "ssim", "ms_ssim")},
         "rate": {
             "tokens_per_image": tokens,
-            "tokens_per_256x256": path_.per_position * (256 // cfg.downsample) ** 2,
-            "bits_per_token": path_.bits,
-            "bpp": tokens * path_.bits / (h * w),
+            "tokens_per_256x256": token_path.per_position * (256 // cfg.downsample) ** 2,
+            "bits_per_token": token_path.bits,
+            "bpp": tokens * token_path.bits / (h * w),
         },
         "kl_bits_per_token": None,
         "codebook": {
-            "size": path_.num_codes,
+            "size": token_path.num_codes,
             "used_fraction": float((counts > 0).mean()),
             "perplexity": float(np.exp(-(p * np.log(p)).sum())),
             "tokens_counted": int(counts.sum()),

@@ -10,7 +10,7 @@ op exports to ONNX with dynamic batch, height and width.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -19,14 +19,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import QuantizerOutput, bits_of, float32_region, straight_through, to_tokens, usage_stats
-from .lfq import bit_weights, check_bits, cube_corners, entropy_terms
+from .lfq import LFQ
 
 
-class BSQ(nn.Module):
-    """Binary spherical quantizer.
+class BSQ(LFQ):
+    """Binary spherical quantizer: LFQ's machinery applied to z / ||z|| with codewords of length 1.
 
     dim:            D bits per token (16: 65536 codes)
     entropy_weight: weight of (per-token entropy - batch entropy) (0.1, as LFQ)
@@ -43,32 +41,12 @@ class BSQ(nn.Module):
         groups: int = 2,
         temperature: float | None = None,
     ):
-        super().__init__()
-        check_bits(dim, groups)
-        self.dim, self.groups = int(dim), int(groups)
-        self.num_codes = 2**self.dim
-        self.bits_per_token = bits_of(self.num_codes)
-        self.entropy_weight, self.commitment = float(entropy_weight), float(commitment)
-        self.temperature = 1.0 / self.dim if temperature is None else float(temperature)
-        self.scale = 1.0 / math.sqrt(self.dim)  # codeword entries are +-scale
-        self.register_buffer("corners", cube_corners(self.dim // self.groups) * self.scale, persistent=False)
-        self.register_buffer("weights", bit_weights(self.dim), persistent=False)
+        super().__init__(dim, entropy_weight, commitment, groups, 1.0 / dim if temperature is None else temperature)
+        self.scale = 1.0 / math.sqrt(self.dim)
+        self.corners.mul_(self.scale)
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        with float32_region(z.device):
-            z = z.float()
-            u = F.normalize(z, dim=1)
-            bits = u > 0
-            q = torch.where(bits, 1.0, -1.0) * self.scale
-            z_q = straight_through(q, u)
-            ids = (bits.long() * self.weights).sum(1)
-            per_token, batch = entropy_terms(to_tokens(u), self.corners, self.temperature)
-            commit = (u - q).square().sum(1).mean()
-            loss = self.entropy_weight * (per_token - batch) + self.commitment * commit
-            stats = usage_stats(ids, self.num_codes, commit=commit, entropy=per_token, batch_entropy=batch)
-        return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats)
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=1)
 
-    @torch.no_grad()
-    def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        bits = (ids.long()[:, None] // self.weights) % 2 == 1
-        return torch.where(bits, 1.0, -1.0) * self.scale
+    def commit_loss(self, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (u - q).square().sum(1).mean()  # per token, not per element: see the module docstring

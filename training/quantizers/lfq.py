@@ -79,18 +79,26 @@ class LFQ(nn.Module):
         self.bits_per_token = bits_of(self.num_codes)
         self.entropy_weight, self.commitment = float(entropy_weight), float(commitment)
         self.temperature = float(temperature)
+        self.scale = 1.0  # codeword entries are +-scale (BSQ shrinks them onto the unit sphere)
         self.register_buffer("corners", cube_corners(self.dim // self.groups), persistent=False)
         self.register_buffer("weights", bit_weights(self.dim), persistent=False)
 
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """What gets quantized: z itself (BSQ: z on the unit sphere)."""
+        return z
+
+    def commit_loss(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(x, q)
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with float32_region(z.device):
-            z = z.float()
-            bits = z > 0
-            q = torch.where(bits, 1.0, -1.0)
-            z_q = straight_through(q, z)
+            x = self.project(z.float())
+            bits = x > 0
+            q = torch.where(bits, 1.0, -1.0) * self.scale
+            z_q = straight_through(q, x)
             ids = (bits.long() * self.weights).sum(1)
-            per_token, batch = entropy_terms(to_tokens(z), self.corners, self.temperature)
-            commit = F.mse_loss(z, q)
+            per_token, batch = entropy_terms(to_tokens(x), self.corners, self.temperature)
+            commit = self.commit_loss(x, q)
             loss = self.entropy_weight * (per_token - batch) + self.commitment * commit
             stats = usage_stats(ids, self.num_codes, commit=commit, entropy=per_token, batch_entropy=batch)
         return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats)
@@ -98,7 +106,7 @@ class LFQ(nn.Module):
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         bits = (ids.long()[:, None] // self.weights) % 2 == 1
-        return torch.where(bits, 1.0, -1.0)
+        return torch.where(bits, 1.0, -1.0) * self.scale
 
 
 def check_bits(dim: int, groups: int) -> None:
