@@ -6,7 +6,8 @@ items of the oldest item's key are waiting, or `max_delay_s` after that item
 arrived, whichever is first. Inference runs in a dedicated worker thread, so
 the event loop never blocks; while it runs, the next batch gathers. The queue
 is bounded: past `max_queue` waiting items, `submit` raises QueueFull (429).
-A batch that raises fails only its own items.
+A batch that raises is run again item by item, so that only the items that fail
+on their own get an error (500 inference_failed); the server stays up.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class _Item:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+
+
+def fail(item: _Item, e: Exception) -> None:
+    if not item.future.done():
+        item.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
 
 
 class Batcher:
@@ -115,15 +121,23 @@ class Batcher:
             start = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self.executor, self.run_batch, np.stack([it.payload for it in batch]))
-            except Exception as e:  # fail this batch's requests only; the server stays up
+            except Exception as e:
                 log.exception("%s batch of %d failed", self.name, len(batch))
+                if len(batch) == 1:
+                    fail(batch[0], e)
+                    continue
+                # One bad item must not fail its neighbours: run the batch again one item at a time, so
+                # only the items that fail alone fail (a token's result does not depend on its batch).
+                out = []
                 for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
-                continue
+                    try:
+                        out.append((await loop.run_in_executor(self.executor, self.run_batch, it.payload[None]))[0])
+                    except Exception as e_item:
+                        fail(it, e_item)
+                        out.append(None)
             timing_end = time.perf_counter()
             for i, it in enumerate(batch):
-                if not it.future.done():
+                if not it.future.done() and out[i] is not None:
                     it.future.set_result((out[i], Timing(start - it.enqueued, timing_end - start, len(batch))))
             if self.on_batch:
                 self.on_batch(Timing(0.0, timing_end - start, len(batch)))

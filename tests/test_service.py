@@ -296,6 +296,77 @@ def test_request_timeout_gives_503(tiny_model, start_server, photos):
     assert httpx.get(f"{server.url}/health/ready").status_code == 200
 
 
+# -- a batch that fails inside the runtime ----------------------------------------------------------------------
+class InProcessServer:
+    """uvicorn in a thread of this process, so a test can reach into the app (here: to break the runtime)."""
+
+    def __init__(self, model_dir, **settings):
+        import socket
+
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import ServiceSettings
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.app = create_app(ServiceSettings(models=[model_dir], port=port, **settings))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="critical"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("in-process server did not become ready")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def test_a_failing_batch_fails_only_the_bad_request(tiny_model, photos):
+    """One poisoned image in a batch of 8: its request gets 500 inference_failed, its 7 batch-mates
+    their right tokens, and the server stays ready and keeps serving."""
+    server = InProcessServer(tiny_model, max_batch_size=8, max_queue_delay_ms=500)
+    try:
+        expected = [tokenize_npy(server.url, x) for x in photos[:8]]
+        batcher = server.app.state.state["models"]["tiny"].tokenize
+        run_batch, batch_sizes = batcher.run_batch, []
+
+        def poisoned(images):  # a runtime fault triggered by one input: a pixel value of 13 in the corner
+            batch_sizes.append(len(images))
+            if (images[:, 0, 0, 0] == 13).any():
+                raise RuntimeError("simulated onnxruntime failure")
+            return run_batch(images)
+
+        batcher.run_batch = poisoned
+        poison = photos[3].copy()
+        poison[0, 0, 0] = 13
+        inputs = [poison if i == 3 else photos[i] for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda x: httpx.post(f"{server.url}/v1/tokenize", content=png(x), timeout=60,
+                                                           headers={"content-type": "image/png", "accept": NPY}),
+                                      inputs))
+        assert batch_sizes[0] > 1  # the poison really shared a batch with others
+        assert_error(responses[3], 500, "inference_failed", "simulated onnxruntime failure")
+        for i, r in enumerate(responses):
+            if i != 3:
+                assert r.status_code == 200 and np.array_equal(load_npy(r.content), expected[i]), i
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+        assert np.array_equal(tokenize_npy(server.url, photos[0]), expected[0])
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'status="500"' in metrics
+    finally:
+        server.stop()
+
+
 # -- auth ------------------------------------------------------------------------------------------------------
 def test_api_key(tiny_model, start_server, photos):
     server = start_server([tiny_model], env={"GQTOK_API_KEY": "s3cret"})
@@ -311,6 +382,17 @@ def test_api_key(tiny_model, start_server, photos):
     assert r.status_code == 200
     assert httpx.get(f"{url}/health/ready").status_code == 200 and httpx.get(f"{url}/health/live").status_code == 200
     assert httpx.get(f"{url}/info", headers={"authorization": "Bearer s3cret"}).json()["auth"] is True
+    # every route the server declares, every method, plus paths it does not have: 401 without the key
+    paths = httpx.get(f"{url}/openapi.json", headers={"authorization": "Bearer s3cret"}).json()["paths"]
+    calls = [(m.upper(), p.replace("{model_id}", "tiny")) for p, ops in paths.items() for m in ops]
+    calls += [("GET", "/nope"), ("POST", "/v1/models"), ("GET", "/redoc"), ("GET", "/health")]
+    assert ("POST", "/v1/detokenize") in calls
+    for method, path in calls:
+        r = httpx.request(method, url + path)
+        if path.startswith("/health/"):
+            assert r.status_code == 200, (method, path)
+        else:
+            assert_error(r, 401, "unauthorized")
 
 
 # -- refusing bad artifacts, graceful shutdown ------------------------------------------------------------------
