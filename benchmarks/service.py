@@ -1,14 +1,20 @@
-"""Closed-loop load on a real `gqtok serve`: throughput and latency of tokenize and detokenize.
+"""The served tokenizer against its in-process ceiling, PyTorch eager, and itself with batching off.
 
-    python benchmarks/service.py [--model DIR] [--concurrency 1 16] [--seconds 10] [--quick]
+    python benchmarks/service.py [--model DIR] [--concurrency 1 4 16 64] [--seconds 10] [--quick]
 
-Starts the server (uvicorn, loopback) on the model (default: models/default),
-then for each concurrency runs that many clients that each send one request,
-wait for the answer, and send the next: single 256x256 PNG photos to
-/v1/tokenize, single token grids (npy) to /v1/detokenize. Reports images/s and
-p50/p95/p99 latency per case, and writes benchmarks/results/service.json.
-The load generator runs on the same machine and takes CPU from the server:
-the figures are what one box does, client included.
+One run, side by side, on one model (default: models/default) and 256x256 photos:
+  server          a real `gqtok serve` (uvicorn, loopback) with its default dynamic batching; closed-loop
+                  clients at each concurrency send single-image requests (PNG to /v1/tokenize, an npy
+                  grid to /v1/detokenize) and send the next as soon as the answer is back
+  server_nobatch  the same server with --max-batch-size 1
+  inprocess       TokenizerRuntime called directly on decoded arrays at the batch sizes the server
+                  forms (min(concurrency, max batch size)): the ceiling, no HTTP, no PNG, no queue
+  torch_eager     the same architecture in PyTorch eager (random weights: speed does not depend on them)
+Also: the GQ selection's share of tokenize time and its peak memory (tracemalloc) at K = 2^16 for
+growing batches; the model's FLOPs per image (torch FLOP counter) and the GFLOP/s it achieves,
+against this machine's measured float32 matrix-multiply GFLOP/s.
+The load generator runs on the same machine and takes CPU from the server: the figures are what
+one box does, client included. Writes benchmarks/results/service.json (--quick: service_quick.json).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -34,16 +41,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 NPY = "application/x-npy"
+SIZE = 256
 
 
-def test_images(n: int, size: int = 256) -> list[bytes]:
-    """Real held-out photos when the photo set is there, else smooth synthetic images."""
+def test_images(n: int, size: int = SIZE) -> list[np.ndarray]:
+    """Real held-out photo crops when the photo set is there, else smooth synthetic images."""
     from training.data import DEFAULT_DATA_DIR, HELDOUT
 
-    pngs = []
-    folder = REPO / DEFAULT_DATA_DIR
+    out = []
     for i in range(n):
-        path = folder / f"{HELDOUT[i % len(HELDOUT)]}.jpg"
+        path = REPO / DEFAULT_DATA_DIR / f"{HELDOUT[i % len(HELDOUT)]}.jpg"
         if path.exists():
             with Image.open(path) as im:
                 w, h = im.size
@@ -51,10 +58,14 @@ def test_images(n: int, size: int = 256) -> list[bytes]:
         else:
             yy, xx = np.mgrid[0:size, 0:size] / size
             img = Image.fromarray((np.stack([xx, yy, (xx + yy) / 2 + 0.1 * i], -1) % 1 * 255).astype(np.uint8))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        pngs.append(buf.getvalue())
-    return pngs
+        out.append(np.asarray(img))
+    return out
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -101,40 +112,208 @@ async def closed_loop(url: str, route: str, bodies: list[bytes], headers: dict, 
             **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) if len(lat) else None for q in (50, 95, 99)}}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(REPO / "models" / "default"), help="model directory")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--seconds", type=float, default=10.0, help="per case")
-    ap.add_argument("--quick", action="store_true", help="3 s per case (< 60 s in all)")
-    ap.add_argument("--server-args", default="", help="extra `gqtok serve` flags, quoted")
-    ap.add_argument("--out", default=str(RESULTS / "service.json"))
-    args = ap.parse_args(argv)
-    seconds = 3.0 if args.quick else args.seconds
+def serve_cases(name: str, model: Path, flags: list[str], pngs: list[bytes], grids: list[bytes],
+                concurrencies: list[int], seconds: float) -> tuple[list[dict], dict]:
+    import psutil
 
-    pngs = test_images(16)
-    proc, url = start_server(Path(args.model), args.server_args.split())
+    proc, url = start_server(model, flags)
+    rows = []
     try:
-        grids = []
-        for p in pngs:
-            r = httpx.post(f"{url}/v1/tokenize", content=p, headers={"content-type": "image/png", "accept": NPY})
-            r.raise_for_status()
-            grids.append(r.content)  # one npy grid (1, t, h, w) per image
         info = httpx.get(f"{url}/info").json()
-        rows = []
-        for c in args.concurrency:
+        for c in concurrencies:
             for route, bodies, ct in (("/v1/tokenize", pngs, "image/png"), ("/v1/detokenize", grids, NPY)):
                 row = asyncio.run(closed_loop(url, route, bodies, {"content-type": ct, "accept": NPY}, c, seconds))
-                rows.append({"route": route, **row})
-                print(f"{route:<16} c={c:<3} {row['images_per_s']:>8.2f} img/s  p50 {row['p50_ms']} ms  "
-                      f"p95 {row['p95_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}", flush=True)
+                rows.append({"case": name, "route": route, **row})
+                print(f"{name:<15} {route:<15} c={c:<3} {row['images_per_s']:>7.2f} img/s  p50 {row['p50_ms']} ms  "
+                      f"p95 {row['p95_ms']}  p99 {row['p99_ms']}  errors {row['errors']}", flush=True)
+        info["rss_mib"] = round(psutil.Process(proc.pid).memory_info().rss / 2**20, 1)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    result = {"benchmark": "service", "model": args.model, "seconds_per_case": seconds, "image_size": [256, 256],
-              "server": info, "cpu_count": os.cpu_count(), "python": platform.python_version(), "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2).replace(str(REPO) + os.sep, "") + "\n")  # repo-relative
+    return rows, info
+
+
+def per_call_seconds(fn, seconds: float, min_calls: int = 3) -> float:
+    """Median wall time of fn() over at least `min_calls` calls or `seconds`, after one warm-up call."""
+    fn()
+    times, end = [], time.perf_counter() + seconds
+    while len(times) < min_calls or time.perf_counter() < end:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], seconds: float) -> list[dict]:
+    """The ceiling: the runtime on decoded arrays, per batch size; tokenize split into encode and GQ select."""
+    rows = []
+    ids = rt.tokenize(np.stack(images[:1]))
+    for b in batch_sizes:
+        batch = np.stack([images[i % len(images)] for i in range(b)])
+        grids = np.repeat(ids, b, axis=0)
+        mu, logvar = rt.encode(batch)
+        enc = per_call_seconds(lambda: rt.encode(batch), seconds / 3)
+        sel = per_call_seconds(lambda: rt.select(mu, logvar), seconds / 3)
+        det = per_call_seconds(lambda: rt.detokenize(grids), seconds / 3)
+        rows.append({"case": "inprocess", "batch_size": b,
+                     "tokenize_images_per_s": round(b / (enc + sel), 2), "detokenize_images_per_s": round(b / det, 2),
+                     "encode_ms_per_image": round(1e3 * enc / b, 2), "select_ms_per_image": round(1e3 * sel / b, 2),
+                     "gq_share_of_tokenize": round(sel / (enc + sel), 3)})
+        print(f"inprocess       batch {b:<3} tokenize {rows[-1]['tokenize_images_per_s']:>7.2f} img/s  detokenize "
+              f"{rows[-1]['detokenize_images_per_s']:>7.2f} img/s  GQ share {rows[-1]['gq_share_of_tokenize']:.1%}", flush=True)
+    return rows
+
+
+def selection_memory(rt, batch_sizes: list[int]) -> list[dict]:
+    """Peak memory the GQ selection allocates (tracemalloc sees numpy's buffers) for growing batches."""
+    h = w = SIZE // rt.manifest.downsample
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in batch_sizes:
+        mu = rng.standard_normal((b, rt.manifest.latent_channels, h, w), dtype=np.float32)
+        logvar = np.full_like(mu, -1.0)
+        tracemalloc.start()
+        rt.select(mu, logvar)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        tokens = b * h * w * rt.manifest.tokens_per_position
+        rows.append({"batch_size": b, "tokens": tokens, "peak_mib": round(peak / 2**20, 2),
+                     "full_score_matrix_mib": round(tokens * rt.manifest.num_codes * 4 / 2**20, 1)})
+    return rows
+
+
+def torch_model(manifest):
+    import torch
+
+    from training.model import GaussianVAE, VAEConfig
+
+    torch.manual_seed(0)
+    return GaussianVAE(VAEConfig(**manifest.training["model"])).eval()
+
+
+def torch_eager_cases(manifest, images: list[np.ndarray], batch_sizes: list[int], seconds: float) -> list[dict]:
+    import torch
+
+    model = torch_model(manifest)
+    rows = []
+    with torch.inference_mode():
+        for b in batch_sizes:
+            x = torch.from_numpy(np.stack([images[i % len(images)] for i in range(b)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            mu, _ = model.encoder(x)
+            enc = per_call_seconds(lambda: model.encoder(x), seconds / 2)
+            dec = per_call_seconds(lambda: model.decoder(mu), seconds / 2)
+            rows.append({"case": "torch_eager", "batch_size": b, "encode_images_per_s": round(b / enc, 2),
+                         "decode_images_per_s": round(b / dec, 2)})
+            print(f"torch_eager     batch {b:<3} encode {b / enc:>7.2f} img/s  decode {b / dec:>7.2f} img/s", flush=True)
+    return rows
+
+
+def model_flops(manifest) -> dict:
+    """FLOPs per 256x256 image (a multiply-add counts 2): encoder, decoder (torch's counter), GQ select (closed form)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = torch_model(manifest)
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            mu, _ = model.encoder(x)
+        enc = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model.decoder(mu)
+        dec = counter.get_total_flops()
+    m = manifest
+    tokens = (SIZE // m.downsample) ** 2 * m.tokens_per_position
+    gq = 2 * tokens * m.num_codes * 2 * m.token_dim  # [tokens, 2d] x [2d, K]
+    return {"encoder_gflop": round(enc / 1e9, 3), "decoder_gflop": round(dec / 1e9, 3), "gq_select_gflop": round(gq / 1e9, 3)}
+
+
+def matmul_gflops(threads: int, n: int = 2048) -> float:
+    """This machine's float32 GEMM rate through onnxruntime (the kernels the model runs on), n x n."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    spec = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [spec("a", TensorProto.FLOAT, [n, n]), spec("b", TensorProto.FLOAT, [n, n])],
+                              [spec("c", TensorProto.FLOAT, [n, n])])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+                                .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    t = per_call_seconds(lambda: sess.run(None, {"a": a, "b": a}), 1.0)
+    return round(2 * n**3 / t / 1e9, 1)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / "models" / "default"), help="model directory")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--seconds", type=float, default=10.0, help="per server case")
+    ap.add_argument("--max-batch-size", type=int, default=8, help="the server's batch limit (and the ceiling's)")
+    ap.add_argument("--quick", action="store_true", help="concurrency 1 and 16, 2 s per case (< 60 s in all)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/service[_quick].json)")
+    args = ap.parse_args(argv)
+    concurrencies = [1, 16] if args.quick else args.concurrency
+    seconds = 2.0 if args.quick else args.seconds
+    out = Path(args.out or RESULTS / f"service{'_quick' if args.quick else ''}.json")
+
+    from gqtok.artifact import load_artifact
+    from service.runtime import TokenizerRuntime
+
+    model = Path(args.model)
+    artifact = load_artifact(model)
+    images = test_images(16)
+    pngs = [png_bytes(x) for x in images]
+    rt = TokenizerRuntime(artifact)
+    grids = []
+    for x in images:
+        buf = io.BytesIO()
+        np.save(buf, rt.tokenize(x[None]).astype(np.uint16))
+        grids.append(buf.getvalue())
+    batch_sizes = sorted({min(c, args.max_batch_size) for c in concurrencies})
+
+    inprocess = inprocess_cases(rt, images, batch_sizes, seconds)
+    memory = selection_memory(rt, [1, 8, 32] if args.quick else [1, 8, 32, 128])
+    flops = model_flops(artifact.manifest)
+    eager = torch_eager_cases(artifact.manifest, images, batch_sizes, seconds)
+    del rt  # its sessions hold threads and memory the server should have
+    flags = ["--max-batch-size", str(args.max_batch_size)]
+    served, info = serve_cases("server", model, flags, pngs, grids, concurrencies, seconds)
+    nobatch, info_nobatch = serve_cases("server_nobatch", model, ["--max-batch-size", "1"], pngs, grids,
+                                        concurrencies, seconds)
+
+    cores = os.cpu_count() or 1
+    gemm = {"threads_1": matmul_gflops(1), f"threads_{cores}": matmul_gflops(cores)}
+    best = max(inprocess, key=lambda r: r["batch_size"])
+    summary = {}
+    for route, key in (("/v1/tokenize", "tokenize_images_per_s"), ("/v1/detokenize", "detokenize_images_per_s")):
+        name = route.rsplit("/", 1)[1]
+        sat = max(r["images_per_s"] for r in served if r["route"] == route)
+        sat_nb = max(r["images_per_s"] for r in nobatch if r["route"] == route)
+        summary[name] = {"server_saturation_images_per_s": sat, "server_nobatch_saturation_images_per_s": sat_nb,
+                         "inprocess_ceiling_images_per_s": best[key], f"ceiling_batch_size": best["batch_size"],
+                         "server_over_ceiling": round(sat / best[key], 3),
+                         "server_over_nobatch": round(sat / sat_nb, 3)}
+    enc_s, sel_s = best["encode_ms_per_image"] / 1e3, best["select_ms_per_image"] / 1e3
+    dec_s = 1 / best["detokenize_images_per_s"]
+    summary["achieved_gflop_per_s"] = {"encoder": round(flops["encoder_gflop"] / enc_s, 1),
+                                       "gq_select": round(flops["gq_select_gflop"] / sel_s, 1),
+                                       "decoder": round(flops["decoder_gflop"] / dec_s, 1),
+                                       "machine_sgemm": gemm[f"threads_{cores}"]}
+    summary["gq_share_of_tokenize"] = {str(r["batch_size"]): r["gq_share_of_tokenize"] for r in inprocess}
+    for k, v in summary.items():
+        print(f"{k}: {v}", flush=True)
+
+    result = {"benchmark": "service", "quick": args.quick, "model": str(model), "image_size": [SIZE, SIZE],
+              "seconds_per_case": seconds, "cpu_count": cores, "python": platform.python_version(),
+              "provider": info["providers"], "selector": info["selector"], "server_rss_mib": info["rss_mib"],
+              "server_nobatch_rss_mib": info_nobatch["rss_mib"], "summary": summary, "flops": flops,
+              "sgemm_gflop_per_s": gemm, "selection_memory": memory, "server": served,
+              "server_nobatch": nobatch, "inprocess": inprocess, "torch_eager": eager}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1).replace(str(REPO) + os.sep, "") + "\n")  # repo-relative paths
     return result
 
 

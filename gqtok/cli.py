@@ -89,7 +89,7 @@ SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable G
     "default_model": (str, "model id used when a request names none (default: the first --model)"),
     "device": (str, "auto, cpu or cuda: onnxruntime provider (default auto: CUDA if onnxruntime-gpu sees a GPU)"),
     "threads": (int, "intra-op threads per onnxruntime session (default 0: onnxruntime decides)"),
-    "selector": (str, "where GQ selection runs: auto (default: numpy on CPU, gq_select.onnx on CUDA), onnx, numpy"),
+    "selector": (str, "where GQ selection runs: auto (default: ort-matmul on CPU, gq_select.onnx on CUDA), onnx, numpy, ort-matmul"),
     "max_batch_size": (int, "images or grids per inference call (default 8)"),
     "max_queue_delay_ms": (float, "how long a batch waits for more requests (default 5)"),
     "max_queue_size": (int, "waiting items per model and direction before 429 (default 256)"),

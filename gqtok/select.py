@@ -46,9 +46,12 @@ def token_features(mu: np.ndarray, logvar: np.ndarray, beta: float) -> np.ndarra
 
 
 def select_from_features(
-    tok: np.ndarray, code: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK
+    tok: np.ndarray, code: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK, matmul=None
 ) -> np.ndarray:
-    """argmax_k tok @ code[k] for every row of tok, chunked. Returns int64 [N]."""
+    """argmax_k tok @ code[k] for every row of tok, chunked. Returns int64 [N].
+
+    matmul: optional f(block [row_chunk, 2d], code_t [2d, <= code_chunk]) -> scores, e.g. onnxruntime's
+    MatMul (service/runtime.py); by default numpy's, into a reused buffer."""
     n, k = tok.shape[0], code.shape[0]
     out = np.empty(n, dtype=np.int64)
     block = np.zeros((row_chunk, tok.shape[1]), dtype=np.float32)
@@ -63,7 +66,10 @@ def select_from_features(
         best = np.full(row_chunk, -np.inf, dtype=np.float32)
         best_idx = np.zeros(row_chunk, dtype=np.int64)
         for ci, ct in enumerate(code_t):
-            scores = np.matmul(block, ct, out=buf[: row_chunk * ct.shape[1]].reshape(row_chunk, ct.shape[1]))
+            if matmul is None:
+                scores = np.matmul(block, ct, out=buf[: row_chunk * ct.shape[1]].reshape(row_chunk, ct.shape[1]))
+            else:
+                scores = matmul(block, ct)
             idx = scores.argmax(axis=1)
             val = scores[rows, idx]
             better = val > best  # strict: earlier chunks win ties -> lowest index
@@ -94,13 +100,13 @@ class GaussianQuantizer:
     def dim(self) -> int:
         return self.codebook.shape[1]
 
-    def select(self, mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
-        """mu, logvar: [..., d] -> int64 codeword ids [...]."""
+    def select(self, mu: np.ndarray, logvar: np.ndarray, matmul=None) -> np.ndarray:
+        """mu, logvar: [..., d] -> int64 codeword ids [...]. matmul: see select_from_features."""
         mu = np.asarray(mu)
         if mu.shape != np.shape(logvar) or mu.shape[-1] != self.dim:
             raise ValueError(f"mu {mu.shape} and logvar {np.shape(logvar)} must match and end in d={self.dim}")
         flat = token_features(mu.reshape(-1, self.dim), np.reshape(logvar, (-1, self.dim)), self.beta)
-        return select_from_features(flat, self.features).reshape(mu.shape[:-1])
+        return select_from_features(flat, self.features, matmul=matmul).reshape(mu.shape[:-1])
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """int ids [...] -> float32 codewords [..., d]."""

@@ -4,9 +4,10 @@
     ids = rt.tokenize(images_u8)          # uint8 [B, H, W, 3] -> int64 [B, T, H/f, W/f]
     pixels = rt.detokenize(ids)           # -> uint8 [B, H, W, 3]
 
-GQ selection runs in `gq_select.onnx` (on the same provider as the encoder)
-or in numpy (`selector="numpy"`, gqtok/select.py); both give a token the same
-id whatever else is in its batch.
+GQ selection runs in `gq_select.onnx` (selector "onnx", on the same provider
+as the encoder), in numpy (selector "numpy", gqtok/select.py), or in numpy with
+onnxruntime's MatMul computing the scores (selector "ort-matmul"). All three
+give a token the same id whatever else is in its batch.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ class TokenizerRuntime:
 
     device:   "auto", "cpu" or "cuda" (see choose_providers)
     threads:  intra-op threads per session; 0 lets onnxruntime choose
-    selector: "onnx" (gq_select.onnx), "numpy" (gqtok/select.py), or "auto": numpy on the CPU provider
-              (its BLAS ran the [64, 2d] x [2d, K] products about 2x faster than onnxruntime here), the ONNX
-              graph on CUDA (so the scores stay on the GPU)
+    selector: "onnx" (gq_select.onnx), "numpy" (gqtok/select.py), "ort-matmul" (gqtok/select.py with the
+              score products in onnxruntime), or "auto": "ort-matmul" on the CPU provider, "onnx" on CUDA (so
+              the scores stay on the GPU). Why ort-matmul on CPU: onnxruntime's MatMul ran the
+              [256, 2d] x [2d, 4096] products 1.6x faster than numpy's OpenBLAS here, and sharing one
+              thread pool with the encoder avoids two pools fighting over the cores (ArgMax inside
+              onnxruntime, as gq_select.onnx does it, was 2x slower than numpy's).
     """
+
+    SELECTORS = ("auto", "onnx", "numpy", "ort-matmul")
 
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "auto"):
         self.artifact, self.manifest = artifact, artifact.manifest
@@ -52,15 +58,23 @@ class TokenizerRuntime:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle pool threads sleep instead of spinning: spinning threads took the cores from the GQ selection
+        # and the other sessions (tokenize at batch 1: 187 ms per image spinning, 139 ms not).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.encoder = ort.InferenceSession(str(artifact.path(ENCODER)), opts, providers=self.providers)
         self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
-        if selector not in ("auto", "onnx", "numpy"):
-            raise ValueError(f"selector must be 'auto', 'onnx' or 'numpy', got {selector!r}")
+        if selector not in self.SELECTORS:
+            raise ValueError(f"selector must be one of {', '.join(self.SELECTORS)}, got {selector!r}")
         if selector == "auto":
-            selector = "onnx" if self.encoder.get_providers()[0] == "CUDAExecutionProvider" else "numpy"
+            selector = "onnx" if self.encoder.get_providers()[0] == "CUDAExecutionProvider" else "ort-matmul"
         self.selector = selector
         self.gq_select = ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)
         self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta)
+        if selector == "ort-matmul":
+            scores = ort.InferenceSession(matmul_graph(), opts, providers=["CPUExecutionProvider"])
+            self.matmul = lambda a, b: scores.run(None, {"a": a, "b": b})[0]
+        else:
+            self.matmul = None
         log.info("model %s on %s (selector %s)", self.manifest.model_id, self.encoder.get_providers()[0], selector)
 
     @property
@@ -79,8 +93,8 @@ class TokenizerRuntime:
         shape = tok_mu.shape[:-1]
         flat_mu = np.ascontiguousarray(tok_mu.reshape(-1, d), dtype=np.float32)
         flat_lv = np.ascontiguousarray(tok_lv.reshape(-1, d), dtype=np.float32)
-        if self.selector == "numpy":
-            return self.quantizer.select(flat_mu, flat_lv).reshape(shape)
+        if self.selector in ("numpy", "ort-matmul"):
+            return self.quantizer.select(flat_mu, flat_lv, matmul=self.matmul).reshape(shape)
         rows, n = self.manifest.gq_select_rows, flat_mu.shape[0]
         ids = np.empty(n, dtype=np.int64)
         block_mu, block_lv = np.zeros((rows, d), np.float32), np.zeros((rows, d), np.float32)
@@ -106,6 +120,17 @@ class TokenizerRuntime:
     def detokenize(self, ids: np.ndarray) -> np.ndarray:
         """int [B, T, h, w] -> uint8 [B, H, W, 3]."""
         return to_uint8(self.decode(self.latent_from_ids(ids)))
+
+
+def matmul_graph() -> bytes:
+    """An ONNX graph of one float32 MatMul [M, N] x [N, P] (the GQ score products of selector "ort-matmul")."""
+    from onnx import TensorProto, helper
+
+    spec = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gq_scores",
+                              [spec("a", TensorProto.FLOAT, ["M", "N"]), spec("b", TensorProto.FLOAT, ["N", "P"])],
+                              [spec("c", TensorProto.FLOAT, ["M", "P"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ class ServiceSettings(BaseSettings):
     port: int = 8000
     device: Literal["auto", "cpu", "cuda"] = "auto"  # onnxruntime provider choice
     threads: int = 0  # intra-op threads per onnxruntime session; 0 = onnxruntime's choice
-    selector: Literal["auto", "onnx", "numpy"] = "auto"  # GQ selection: auto = numpy on CPU, ONNX graph on CUDA
+    selector: Literal["auto", "onnx", "numpy", "ort-matmul"] = "auto"  # GQ selection: auto = ort-matmul on CPU, onnx on CUDA
     max_batch_size: int = Field(8, ge=1)  # images (or grids) per inference call
     max_queue_delay_ms: float = Field(5.0, ge=0)  # how long a batch waits for company
     max_queue_size: int = Field(256, ge=1)  # queued images per model and direction; past it: 429

@@ -47,11 +47,11 @@ def test_codebook_file_matches_the_seed(tiny_model):
     assert codebook_digest(stored) == art.manifest.codebook.sha256 and np.array_equal(stored, art.codebook)
 
 
-def test_auto_selector_is_numpy_on_cpu(runtime):
-    assert runtime.provider == "CPUExecutionProvider" and runtime.selector == "numpy"
+def test_auto_selector_is_ort_matmul_on_cpu(runtime):
+    assert runtime.provider == "CPUExecutionProvider" and runtime.selector == "ort-matmul"
 
 
-@pytest.mark.parametrize("selector", ["onnx", "numpy"])
+@pytest.mark.parametrize("selector", ["onnx", "numpy", "ort-matmul"])
 def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, tiny_model, selector, heldout_batch, record_property):
     runtime = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1, selector=selector)
     model, _ = load_run(tiny_run)
@@ -74,7 +74,7 @@ def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, tiny_model, sel
     assert diff <= 1e-3
 
 
-@pytest.mark.parametrize("selector", ["onnx", "numpy"])
+@pytest.mark.parametrize("selector", ["onnx", "numpy", "ort-matmul"])
 def test_tokens_alone_equal_tokens_in_a_batch_of_8(tiny_model, heldout_batch, selector, record_property):
     rt = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=2, selector=selector)
     together = rt.tokenize(heldout_batch)
