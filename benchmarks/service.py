@@ -165,7 +165,9 @@ def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], second
 
 
 def selection_memory(rt, batch_sizes: list[int]) -> list[dict]:
-    """Peak memory the GQ selection allocates (tracemalloc sees numpy's buffers) for growing batches."""
+    """Peak memory the GQ selection allocates (tracemalloc sees numpy's buffers) for growing batches.
+
+    Bounded means: the input's size plus a constant (the score chunks), never tokens x K."""
     h = w = SIZE // rt.manifest.downsample
     rng = np.random.default_rng(0)
     rows = []
@@ -178,6 +180,7 @@ def selection_memory(rt, batch_sizes: list[int]) -> list[dict]:
         tracemalloc.stop()
         tokens = b * h * w * rt.manifest.tokens_per_position
         rows.append({"batch_size": b, "tokens": tokens, "peak_mib": round(peak / 2**20, 2),
+                     "input_mib": round((mu.nbytes + logvar.nbytes) / 2**20, 2),
                      "full_score_matrix_mib": round(tokens * rt.manifest.num_codes * 4 / 2**20, 1)})
     return rows
 

@@ -12,8 +12,8 @@ Memory: the full tokens x K score matrix is never built. Tokens go through in
 row chunks of exactly `row_chunk` rows (the last one zero-padded) against
 codeword chunks of at most `code_chunk` columns, keeping a running max. Peak
 extra memory is about 4 * row_chunk * (code_chunk + 4d + 2) bytes, 4.2 MiB with
-the defaults, for any number of tokens, plus the [K, 2d] codeword features that
-`GaussianQuantizer` computes once.
+the defaults, for any number of tokens, plus the [K, 2d] codeword features (and
+their transposed chunks) that `GaussianQuantizer` computes once.
 
 Batch independence: every matrix product has the same shape whatever the
 number of tokens, so BLAS takes the same code path and summation order for a
@@ -45,17 +45,24 @@ def token_features(mu: np.ndarray, logvar: np.ndarray, beta: float) -> np.ndarra
     return np.concatenate([np.float32(beta) - inv_var, 2.0 * mu * inv_var], axis=1).astype(np.float32)
 
 
+def transposed_chunks(code: np.ndarray, code_chunk: int = CODE_CHUNK) -> list[np.ndarray]:
+    """[K, 2d] codeword features -> contiguous [2d, <= code_chunk] blocks, the right operands of the products."""
+    return [np.ascontiguousarray(code[s : s + code_chunk].T) for s in range(0, code.shape[0], code_chunk)]
+
+
 def select_from_features(
-    tok: np.ndarray, code: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK, matmul=None
+    tok: np.ndarray, code: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK, matmul=None,
+    code_t: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """argmax_k tok @ code[k] for every row of tok, chunked. Returns int64 [N].
 
     matmul: optional f(block [row_chunk, 2d], code_t [2d, <= code_chunk]) -> scores, e.g. onnxruntime's
-    MatMul (service/runtime.py); by default numpy's, into a reused buffer."""
+    MatMul (service/runtime.py); by default numpy's, into a reused buffer.
+    code_t: transposed_chunks(code, code_chunk), when the caller keeps them between calls."""
     n, k = tok.shape[0], code.shape[0]
     out = np.empty(n, dtype=np.int64)
     block = np.zeros((row_chunk, tok.shape[1]), dtype=np.float32)
-    code_t = [np.ascontiguousarray(code[s : s + code_chunk].T) for s in range(0, k, code_chunk)]
+    code_t = code_t if code_t is not None else transposed_chunks(code, code_chunk)
     rows = np.arange(row_chunk)
     # One score buffer reused for every product, so two score matrices never coexist.
     buf = np.empty(row_chunk * min(code_chunk, k), dtype=np.float32)
@@ -91,6 +98,7 @@ class GaussianQuantizer:
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         self.beta = float(beta)
         self.features = codeword_features(self.codebook)
+        self.features_t = transposed_chunks(self.features)  # kept: 8 MiB at K = 2^16, d = 16
 
     @property
     def num_codes(self) -> int:
@@ -106,7 +114,7 @@ class GaussianQuantizer:
         if mu.shape != np.shape(logvar) or mu.shape[-1] != self.dim:
             raise ValueError(f"mu {mu.shape} and logvar {np.shape(logvar)} must match and end in d={self.dim}")
         flat = token_features(mu.reshape(-1, self.dim), np.reshape(logvar, (-1, self.dim)), self.beta)
-        return select_from_features(flat, self.features, matmul=matmul).reshape(mu.shape[:-1])
+        return select_from_features(flat, self.features, matmul=matmul, code_t=self.features_t).reshape(mu.shape[:-1])
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """int ids [...] -> float32 codewords [..., d]."""
