@@ -242,6 +242,13 @@ def test_bad_token_bodies(live_server):
                  422, "invalid_tokens", "float32")
     assert_error(httpx.post(url, content=b"\x93NUMPY garbage", headers={"content-type": NPY}),
                  422, "invalid_tokens", ".npy")
+    assert_error(httpx.post(url, content=npy(np.full((2, 2, 2), np.nan)), headers={"content-type": NPY}),
+                 422, "invalid_tokens", "float64")
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)  # never unpickled by the server
+    assert_error(httpx.post(url, content=pickled.getvalue(), headers={"content-type": NPY}), 422, "invalid_tokens")
+    huge = npy(np.zeros((2, 2, 2), np.uint16)).replace(b"(2, 2, 2)", b"(2, 9999, 99999)")  # header lies, body short
+    assert_error(httpx.post(url, content=huge, headers={"content-type": NPY}), 422, "invalid_tokens", ".npy")
     assert_error(httpx.post(url, json={"grids": []}), 400, "invalid_request", "tokens")
     assert_error(httpx.post(url, json={"tokens": [[[1]], [[1]]], "image_size": [9, 9]}), 400, "invalid_request",
                  "larger")
