@@ -114,10 +114,19 @@ def train_and_evaluate(job: dict) -> list[dict]:
     train_s = time.monotonic() - t0
     out = []
     for how in job["evals"]:
-        method, _, levels = how.partition(":")
-        r = evaluate(run, job["data"], size=job["size"], limit=job["limit"], progress=False, method=method,
-                     tokenbridge_levels=int(levels or 64), fd=True)
-        r.pop("per_image")
+        # each evaluation is kept beside its run, so that a rerun (or a second process, see --methods)
+        # reuses it as long as the model and the evaluation settings are the same
+        cache = run / f"quality_eval_{how.replace(':', '_')}.json"
+        key = {"step": job["steps"], "size": list(job["size"]), "limit": job["limit"]}
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        if cached.get("key") == key and not job["retrain"]:
+            r = cached["result"]
+        else:
+            method, _, levels = how.partition(":")
+            r = evaluate(run, job["data"], size=job["size"], limit=job["limit"], progress=False, method=method,
+                         tokenbridge_levels=int(levels or 64), fd=True)
+            r.pop("per_image")
+            cache.write_text(json.dumps({"key": key, "result": r}))
         out.append({"name": job["name"] + ("" if how in ("gq", job["name"]) else f"+{how}"),
                     "trained": job["name"], "eval": how, "train_seconds": round(train_s, 1), **r})
     return out
@@ -239,9 +248,10 @@ def markdown(result: dict) -> str:
     def f(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
-    lines = [f"Budget: {result['steps_per_model']} training steps per model (what gq_tdc makes in "
-             f"{result['budget_min']:g} min on one CPU thread); held-out {result['images']} photos at "
-             f"{result['size'][1]}x{result['size'][0]}.",
+    how = (f"what gq_tdc makes in {result['budget_min']:g} min on one CPU thread" if result["budget_min"]
+           else "set by --steps")
+    lines = [f"Budget: {result['steps_per_model']} training steps per model ({how}); held-out {result['images']} "
+             f"photos at {result['size'][1]}x{result['size'][0]}.",
              "", "| method | bpp | bits/token | PSNR | SSIM | MS-SSIM | FD-EffNetLite0 | codebook used | perplexity | steps |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(result["rows"], key=lambda r: (r["rate"]["bpp"], -(r["quantized"]["psnr"] or 0))):
@@ -264,18 +274,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, nargs=2, default=[256, 384], metavar=("H", "W"),
                     help="held-out centre crops (default 256 384: a CPU decodes 768x512 ~4x slower)")
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--steps", type=int, default=None, help="training steps per model (instead of calibrating --budget)")
+    ap.add_argument("--methods", nargs="+", default=None, metavar="RUN",
+                    help="train and evaluate only these runs (e.g. vq fsq), in this order, and write no results: "
+                         "a second process can share the work of a full run on another core; then run the full "
+                         "command with the same --steps, which reuses the finished runs and evaluations")
     args = ap.parse_args(argv)
 
     if args.quick:
         budget, arch, size, limit, runs = 0.03, QUICK, (128, 128), 2, Path(args.runs + "-quick")
     else:
         budget, arch, size, limit, runs = args.budget, COMPARE, tuple(args.size), None, Path(args.runs)
-    steps, per_step = calibrate_steps(budget, arch)
-    print(f"{budget:g} min per model = {steps} steps ({per_step:.3f} s per step of gq_tdc on one thread)", flush=True)
+    if args.steps:
+        steps, per_step, budget = args.steps, None, None
+    else:
+        steps, per_step = calibrate_steps(budget, arch)
+        print(f"{budget:g} min per model = {steps} steps ({per_step:.3f} s per step of gq_tdc on one thread)", flush=True)
     jobs = [{"name": name, "run": str(runs / name), "data": Path(args.data), "size": size, "limit": limit,
              "retrain": args.retrain or args.quick, "evals": evals, "steps": steps,
              "settings": {**arch, **settings, "steps": steps}}
             for name, settings, evals in method_table(args.quick)]
+    if args.methods:
+        by_name = {job["name"]: job for job in jobs}
+        unknown = set(args.methods) - set(by_name)
+        if unknown:
+            ap.error(f"unknown runs {sorted(unknown)}; the runs are {sorted(by_name)}")
+        jobs = [by_name[name] for name in args.methods]
     start = time.monotonic()
     rows = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -284,12 +308,14 @@ def main(argv=None) -> dict:
                 print(f"{r['name']:<28} bpp {r['rate']['bpp']:.3f}  PSNR {r['quantized']['psnr']:.2f}  "
                       f"SSIM {r['quantized']['ssim']:.4f}  steps {r['step']}", flush=True)
             rows += out
+    if args.methods:
+        return {"rows": rows}
     targets = sorted({round(r["rate"]["bpp"], 2) for r in rows if r["rate"]["bpp"] <= 1.6})
     rows += classic_codecs(Path(args.data), size, limit, targets)
     theory = [theory_check(runs / name, Path(args.data), size, limit or 8) for name in ("gq_tdc", *(f"plain_kl_{w:g}" for w in KL_WEIGHTS))
               if (runs / name / "model.safetensors").exists()]
     result = {"benchmark": "quality", "quick": args.quick, "budget_min": budget, "steps_per_model": steps,
-              "seconds_per_step_reference": round(per_step, 4), "jobs": args.jobs,
+              "seconds_per_step_reference": per_step and round(per_step, 4), "jobs": args.jobs,
               "cpus": os.cpu_count(), "size": list(size), "images": rows[0]["images"], "architecture": arch,
               "seconds": round(time.monotonic() - start, 1), "rows": rows, "theory": theory}
     out_dir = Path(args.out_dir)
