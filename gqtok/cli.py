@@ -91,7 +91,7 @@ SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable G
     "threads": (int, "intra-op threads per onnxruntime session (default 0: onnxruntime decides)"),
     "selector": (str, "where GQ selection runs: auto (default: ort-matmul on CPU, gq_select.onnx on CUDA), onnx, numpy, ort-matmul"),
     "max_batch_size": (int, "images or grids per inference call (default 8)"),
-    "max_queue_delay_ms": (float, "how long a batch waits for more requests (default 5)"),
+    "max_queue_delay_ms": (float, "how long a batch waits for more requests (default 0: no wait)"),
     "max_queue_size": (int, "waiting items per model and direction before 429 (default 256)"),
     "max_images_per_request": (int, "images or grids in one request (default 32)"),
     "max_body_bytes": (int, "request body limit, 413 past it (default 33554432)"),
