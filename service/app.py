@@ -72,11 +72,14 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
             return lambda t: metrics.observe_batch(mid, direction, t)
 
         common = dict(max_batch_size=settings.max_batch_size, max_delay_s=settings.max_queue_delay_ms / 1e3,
-                      max_queue=settings.max_queue_size)
+                      max_queue=settings.max_queue_size, max_batch_pixels=settings.max_batch_pixels)
+        f = artifact.manifest.downsample
         models[mid] = ServedModel(
             runtime=rt,
-            tokenize=Batcher(f"{mid}/tokenize", rt.tokenize, on_batch=observe("tokenize"), **common),
-            detokenize=Batcher(f"{mid}/detokenize", rt.detokenize, on_batch=observe("detokenize"), **common),
+            tokenize=Batcher(f"{mid}/tokenize", rt.tokenize, on_batch=observe("tokenize"),
+                             pixels_of=lambda key: key[0] * key[1], **common),  # key: image shape (H, W, 3)
+            detokenize=Batcher(f"{mid}/detokenize", rt.detokenize, on_batch=observe("detokenize"),
+                               pixels_of=lambda key, f=f: key[1] * key[2] * f * f, **common),  # key: (T, h, w)
         )
         log.info("loaded model %s from %s on %s", mid, directory, rt.provider)
     return models
@@ -448,6 +451,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "codebook": m.codebook.model_dump(), "input": m.input.model_dump(),
             "provider": served.runtime.provider, "eval": m.eval,
             "limits": {"max_image_pixels": settings.max_image_pixels, "max_batch_size": settings.max_batch_size,
+                       "max_batch_pixels": settings.max_batch_pixels,
                        "max_images_per_request": settings.max_images_per_request,
                        "max_body_bytes": settings.max_body_bytes, "request_timeout_s": settings.request_timeout_s},
         }
@@ -500,7 +504,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "providers": {mid: m.runtime.provider for mid, m in state["models"].items()},
             "selector": {mid: m.runtime.selector for mid, m in state["models"].items()}, "threads": settings.threads, "auth": api_key is not None,
             "limits": {k: getattr(settings, k) for k in (
-                "max_batch_size", "max_queue_delay_ms", "max_queue_size", "max_images_per_request", "max_body_bytes",
+                "max_batch_size", "max_batch_pixels", "max_queue_delay_ms", "max_queue_size", "max_images_per_request", "max_body_bytes",
                 "max_image_pixels", "request_timeout_s")},
         }
 

@@ -1,9 +1,11 @@
 """Dynamic batching: requests for one model and direction share inference calls.
 
 Each submitted item (one image or one token grid) carries a shape key; only
-items with the same key are stacked. A batch starts when `max_batch_size`
-items of the oldest item's key are waiting, or `max_delay_s` after that item
-arrived, whichever is first. Inference runs in a dedicated worker thread, so
+items with the same key are stacked. A batch holds at most `max_batch_size`
+items and at most `max_batch_pixels` image pixels (at least one item): the
+runtime's working memory grows with the pixels of a batch, so this bounds it
+whatever the batch. A batch starts when it is full, or `max_delay_s` after its
+oldest item arrived, whichever is first. Inference runs in a dedicated worker thread, so
 the event loop never blocks; while it runs, the next batch gathers. The queue
 is bounded: past `max_queue` waiting items, `submit` raises QueueFull (429).
 A batch that raises is run again item by item, so that only the items that fail
@@ -49,9 +51,11 @@ def fail(item: _Item, e: Exception) -> None:
 
 class Batcher:
     def __init__(self, name: str, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
-                 max_delay_s: float, max_queue: int, on_batch: Callable[[Timing], None] | None = None):
+                 max_delay_s: float, max_queue: int, on_batch: Callable[[Timing], None] | None = None,
+                 max_batch_pixels: int | None = None, pixels_of: Callable[[tuple], int] | None = None):
         self.name, self.run_batch = name, run_batch
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
+        self.max_batch_pixels, self.pixels_of = max_batch_pixels, pixels_of  # pixels_of(key): pixels of one item
         self.on_batch = on_batch
         self.pending: list[_Item] = []
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
@@ -94,6 +98,12 @@ class Batcher:
         item.future.add_done_callback(lambda f, it=item: setattr(it, "cancelled", f.cancelled()))
         return item.future
 
+    def batch_limit(self, key: tuple) -> int:
+        """Items of this shape per batch: max_batch_size, fewer where their pixels pass max_batch_pixels."""
+        if self.max_batch_pixels is None or self.pixels_of is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // max(1, self.pixels_of(key))))
+
     def _same_key(self, key: tuple) -> int:
         return sum(1 for it in self.pending if it.key == key and not it.cancelled)
 
@@ -107,13 +117,14 @@ class Batcher:
                 continue
             first = self.pending[0]
             deadline = first.enqueued + self.max_delay_s
-            while self._same_key(first.key) < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+            limit = self.batch_limit(first.key)
+            while self._same_key(first.key) < limit and (left := deadline - time.perf_counter()) > 0:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), left)
                 except TimeoutError:
                     break
-            batch = [it for it in self.pending if it.key == first.key and not it.cancelled][: self.max_batch_size]
+            batch = [it for it in self.pending if it.key == first.key and not it.cancelled][:limit]
             if not batch:
                 continue
             taken = set(map(id, batch))

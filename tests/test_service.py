@@ -374,6 +374,43 @@ def test_a_failing_batch_fails_only_the_bad_request(tiny_model, photos):
         server.stop()
 
 
+def record_batch_sizes(batcher, label: str, sizes: list) -> None:
+    run = batcher.run_batch
+
+    def recorded(items):
+        sizes.append((label, len(items)))
+        return run(items)
+
+    batcher.run_batch = recorded
+
+
+def test_batches_stop_at_max_batch_pixels(tiny_model, photos):
+    """Batches hold at most max_batch_pixels image pixels (working memory grows with them): with room for two
+    64x96 images, six queued together run as batches of two, and an image bigger than the cap runs alone."""
+    server = InProcessServer(tiny_model, max_batch_size=8, max_batch_pixels=2 * 64 * 96, max_queue_delay_ms=300)
+    try:
+        expected = [tokenize_npy(server.url, x) for x in photos[:6]]
+        sizes = []  # (direction, batch size) of every inference call
+        for direction in ("tokenize", "detokenize"):
+            record_batch_sizes(getattr(server.app.state.state["models"]["tiny"], direction), direction, sizes)
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda x: tokenize_npy(server.url, x), photos[:6]))
+            images = list(pool.map(lambda g: httpx.post(f"{server.url}/v1/detokenize", content=npy(g), timeout=60,
+                                                         headers={"content-type": NPY, "accept": NPY}), expected))
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+        assert all(r.status_code == 200 for r in images)
+        tokenize_batches = [n for d, n in sizes if d == "tokenize"]
+        detokenize_batches = [n for d, n in sizes if d == "detokenize"]
+        assert max(tokenize_batches) == 2 and max(detokenize_batches) == 2, sizes
+        sizes.clear()
+        big = np.concatenate([np.concatenate([photos[0], photos[1]], 1)] * 2, 0)  # 128x192: 4x the pixels
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda x: tokenize_npy(server.url, x), [big, big]))
+        assert sizes == [("tokenize", 1), ("tokenize", 1)]
+    finally:
+        server.stop()
+
+
 # -- auth ------------------------------------------------------------------------------------------------------
 def test_api_key(tiny_model, start_server, photos):
     server = start_server([tiny_model], env={"GQTOK_API_KEY": "s3cret"})
