@@ -264,6 +264,7 @@ def main(argv=None) -> dict:
     out = Path(args.out or RESULTS / f"service{'_quick' if args.quick else ''}.json")
 
     from gqtok.artifact import load_artifact
+    from service.app import npy_bytes
     from service.runtime import TokenizerRuntime
 
     model = Path(args.model)
@@ -271,11 +272,7 @@ def main(argv=None) -> dict:
     images = test_images(16)
     pngs = [png_bytes(x) for x in images]
     rt = TokenizerRuntime(artifact)
-    grids = []
-    for x in images:
-        buf = io.BytesIO()
-        np.save(buf, rt.tokenize(x[None]).astype(np.uint16))
-        grids.append(buf.getvalue())
+    grids = [npy_bytes(rt.tokenize(x[None]).astype(np.uint16)) for x in images]
     batch_sizes = sorted({min(c, args.max_batch_size) for c in concurrencies})
 
     inprocess = inprocess_cases(rt, images, batch_sizes, seconds)

@@ -35,6 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.service import start_server, test_images  # noqa: E402
+from service.app import npy_bytes as npy  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 NPY = "application/x-npy"
@@ -47,12 +48,6 @@ MIX = {"tokenize_png": 30, "tokenize_jpeg": 8, "tokenize_multipart": 6, "tokeniz
 def encode(img: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
     return buf.getvalue()
 
 
