@@ -61,3 +61,15 @@ def test_statistics_single_process():
     kl = torch.tensor([[1.0, 2.0], [3.0, 10.0]])
     assert TDC.statistics(kl) == {"mean": 4.0, "max": 10.0, "min": 1.0}
     assert math.isclose(TDC.statistics(kl[:1])["mean"], 1.5)
+
+
+def test_lam_floor_stops_the_fall_and_the_default_has_none():
+    low = {"mean": 2.0, "max": 5.0, "min": 1.0}  # KL far under target: lam keeps falling
+    reference, floored = TDC(16.0, lam_init=1e-4), TDC(16.0, lam_init=1e-4, lam_floor=1e-5)
+    for _ in range(1000):
+        reference.update(low)
+        floored.update(low)
+    assert reference.lam.item() == pytest.approx(1e-4 / 1.01**1000, rel=1e-9)  # ~5e-9: the reference rule
+    assert floored.lam.item() == 1e-5
+    floored.update({"mean": 20.0, "max": 25.0, "min": 10.0})  # and it climbs from the floor at once
+    assert floored.lam.item() == pytest.approx(1.01e-5)

@@ -4,7 +4,7 @@ The KL loss is  lam * mean_over_images( sum_over_tokens( w_tok * KL_tok ) )  wit
 w_tok = lam_max above the band [T - 0.5, T + 0.5], 1 inside, lam_min below it
 (the weights carry no gradient). After each optimizer step the three scalars
 move by a factor `rate`:
-  lam      up if mean KL_tok > T, else down
+  lam      up if mean KL_tok > T, else down (never below lam_floor, default 0)
   lam_max  up if max KL_tok > T + band, else down, clamped to [1, 1e3]
   lam_min  down if min KL_tok < T - band, else up, clamped to [1e-3, 1]
 
@@ -28,12 +28,13 @@ class TDC(torch.nn.Module):
         band: float = 0.5,  # half-width of the tolerated band, bits
         rate: float = 1.01,  # multiplicative step of the three scalars per update
         lam_init: float = 1e-4,  # starting KL weight; it adapts, so only the first steps care
+        lam_floor: float = 0.0,  # lam never goes below this (0: the reference rule, no floor)
         lam_max_range: tuple[float, float] = (1.0, 1e3),
         lam_min_range: tuple[float, float] = (1e-3, 1.0),
     ):
         super().__init__()
         self.target, self.band, self.rate = float(target_bits), float(band), float(rate)
-        self.lam_max_range, self.lam_min_range = lam_max_range, lam_min_range
+        self.lam_max_range, self.lam_min_range, self.lam_floor = lam_max_range, lam_min_range, float(lam_floor)
         self.register_buffer("lam", torch.tensor(float(lam_init), dtype=torch.float64))
         self.register_buffer("lam_max", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("lam_min", torch.tensor(1.0, dtype=torch.float64))
@@ -64,7 +65,7 @@ class TDC(torch.nn.Module):
     def update(self, stats: dict[str, float]) -> None:
         """One adaptation step from `statistics(...)` of the current batch."""
         r, t, b = self.rate, self.target, self.band
-        self.lam.mul_(r if stats["mean"] > t else 1.0 / r)
+        self.lam.mul_(r if stats["mean"] > t else 1.0 / r).clamp_(min=self.lam_floor)
         self.lam_max.mul_(r if stats["max"] > t + b else 1.0 / r).clamp_(*self.lam_max_range)
         self.lam_min.mul_(1.0 / r if stats["min"] < t - b else r).clamp_(*self.lam_min_range)
 

@@ -53,6 +53,9 @@ class TrainConfig:
     tdc_band: float = 0.5  # +- bits around log2 K
     tdc_rate: float = 1.01  # per-step multiplicative update of lam, lam_max, lam_min
     tdc_lam_init: float = 1e-4  # first KL weight (adapts)
+    # lam's lower bound. 0 is the reference rule; there, while KL is under target early on, lam falls 1% a
+    # step to ~1e-9 and takes ~1000 steps to climb back, so KL overshoots (see the README, issue 6)
+    tdc_lam_floor: float = 0.0
     seed: int = 0
     log_every: int = 50  # steps between log lines (and bar updates)
     image_every: int = 1000  # steps between reconstruction grids; 0 = only at the end
@@ -142,7 +145,8 @@ class Trainer:
 
         torch.manual_seed(train_cfg.seed)  # same initial weights on every rank
         self.model = GaussianVAE(model_cfg).to(self.device)
-        self.tdc = TDC(model_cfg.codebook_bits, train_cfg.tdc_band, train_cfg.tdc_rate, train_cfg.tdc_lam_init).to(self.device)
+        self.tdc = TDC(model_cfg.codebook_bits, train_cfg.tdc_band, train_cfg.tdc_rate, train_cfg.tdc_lam_init,
+                       lam_floor=train_cfg.tdc_lam_floor).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if use_cuda else None)
                     if self.distributed else self.model)
