@@ -53,6 +53,24 @@ def tiny_model(tiny_run, tmp_path_factory) -> Path:
     return out
 
 
+def wait_until_ready(url: str, timeout: float = 60.0, alive=lambda: None) -> None:
+    """Poll url/health/ready until 200; `alive()` may raise to stop early (a server process that died)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive()
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"server at {url} did not become ready in {timeout:g} s")
+
+
 class LiveServer:
     """A real `gqtok serve` process (uvicorn) on a free loopback port."""
 
@@ -73,22 +91,15 @@ class LiveServer:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def alive():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError("server did not become ready")
+
+        try:
+            wait_until_ready(self.url, timeout, alive)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self) -> str:
         import signal

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import wait_until_ready
 from gqtok.artifact import load_artifact
 from service.runtime import TokenizerRuntime
 from training import data as photo_data
@@ -323,15 +324,7 @@ class InProcessServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("in-process server did not become ready")
+        wait_until_ready(self.url)
 
     def stop(self):
         self.server.should_exit = True
