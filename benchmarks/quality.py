@@ -7,6 +7,7 @@ Trains every model for the same number of steps on the same encoder/decoder
 in MINUTES on one CPU thread, measured at the start. It then evaluates on the 24 held-out photos
 (centre crops, 384x256 by default; --size 512 768 for the full evaluation size):
   gq_tdc            Gaussian VAE + TDC, GQ at d = 16 (0.25 bpp), and d = 8, 4 (0.5, 1 bpp)
+  gq_tdc_floorF     the same with a floor F under TDC's lam (--tdc-lam-floor)
   plain_kl_W        Gaussian VAE with a fixed KL weight W (a small sweep), converted by GQ, and by
                     TokenBridge-style per-channel scalar quantization (2 levels = 16 bits per position;
                     64 levels = 96 bits per position as a higher-rate point)
@@ -43,6 +44,7 @@ COMPARE = dict(downsample=8, base_channels=32, channel_mult=(1, 2, 2, 4), blocks
 QUICK = dict(COMPARE, base_channels=16, channel_mult=(1, 1, 2, 2), groups=8, crop=32, batch_size=4)
 BASE = dict(latent_channels=16, token_dim=16, codebook_bits=16)
 KL_WEIGHTS = (1e-6, 1e-5, 1e-4)
+LAM_FLOORS = (3e-6, 1e-5)  # TDC with a floor under lam (--tdc-lam-floor); the reference rule has none
 
 
 def method_table(quick: bool) -> list[tuple[str, dict, list[str]]]:
@@ -53,6 +55,7 @@ def method_table(quick: bool) -> list[tuple[str, dict, list[str]]]:
         ("gq_tdc_d4", dict(BASE, token_dim=4), ["gq"]),
         *[(f"plain_kl_{w:g}", dict(BASE, kl_mode="fixed", kl_weight=w), ["gq", "tokenbridge:2", "tokenbridge:64"])
           for w in (KL_WEIGHTS[1:2] if quick else KL_WEIGHTS)],
+        *[(f"gq_tdc_floor{f:g}", dict(BASE, tdc_lam_floor=f), ["gq"]) for f in ([] if quick else LAM_FLOORS)],
         ("vq", dict(BASE, quantizer="vq"), ["vq"]),
         ("fsq", dict(quantizer="fsq", latent_channels=6, token_dim=6, codebook_bits=16), ["fsq"]),
         ("lfq", dict(BASE, quantizer="lfq"), ["lfq"]),
@@ -312,7 +315,8 @@ def main(argv=None) -> dict:
         return {"rows": rows}
     targets = sorted({round(r["rate"]["bpp"], 2) for r in rows if r["rate"]["bpp"] <= 1.6})
     rows += classic_codecs(Path(args.data), size, limit, targets)
-    theory = [theory_check(runs / name, Path(args.data), size, limit or 8) for name in ("gq_tdc", *(f"plain_kl_{w:g}" for w in KL_WEIGHTS))
+    names = ("gq_tdc", f"gq_tdc_floor{LAM_FLOORS[0]:g}", *(f"plain_kl_{w:g}" for w in KL_WEIGHTS))
+    theory = [theory_check(runs / name, Path(args.data), size, limit or 8) for name in names
               if (runs / name / "model.safetensors").exists()]
     result = {"benchmark": "quality", "quick": args.quick, "budget_min": budget, "steps_per_model": steps,
               "seconds_per_step_reference": per_step and round(per_step, 4), "jobs": args.jobs,
