@@ -216,10 +216,14 @@ def plots(result: dict, out_dir: Path, suffix: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = result["rows"]
-    for family, marker in (("gq_tdc", "o"), ("plain_kl", "s"), ("vq", "^"), ("fsq", "v"), ("lfq", "<"), ("bsq", ">"),
-                           ("jpeg", "x"), ("webp", "+")):
+    families = (("gq_tdc", "o"), ("gq_tdc_floor", "D"), ("plain_kl", "s"), ("vq", "^"), ("fsq", "v"), ("lfq", "<"),
+                ("bsq", ">"), ("jpeg", "x"), ("webp", "+"))
+    for family, marker in families:
+        def member(name: str) -> bool:  # the longest family prefix decides: gq_tdc_floor* is not gq_tdc
+            return max((f for f, _ in families if name.startswith(f)), key=len, default=None) == family
+
         pts = sorted((r["rate"]["bpp"], r["quantized"]["psnr"], r["name"]) for r in rows
-                     if r["name"].startswith(family) and r["rate"]["bpp"] <= 1.6)
+                     if member(r["name"]) and r["rate"]["bpp"] <= 1.6)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="-" if family in
                     ("gq_tdc", "jpeg", "webp") else "none", label=family)
