@@ -235,16 +235,12 @@ def model_flops(manifest) -> dict:
 def matmul_gflops(threads: int, n: int = 2048) -> float:
     """This machine's float32 GEMM rate through onnxruntime (the kernels the model runs on), n x n."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
-    spec = helper.make_tensor_value_info
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                              [spec("a", TensorProto.FLOAT, [n, n]), spec("b", TensorProto.FLOAT, [n, n])],
-                              [spec("c", TensorProto.FLOAT, [n, n])])
+    from service.runtime import matmul_graph
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-                                .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(matmul_graph(), opts, providers=["CPUExecutionProvider"])
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     t = per_call_seconds(lambda: sess.run(None, {"a": a, "b": a}), 1.0)
     return round(2 * n**3 / t / 1e9, 1)
