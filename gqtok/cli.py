@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 from dataclasses import MISSING, fields
@@ -83,6 +84,70 @@ def cmd_serve(args) -> None:
     serve(settings)
 
 
+def cmd_priors_fit(args) -> None:
+    from training.priors import PriorConfig, fit_priors
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    info = fit_priors(Path(args.model), Path(args.data), PriorConfig(**overrides), progress=not args.quiet)
+    print(json.dumps(info, indent=1))
+
+
+def _read_image(path: Path):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from None
+
+
+def cmd_compress(args) -> None:
+    import time
+
+    from gqtok.artifact import load_artifact
+    from service.codec import ImageCodec
+
+    image = _read_image(Path(args.image))
+    codec = ImageCodec(load_artifact(args.model), device=args.device)
+    start = time.perf_counter()
+    data = codec.compress(image, args.prior)
+    seconds = time.perf_counter() - start
+    out = Path(args.output or Path(args.image).with_suffix(".gqt"))
+    out.write_bytes(data)
+    from gqtok.bitstream import read_header
+
+    header = read_header(data)
+    h, w = image.shape[:2]
+    print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior, "bytes": len(data),
+                      "bits_per_pixel": round(8 * len(data) / (h * w), 5), "image_size": [h, w],
+                      "bits_per_token": round(8 * header.payload_length / math.prod(header.grid), 4),
+                      "seconds": round(seconds, 3)}))
+
+
+def cmd_decompress(args) -> None:
+    from PIL import Image
+
+    from gqtok.artifact import load_artifact
+    from gqtok.bitstream import BitstreamError, read_header
+    from service.codec import ImageCodec
+
+    data = Path(args.input).read_bytes()
+    header = read_header(data)
+    dirs = args.model or ["models/default"]
+    artifacts = [load_artifact(d) for d in dirs]
+    match = [a for a in artifacts if a.manifest.model_id == header.model_id]
+    if not match:
+        raise BitstreamError(f"{args.input} was made by model {header.model_id!r}; the models given are "
+                             f"{[a.manifest.model_id for a in artifacts]} (pass its directory with --model)")
+    image, _ = ImageCodec(match[0], device=args.device).decompress(data)
+    out = Path(args.output or Path(args.input).with_suffix(".png"))
+    Image.fromarray(image).save(out)
+    print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior,
+                      "image_size": list(image.shape[:2])}))
+
+
 SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable GQTOK_<NAME>
     "host": (str, "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
     "port": (int, "port (default 8000)"),
@@ -97,6 +162,7 @@ SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable G
     "max_body_bytes": (int, "request body limit, 413 past it (default 33554432)"),
     "max_image_pixels": (int, "pixels per image, 413 past it (default 1048576)"),
     "max_batch_pixels": (int, "image pixels per inference call; bigger images run alone (default 524288)"),
+    "max_concurrent_coding": (int, "compress/decompress requests entropy-coding at once (default 2)"),
     "request_timeout_s": (float, "per-request limit for queue + inference, 503 past it (default 60)"),
     "drain_timeout_s": (float, "on SIGTERM, how long in-flight requests may finish (default 30)"),
     "api_key": (str, "require Authorization: Bearer KEY on every route but /health/* (default: off)"),
@@ -153,6 +219,36 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ex.add_argument("--model-version", default="1")
     ex.add_argument("--eval", help="eval JSON to embed (default: RUN/eval.json if present)")
     ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("priors", help="entropy-coding priors of an exported model").add_subparsers(
+        dest="priors_command", required=True)
+    pf = pr.add_parser("fit", help="fit the frequency and context priors on the model's training-photo tokens "
+                                   "and add them to the model directory")
+    pf.add_argument("model", help="model directory (from gqtok export)")
+    pf.add_argument("--data", default="data/endless-sky", help="folder of training photos (held-out ones are skipped)")
+    pf.add_argument("--quiet", action="store_true")
+    if argv[:2] == ["priors", "fit"]:
+        from training.priors import PriorConfig
+
+        _add_config_flags(pf, PriorConfig, "context prior")
+    pf.set_defaults(func=cmd_priors_fit)
+
+    cp = sub.add_parser("compress", help="image -> compressed file (tokens entropy-coded with a prior)")
+    cp.add_argument("image", help="PNG, JPEG, WebP, ... of any size")
+    cp.add_argument("-o", "--output", help="compressed file (default: IMAGE with suffix .gqt)")
+    cp.add_argument("--model", default="models/default", help="model directory (default models/default)")
+    cp.add_argument("--prior", choices=["uniform", "frequency", "context"],
+                    help="entropy model of the tokens (default: the strongest the model has)")
+    cp.add_argument("--device", default="cpu", help="onnxruntime device: cpu (default), cuda or auto")
+    cp.set_defaults(func=cmd_compress)
+
+    dc = sub.add_parser("decompress", help="compressed file -> image (the header names the model)")
+    dc.add_argument("input", help="file from gqtok compress or POST /v1/compress")
+    dc.add_argument("-o", "--output", help="image to write; the suffix picks the format (default: INPUT.png)")
+    dc.add_argument("--model", action="append", metavar="DIR",
+                    help="model directory; repeat to offer several, the header picks (default models/default)")
+    dc.add_argument("--device", default="cpu")
+    dc.set_defaults(func=cmd_decompress)
 
     sv = sub.add_parser("serve", help="serve the tokenizer over HTTP (default: the embedded models/default)",
                         description="Every option is also an environment variable GQTOK_<OPTION> (flags win); "

@@ -1,6 +1,7 @@
 """The tokenizer service: FastAPI routes over batched onnxruntime inference.
 
-Routes (v1): POST /v1/tokenize, POST /v1/detokenize, GET /v1/models,
+Routes (v1): POST /v1/tokenize, POST /v1/detokenize, POST /v1/compress,
+POST /v1/decompress, GET /v1/models,
 GET /v1/models/{id}, GET /v1/models/{id}/codebook; GET /health/live,
 /health/ready, /metrics, /info; OpenAPI docs at /docs.
 
@@ -31,6 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import gqtok
 from gqtok.artifact import CODEBOOK, ArtifactError, load_artifact
+from gqtok.bitstream import BitstreamError, Codec, Header
+from gqtok.priors import fit_record
 from service import errors
 from service.batcher import Batcher, Timing
 from service.images import MEDIA_TYPES, RESIZE_MODES, decode_image, encode_png, fit_to_grid
@@ -40,6 +43,7 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger("gqtok.service")
 NPY = "application/x-npy"
+COMPRESSED = "application/x-gqtok"  # what /v1/compress answers; /v1/decompress also takes application/octet-stream
 
 
 @dataclass
@@ -47,6 +51,8 @@ class ServedModel:
     runtime: TokenizerRuntime
     tokenize: Batcher
     detokenize: Batcher
+    codec: Codec
+    prior_bits: dict  # prior -> held-out bits per token, as recorded when the priors were fitted
     ready: bool = False
 
     @property
@@ -80,6 +86,8 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
                              pixels_of=lambda key: key[0] * key[1], **common),  # key: image shape (H, W, 3)
             detokenize=Batcher(f"{mid}/detokenize", rt.detokenize, on_batch=observe("detokenize"),
                                pixels_of=lambda key, f=f: key[1] * key[2] * f * f, **common),  # key: (T, h, w)
+            codec=Codec(artifact),
+            prior_bits=fit_record(artifact).get("heldout_bits_per_token", {}),
         )
         log.info("loaded model %s from %s on %s", mid, directory, rt.provider)
     return models
@@ -224,6 +232,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
     state = {"models": {}, "default": None, "draining": False, "inflight": 0}
+    coding = asyncio.Semaphore(settings.max_concurrent_coding)  # entropy coding holds a core per request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -440,6 +449,76 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return JSONResponse({"model": served.manifest.model_id,
                              "images": [base64.b64encode(p).decode() for p in pngs]}, headers=headers)
 
+    async def run_coding(fn, *args):
+        """Entropy coding in a worker thread, at most max_concurrent_coding at once, under the request timeout."""
+        async def guarded():
+            async with coding:
+                return await run_in_threadpool(fn, *args)
+
+        try:
+            return await asyncio.wait_for(guarded(), settings.request_timeout_s)
+        except TimeoutError:
+            raise errors.RequestTimeout(f"entropy coding took longer than {settings.request_timeout_s:g} s",
+                                        headers={"Retry-After": "1"}) from None
+        except BitstreamError as e:
+            raise errors.InvalidBitstream(str(e)) from None
+
+    @app.post("/v1/compress", openapi_extra=image_body, summary="Image -> compressed bitstream (application/x-gqtok)")
+    async def compress(request: Request, model: str | None = None, prior: str | None = None):
+        """One image -> the self-describing bitstream of gqtok/bitstream.py. `prior`: uniform, frequency or
+        context, as far as the model has them (GET /v1/models/{id} lists them); default: the strongest."""
+        body = await read_body(request, settings.max_body_bytes)
+        payloads, options = await image_payloads(request, body, settings)
+        served = get_model(options.get("model") or model)
+        if len(payloads) != 1:
+            raise errors.InvalidRequest(f"send exactly one image to compress, got {len(payloads)}")
+        prior = prior or served.codec.default_prior
+        if prior not in served.codec.priors:
+            raise errors.InvalidRequest(f"model {served.manifest.model_id} has no {prior!r} prior; "
+                                        f"choose from {', '.join(served.codec.priors)}")
+        f = served.manifest.downsample
+        img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels)
+        padded = fit_to_grid(img, f, "pad")
+        (ids,), timing = await run_items(served.tokenize, [(padded.shape, padded)])
+        start = time.perf_counter()
+        data = await run_coding(served.codec.encode, ids, img.shape[:2], prior)
+        headers = timing_headers(timing) | {
+            "x-coding-time": f"{1e3 * (time.perf_counter() - start):.3f}", "x-gqtok-prior": prior,
+            "x-gqtok-bits-per-pixel": f"{8 * len(data) / (img.shape[0] * img.shape[1]):.6f}"}
+        return Response(data, media_type=COMPRESSED, headers=headers)
+
+    compressed_body = {"requestBody": {"required": True, "content": {
+        COMPRESSED: {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.post("/v1/decompress", openapi_extra=compressed_body, summary="Compressed bitstream -> image (PNG or npy)")
+    async def decompress(request: Request):
+        """The model is the one the stream's header names (it must be loaded); answers PNG, or uint8
+        [H, W, 3] npy when the request accepts application/x-npy."""
+        body = await read_body(request, settings.max_body_bytes)
+        kind = media_type(request)
+        if kind not in (COMPRESSED, "application/octet-stream"):
+            raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "
+                                              f"send {COMPRESSED} or application/octet-stream")
+        try:
+            header, _ = Header.unpack(body)
+        except BitstreamError as e:
+            raise errors.InvalidBitstream(str(e)) from None
+        served = get_model(header.model_id)
+        hh, ww = header.image_size
+        if hh * ww > settings.max_image_pixels:
+            raise errors.ImageTooLarge(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is "
+                                       f"{settings.max_image_pixels}")
+        start = time.perf_counter()
+        ids, _ = await run_coding(served.codec.decode, body)
+        coding_ms = 1e3 * (time.perf_counter() - start)
+        (image,), timing = await run_items(served.detokenize, [(ids.shape, ids)])
+        image = image[:hh, :ww]
+        headers = timing_headers(timing) | {"x-coding-time": f"{coding_ms:.3f}", "x-gqtok-model": header.model_id}
+        if wants_npy(request):
+            return Response(npy_bytes(image), media_type=NPY, headers=headers)
+        return Response(await run_in_threadpool(encode_png, image), media_type="image/png", headers=headers)
+
     def model_metadata(served: ServedModel) -> dict:
         m = served.manifest
         return {
@@ -450,6 +529,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "npy_token_dtype": np.dtype(served.token_dtype).name,
             "codebook": m.codebook.model_dump(), "input": m.input.model_dump(),
             "provider": served.runtime.provider, "eval": m.eval,
+            "priors": {name: {"heldout_bits_per_token": served.prior_bits.get(name)} for name in served.codec.priors},
             "limits": {"max_image_pixels": settings.max_image_pixels, "max_batch_size": settings.max_batch_size,
                        "max_batch_pixels": settings.max_batch_pixels,
                        "max_images_per_request": settings.max_images_per_request,

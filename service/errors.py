@@ -51,6 +51,10 @@ class InvalidTokens(ServiceError):
     status, error_type = 422, "invalid_tokens"
 
 
+class InvalidBitstream(ServiceError):
+    status, error_type = 422, "invalid_bitstream"
+
+
 class QueueFull(ServiceError):
     status, error_type = 429, "queue_full"
 

@@ -32,6 +32,9 @@ class ServiceSettings(BaseSettings):
     # arena after a batch of 8 at 256x256: 2.2 GiB), so these two bound the working memory to a few GiB.
     max_image_pixels: int = Field(1024 * 1024, ge=64)  # per image, read from the header before decoding; past it: 413
     max_batch_pixels: int = Field(8 * 256 * 256, ge=64)  # pixels per inference call (an image bigger runs alone)
+    # entropy coding (/v1/compress, /v1/decompress) runs in threads beside inference; the context prior takes
+    # about a second of one core per 768x512 image, so this bounds how many cores compression may hold
+    max_concurrent_coding: int = Field(2, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)  # per request, queue + inference; past it: 503
     drain_timeout_s: float = Field(30.0, ge=0)  # graceful shutdown: how long in-flight requests may take
     api_key: SecretStr | None = None  # when set, every route but /health/* needs "Authorization: Bearer KEY"

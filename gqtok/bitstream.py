@@ -1,0 +1,239 @@
+"""The compressed-image format: a self-describing header, then the token grid entropy-coded by constriction.
+
+    codec = Codec(load_artifact("models/default"))
+    data = codec.encode(ids, image_size=(H, W))   # int [T, h, w] -> bytes, with the model's best prior
+    ids, header = codec.decode(data)                                 # checks the header against the model
+
+Header (little-endian; version 1):
+
+    magic "GQTK" | format version u8 | prior id u8 | model id length u8 | model id (ASCII)
+    | codebook sha256[:8] | prior file sha256[:8] (zeros for uniform)
+    | image H u32 | image W u32 | grid T u16 | h u16 | w u16 | K u32
+    | crc32 of the tokens (uint32 LE) u32 | payload length u32 | crc32 of the payload u32 | crc32 of the header so far u32
+    then the payload: constriction range-coder words (uint32 LE).
+
+The header pins what decoding needs to agree on (model, codebook, prior file, sizes), so a stream
+made by another model or prior is refused by name, not decoded into noise. The payload checksum
+catches corruption before decoding; the token checksum catches a prior that computed differently
+on the decoding machine (the context prior runs in float32: encode and decode on the same software
+stack to be safe, see README).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from gqtok.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, neighbour_features, wavefront
+
+MAGIC = b"GQTK"
+FORMAT_VERSION = 1
+_FIXED = struct.Struct("<8s8sIIHHHIIII")  # after the model id: digests, sizes, K, checksums, payload length
+MAX_GRID_SIDE = 2**16 - 1
+
+
+class BitstreamError(ValueError):
+    """A compressed stream that cannot be decoded: not ours, corrupted, truncated, or made by another model."""
+
+
+@dataclass(frozen=True)
+class Header:
+    model_id: str
+    prior: str
+    codebook_digest: bytes  # 8 bytes
+    prior_digest: bytes  # 8 bytes
+    image_size: tuple[int, int]  # (H, W) of the original image
+    grid: tuple[int, int, int]  # (T, h, w)
+    num_codes: int
+    token_crc: int
+    payload_length: int
+    payload_crc: int
+    version: int = FORMAT_VERSION
+
+    def pack(self) -> bytes:
+        mid = self.model_id.encode("ascii")
+        head = MAGIC + bytes([self.version, PRIOR_IDS[self.prior], len(mid)]) + mid + _FIXED.pack(
+            self.codebook_digest, self.prior_digest, *self.image_size, *self.grid, self.num_codes, self.token_crc,
+            self.payload_length, self.payload_crc)
+        return head + struct.pack("<I", zlib.crc32(head))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> tuple["Header", bytes]:
+        """bytes -> (header, payload); BitstreamError for anything that is not an intact gqtok stream."""
+        if len(data) < 7 or data[:4] != MAGIC:
+            raise BitstreamError("not a gqtok compressed image (no GQTK magic)")
+        version, prior_id, id_len = data[4], data[5], data[6]
+        if version != FORMAT_VERSION:
+            raise BitstreamError(f"format version {version}; this gqtok reads version {FORMAT_VERSION}")
+        names = {v: k for k, v in PRIOR_IDS.items()}
+        if prior_id not in names:
+            raise BitstreamError(f"unknown prior id {prior_id}")
+        end = 7 + id_len + _FIXED.size
+        if len(data) < end + 4:
+            raise BitstreamError(f"truncated header: {len(data)} bytes, the header alone needs {end + 4}")
+        (crc,) = struct.unpack_from("<I", data, end)
+        if crc != zlib.crc32(data[:end]):
+            raise BitstreamError("header checksum mismatch: the stream is corrupted")
+        model_id = data[7 : 7 + id_len].decode("ascii", errors="replace")
+        cb, pd, hh, ww, t, h, w, k, tcrc, plen, pcrc = _FIXED.unpack_from(data, 7 + id_len)
+        header = cls(model_id, names[prior_id], cb, pd, (hh, ww), (t, h, w), k, tcrc, plen, pcrc, version)
+        payload = data[end + 4 :]
+        if len(payload) != plen:
+            raise BitstreamError(f"payload is {len(payload)} bytes, the header says {plen}: "
+                                 + ("truncated" if len(payload) < plen else "trailing bytes"))
+        if zlib.crc32(payload) != pcrc:
+            raise BitstreamError("payload checksum mismatch: the stream is corrupted")
+        return header, payload
+
+    @property
+    def total_bytes(self) -> int:
+        return 7 + len(self.model_id) + _FIXED.size + 4 + self.payload_length
+
+
+def read_header(data: bytes) -> Header:
+    return Header.unpack(data)[0]
+
+
+def grid_fits(image_size, grid_hw, f: int) -> bool:
+    """Is (h, w) the grid that padding an image of image_size up to multiples of f gives?"""
+    return all((g - 1) * f < s <= g * f for s, g in zip(image_size, grid_hw))
+
+
+def token_crc(ids: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(ids, dtype="<u4").tobytes())
+
+
+# -- entropy coding ----------------------------------------------------------------------------------------------
+def _coders():
+    import constriction  # imported here: the rest of the contract needs only numpy
+
+    return constriction.stream.queue, constriction.stream.model
+
+
+def encode_tokens(ids: np.ndarray, prior) -> np.ndarray:
+    """int [T, h, w] -> uint32 words of a range coder, in the order decode_tokens reads them."""
+    queue, model = _coders()
+    enc = queue.RangeEncoder()
+    ids = np.asarray(ids)
+    if isinstance(prior, UniformPrior):
+        enc.encode(ids.reshape(-1).astype(np.int32), model.Uniform(prior.num_codes))
+    elif isinstance(prior, FrequencyPrior):
+        probs = prior.probabilities()
+        for t in range(ids.shape[0]):
+            enc.encode(ids[t].reshape(-1).astype(np.int32), model.Categorical(probs[t], perfect=False))
+    elif isinstance(prior, ContextPrior):
+        _run_context(prior, ids.shape, lambda rows, cols, probs, ids_: enc.encode(
+            ids_[:, rows, cols].T.reshape(-1).astype(np.int32), model.Categorical(perfect=False), probs), ids)
+    else:
+        raise TypeError(f"not a prior: {prior!r}")
+    return enc.get_compressed()
+
+
+def decode_tokens(words: np.ndarray, prior, grid: tuple[int, int, int]) -> np.ndarray:
+    """The inverse of encode_tokens: uint32 words -> int64 [T, h, w]."""
+    queue, model = _coders()
+    dec = queue.RangeDecoder(np.asarray(words, dtype=np.uint32))
+    t, h, w = grid
+    if isinstance(prior, UniformPrior):
+        ids = dec.decode(model.Uniform(prior.num_codes), t * h * w).reshape(t, h, w)
+    elif isinstance(prior, FrequencyPrior):
+        probs = prior.probabilities()
+        ids = np.stack([dec.decode(model.Categorical(probs[s], perfect=False), h * w).reshape(h, w) for s in range(t)])
+    elif isinstance(prior, ContextPrior):
+        ids = np.zeros(grid, dtype=np.int64)
+
+        def fill(rows, cols, probs, ids_):
+            ids_[:, rows, cols] = dec.decode(model.Categorical(perfect=False), probs).reshape(len(rows), t).T
+
+        _run_context(prior, grid, fill, ids)
+    else:
+        raise TypeError(f"not a prior: {prior!r}")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _run_context(prior: ContextPrior, grid, code_step, ids: np.ndarray) -> None:
+    """Walk the wavefront; at each step compute the pmfs from decoded neighbours, then code the step's tokens.
+
+    Encoder and decoder run this same loop, so every matrix product has the same shape on both sides."""
+    t, h, w = grid
+    latent = np.zeros((prior.channels, h, w), dtype=np.float32)
+    for rows, cols in wavefront(h, w):
+        probs = prior.probabilities(neighbour_features(latent, rows, cols))
+        code_step(rows, cols, probs, ids)
+        latent[:, rows, cols] = prior.latent_of(ids[:, rows, cols].T).T
+
+
+# -- the codec for one model -------------------------------------------------------------------------------------
+class Codec:
+    """Compress and decompress token grids of one loaded artifact with any of its priors."""
+
+    def __init__(self, artifact, priors: dict | None = None):
+        self.manifest = artifact.manifest
+        self.priors = priors if priors is not None else load_priors(artifact)
+        self.codebook_digest = bytes.fromhex(self.manifest.codebook.sha256)[:8]
+
+    @property
+    def default_prior(self) -> str:
+        """The strongest prior the model has: context, else frequency, else uniform."""
+        return next(p for p in ("context", "frequency", "uniform") if p in self.priors)
+
+    def encode(self, ids: np.ndarray, image_size: tuple[int, int], prior: str | None = None) -> bytes:
+        m = self.manifest
+        prior = prior or self.default_prior
+        if prior not in self.priors:
+            raise ValueError(f"model {m.model_id} has no {prior!r} prior; it has {', '.join(self.priors)}")
+        ids = np.asarray(ids)
+        if ids.ndim != 3 or ids.shape[0] != m.tokens_per_position or max(ids.shape[1:]) > MAX_GRID_SIDE:
+            raise ValueError(f"token grid must be [{m.tokens_per_position}, h, w] with h, w <= {MAX_GRID_SIDE}; "
+                             f"got {list(ids.shape)}")
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= m.num_codes:
+            raise ValueError(f"token ids must lie in [0, {m.num_codes})")
+        hh, ww = image_size
+        if not grid_fits(image_size, ids.shape[1:], m.downsample):
+            raise ValueError(f"image size {hh}x{ww} is not what a {ids.shape[1]}x{ids.shape[2]} grid at "
+                             f"f={m.downsample} covers")
+        p = self.priors[prior]
+        payload = encode_tokens(ids, p).astype("<u4").tobytes()
+        header = Header(m.model_id, prior, self.codebook_digest, p.digest, (int(hh), int(ww)), tuple(ids.shape),
+                        m.num_codes, token_crc(ids), len(payload), zlib.crc32(payload))
+        return header.pack() + payload
+
+    def check(self, header: Header) -> None:
+        """Refuse a header this model cannot decode, naming the mismatch."""
+        m = self.manifest
+        if header.model_id != m.model_id:
+            raise BitstreamError(f"stream was made by model {header.model_id!r}, this is {m.model_id!r}")
+        if header.codebook_digest != self.codebook_digest:
+            raise BitstreamError(f"stream's codebook digest {header.codebook_digest.hex()} does not match model "
+                                 f"{m.model_id}'s {self.codebook_digest.hex()}")
+        if header.prior not in self.priors:
+            raise BitstreamError(f"stream uses the {header.prior} prior, which model {m.model_id} does not have")
+        if header.prior_digest != self.priors[header.prior].digest:
+            raise BitstreamError(f"stream's {header.prior} prior ({header.prior_digest.hex()}) is not this model's "
+                                 f"({self.priors[header.prior].digest.hex()}): the prior was refitted")
+        t, h, w = header.grid
+        if (t, header.num_codes) != (m.tokens_per_position, m.num_codes) or not grid_fits(
+                header.image_size, (h, w), m.downsample):
+            raise BitstreamError(f"header sizes (grid {list(header.grid)}, K {header.num_codes}, image "
+                                 f"{header.image_size[0]}x{header.image_size[1]}) do not fit model {m.model_id}")
+        if header.payload_length % 4:
+            raise BitstreamError("payload length is not a whole number of 32-bit words")
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, Header]:
+        """bytes -> (int64 [T, h, w], header). BitstreamError on anything wrong, before or after decoding."""
+        header, payload = Header.unpack(data)
+        self.check(header)
+        words = np.frombuffer(payload, dtype="<u4")
+        try:
+            ids = decode_tokens(words, self.priors[header.prior], header.grid)
+        except BitstreamError:
+            raise
+        except Exception as e:  # the coder ran out of words or met an impossible state
+            raise BitstreamError(f"payload does not decode with the {header.prior} prior: {e}") from None
+        if token_crc(ids) != header.token_crc:
+            raise BitstreamError(f"decoded tokens fail their checksum: the {header.prior} prior computed "
+                                 "differently here than where the stream was made")
+        return ids, header
