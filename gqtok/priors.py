@@ -126,7 +126,7 @@ def wavefront(h: int, w: int) -> list[tuple[np.ndarray, np.ndarray]]:
     step = 2 * rows + cols
     order = np.argsort(step, kind="stable")
     bounds = np.searchsorted(step[order], np.arange(step.max() + 2))
-    return [(rows[order[a:b]], cols[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(rows[order[a:b]], cols[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]  # w = 1 skips odd steps
 
 
 # -- files ------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
     with TokenizerClient("http://127.0.0.1:8000") as tok:
         ids = tok.tokenize(["a.jpg", "b.jpg"])        # uint16 [batch, t, h, w]
         images = tok.detokenize(ids)                   # list of PIL images
+        data = tok.compress("a.jpg")                   # bytes: tokens entropy-coded
+        image = tok.decompress(data)                   # PIL image at the original size
 
 Needs httpx, numpy and Pillow only (no torch). Request building, the retry
 policy and response parsing are plain functions shared by both classes; the
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 NPY = "application/x-npy"
+COMPRESSED = "application/x-gqtok"
 RESIZE_MODES = ("pad", "crop", "exact")
 
 # 429 (queue full) and 503 (warming up, draining, request timed out) are the server asking us to come
@@ -177,6 +180,17 @@ def _detokenize_call(tokens, image_size, model: str | None) -> _Call:
                  content=json.dumps(body, separators=(",", ":")).encode())
 
 
+def _compress_call(image, prior: str | None, model: str | None) -> _Call:
+    data, kind = encode_image(image)
+    return _Call("POST", "/v1/compress", lambda r: r.content, _model_params(model, prior=prior),
+                 {"content-type": kind, "accept": COMPRESSED}, content=data)
+
+
+def _decompress_call(data: bytes) -> _Call:
+    return _Call("POST", "/v1/decompress", _parse_image, {}, {"content-type": COMPRESSED, "accept": NPY},
+                 content=bytes(data))
+
+
 def _get(path: str, parse=None, **params) -> _Call:
     return _Call("GET", path, parse or _parse_json, {k: v for k, v in params.items() if v is not None})
 
@@ -204,6 +218,14 @@ def _parse_images(response: httpx.Response) -> list[Image.Image]:
         raise TokenizerError(f"expected uint8 images [batch, H, W, 3], got {arr.dtype} {list(arr.shape)}",
                              status=response.status_code, error_type="bad_response")
     return [Image.fromarray(a) for a in arr]
+
+
+def _parse_image(response: httpx.Response) -> Image.Image:
+    arr = _parse_npy(response)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise TokenizerError(f"expected a uint8 image [H, W, 3], got {arr.dtype} {list(arr.shape)}",
+                             status=response.status_code, error_type="bad_response")
+    return Image.fromarray(arr)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -321,6 +343,14 @@ class TokenizerClient:
         cropped by the server to image_size (H, W) when given."""
         return self._call(_detokenize_call(tokens, image_size, model or self.model))
 
+    def compress(self, image, *, prior: str | None = None, model: str | None = None) -> bytes:
+        """One image -> the compressed bitstream (prior: uniform, frequency, context; default the strongest)."""
+        return self._call(_compress_call(image, prior, model or self.model))
+
+    def decompress(self, data: bytes) -> Image.Image:
+        """A bitstream from compress (or gqtok compress) -> the RGB image at its original size."""
+        return self._call(_decompress_call(data))
+
     def info(self) -> dict:
         return self._call(_get("/info"))
 
@@ -389,6 +419,12 @@ class AsyncTokenizerClient:
     async def detokenize(self, tokens, *, image_size=None, model: str | None = None) -> list[Image.Image]:
         """Token grids -> RGB PIL images; see TokenizerClient.detokenize."""
         return await self._call(_detokenize_call(tokens, image_size, model or self.model))
+
+    async def compress(self, image, *, prior: str | None = None, model: str | None = None) -> bytes:
+        return await self._call(_compress_call(image, prior, model or self.model))
+
+    async def decompress(self, data: bytes) -> Image.Image:
+        return await self._call(_decompress_call(data))
 
     async def info(self) -> dict:
         return await self._call(_get("/info"))

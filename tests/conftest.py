@@ -44,12 +44,14 @@ def tiny_run(small_photos, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_run, tmp_path_factory) -> Path:
-    """The tiny run exported to ONNX: a model directory the service can load."""
+def tiny_model(tiny_run, small_photos, tmp_path_factory) -> Path:
+    """The tiny run exported to ONNX, with its entropy-coding priors fitted: a model directory the service loads."""
     from export.exporter import export_run
+    from training.priors import PriorConfig, fit_priors
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     export_run(tiny_run, out, model_id="tiny")
+    fit_priors(out, small_photos, PriorConfig(steps=100, crop=(128, 192)), progress=False)
     return out
 
 

@@ -304,6 +304,24 @@ def test_live_tokenize_and_round_trip(live_server, tiny_model, photos):
 
 
 @pytest.mark.slow
+def test_live_compress_and_decompress(live_server, tiny_model, photos):
+    from gqtok.artifact import load_artifact
+    from gqtok.bitstream import read_header
+    from service.codec import ImageCodec
+
+    local = ImageCodec(load_artifact(tiny_model))
+    img = photos[1][:50, :77]
+    with TokenizerClient(live_server) as c:
+        data = c.compress(img, prior="frequency")
+        assert read_header(data).prior == "frequency" and data == local.compress(img, "frequency")
+        image = c.decompress(data)
+        assert image.size == (77, 50) and np.array_equal(np.asarray(image), local.decompress(data)[0])
+        with pytest.raises(TokenizerError) as e:
+            c.decompress(data[:-1])
+        assert e.value.status == 422 and e.value.error_type == "invalid_bitstream"
+
+
+@pytest.mark.slow
 def test_live_odd_size_pads_and_crops_back(live_server, photos):
     img = photos[1][:61, :83]
     with TokenizerClient(live_server) as c:

@@ -469,3 +469,82 @@ def test_graceful_shutdown_drains_in_flight_requests(tiny_model, start_server, p
         t.join()
     assert all(results[i].status_code == 200 for i in range(3)), [r.text for r in results.values()]
     assert server.proc.wait(20) == 0
+
+
+# -- compression -------------------------------------------------------------------------------------------------
+def compress(url: str, img: np.ndarray, **params) -> httpx.Response:
+    return httpx.post(f"{url}/v1/compress", content=png(img), params=params, headers={"content-type": "image/png"},
+                      timeout=60)
+
+
+def test_compress_and_decompress_round_trip_over_http(live_server, tiny_model, photos):
+    from service.codec import ImageCodec
+
+    img = photos[2][:59, :90]  # padded to 64x96 inside, cropped back on the way out
+    local = ImageCodec(load_artifact(tiny_model))
+    sizes = {}
+    for prior in ("uniform", "frequency", "context"):
+        r = compress(live_server, img, prior=prior)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-gqtok", r.text
+        assert r.headers["x-gqtok-prior"] == prior
+        assert float(r.headers["x-gqtok-bits-per-pixel"]) == pytest.approx(8 * len(r.content) / (59 * 90), abs=1e-5)
+        assert float(r.headers["x-coding-time"]) >= 0 and float(r.headers["x-inference-time"]) >= 0
+        assert r.content == local.compress(img, prior)  # the same bytes as in process
+        sizes[prior] = len(r.content)
+        d = httpx.post(f"{live_server}/v1/decompress", content=r.content,
+                       headers={"content-type": "application/octet-stream"}, timeout=60)
+        assert d.status_code == 200 and d.headers["content-type"] == "image/png" and d.headers["x-gqtok-model"] == "tiny"
+        image = np.asarray(Image.open(io.BytesIO(d.content)).convert("RGB"))
+        assert np.array_equal(image, local.decompress(r.content)[0]) and image.shape == (59, 90, 3)
+    assert sizes["context"] < sizes["frequency"] < sizes["uniform"]
+    # no prior named: the strongest the model has
+    assert compress(live_server, img).headers["x-gqtok-prior"] == "context"
+    d = httpx.post(f"{live_server}/v1/decompress", content=compress(live_server, img).content,
+                   headers={"content-type": "application/x-gqtok", "accept": NPY}, timeout=60)
+    assert load_npy(d.content).shape == (59, 90, 3)
+
+
+def test_model_metadata_lists_priors_with_their_held_out_bits(live_server):
+    priors = httpx.get(f"{live_server}/v1/models/tiny").json()["priors"]
+    assert set(priors) == {"uniform", "frequency", "context"}
+    bits = {k: v["heldout_bits_per_token"] for k, v in priors.items()}
+    assert bits["context"] < bits["frequency"] < bits["uniform"] == 8.0
+
+
+def test_bad_compress_and_decompress_requests(live_server, photos):
+    import dataclasses
+
+    from gqtok.bitstream import Header
+
+    url = live_server
+    good = compress(url, photos[3]).content
+    assert_error(compress(url, photos[3], prior="lzma"), 400, "invalid_request", "choose from uniform, frequency, context")
+    assert_error(compress(url, photos[3], model="nope"), 404, "unknown_model", "'nope'")
+    two = httpx.post(f"{url}/v1/compress", files=[("image", ("a.png", png(photos[0]), "image/png"))] * 2)
+    assert_error(two, 400, "invalid_request", "exactly one image")
+    assert_error(httpx.post(f"{url}/v1/compress", content=b"GQTK", headers={"content-type": "image/png"}),
+                 422, "invalid_image")
+
+    def decompress(body: bytes, kind: str = "application/x-gqtok") -> httpx.Response:
+        return httpx.post(f"{url}/v1/decompress", content=body, headers={"content-type": kind}, timeout=60)
+
+    flipped = bytearray(good)
+    flipped[-2] ^= 0xFF
+    header, payload = Header.unpack(good)
+    cases = [
+        (decompress(good, "image/png"), 415, "unsupported_media_type", "application/x-gqtok"),
+        (decompress(png(photos[0])), 422, "invalid_bitstream", "no GQTK magic"),
+        (decompress(good[:-4]), 422, "invalid_bitstream", "truncated"),
+        (decompress(bytes(flipped)), 422, "invalid_bitstream", "payload checksum"),
+        (decompress(b""), 422, "invalid_bitstream", "no GQTK magic"),
+        (decompress(dataclasses.replace(header, model_id="elsewhere").pack() + payload), 404, "unknown_model",
+         "'elsewhere'"),
+        (decompress(dataclasses.replace(header, prior_digest=bytes(8)).pack() + payload), 422, "invalid_bitstream",
+         "refitted"),
+        # a forged header asking for a huge image is refused before any decoding
+        (decompress(dataclasses.replace(header, image_size=(60000, 60000), grid=(2, 7500, 7500)).pack() + payload),
+         413, "image_too_large", "60000x60000"),
+    ]
+    for r, status, error_type, contains in cases:
+        assert_error(r, status, error_type, contains)
+    assert httpx.get(f"{url}/health/ready").status_code == 200

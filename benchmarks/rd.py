@@ -1,0 +1,278 @@
+"""Rate-distortion: gqtok as an image codec (tokens entropy-coded with each prior) against JPEG and WebP.
+
+    python benchmarks/rd.py [--model DIR ...] [--scales 1 0.75 0.5] [--photos 24] [--quick]
+
+One run, side by side, on the held-out photos (768x512 centre crops, data/endless-sky):
+  gqtok     every model given (default: models/default) x every prior it has (uniform, frequency,
+            context) x every scale. Scale is rate control by resolution: the photo is resized by
+            `scale` (Pillow, bicubic), compressed, decompressed and resized back. bpp comes from the
+            actual bytes of the bitstream, header included, over the 768x512 pixels.
+  jpeg      Pillow's JPEG (4:2:0, optimized Huffman tables) over a range of quality settings
+  webp      Pillow's WebP (method 6) over a range of quality settings
+Metrics: PSNR and MS-SSIM (training/evaluate.py). Per codec point: mean bpp, mean metrics, median
+encode and decode time per image (gqtok: tokenize + entropy coding, entropy decoding + detokenize;
+one image at a time on the CPU provider).
+BD-rate (Bjontegaard delta rate): the mean difference in log rate between two RD curves over the
+PSNR (or MS-SSIM in dB, -10 log10(1 - MS-SSIM)) range both cover, with log rate interpolated
+piecewise-linearly between measured points (each curve its lower convex hull in rate). Negative:
+gqtok needs fewer bits at equal quality. Null where the curves do not overlap.
+Writes benchmarks/results/rd.json and rd.png (--quick: rd_quick.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+JPEG_QUALITIES = (1, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90)
+WEBP_QUALITIES = (0, 2, 5, 10, 20, 30, 40, 50, 60, 75, 90)
+
+
+def heldout_photos(n: int) -> list[np.ndarray]:
+    from training.data import DEFAULT_DATA_DIR, HELDOUT, HELDOUT_SIZE, center_crop, load_rgb
+
+    paths = [REPO / DEFAULT_DATA_DIR / f"{stem}.jpg" for stem in HELDOUT[:n]]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"held-out photos missing ({', '.join(missing[:3])}...): run `gqtok data fetch`")
+    return [center_crop(load_rgb(p), HELDOUT_SIZE) for p in paths]
+
+
+def resize(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    if img.shape[:2] == tuple(size_hw):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size_hw[1], size_hw[0]), Image.BICUBIC))
+
+
+def pillow_round_trip(img: np.ndarray, fmt: str, quality: int) -> tuple[bytes, np.ndarray, float, float]:
+    t0 = time.perf_counter()
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality, optimize=True, subsampling="4:2:0")
+    else:
+        Image.fromarray(img).save(buf, format="WEBP", quality=quality, method=6)
+    t1 = time.perf_counter()
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        out = np.asarray(im.convert("RGB"))
+    return buf.getvalue(), out, t1 - t0, time.perf_counter() - t1
+
+
+def summarize(rows: list[dict], **keys) -> dict:
+    """Per-photo rows of one codec setting -> one RD point (means of rate and quality, medians of time)."""
+    return keys | {
+        "bpp": float(np.mean([r["bpp"] for r in rows])),
+        "psnr": float(np.mean([r["psnr"] for r in rows])),
+        "ms_ssim": float(np.mean([r["ms_ssim"] for r in rows])),
+        "encode_ms": 1e3 * float(np.median([r["encode_s"] for r in rows])),
+        "decode_ms": 1e3 * float(np.median([r["decode_s"] for r in rows])),
+        "photos": len(rows),
+    }
+
+
+def ms_ssim_db(v: float) -> float:
+    return -10 * math.log10(max(1 - v, 1e-12))
+
+
+def hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(rate, quality) points -> those on the upper-left frontier, sorted by rate, quality strictly rising."""
+    out = []
+    for rate, q in sorted(points):
+        if not out or q > out[-1][1]:
+            out.append((rate, q))
+    return out
+
+
+def bd_rate(test: list[tuple[float, float]], anchor: list[tuple[float, float]], samples: int = 1000) -> float | None:
+    """Bjontegaard delta rate (%) of test against anchor; (rate, quality) points; None without overlap."""
+    t, a = hull(test), hull(anchor)
+    if len(t) < 2 or len(a) < 2:
+        return None
+    lo, hi = max(t[0][1], a[0][1]), min(t[-1][1], a[-1][1])
+    if hi <= lo:
+        return None
+    q = np.linspace(lo, hi, samples)
+
+    def log_rate(curve):
+        return np.interp(q, [p[1] for p in curve], [math.log(p[0]) for p in curve])
+
+    return 100 * (math.exp(float(np.mean(log_rate(t) - log_rate(a)))) - 1)
+
+
+def anchor_rate_at(quality: float, anchor: list[tuple[float, float]]) -> float | None:
+    """The rate the anchor needs for `quality` (interpolated in log rate); None outside its measured range."""
+    a = hull(anchor)
+    if not a[0][1] <= quality <= a[-1][1]:
+        return None
+    return math.exp(float(np.interp(quality, [p[1] for p in a], [math.log(p[0]) for p in a])))
+
+
+def anchor_quality_at(rate: float, anchor: list[tuple[float, float]]) -> float | None:
+    """The quality the anchor reaches at `rate` (interpolated in log rate); None outside its measured range."""
+    a = hull(anchor)
+    if not a[0][0] <= rate <= a[-1][0]:
+        return None
+    return float(np.interp(math.log(rate), [math.log(p[0]) for p in a], [p[1] for p in a]))
+
+
+def shown(path) -> str:
+    """A model path as the results file records it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def run(args) -> dict:
+    from gqtok.artifact import load_artifact
+    from service.codec import ImageCodec
+    from service.images import fit_to_grid
+    from training.evaluate import image_metrics
+
+    photos = heldout_photos(args.photos)
+    h, w = photos[0].shape[:2]
+    points, t_start = [], time.perf_counter()
+    for model_dir in args.model:
+        codec = ImageCodec(load_artifact(model_dir), device="cpu", threads=args.threads)
+        m = codec.runtime.manifest
+        priors = [p for p in codec.priors if not args.priors or p in args.priors]
+        for scale in args.scales:
+            size = (round(h * scale), round(w * scale))
+            rows = {p: [] for p in priors}
+            for i, img in enumerate(photos):
+                small = resize(img, size)
+                t0 = time.perf_counter()  # tokenize once per photo: only the entropy coding differs by prior
+                ids = codec.runtime.tokenize(fit_to_grid(small, m.downsample, "pad")[None])[0]
+                tokenize_s = time.perf_counter() - t0
+                for prior in priors:
+                    t0 = time.perf_counter()
+                    data = codec.codec.encode(ids, small.shape[:2], prior)
+                    enc_s = tokenize_s + time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    out, _ = codec.decompress(data)
+                    dec_s = time.perf_counter() - t0
+                    out = resize(out, (h, w))
+                    rows[prior].append({"bpp": 8 * len(data) / (h * w), "encode_s": enc_s, "decode_s": dec_s}
+                                       | image_metrics(img, out))
+                print(f"  {m.model_id} scale {scale:g}: photo {i + 1}/{len(photos)}", end="\r", file=sys.stderr)
+            for prior in priors:
+                pt = summarize(rows[prior], codec="gqtok", model=m.model_id, prior=prior, scale=scale,
+                               token_dim=m.token_dim, bits_per_token=None)
+                tokens = m.tokens_per_position * math.ceil(size[0] / m.downsample) * math.ceil(size[1] / m.downsample)
+                pt["bits_per_token"] = pt["bpp"] * h * w / tokens
+                points.append(pt)
+                print(f"{m.model_id} scale {scale:g} {prior:9s} {pt['bpp']:.4f} bpp  {pt['psnr']:.2f} dB  "
+                      f"MS-SSIM {pt['ms_ssim']:.4f}  {pt['bits_per_token']:.2f} bits/token  "
+                      f"enc {pt['encode_ms']:.0f} ms  dec {pt['decode_ms']:.0f} ms", file=sys.stderr)
+    for fmt, qualities in (("JPEG", args.jpeg), ("WEBP", args.webp)):
+        for q in qualities:
+            rows = []
+            for img in photos:
+                data, out, enc_s, dec_s = pillow_round_trip(img, fmt, q)
+                rows.append({"bpp": 8 * len(data) / (h * w), "encode_s": enc_s, "decode_s": dec_s} | image_metrics(img, out))
+            points.append(summarize(rows, codec=fmt.lower(), quality=q))
+        print(f"{fmt}: {len(qualities)} settings done", file=sys.stderr)
+
+    # BD-rates of each (model set, prior) curve against JPEG and WebP, on PSNR and on MS-SSIM (dB).
+    def curve(rows, metric):
+        return [(r["bpp"], r["psnr"] if metric == "psnr" else ms_ssim_db(r["ms_ssim"])) for r in rows]
+
+    anchors = {c: [p for p in points if p["codec"] == c] for c in ("jpeg", "webp")}
+    ours = [p for p in points if p["codec"] == "gqtok"]
+    bd = []
+    for prior in sorted({p["prior"] for p in ours}):
+        rows = [p for p in ours if p["prior"] == prior]
+        for anchor_name, anchor in anchors.items():
+            entry = {"prior": prior, "anchor": anchor_name, "points": len(rows)}
+            for metric in ("psnr", "ms_ssim"):
+                entry[f"bd_rate_{metric}_percent"] = bd_rate(curve(rows, metric), curve(anchor, metric))
+            bd.append(entry)
+    # Per gqtok point (defined even for one point): the rate the anchor needs for the same PSNR, and the PSNR
+    # the anchor reaches at the same rate.
+    for p in ours:
+        for anchor_name, anchor in anchors.items():
+            need = anchor_rate_at(p["psnr"], curve(anchor, "psnr"))
+            p[f"{anchor_name}_bpp_at_same_psnr"] = need
+            p[f"rate_ratio_vs_{anchor_name}"] = None if need is None else p["bpp"] / need
+            p[f"{anchor_name}_psnr_at_same_bpp"] = anchor_quality_at(p["bpp"], curve(anchor, "psnr"))
+    # Bits each prior saves over log2 K, per model at scale 1.
+    savings = []
+    for p in ours:
+        if p["scale"] == 1.0 and p["prior"] != "uniform":
+            uni = next(u for u in ours if u["model"] == p["model"] and u["scale"] == 1.0 and u["prior"] == "uniform")
+            savings.append({"model": p["model"], "prior": p["prior"], "bits_per_token": p["bits_per_token"],
+                            "uniform_bits_per_token": uni["bits_per_token"],
+                            "saved_bits_per_token": uni["bits_per_token"] - p["bits_per_token"],
+                            "saved_percent": 100 * (1 - p["bpp"] / uni["bpp"])})
+    return {
+        "benchmark": "rd", "quick": args.quick, "photos": len(photos), "size_hw": [h, w], "scales": args.scales,
+        "models": [shown(d) for d in args.model], "machine": {"cpu": platform.processor() or platform.machine(),
+                                                                 "threads": args.threads},
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "points": points, "bd_rate": bd, "prior_savings": savings,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ms_ssim", "MS-SSIM (dB)")):
+        value = (lambda p: p["psnr"]) if metric == "psnr" else (lambda p: ms_ssim_db(p["ms_ssim"]))
+        for codec, style in (("jpeg", "o-"), ("webp", "s-")):
+            pts = sorted((p["bpp"], value(p)) for p in result["points"] if p["codec"] == codec)
+            ax.plot(*zip(*pts), style, ms=3, label=codec.upper())
+        ours = [p for p in result["points"] if p["codec"] == "gqtok"]
+        for prior, marker in (("uniform", "x"), ("frequency", "^"), ("context", "*")):
+            pts = sorted((p["bpp"], value(p)) for p in ours if p["prior"] == prior)
+            if pts:
+                ax.plot(*zip(*pts), marker + "--", ms=8, label=f"gqtok, {prior} prior")
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel (actual bytes)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"held-out endless-sky photos, {result['photos']} at 768x512 (not Kodak)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", action="append", help="model directory (repeat; default models/default)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.75, 0.5], help="resize factors (rate control)")
+    p.add_argument("--priors", nargs="+", help="only these priors (default: every prior each model has)")
+    p.add_argument("--photos", type=int, default=24, help="held-out photos (default all 24)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
+    p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, fewer JPEG/WebP settings (< 60 s)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/rd.json, --quick: rd_quick.json)")
+    args = p.parse_args(argv)
+    args.model = args.model or [str(REPO / "models" / "default")]
+    args.jpeg, args.webp = JPEG_QUALITIES, WEBP_QUALITIES
+    if args.quick:
+        args.photos, args.scales = min(args.photos, 3), [1.0, 0.5]
+        args.jpeg, args.webp = (1, 5, 10, 30, 75), (0, 5, 20, 50)
+    out = Path(args.out or RESULTS / ("rd_quick.json" if args.quick else "rd.json"))
+    result = run(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({"bd_rate": result["bd_rate"], "prior_savings": result["prior_savings"],
+                      "seconds": result["seconds"], "json": str(out)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

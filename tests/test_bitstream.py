@@ -1,0 +1,173 @@
+"""gqtok/bitstream.py: the compressed format round-trips bit-exactly and refuses anything it cannot decode."""
+
+import dataclasses
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from gqtok.artifact import load_artifact
+from gqtok.bitstream import FORMAT_VERSION, BitstreamError, Codec, Header, grid_fits, read_header
+from service.codec import ImageCodec
+
+pytestmark = pytest.mark.slow
+PRIORS = ("uniform", "frequency", "context")
+
+
+@pytest.fixture(scope="module")
+def image_codec(tiny_model):
+    return ImageCodec(load_artifact(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def photo(small_photos):
+    from training.data import load_rgb
+
+    return load_rgb(sorted(small_photos.iterdir())[0])[:203, :301]  # neither side a multiple of 8
+
+
+@pytest.fixture(scope="module")
+def photo_ids(image_codec, photo):
+    from service.images import fit_to_grid
+
+    return image_codec.runtime.tokenize(fit_to_grid(photo, 8, "pad")[None])[0]
+
+
+def test_the_tiny_model_has_every_prior(image_codec):
+    assert image_codec.priors == list(PRIORS)
+    assert image_codec.codec.default_prior == "context"
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_photo_tokens_round_trip_bit_exactly(image_codec, photo, photo_ids, prior):
+    data = image_codec.codec.encode(photo_ids, photo.shape[:2], prior)
+    ids, header = image_codec.codec.decode(data)
+    assert ids.dtype == np.int64 and np.array_equal(ids, photo_ids)
+    assert (header.prior, header.image_size, header.grid, header.model_id) == (prior, (203, 301), (2, 26, 38), "tiny")
+    assert header.total_bytes == len(data)
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("shape", [(2, 1, 1), (2, 1, 7), (2, 9, 1), (2, 5, 13)])
+def test_random_tokens_round_trip_even_where_the_prior_finds_them_unlikely(image_codec, prior, shape):
+    ids = np.random.default_rng(sum(shape)).integers(0, 256, shape)
+    data = image_codec.codec.encode(ids, (shape[1] * 8 - 3, shape[2] * 8), prior)
+    assert np.array_equal(image_codec.codec.decode(data)[0], ids)
+
+
+def test_image_round_trip_matches_tokenize_then_detokenize(image_codec, photo, photo_ids):
+    image, header = image_codec.decompress(image_codec.compress(photo))
+    expected = image_codec.runtime.detokenize(photo_ids[None])[0, :203, :301]
+    assert image.shape == photo.shape and np.array_equal(image, expected)
+    assert header.prior == "context"
+
+
+def test_uniform_costs_log2_k_bits_and_fitted_priors_cost_less(image_codec, photo, photo_ids):
+    sizes = {p: len(image_codec.codec.encode(photo_ids, photo.shape[:2], p)) for p in PRIORS}
+    header_bytes = sizes["uniform"] - read_header(image_codec.codec.encode(photo_ids, photo.shape[:2], "uniform")).payload_length
+    tokens = photo_ids.size
+    assert abs(8 * (sizes["uniform"] - header_bytes) - tokens * math.log2(256)) <= 64  # range coder: a word or two
+    assert sizes["context"] < sizes["frequency"] < sizes["uniform"]
+
+
+def _repack(data: bytes, **changes) -> bytes:
+    """The stream with header fields changed and its checksums recomputed (a well-formed lie)."""
+    header, payload = Header.unpack(data)
+    return dataclasses.replace(header, **changes).pack() + payload
+
+
+def test_corrupted_truncated_and_foreign_streams_are_refused(image_codec, photo, photo_ids, tiny_model):
+    data = image_codec.codec.encode(photo_ids, photo.shape[:2], "context")
+    flipped_payload = bytearray(data)
+    flipped_payload[-5] ^= 0x10
+    flipped_header = bytearray(data)
+    flipped_header[20] ^= 0x01
+    cases = {
+        bytes(flipped_payload): "payload checksum mismatch",
+        bytes(flipped_header): "header checksum mismatch",
+        data[:-3]: "truncated",
+        data[:30]: "truncated header",
+        data + b"\0\0\0\0": "trailing bytes",
+        b"": "no GQTK magic",
+        (tiny_model / "manifest.json").read_bytes(): "no GQTK magic",
+        b"GQTK" + bytes([FORMAT_VERSION + 1]) + data[5:]: f"format version {FORMAT_VERSION + 1}",
+        b"GQTK" + bytes([FORMAT_VERSION, 9]) + data[6:]: "unknown prior id 9",
+    }
+    for stream, message in cases.items():
+        with pytest.raises(BitstreamError, match=message):
+            image_codec.codec.decode(stream)
+
+
+def test_the_header_is_checked_against_the_loaded_model(image_codec, photo, photo_ids):
+    codec = image_codec.codec
+    data = codec.encode(photo_ids, photo.shape[:2], "frequency")
+    cases = {
+        _repack(data, model_id="other"): "made by model 'other'",
+        _repack(data, codebook_digest=b"\1" * 8): "codebook digest",
+        _repack(data, prior_digest=b"\1" * 8): "prior was refitted",
+        _repack(data, grid=(1, 26, 38)): "do not fit model tiny",
+        _repack(data, image_size=(150, 301)): "do not fit model tiny",  # 26 rows of 8 are more than 150 needs
+        _repack(data, num_codes=512): "do not fit model tiny",
+        _repack(data, token_crc=data[-1]): "fail their checksum",  # as if the prior computed differently
+    }
+    for stream, message in cases.items():
+        with pytest.raises(BitstreamError, match=message):
+            codec.decode(stream)
+
+
+def test_a_stream_from_another_model_names_both_models(photo, photo_ids, image_codec):
+    default = Codec(load_artifact("models/default"))
+    with pytest.raises(BitstreamError, match="made by model 'tiny', this is 'gqtok-default'"):
+        default.decode(image_codec.codec.encode(photo_ids, photo.shape[:2]))
+
+
+def test_encode_refuses_grids_and_sizes_that_do_not_fit(image_codec, photo_ids):
+    codec = image_codec.codec
+    with pytest.raises(ValueError, match=r"token grid must be \[2, h, w\]"):
+        codec.encode(photo_ids[:1], (203, 301))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
+        codec.encode(photo_ids + 256, (203, 301))
+    with pytest.raises(ValueError, match="is not what a 26x38 grid"):
+        codec.encode(photo_ids, (100, 301))
+    with pytest.raises(ValueError, match="has no 'arithmetic' prior"):
+        codec.encode(photo_ids, (203, 301), "arithmetic")
+
+
+def test_header_layout_is_stable():
+    """The byte layout is the format: a change here must bump FORMAT_VERSION."""
+    h = Header("m1", "frequency", b"\xaa" * 8, b"\xbb" * 8, (17, 9), (1, 3, 2), 256, 7, 8, 9)
+    packed = h.pack()
+    assert packed[:8] == b"GQTK\x01\x01\x02m" and packed[8:9] == b"1"
+    assert struct.unpack_from("<II", packed, 25) == (17, 9)
+    assert struct.unpack("<I", packed[-4:])[0] == zlib.crc32(packed[:-4])
+    assert len(packed) == 7 + 2 + 16 + 8 + 6 + 4 * 4 + 4
+
+
+def test_grid_fits_is_the_pad_rule():
+    assert grid_fits((203, 301), (26, 38), 8) and grid_fits((8, 8), (1, 1), 8)
+    assert not grid_fits((200, 301), (26, 38), 8) and not grid_fits((9, 8), (1, 1), 8)
+
+
+def test_cli_compress_and_decompress(tiny_model, photo, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from gqtok.cli import main
+
+    src = tmp_path / "photo.png"
+    Image.fromarray(photo).save(src)
+    main(["compress", str(src), "-o", str(tmp_path / "p.gqt"), "--model", str(tiny_model), "--prior", "frequency"])
+    report = json.loads(capsys.readouterr().out)
+    data = (tmp_path / "p.gqt").read_bytes()
+    assert report["bytes"] == len(data) and report["prior"] == "frequency" and report["image_size"] == [203, 301]
+    assert report["bits_per_pixel"] == pytest.approx(8 * len(data) / (203 * 301), abs=1e-4)
+    main(["decompress", str(tmp_path / "p.gqt"), "-o", str(tmp_path / "back.png"), "--model", str(tiny_model)])
+    back = np.asarray(Image.open(tmp_path / "back.png"))
+    assert np.array_equal(back, ImageCodec(load_artifact(tiny_model)).decompress(data)[0])
+    # the header names the model: decompressing with another model's directory says which one it needs
+    with pytest.raises(SystemExit):
+        main(["decompress", str(tmp_path / "p.gqt"), "--model", "models/default"])
+    assert "made by model 'tiny'" in capsys.readouterr().err
