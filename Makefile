@@ -13,7 +13,7 @@ $(BIN)/activate:
 
 # torch comes from pip's local CPU build for exactly torch==2.13.0 (see README).
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
-	$(BIN)/pip install -q -e '.[train,serve,export,dev]'
+	$(BIN)/pip install -q -e '.[train,serve,export,generator,dev]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -94,20 +94,22 @@ def hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def bd_rate(test: list[tuple[float, float]], anchor: list[tuple[float, float]], samples: int = 1000) -> float | None:
-    """Bjontegaard delta rate (%) of test against anchor; (rate, quality) points; None without overlap."""
+def bd_rate(test: list[tuple[float, float]], anchor: list[tuple[float, float]],
+            samples: int = 1000) -> tuple[float | None, tuple[float, float] | None]:
+    """Bjontegaard delta rate (%) of test against anchor, and the quality range it averages over;
+    (rate, quality) points; (None, None) without overlap."""
     t, a = hull(test), hull(anchor)
     if len(t) < 2 or len(a) < 2:
-        return None
+        return None, None
     lo, hi = max(t[0][1], a[0][1]), min(t[-1][1], a[-1][1])
     if hi <= lo:
-        return None
+        return None, None
     q = np.linspace(lo, hi, samples)
 
     def log_rate(curve):
         return np.interp(q, [p[1] for p in curve], [math.log(p[0]) for p in curve])
 
-    return 100 * (math.exp(float(np.mean(log_rate(t) - log_rate(a)))) - 1)
+    return 100 * (math.exp(float(np.mean(log_rate(t) - log_rate(a)))) - 1), (lo, hi)
 
 
 def anchor_rate_at(quality: float, anchor: list[tuple[float, float]]) -> float | None:
@@ -182,7 +184,19 @@ def run(args) -> dict:
             points.append(summarize(rows, codec=fmt.lower(), quality=q))
         print(f"{fmt}: {len(qualities)} settings done", file=sys.stderr)
 
-    # BD-rates of each (model set, prior) curve against JPEG and WebP, on PSNR and on MS-SSIM (dB).
+    bd, savings = score(points)
+    return {
+        "benchmark": "rd", "quick": args.quick, "photos": len(photos), "size_hw": [h, w], "scales": args.scales,
+        "models": [shown(d) for d in args.model], "machine": {"cpu": platform.processor() or platform.machine(),
+                                                                 "threads": args.threads},
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "points": points, "bd_rate": bd, "prior_savings": savings,
+    }
+
+
+def score(points: list[dict]) -> tuple[list[dict], list[dict]]:
+    """BD-rates of each prior's curve against JPEG and WebP, per-point comparisons (added to the points), and
+    the bits each prior saves over uniform coding."""
     def curve(rows, metric):
         return [(r["bpp"], r["psnr"] if metric == "psnr" else ms_ssim_db(r["ms_ssim"])) for r in rows]
 
@@ -194,7 +208,9 @@ def run(args) -> dict:
         for anchor_name, anchor in anchors.items():
             entry = {"prior": prior, "anchor": anchor_name, "points": len(rows)}
             for metric in ("psnr", "ms_ssim"):
-                entry[f"bd_rate_{metric}_percent"] = bd_rate(curve(rows, metric), curve(anchor, metric))
+                value, span = bd_rate(curve(rows, metric), curve(anchor, metric))
+                entry[f"bd_rate_{metric}_percent"] = value
+                entry[f"{metric}_range" + ("_db" if metric == "ms_ssim" else "")] = span
             bd.append(entry)
     # Per gqtok point (defined even for one point): the rate the anchor needs for the same PSNR, and the PSNR
     # the anchor reaches at the same rate.
@@ -213,13 +229,7 @@ def run(args) -> dict:
                             "uniform_bits_per_token": uni["bits_per_token"],
                             "saved_bits_per_token": uni["bits_per_token"] - p["bits_per_token"],
                             "saved_percent": 100 * (1 - p["bpp"] / uni["bpp"])})
-    return {
-        "benchmark": "rd", "quick": args.quick, "photos": len(photos), "size_hw": [h, w], "scales": args.scales,
-        "models": [shown(d) for d in args.model], "machine": {"cpu": platform.processor() or platform.machine(),
-                                                                 "threads": args.threads},
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "points": points, "bd_rate": bd, "prior_savings": savings,
-    }
+    return bd, savings
 
 
 def plot(result: dict, path: Path) -> None:
@@ -259,6 +269,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
     p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, fewer JPEG/WebP settings (< 60 s)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/rd.json, --quick: rd_quick.json)")
+    p.add_argument("--rescore", action="store_true",
+                   help="measure nothing: recompute BD-rates, comparisons and the plot from the points in --out")
     args = p.parse_args(argv)
     args.model = args.model or [str(REPO / "models" / "default")]
     args.jpeg, args.webp = JPEG_QUALITIES, WEBP_QUALITIES
@@ -266,7 +278,11 @@ def main(argv=None) -> None:
         args.photos, args.scales = min(args.photos, 3), [1.0, 0.5]
         args.jpeg, args.webp = (1, 5, 10, 30, 75), (0, 5, 20, 50)
     out = Path(args.out or RESULTS / ("rd_quick.json" if args.quick else "rd.json"))
-    result = run(args)
+    if args.rescore:
+        result = json.loads(out.read_text())
+        result["bd_rate"], result["prior_savings"] = score(result["points"])
+    else:
+        result = run(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -148,6 +149,49 @@ def cmd_decompress(args) -> None:
                       "image_size": list(image.shape[:2])}))
 
 
+def cmd_generator_train(args) -> None:
+    from generator.train import train_generator
+
+    model_kw = {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
+    train_kw = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    summary = train_generator(Path(args.out), args.tokenizer_url, Path(args.data), model_kw, train_kw,
+                              api_key=args.api_key, progress=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("val_bits_per_token", "log2_k", "parameters", "train_sequences",
+                                              "val_sequences")} | {"out": args.out}))
+
+
+def cmd_generator_sample(args) -> None:
+    import torch
+
+    from generator.sample import grid_png, sample_grids, sampling_speed
+    from generator.train import load_generator
+    from service.client import TokenizerClient
+
+    model, summary = load_generator(Path(args.run))
+    grids = sample_grids(model, args.n, args.temperature, args.top_k, args.top_p, args.seed)
+    with TokenizerClient(args.tokenizer_url, api_key=args.api_key,
+                         model=summary["tokenizer"]["tokenizer_model"]) as client:
+        images = client.detokenize(grids)
+    Path(args.output).write_bytes(grid_png(images))
+    report = {"output": args.output, "n": args.n, "grid": list(grids.shape[1:])}
+    if args.speed:
+        torch.manual_seed(0)
+        report["speed"] = [sampling_speed(model, args.n, use_cache=c, repeats=3) for c in (True, False)]
+    print(json.dumps(report, indent=1))
+
+
+def cmd_generator_serve(args) -> None:
+    import uvicorn
+
+    from generator.app import create_app
+
+    if not (Path(args.run) / "config.json").exists():
+        raise FileNotFoundError(f"no trained generator in {args.run}: make one with "
+                                f"`gqtok generator train --out {args.run} --tokenizer-url {args.tokenizer_url}`")
+    uvicorn.run(create_app(Path(args.run), args.tokenizer_url, api_key=args.api_key), host=args.host, port=args.port,
+                log_level="info")
+
+
 SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable GQTOK_<NAME>
     "host": (str, "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
     "port": (int, "port (default 8000)"),
@@ -249,6 +293,45 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                     help="model directory; repeat to offer several, the header picks (default models/default)")
     dc.add_argument("--device", default="cpu")
     dc.set_defaults(func=cmd_decompress)
+
+    gen = sub.add_parser("generator", help="the downstream autoregressive generator over the tokenizer's tokens"
+                         ).add_subparsers(dest="generator_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tokenizer-url", default="http://127.0.0.1:8000", help="the tokenizer service (default %(default)s)")
+    common.add_argument("--api-key", default=os.environ.get("GQTOK_API_KEY") or None,
+                        help="the tokenizer's API key, if it has one (default: $GQTOK_API_KEY)")
+    gt = gen.add_parser("train", parents=[common], help="tokenize photos through the service, then train")
+    gt.add_argument("--out", required=True, help="run directory")
+    gt.add_argument("--data", default="data/endless-sky", help="photos (held-out ones validate)")
+    gt.add_argument("--quiet", action="store_true")
+    if argv[:2] == ["generator", "train"]:
+        from generator.model import GeneratorConfig
+        from generator.train import GeneratorTrainConfig
+
+        model_group = gt.add_argument_group("model")
+        for name in ("grid", "n_layer", "n_head", "n_embd", "dropout", "codebook_init"):
+            f = next(f for f in fields(GeneratorConfig) if f.name == name)
+            kind = (lambda v: tuple(int(x) for x in v.split(","))) if name == "grid" else (
+                _parse_bool if isinstance(f.default, bool) else type(f.default))
+            model_group.add_argument(f"--{name.replace('_', '-')}", dest=f"gen_{name}", type=kind, default=None,
+                                     help=f"(default {f.default!r})")
+        _add_config_flags(gt, GeneratorTrainConfig, "training")
+    gt.set_defaults(func=cmd_generator_train)
+    gs = gen.add_parser("sample", parents=[common], help="sample a grid of images (decoded by the service)")
+    gs.add_argument("run", help="generator run directory")
+    gs.add_argument("-o", "--output", default="samples.png")
+    gs.add_argument("--n", type=int, default=16)
+    gs.add_argument("--seed", type=int, default=0)
+    gs.add_argument("--temperature", type=float, default=1.0)
+    gs.add_argument("--top-k", type=int)
+    gs.add_argument("--top-p", type=float)
+    gs.add_argument("--speed", action="store_true", help="also time sampling with and without the KV cache")
+    gs.set_defaults(func=cmd_generator_sample)
+    gv = gen.add_parser("serve", parents=[common], help="serve POST /generate")
+    gv.add_argument("run", help="generator run directory")
+    gv.add_argument("--host", default="127.0.0.1")
+    gv.add_argument("--port", type=int, default=8001)
+    gv.set_defaults(func=cmd_generator_serve)
 
     sv = sub.add_parser("serve", help="serve the tokenizer over HTTP (default: the embedded models/default)",
                         description="Every option is also an environment variable GQTOK_<OPTION> (flags win); "

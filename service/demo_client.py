@@ -1,4 +1,4 @@
-"""A small real client of the tokenizer service: the compose stack's stand-in generator.
+"""A small real client of the tokenizer service, for smoke tests of a deployment.
 
     python -m service.demo_client --url http://127.0.0.1:8000 --once
     python -m service.demo_client --url http://tokenizer:8000 --interval 10 --image photo.jpg

@@ -74,9 +74,10 @@ def wait_until_ready(url: str, timeout: float = 60.0, alive=lambda: None) -> Non
 
 
 class LiveServer:
-    """A real `gqtok serve` process (uvicorn) on a free loopback port."""
+    """A real `gqtok serve` process (uvicorn) on a free loopback port; `command` runs another server subcommand
+    (e.g. ["generator", "serve", RUN]) on that port instead."""
 
-    def __init__(self, model_dirs, *flags, env=None):
+    def __init__(self, model_dirs, *flags, env=None, command=None):
         import socket
         import subprocess
         import sys
@@ -85,7 +86,10 @@ class LiveServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "gqtok.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
+        if command:
+            cmd = [sys.executable, "-m", "gqtok.cli", *command, "--port", str(self.port), *flags]
+        else:
+            cmd = [sys.executable, "-m", "gqtok.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
         for d in model_dirs:
             cmd += ["--model", str(d)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

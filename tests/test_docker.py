@@ -8,8 +8,9 @@ No Docker engine runs here, so no image is built or run. What is checked, with r
   no torch, ENTRYPOINT = the `gqtok` console script);
 - every COPY/ADD source is in the build context that .dockerignore leaves (docker-py's matcher);
 - the image's exact ENTRYPOINT under the image's ENV runs outside a container: ready, tokenizes
-  a real photo crop, passes the image's HEALTHCHECK command, serves the compose generator's
-  command (service.demo_client --once), and exits 0 on SIGTERM.
+  a real photo crop, passes the image's HEALTHCHECK command, serves the demo client
+  (service.demo_client --once), and exits 0 on SIGTERM. The generator image's rules are checked too;
+  its server runs for real in tests/test_generator.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "gpu": REPO / "docker" / "Dockerfile.gpu"}
+GENERATOR_DOCKERFILE = REPO / "docker" / "Dockerfile.generator"
 EXTRA = {"cpu": "serve", "gpu": "gpu"}
 DEVICE = {"cpu": "cpu", "gpu": "cuda"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -137,11 +139,37 @@ def test_compose_services(compose_config):
 
     gen = services["generator"]
     assert gen["depends_on"]["tokenizer"]["condition"] == "service_healthy"
-    assert gen["image"] == services["tokenizer"]["image"]
-    assert gen["entrypoint"] == ["python", "-m", "service.demo_client"]
-    assert gen["command"][gen["command"].index("--url") + 1] == "http://tokenizer:8000"
-    assert gen["healthcheck"]["disable"] is True
+    assert REPO / gen["build"]["dockerfile"] == GENERATOR_DOCKERFILE
+    assert gen["command"][0] == "/runs/generator"
+    assert gen["command"][gen["command"].index("--tokenizer-url") + 1] == "http://tokenizer:8000"
+    assert {"type": "bind", "target": "/runs/generator", "read_only": True}.items() <= gen["volumes"][0].items()
+    assert [p["target"] for p in gen["ports"]] == [int(gen["command"][gen["command"].index("--port") + 1])]
+    assert "/health/ready" in " ".join(gen["healthcheck"]["test"])
     assert "models" in compose_config["volumes"]
+
+
+def test_generator_dockerfile():
+    """hadolint, then our rules: two stages, non-root, health check, `gqtok generator serve`, and only the
+    packages the generator imports (torch yes, training/ and export/ never)."""
+    out = subprocess.run([tool("hadolint"), "--no-color", "--failure-threshold", "style", str(GENERATOR_DOCKERFILE)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    dfp = DockerfileParser(fileobj=io.BytesIO(GENERATOR_DOCKERFILE.read_bytes()))
+    st = stages(dfp)
+    final = {}
+    for ins in st[-1]:
+        final.setdefault(ins["instruction"], []).append(ins["value"])
+    assert len(st) == 2 and final["USER"][-1].split(":")[0] == "10001" and final["EXPOSE"] == ["8001"]
+    assert "/health/ready" in final["HEALTHCHECK"][-1]
+    assert exec_form(final["ENTRYPOINT"][-1]) == ["gqtok", "generator", "serve"]
+    copied = " ".join(ins["value"] for s in st for ins in s if ins["instruction"] in ("COPY", "ADD"))
+    assert not re.search(r"\b(training|export|tests|data|runs|models)/", copied), copied
+    runs = " ".join(ins["value"] for s in st for ins in s if ins["instruction"] == "RUN")
+    assert "download.pytorch.org/whl/cpu" in runs and '"./[generator]"' in runs
+    # what generator/ imports at serve time is in its extra (torch comes first, from the CPU index)
+    extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["generator"])
+    for package in ("torch", "safetensors", "fastapi", "uvicorn", "httpx", "pillow"):
+        assert package in extra
 
 
 def test_compose_and_image_env_are_settings(compose_config, monkeypatch):
@@ -331,11 +359,9 @@ def test_entrypoint_smoke(tiny_model, photos_dir, compose_config, tmp_path):
         assert result["grid_size"] == [256 // f, 256 // f] and result["original_size"] == [256, 256]
         assert tokens.shape[-2:] == (256 // f, 256 // f) and 0 <= tokens.min() and tokens.max() < k
 
-        # The compose generator's command line, pointed here, once: a generated image, then the photo.
-        gen = compose_config["services"]["generator"]
-        argv = [sys.executable if gen["entrypoint"][0] == "python" else gen["entrypoint"][0], *gen["entrypoint"][1:]]
-        cmd = list(gen["command"])
-        cmd[cmd.index("--url") + 1] = url
+        # The demo client (a smoke-test client of the tokenizer), pointed here, once: a generated image, then the photo.
+        argv = [sys.executable, "-m", "service.demo_client"]
+        cmd = ["--url", url]
         for extra in ([], ["--image", str(photo)]):
             demo = subprocess.run([*argv, *cmd, "--once", "--json", *extra], cwd=tmp_path, env=env,
                                   capture_output=True, text=True, timeout=60)
