@@ -288,6 +288,7 @@ def main(argv=None) -> None:
     plot(result, out.with_suffix(".png"))
     print(json.dumps({"bd_rate": result["bd_rate"], "prior_savings": result["prior_savings"],
                       "seconds": result["seconds"], "json": str(out)}, indent=1))
+    return result
 
 
 if __name__ == "__main__":

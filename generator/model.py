@@ -143,9 +143,11 @@ class ARTransformer(nn.Module):
                 for j, block in enumerate(self.blocks):
                     x, caches[j] = block(x, caches[j])
                 logits = self.head(self.ln_f(x))[:, -1]
-            else:
-                padded = torch.cat([out, torch.zeros(n, 1, dtype=torch.long)], dim=1)  # the last id is never read
-                logits = self(padded)[:, -1]
+            else:  # the whole prefix again, every step (the head only at the last position, as with the cache)
+                x = torch.cat([self.start.expand(n, 1, -1), self.tok_emb(out)], dim=1) + self.pos_emb[:, : i + 1]
+                for block in self.blocks:
+                    x, _ = block(x)
+                logits = self.head(self.ln_f(x[:, -1:]))[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             out = torch.cat([out, nxt[:, None]], dim=1)
         return out

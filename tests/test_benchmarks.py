@@ -45,3 +45,44 @@ def test_service_benchmark_compares_server_with_its_ceiling(tiny_model, tmp_path
     for row in memory:  # a few copies of the input plus fixed-size score chunks, never the tokens x K matrix
         assert row["peak_mib"] <= 4 * row["input_mib"] + 8, row
     assert result["flops"]["gq_select_gflop"] > 0 and result["flops"]["encoder_gflop"] > 0
+
+
+def test_bd_rate_against_known_curves():
+    from benchmarks.rd import bd_rate, hull
+
+    anchor = [(0.1, 25.0), (0.2, 28.0), (0.4, 31.0)]
+    assert bd_rate(anchor, anchor)[0] == pytest.approx(0.0, abs=1e-9)
+    half = [(r / 2, q) for r, q in anchor]
+    value, span = bd_rate(half, anchor)
+    assert value == pytest.approx(-50.0) and span == (25.0, 31.0)
+    assert bd_rate([(0.05, 20.0), (0.06, 21.0)], anchor) == (None, None)  # no overlap in quality
+    assert hull([(0.3, 20.0), (0.1, 22.0), (0.2, 25.0)]) == [(0.1, 22.0), (0.2, 25.0)]  # dominated point dropped
+
+
+def test_rd_benchmark_runs_every_prior_and_the_anchors(tiny_model, tmp_path):
+    from benchmarks import rd
+
+    out = tmp_path / "rd.json"
+    result = rd.main(["--model", str(tiny_model), "--quick", "--photos", "1", "--out", str(out)])
+    ours = [p for p in result["points"] if p["codec"] == "gqtok"]
+    assert {(p["prior"], p["scale"]) for p in ours} == {(p, s) for p in ("uniform", "frequency", "context")
+                                                        for s in (1.0, 0.5)}
+    at_1 = {p["prior"]: p for p in ours if p["scale"] == 1.0}
+    assert at_1["context"]["bpp"] < at_1["frequency"]["bpp"] < at_1["uniform"]["bpp"]
+    assert len({p["psnr"] for p in at_1.values()}) == 1  # same tokens, same pixels: only the rate differs
+    assert {p["codec"] for p in result["points"]} == {"gqtok", "jpeg", "webp"}
+    assert {(b["prior"], b["anchor"]) for b in result["bd_rate"]} == {
+        (p, a) for p in ("uniform", "frequency", "context") for a in ("jpeg", "webp")}
+    saved = {s["prior"]: s["saved_bits_per_token"] for s in result["prior_savings"]}
+    assert saved["context"] > saved["frequency"] > 0
+    assert out.with_suffix(".png").stat().st_size > 10_000 and json.loads(out.read_text())["photos"] == 1
+
+
+def test_generator_benchmark_times_both_ways(tmp_path):
+    from benchmarks import generator
+
+    result = generator.main(["--run", str(tmp_path / "none"), "--quick", "--out", str(tmp_path / "g.json")])
+    (row,) = result["results"]
+    assert row["tokens"] == 64 and row["kv_cache"]["tokens_per_s"] > 0 and row["no_cache"]["tokens_per_s"] > 0
+    assert row["speedup_kv_cache"] == pytest.approx(row["kv_cache"]["tokens_per_s"] / row["no_cache"]["tokens_per_s"])
+    assert result["source"]["weights"] == "random"
