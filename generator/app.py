@@ -16,12 +16,10 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
 
@@ -63,19 +61,7 @@ def create_app(run_dir: Path, tokenizer_url: str, api_key: str | None = None) ->
     app = FastAPI(title="gqtok generator", lifespan=lifespan,
                   description="Samples of a small autoregressive model over gqtok tokens, decoded by the tokenizer service.")
 
-    @app.exception_handler(errors.ServiceError)
-    async def _service_error(request: Request, e: errors.ServiceError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return JSONResponse({"error": detail or "invalid request", "error_type": "invalid_request"}, status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return JSONResponse({"error": str(e.detail), "error_type": kind}, status_code=e.status_code)
+    errors.install_handlers(app)
 
     @app.post("/generate", summary="Sample n images -> one PNG grid",
               responses={200: {"content": {"image/png": {}}}})

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import gqtok
 from gqtok.artifact import CODEBOOK, ArtifactError, load_artifact
@@ -259,25 +257,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     def error_response(e: errors.ServiceError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(errors.ServiceError)
-    async def _service_error(request: Request, e: errors.ServiceError):
-        return error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return error_response(errors.InvalidRequest(detail or "invalid request"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return JSONResponse({"error": str(e.detail), "error_type": kind}, status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"error": f"internal error: {type(e).__name__}", "error_type": "internal_error"},
-                            status_code=500)
+    errors.install_handlers(app, log)
 
     api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
 

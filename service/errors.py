@@ -73,3 +73,36 @@ class RequestTimeout(ServiceError):
 
 class ShuttingDown(ServiceError):
     status, error_type = 503, "shutting_down"
+
+
+def install_handlers(app, log=None) -> None:
+    """Answer every error of a FastAPI app as JSON {"error", "error_type"}: ServiceErrors with their status,
+    request validation as 400 invalid_request, routing as 404 not_found / 405 method_not_allowed, and
+    anything unexpected as 500 internal_error (logged, its message not leaked)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def respond(e: ServiceError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request, e: ServiceError):
+        return respond(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        return respond(InvalidRequest(detail or "invalid request"))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return JSONResponse({"error": str(e.detail), "error_type": kind}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):
+        if log is not None:
+            log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": f"internal error: {type(e).__name__}", "error_type": "internal_error"},
+                            status_code=500)

@@ -1,7 +1,6 @@
 """generator/: the autoregressive model, its sampling, and the whole path against a live tokenizer."""
 
 import io
-import math
 
 import httpx
 import numpy as np
