@@ -168,7 +168,11 @@ async def image_payloads(request: Request, body: bytes, settings: ServiceSetting
                 out.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
                 raise errors.InvalidImage(f"images[{i}] is not valid base64") from None
-        return out, {k: obj[k] for k in ("model", "resize") if k in obj}
+        options = {k: obj[k] for k in ("model", "resize") if k in obj and obj[k] is not None}
+        bad = [k for k, v in options.items() if not isinstance(v, str)]
+        if bad:
+            raise errors.InvalidRequest(f'"{bad[0]}" must be a string, got {type(options[bad[0]]).__name__}')
+        return out, options
     raise errors.UnsupportedMediaType(
         f"content type {kind or '(none)'} is not accepted; send image/png, image/jpeg, image/webp, "
         "multipart/form-data or application/json")
@@ -289,6 +293,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return response
 
     def get_model(model_id: str | None) -> ServedModel:
+        if model_id is not None and not isinstance(model_id, str):  # a JSON body can carry anything
+            raise errors.InvalidRequest(f'"model" must be a string, got {type(model_id).__name__}')
         mid = model_id or state["default"]
         model = state["models"].get(mid)
         if model is None:

@@ -119,6 +119,15 @@ def test_raw_multipart_and_json_agree(live_server, photos):
     assert r.status_code == 200
 
 
+def test_json_options_of_the_wrong_type_are_refused(live_server, photos):
+    """Found by the fuzzer: a JSON "model" that is an object once reached a dict lookup and gave a 500."""
+    image = base64.b64encode(png(photos[0])).decode()
+    for body, field in (({"images": [image], "model": {"a": 1}}, "model"), ({"images": [image], "resize": 3}, "resize"),
+                        ({"tokens": [[1, 2]], "model": ["tiny"]}, "model")):
+        route = "detokenize" if "tokens" in body else "tokenize"
+        assert_error(httpx.post(f"{live_server}/v1/{route}", json=body), 400, "invalid_request", f'"{field}" must be a string')
+
+
 def test_detokenize_several_as_json_and_npy(live_server, photos):
     grids = np.stack([tokenize_npy(live_server, x)[0] for x in photos[:3]]).astype(np.int64)
     r = httpx.post(f"{live_server}/v1/detokenize", json={"tokens": grids.tolist()})
