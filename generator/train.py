@@ -102,9 +102,9 @@ def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrid
         cache = out / "tokens.npz"
         key = {"tokenizer_model": meta["model_id"], "pixel_size": list(pixel_size), "crops_per_photo": cfg.crops_per_photo,
                "max_photos": cfg.max_photos, "seed": cfg.seed}
-        if cache.exists() and json.loads(str(np.load(cache)["key"])) == key:
-            with np.load(cache) as z:
-                train_grids, val_grids = z["train"], z["val"]
+        cached = dict(np.load(cache)) if cache.exists() else {}
+        if cached and json.loads(str(cached["key"])) == key:
+            train_grids, val_grids = cached["train"], cached["val"]
         else:
             t0 = time.perf_counter()
             train_grids, val_grids = collect(client, Path(data_dir), pixel_size, cfg, progress)

@@ -21,8 +21,8 @@ from torch import nn
 from gqtok import layout
 from gqtok.artifact import load_artifact
 from gqtok.manifest import Manifest, file_sha256
-from gqtok.priors import (LOG_SCALE_RANGE, NEIGHBOURS, PRIOR_FILES, ContextPrior, latent_of, load_priors,
-                          neighbour_features, save_context, save_frequency)
+from gqtok.priors import (LOG_SCALE_RANGE, NEIGHBOURS, PRIOR_FILES, ContextPrior, latent_of, neighbour_features,
+                          save_context, save_frequency)
 
 
 @dataclass
@@ -140,7 +140,6 @@ def fit_priors(model_dir: Path, data_dir: Path, config: PriorConfig | None = Non
     # Frequency prior: counts per slot, plus one so every id stays codable.
     counts = np.stack([np.bincount(train_grids[:, s].ravel(), minlength=m.num_codes)
                        for s in range(m.tokens_per_position)]) + 1
-    save_frequency(Path(model_dir) / PRIOR_FILES["frequency"], counts)
 
     # Context prior.
     torch.manual_seed(cfg.seed)
@@ -168,22 +167,19 @@ def fit_priors(model_dir: Path, data_dir: Path, config: PriorConfig | None = Non
             bar.set_postfix(bits_per_token=f"{ema:.3f}")
     train_s = time.perf_counter() - t0
 
-    held = {"photos": len(held_grids), "crop": list(cfg.crop)}
-    info = {"config": asdict(cfg), "train_photos": len(train_grids), "train_positions": int(len(feats)),
-            "final_train_bits_per_token_ema": ema, "tokenize_s": round(tokenize_s, 1), "train_s": round(train_s, 1)}
-    save_context(Path(model_dir) / PRIOR_FILES["context"], net.weights(), info)
-    add_files_to_manifest(Path(model_dir), list(PRIOR_FILES.values()))
-
-    # Held-out bits per token, with the numpy priors as the codec will run them.
-    priors = load_priors(load_artifact(model_dir))
-    held["uniform"] = math.log2(m.num_codes)
+    # Held-out bits per token, with the numpy priors exactly as the codec will run them.
+    weights = net.weights()
+    held = {"photos": len(held_grids), "crop": list(cfg.crop), "uniform": math.log2(m.num_codes)}
     if len(held_grids):
-        held["frequency"] = _frequency_bits(priors["frequency"].counts, held_grids)
+        held["frequency"] = _frequency_bits(counts, held_grids)
         hf, ht = context_dataset(held_grids, artifact.codebook)
-        held["context"] = _batched_bits(priors["context"], hf, ht)
-    info["heldout_bits_per_token"] = held
-    save_context(Path(model_dir) / PRIOR_FILES["context"], net.weights(), info)  # same weights, now with figures
-    add_files_to_manifest(Path(model_dir), [PRIOR_FILES["context"]])
+        held["context"] = _batched_bits(ContextPrior(weights, artifact.codebook, m.token_dim, b""), hf, ht)
+    info = {"config": asdict(cfg), "train_photos": len(train_grids), "train_positions": int(len(feats)),
+            "final_train_bits_per_token_ema": ema, "tokenize_s": round(tokenize_s, 1), "train_s": round(train_s, 1),
+            "heldout_bits_per_token": held}
+    save_frequency(Path(model_dir) / PRIOR_FILES["frequency"], counts)
+    save_context(Path(model_dir) / PRIOR_FILES["context"], weights, info)
+    add_files_to_manifest(Path(model_dir), list(PRIOR_FILES.values()))
     return info
 
 
