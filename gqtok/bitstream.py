@@ -229,8 +229,6 @@ class Codec:
         words = np.frombuffer(payload, dtype="<u4")
         try:
             ids = decode_tokens(words, self.priors[header.prior], header.grid)
-        except BitstreamError:
-            raise
         except Exception as e:  # the coder ran out of words or met an impossible state
             raise BitstreamError(f"payload does not decode with the {header.prior} prior: {e}") from None
         if token_crc(ids) != header.token_crc:

@@ -108,6 +108,7 @@ def cmd_compress(args) -> None:
     import time
 
     from gqtok.artifact import load_artifact
+    from gqtok.bitstream import read_header
     from service.codec import ImageCodec
 
     image = _read_image(Path(args.image))
@@ -117,8 +118,6 @@ def cmd_compress(args) -> None:
     seconds = time.perf_counter() - start
     out = Path(args.output or Path(args.image).with_suffix(".gqt"))
     out.write_bytes(data)
-    from gqtok.bitstream import read_header
-
     header = read_header(data)
     h, w = image.shape[:2]
     print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior, "bytes": len(data),
