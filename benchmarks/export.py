@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.exporter import DecoderGraph, EncoderGraph, export_run  # noqa: E402
-from gqtok.artifact import load_artifact  # noqa: E402
-from service.runtime import TokenizerRuntime  # noqa: E402
-from training.model import PRESETS, GaussianVAE, VAEConfig  # noqa: E402
-from training.train import load_run  # noqa: E402
+from gqtok.export.exporter import DecoderGraph, EncoderGraph, export_run  # noqa: E402
+from gqtok.core.artifact import load_artifact  # noqa: E402
+from gqtok.service.runtime import TokenizerRuntime  # noqa: E402
+from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig  # noqa: E402
+from gqtok.training.train import load_run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

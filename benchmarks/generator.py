@@ -27,8 +27,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def build_model(run: Path | None, grid: tuple[int, int] | None):
-    from generator.model import ARTransformer, GeneratorConfig
-    from generator.train import load_generator
+    from gqtok.generator.model import ARTransformer, GeneratorConfig
+    from gqtok.generator.train import load_generator
 
     if run is not None and (run / "config.json").exists():
         model, summary = load_generator(run)

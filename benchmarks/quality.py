@@ -71,8 +71,8 @@ def calibrate_steps(budget_min: float, arch: dict) -> tuple[int, float]:
     whichever job happened to run alone on a core."""
     import torch
 
-    from training.model import GaussianVAE, kl_bits_per_token
-    from training.train import build_configs
+    from gqtok.training.model import GaussianVAE, kl_bits_per_token
+    from gqtok.training.train import build_configs
 
     torch.set_num_threads(1)
     mcfg, tcfg = build_configs("default", {**{k: v for k, v in arch.items() if k != "steps"}, **BASE})
@@ -100,8 +100,8 @@ def train_and_evaluate(job: dict) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
-    from training.evaluate import evaluate
-    from training.train import train
+    from gqtok.training.evaluate import evaluate
+    from gqtok.training.train import train
 
     run = Path(job["run"])
     t0 = time.monotonic()
@@ -139,8 +139,8 @@ def classic_codecs(data: Path, size, limit, targets) -> list[dict]:
     """JPEG and WebP (Pillow) at the highest quality whose bpp stays at or under each target."""
     from PIL import Image
 
-    from training import data as photo_data
-    from training.evaluate import image_metrics
+    from gqtok.training import data as photo_data
+    from gqtok.training.evaluate import image_metrics
 
     _, held = photo_data.split_heldout(photo_data.list_images(data))
     images = [photo_data.center_crop(photo_data.load_rgb(p), size) for p in held[:limit]]
@@ -178,11 +178,11 @@ def theory_check(run: Path, data: Path, size, limit) -> dict:
     """Per token: mean |z_hat - mu| / sigma over its d channels against log2 K - KL (bits of slack)."""
     import torch
 
-    from gqtok import layout
-    from training import data as photo_data
-    from training.gq import GaussianQuantizer
-    from training.model import kl_bits_per_token
-    from training.train import load_run
+    from gqtok.core import layout
+    from gqtok.training import data as photo_data
+    from gqtok.training.gq import GaussianQuantizer
+    from gqtok.training.model import kl_bits_per_token
+    from gqtok.training.train import load_run
 
     model, _ = load_run(run)
     cfg = model.cfg

@@ -42,7 +42,7 @@ WEBP_QUALITIES = (0, 2, 5, 10, 20, 30, 40, 50, 60, 75, 90)
 
 
 def heldout_photos(n: int) -> list[np.ndarray]:
-    from training.data import DEFAULT_DATA_DIR, HELDOUT, HELDOUT_SIZE, center_crop, load_rgb
+    from gqtok.training.data import DEFAULT_DATA_DIR, HELDOUT, HELDOUT_SIZE, center_crop, load_rgb
 
     paths = [REPO / DEFAULT_DATA_DIR / f"{stem}.jpg" for stem in HELDOUT[:n]]
     missing = [p.name for p in paths if not p.exists()]
@@ -136,10 +136,10 @@ def shown(path) -> str:
 
 
 def run(args) -> dict:
-    from gqtok.artifact import load_artifact
-    from service.codec import ImageCodec
-    from service.images import fit_to_grid
-    from training.evaluate import image_metrics
+    from gqtok.core.artifact import load_artifact
+    from gqtok.service.codec import ImageCodec
+    from gqtok.service.images import fit_to_grid
+    from gqtok.training.evaluate import image_metrics
 
     photos = heldout_photos(args.photos)
     h, w = photos[0].shape[:2]

@@ -46,7 +46,7 @@ SIZE = 256
 
 def test_images(n: int, size: int = SIZE) -> list[np.ndarray]:
     """Real held-out photo crops when the photo set is there, else smooth synthetic images."""
-    from training.data import DEFAULT_DATA_DIR, HELDOUT
+    from gqtok.training.data import DEFAULT_DATA_DIR, HELDOUT
 
     out = []
     for i in range(n):
@@ -189,7 +189,7 @@ def selection_memory(rt, batch_sizes: list[int]) -> list[dict]:
 def torch_model(manifest):
     import torch
 
-    from training.model import GaussianVAE, VAEConfig
+    from gqtok.training.model import GaussianVAE, VAEConfig
 
     torch.manual_seed(0)
     return GaussianVAE(VAEConfig(**manifest.training["model"])).eval()
@@ -236,7 +236,7 @@ def matmul_gflops(threads: int, n: int = 2048) -> float:
     """This machine's float32 GEMM rate through onnxruntime (the kernels the model runs on), n x n."""
     import onnxruntime as ort
 
-    from service.runtime import matmul_graph
+    from gqtok.service.runtime import matmul_graph
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -259,9 +259,9 @@ def main(argv=None) -> dict:
     seconds = 2.0 if args.quick else args.seconds
     out = Path(args.out or RESULTS / f"service{'_quick' if args.quick else ''}.json")
 
-    from gqtok.artifact import load_artifact
-    from service.app import npy_bytes
-    from service.runtime import TokenizerRuntime
+    from gqtok.core.artifact import load_artifact
+    from gqtok.service.app import npy_bytes
+    from gqtok.service.runtime import TokenizerRuntime
 
     model = Path(args.model)
     artifact = load_artifact(model)

@@ -21,11 +21,11 @@ import onnx
 import torch
 from safetensors.numpy import save_file
 
-from export.gq_graph import ROWS, build_gq_select
-from gqtok import codebook as cb
-from gqtok.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
-from gqtok.manifest import CodebookSpec, Manifest, file_sha256
-from training.train import load_run
+from gqtok.export.gq_graph import ROWS, build_gq_select
+from gqtok.core import codebook as cb
+from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
+from gqtok.core.manifest import CodebookSpec, Manifest, file_sha256
+from gqtok.training.train import load_run
 
 OPSET = 18
 MAX_SIDE = 8192  # largest image side the dynamic axes promise to support

@@ -20,7 +20,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from gqtok.select import LOGVAR_RANGE
+from gqtok.core.select import LOGVAR_RANGE
 
 ROWS = 64  # tokens per call (fixed)
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from service import errors
+from gqtok.service import errors
 
 MAX_SAMPLES = 16  # per request: sampling is sequential in the token count and holds the worker
 
@@ -41,9 +41,9 @@ class TokenizerUnavailable(errors.ServiceError):
 
 
 def create_app(run_dir: Path, tokenizer_url: str, api_key: str | None = None) -> FastAPI:
-    from generator.sample import grid_png, sample_grids
-    from generator.train import load_generator
-    from service.client import AsyncTokenizerClient, TokenizerError
+    from gqtok.generator.sample import grid_png, sample_grids
+    from gqtok.generator.train import load_generator
+    from gqtok.service.client import AsyncTokenizerClient, TokenizerError
 
     state: dict = {}
     lock = asyncio.Lock()  # one sampling at a time: torch already uses every core for one

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from generator.model import ARTransformer, sequences_to_grids
+from gqtok.generator.model import ARTransformer, sequences_to_grids
 
 
 def sample_grids(model: ARTransformer, n: int, temperature: float = 1.0, top_k: int | None = None,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from generator.model import ARTransformer, GeneratorConfig, grids_to_sequences
+from gqtok.generator.model import ARTransformer, GeneratorConfig, grids_to_sequences
 
 
 @dataclass
@@ -57,7 +57,7 @@ def tokenize_via_service(client, images: list[np.ndarray], batch: int = 8, progr
 def collect(client, data_dir: Path, pixel_size: tuple[int, int], cfg: GeneratorTrainConfig,
             progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """(training grids from random crops, validation grids from held-out centre crops)."""
-    from training.data import center_crop, list_images, load_rgb, split_heldout
+    from gqtok.training.data import center_crop, list_images, load_rgb, split_heldout
 
     train_paths, held_paths = split_heldout(list_images(data_dir))
     if cfg.max_photos:
@@ -85,7 +85,7 @@ def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrid
                     train_overrides: dict | None = None, api_key: str | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from service.client import TokenizerClient
+    from gqtok.service.client import TokenizerClient
 
     cfg = GeneratorTrainConfig(**(train_overrides or {}))
     out = Path(out)

@@ -35,14 +35,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
 
 
 def cmd_data_fetch(args) -> None:
-    from training.data import fetch_default_photos
+    from gqtok.training.data import fetch_default_photos
 
     dest = fetch_default_photos(Path(args.dest), variant=args.variant, force=args.force)
     print(json.loads((dest / "SOURCE.json").read_text()) | {"folder": str(dest)})
 
 
 def cmd_train(args) -> None:
-    from training.train import train
+    from gqtok.training.train import train
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     last = train(Path(args.out), Path(args.data), preset=args.preset, overrides=overrides, resume=args.resume,
@@ -51,7 +51,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from training.evaluate import evaluate
+    from gqtok.training.evaluate import evaluate
 
     png = args.png or (Path(args.json).with_suffix(".png") if args.json else None)
     result = evaluate(Path(args.run), Path(args.data), json_out=args.json, png_out=png, size=tuple(args.size),
@@ -63,7 +63,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from export.exporter import export_run
+    from gqtok.export.exporter import export_run
 
     manifest = export_run(Path(args.run), Path(args.out), model_id=args.model_id, model_version=args.model_version,
                           eval_json=args.eval)
@@ -71,8 +71,8 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from service.server import serve
-    from service.settings import ServiceSettings
+    from gqtok.service.server import serve
+    from gqtok.service.settings import ServiceSettings
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.model:
@@ -86,7 +86,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_priors_fit(args) -> None:
-    from training.priors import PriorConfig, fit_priors
+    from gqtok.training.priors import PriorConfig, fit_priors
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     info = fit_priors(Path(args.model), Path(args.data), PriorConfig(**overrides), progress=not args.quiet)
@@ -107,9 +107,9 @@ def _read_image(path: Path):
 def cmd_compress(args) -> None:
     import time
 
-    from gqtok.artifact import load_artifact
-    from gqtok.bitstream import read_header
-    from service.codec import ImageCodec
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.bitstream import read_header
+    from gqtok.service.codec import ImageCodec
 
     image = _read_image(Path(args.image))
     codec = ImageCodec(load_artifact(args.model), device=args.device)
@@ -129,9 +129,9 @@ def cmd_compress(args) -> None:
 def cmd_decompress(args) -> None:
     from PIL import Image
 
-    from gqtok.artifact import load_artifact
-    from gqtok.bitstream import BitstreamError, read_header
-    from service.codec import ImageCodec
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.bitstream import BitstreamError, read_header
+    from gqtok.service.codec import ImageCodec
 
     data = Path(args.input).read_bytes()
     header = read_header(data)
@@ -149,7 +149,7 @@ def cmd_decompress(args) -> None:
 
 
 def cmd_generator_train(args) -> None:
-    from generator.train import train_generator
+    from gqtok.generator.train import train_generator
 
     model_kw = {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
     train_kw = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
@@ -162,9 +162,9 @@ def cmd_generator_train(args) -> None:
 def cmd_generator_sample(args) -> None:
     import torch
 
-    from generator.sample import grid_png, sample_grids, sampling_speed
-    from generator.train import load_generator
-    from service.client import TokenizerClient
+    from gqtok.generator.sample import grid_png, sample_grids, sampling_speed
+    from gqtok.generator.train import load_generator
+    from gqtok.service.client import TokenizerClient
 
     model, summary = load_generator(Path(args.run))
     grids = sample_grids(model, args.n, args.temperature, args.top_k, args.top_p, args.seed)
@@ -182,7 +182,7 @@ def cmd_generator_sample(args) -> None:
 def cmd_generator_serve(args) -> None:
     import uvicorn
 
-    from generator.app import create_app
+    from gqtok.generator.app import create_app
 
     if not (Path(args.run) / "config.json").exists():
         raise FileNotFoundError(f"no trained generator in {args.run}: make one with "
@@ -232,8 +232,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out (training settings may change)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     if argv[:1] == ["train"]:  # the config flags need torch; build them only when they can be used
-        from training.model import VAEConfig
-        from training.train import TrainConfig
+        from gqtok.training.model import VAEConfig
+        from gqtok.training.train import TrainConfig
 
         _add_config_flags(tr, VAEConfig, "model")
         _add_config_flags(tr, TrainConfig, "training")
@@ -271,7 +271,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     pf.add_argument("--data", default="data/endless-sky", help="folder of training photos (held-out ones are skipped)")
     pf.add_argument("--quiet", action="store_true")
     if argv[:2] == ["priors", "fit"]:
-        from training.priors import PriorConfig
+        from gqtok.training.priors import PriorConfig
 
         _add_config_flags(pf, PriorConfig, "context prior")
     pf.set_defaults(func=cmd_priors_fit)
@@ -304,8 +304,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     gt.add_argument("--data", default="data/endless-sky", help="photos (held-out ones validate)")
     gt.add_argument("--quiet", action="store_true")
     if argv[:2] == ["generator", "train"]:
-        from generator.model import GeneratorConfig
-        from generator.train import GeneratorTrainConfig
+        from gqtok.generator.model import GeneratorConfig
+        from gqtok.generator.train import GeneratorTrainConfig
 
         model_group = gt.add_argument_group("model")
         for name in ("grid", "n_layer", "n_head", "n_embd", "dropout", "codebook_init"):

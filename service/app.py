@@ -29,15 +29,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 import gqtok
-from gqtok.artifact import CODEBOOK, ArtifactError, load_artifact
-from gqtok.bitstream import BitstreamError, Codec, Header
-from gqtok.priors import fit_record
-from service import errors
-from service.batcher import Batcher, Timing
-from service.images import MEDIA_TYPES, RESIZE_MODES, decode_image, encode_png, fit_to_grid
-from service.metrics import ServiceMetrics
-from service.runtime import TokenizerRuntime
-from service.settings import ServiceSettings
+from gqtok.core.artifact import CODEBOOK, ArtifactError, load_artifact
+from gqtok.core.bitstream import BitstreamError, Codec, Header
+from gqtok.core.priors import fit_record
+from gqtok.service import errors
+from gqtok.service.batcher import Batcher, Timing
+from gqtok.service.images import MEDIA_TYPES, RESIZE_MODES, decode_image, encode_png, fit_to_grid
+from gqtok.service.metrics import ServiceMetrics
+from gqtok.service.runtime import TokenizerRuntime
+from gqtok.service.settings import ServiceSettings
 
 log = logging.getLogger("gqtok.service")
 NPY = "application/x-npy"

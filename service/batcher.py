@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import InferenceFailed, QueueFull
+from gqtok.service.errors import InferenceFailed, QueueFull
 
 log = logging.getLogger("gqtok.batcher")
 

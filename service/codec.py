@@ -1,4 +1,4 @@
-"""Images <-> compressed bytes for one model, in process: the tokenizer runtime plus gqtok.bitstream.
+"""Images <-> compressed bytes for one model, in process: the tokenizer runtime plus gqtok.core.bitstream.
 
     codec = ImageCodec(load_artifact("models/default"))
     data = codec.compress(image_u8)                     # uint8 [H, W, 3] -> bytes (any H, W), best prior
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from gqtok.bitstream import Codec, Header
-from service.images import fit_to_grid
-from service.runtime import TokenizerRuntime
+from gqtok.core.bitstream import Codec, Header
+from gqtok.service.images import fit_to_grid
+from gqtok.service.runtime import TokenizerRuntime
 
 
 class ImageCodec:

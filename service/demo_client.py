@@ -1,7 +1,7 @@
 """A small real client of the tokenizer service, for smoke tests of a deployment.
 
-    python -m service.demo_client --url http://127.0.0.1:8000 --once
-    python -m service.demo_client --url http://tokenizer:8000 --interval 10 --image photo.jpg
+    python -m gqtok.service.demo_client --url http://127.0.0.1:8000 --once
+    python -m gqtok.service.demo_client --url http://tokenizer:8000 --interval 10 --image photo.jpg
 
 Each round it waits until GET /health/ready answers 200, sends one image to
 POST /v1/tokenize (raw PNG body), sends the token grid back to
@@ -154,7 +154,7 @@ def format_line(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m service.demo_client",
+    ap = argparse.ArgumentParser(prog="python -m gqtok.service.demo_client",
                                  description="Tokenize and detokenize one image against a gqtok service, "
                                              "print PSNR and token statistics; repeat.")
     ap.add_argument("--url", default=os.environ.get("GQTOK_URL", "http://127.0.0.1:8000"),

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import ImageTooLarge, InvalidImage
+from gqtok.service.errors import ImageTooLarge, InvalidImage
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MEDIA_TYPES = set(FORMATS.values()) | {"image/jpg"}

@@ -17,9 +17,9 @@ import logging
 import numpy as np
 import onnxruntime as ort
 
-from gqtok import layout
-from gqtok.artifact import DECODER, ENCODER, GQ_SELECT, Artifact
-from gqtok.select import GaussianQuantizer
+from gqtok.core import layout
+from gqtok.core.artifact import DECODER, ENCODER, GQ_SELECT, Artifact
+from gqtok.core.select import GaussianQuantizer
 
 log = logging.getLogger("gqtok.runtime")
 

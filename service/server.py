@@ -14,8 +14,8 @@ import time
 
 import uvicorn
 
-from service.app import create_app
-from service.settings import ServiceSettings
+from gqtok.service.app import create_app
+from gqtok.service.settings import ServiceSettings
 
 log = logging.getLogger("gqtok.server")
 

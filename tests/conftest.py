@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def photos_dir() -> Path:
     """The default photo set (gqtok data fetch), in the repo's data/ folder or $GQTOK_DATA."""
-    from training.data import fetch_default_photos
+    from gqtok.training.data import fetch_default_photos
 
     # absolute: some tests hand the path to processes running in other folders
     return fetch_default_photos(Path(os.environ.get("GQTOK_DATA", REPO / "data" / "endless-sky")).resolve())
@@ -22,7 +22,7 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def small_photos(photos_dir, tmp_path_factory) -> Path:
     """12 training photos and 3 held-out photos (symlinks): enough for a real run in seconds."""
-    from training.data import HELDOUT, list_images, split_heldout
+    from gqtok.training.data import HELDOUT, list_images, split_heldout
 
     train, held = split_heldout(list_images(photos_dir))
     out = tmp_path_factory.mktemp("photos")
@@ -34,8 +34,8 @@ def small_photos(photos_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(small_photos, tmp_path_factory) -> Path:
     """A real tiny model trained by our code (80 steps) and evaluated on the held-out photos."""
-    from training.evaluate import evaluate
-    from training.train import train
+    from gqtok.training.evaluate import evaluate
+    from gqtok.training.train import train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train(run, small_photos, preset="tiny", overrides={"steps": 80, "image_every": 0}, progress=False)
@@ -46,8 +46,8 @@ def tiny_run(small_photos, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_run, small_photos, tmp_path_factory) -> Path:
     """The tiny run exported to ONNX, with its entropy-coding priors fitted: a model directory the service loads."""
-    from export.exporter import export_run
-    from training.priors import PriorConfig, fit_priors
+    from gqtok.export.exporter import export_run
+    from gqtok.training.priors import PriorConfig, fit_priors
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     export_run(tiny_run, out, model_id="tiny")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluate import evaluate
-from training.quantizers.tokenbridge import GaussianScalarQuantizer
-from training.train import train
+from gqtok.training.evaluate import evaluate
+from gqtok.training.quantizers.tokenbridge import GaussianScalarQuantizer
+from gqtok.training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_tokenbridge_bins_are_equal_probability():
 
 
 def test_export_refuses_a_baseline(small_photos, tmp_path):
-    from export.exporter import export_run
+    from gqtok.export.exporter import export_run
 
     train(tmp_path / "fsq", small_photos, "tiny", {"quantizer": "fsq", "latent_channels": 6, "token_dim": 6,
                                                    "steps": 1, "crop": 32}, progress=False)

@@ -8,9 +8,9 @@ import zlib
 import numpy as np
 import pytest
 
-from gqtok.artifact import load_artifact
-from gqtok.bitstream import FORMAT_VERSION, BitstreamError, Codec, Header, grid_fits, read_header
-from service.codec import ImageCodec
+from gqtok.core.artifact import load_artifact
+from gqtok.core.bitstream import FORMAT_VERSION, BitstreamError, Codec, Header, grid_fits, read_header
+from gqtok.service.codec import ImageCodec
 
 pytestmark = pytest.mark.slow
 PRIORS = ("uniform", "frequency", "context")
@@ -23,14 +23,14 @@ def image_codec(tiny_model):
 
 @pytest.fixture(scope="module")
 def photo(small_photos):
-    from training.data import load_rgb
+    from gqtok.training.data import load_rgb
 
     return load_rgb(sorted(small_photos.iterdir())[0])[:203, :301]  # neither side a multiple of 8
 
 
 @pytest.fixture(scope="module")
 def photo_ids(image_codec, photo):
-    from service.images import fit_to_grid
+    from gqtok.service.images import fit_to_grid
 
     return image_codec.runtime.tokenize(fit_to_grid(photo, 8, "pad")[None])[0]
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import service.client as client_mod
-from service.client import AsyncTokenizerClient, TokenizerClient, TokenizerError
-from training import data as photo_data
+import gqtok.service.client as client_mod
+from gqtok.service.client import AsyncTokenizerClient, TokenizerClient, TokenizerError
+from gqtok.training import data as photo_data
 
 NPY = "application/x-npy"
 
@@ -283,8 +283,8 @@ def photos(photos_dir) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_live_tokenize_and_round_trip(live_server, tiny_model, photos):
-    from gqtok.artifact import load_artifact
-    from service.runtime import TokenizerRuntime
+    from gqtok.core.artifact import load_artifact
+    from gqtok.service.runtime import TokenizerRuntime
 
     rt = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1)
     with TokenizerClient(live_server) as c:
@@ -305,9 +305,9 @@ def test_live_tokenize_and_round_trip(live_server, tiny_model, photos):
 
 @pytest.mark.slow
 def test_live_compress_and_decompress(live_server, tiny_model, photos):
-    from gqtok.artifact import load_artifact
-    from gqtok.bitstream import read_header
-    from service.codec import ImageCodec
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.bitstream import read_header
+    from gqtok.service.codec import ImageCodec
 
     local = ImageCodec(load_artifact(tiny_model))
     img = photos[1][:50, :77]
@@ -381,7 +381,7 @@ def test_live_async_client_gives_the_same_tokens(live_server, photos):
 
 @pytest.mark.slow
 def test_live_metadata_codebook_health(live_server, tiny_model):
-    from gqtok.artifact import load_artifact
+    from gqtok.core.artifact import load_artifact
 
     with TokenizerClient(live_server) as c:
         assert c.health() is True

@@ -1,4 +1,4 @@
-"""Tests for gqtok.codebook: the bit-reproducible Gaussian Quant codebook."""
+"""Tests for gqtok.core.codebook: the bit-reproducible Gaussian Quant codebook."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gqtok import codebook as cb
-from gqtok._sobol_table import SOBOL_PARAMS
-from gqtok.codebook import (
+from gqtok.core import codebook as cb
+from gqtok.core._sobol_table import SOBOL_PARAMS
+from gqtok.core.codebook import (
     GENERATOR_NAME,
     GENERATOR_VERSION,
     MAX_DIM,
@@ -235,7 +235,7 @@ def test_recorded_digests():
 
 def test_same_bytes_in_separate_processes():
     code = (
-        "from gqtok.codebook import make_codebook, codebook_digest;"
+        "from gqtok.core.codebook import make_codebook, codebook_digest;"
         "print(codebook_digest(make_codebook(0, 2**16, 16)))"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

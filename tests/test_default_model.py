@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gqtok.artifact import load_artifact
-from training import data as photo_data
+from gqtok.core.artifact import load_artifact
+from gqtok.training import data as photo_data
 
 DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"
 pytestmark = pytest.mark.slow

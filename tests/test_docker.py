@@ -91,7 +91,7 @@ def exec_form(value: str) -> list[str]:
 
 
 def settings_env_names() -> set[str]:
-    from service.settings import ServiceSettings
+    from gqtok.service.settings import ServiceSettings
 
     return {f"GQTOK_{name.upper()}" for name in ServiceSettings.model_fields}
 
@@ -174,7 +174,7 @@ def test_generator_dockerfile():
 
 def test_compose_and_image_env_are_settings(compose_config, monkeypatch):
     """Every GQTOK_* variable set by compose or a Dockerfile is a ServiceSettings field, and parses."""
-    from service.settings import ServiceSettings
+    from gqtok.service.settings import ServiceSettings
 
     known = settings_env_names()
     envs = {f"compose:{n}": s["environment"] for n, s in compose_config["services"].items() if n != "generator"}
@@ -285,7 +285,7 @@ def test_copy_sources_in_build_context(kind):
         pytest.skip("models/default is not committed yet: `docker build` fails at COPY models/ until it is")
 
     # The baked models pass the same check the build runs (digests, codebook).
-    from gqtok.artifact import load_artifact
+    from gqtok.core.artifact import load_artifact
 
     model_dirs = sorted(d for d in (REPO / "models").iterdir() if (d / "manifest.json").is_file())
     for d in model_dirs:
@@ -307,7 +307,7 @@ def photo_crop(photo: Path, size: int = 256) -> bytes:
 @pytest.mark.slow
 def test_entrypoint_smoke(tiny_model, photos_dir, compose_config, tmp_path):
     """`gqtok serve` as the CPU image runs it: its ENTRYPOINT, its ENV (models, host, port pointed here)."""
-    from training.data import list_images
+    from gqtok.training.data import list_images
 
     photo = list_images(photos_dir)[0]
     dfp = parse("cpu")
@@ -360,7 +360,7 @@ def test_entrypoint_smoke(tiny_model, photos_dir, compose_config, tmp_path):
         assert tokens.shape[-2:] == (256 // f, 256 // f) and 0 <= tokens.min() and tokens.max() < k
 
         # The demo client (a smoke-test client of the tokenizer), pointed here, once: a generated image, then the photo.
-        argv = [sys.executable, "-m", "service.demo_client"]
+        argv = [sys.executable, "-m", "gqtok.service.demo_client"]
         cmd = ["--url", url]
         for extra in ([], ["--image", str(photo)]):
             demo = subprocess.run([*argv, *cmd, "--once", "--json", *extra], cwd=tmp_path, env=env,

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from gqtok.artifact import ArtifactError, load_artifact
-from gqtok.codebook import codebook_digest
-from service.runtime import TokenizerRuntime
-from training import data as photo_data
-from training.gq import GaussianQuantizer
-from training.train import load_run
+from gqtok.core.artifact import ArtifactError, load_artifact
+from gqtok.core.codebook import codebook_digest
+from gqtok.service.runtime import TokenizerRuntime
+from gqtok.training import data as photo_data
+from gqtok.training.gq import GaussianQuantizer
+from gqtok.training.train import load_run
 
 pytestmark = pytest.mark.slow
 
@@ -146,8 +146,8 @@ def test_attention_model_exports_and_matches(tmp_path):
     """The default preset has attention at the lowest resolution; its export must work and agree."""
     from safetensors.torch import save_file
 
-    from export.exporter import export_run
-    from training.model import GaussianVAE, VAEConfig
+    from gqtok.export.exporter import export_run
+    from gqtok.training.model import GaussianVAE, VAEConfig
 
     torch.manual_seed(0)
     cfg = VAEConfig(latent_channels=8, token_dim=8, codebook_bits=6, base_channels=8, channel_mult=(1, 1, 2, 2),

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from service.app import create_app
-from service.settings import ServiceSettings
+from gqtok.service.app import create_app
+from gqtok.service.settings import ServiceSettings
 
 SCHEMA = schemathesis.openapi.from_dict(create_app(ServiceSettings()).openapi())
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]

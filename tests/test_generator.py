@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import LiveServer
-from generator.model import ARTransformer, GeneratorConfig, grids_to_sequences, sample_next, sequences_to_grids
+from gqtok.generator.model import ARTransformer, GeneratorConfig, grids_to_sequences, sample_next, sequences_to_grids
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_temperature_top_k_and_top_p():
 @pytest.mark.slow
 def test_train_and_serve_against_a_live_tokenizer(live_server, small_photos, tmp_path):
     """Tokenize through the service, train a few steps, then POST /generate decodes samples through it too."""
-    from generator.train import load_generator, train_generator
+    from gqtok.generator.train import load_generator, train_generator
 
     run = tmp_path / "gen"
     summary = train_generator(run, live_server, small_photos, {"grid": (4, 6), "n_layer": 2, "n_embd": 64},

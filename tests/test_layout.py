@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from gqtok import layout
+from gqtok.core import layout
 
 
 @pytest.mark.parametrize("c,d", [(16, 16), (16, 8), (16, 4), (8, 4), (6, 2), (5, 1)])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
+from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
 
 
 @pytest.mark.parametrize("f,mult,attention,hw", [(8, (1, 1, 2, 2), False, (40, 56)), (8, (1, 2, 2, 2), True, (64, 24)),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
-from training import perceptual as P
+from gqtok.training import perceptual as P
 
 
 @pytest.fixture(scope="module", autouse=True)

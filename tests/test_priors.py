@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gqtok.artifact import load_artifact
-from gqtok.priors import NEIGHBOURS, ContextPrior, fit_record, load_priors, neighbour_features, wavefront
-from training.priors import ContextNet, bits_per_token, context_dataset
+from gqtok.core.artifact import load_artifact
+from gqtok.core.priors import NEIGHBOURS, ContextPrior, fit_record, load_priors, neighbour_features, wavefront
+from gqtok.training.priors import ContextNet, bits_per_token, context_dataset
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 6), (5, 1), (4, 7), (9, 3)])
@@ -69,9 +69,9 @@ def test_fitted_priors_beat_uniform_on_held_out_photos(tiny_model):
 @pytest.mark.slow
 def test_recorded_bits_are_what_the_numpy_prior_gives(tiny_model, small_photos):
     """The fit's held-out figure is recomputed here from the saved files, through a separate path."""
-    from service.runtime import TokenizerRuntime
-    from training.data import center_crop, list_images, load_rgb, split_heldout
-    from training.priors import _frequency_bits
+    from gqtok.service.runtime import TokenizerRuntime
+    from gqtok.training.data import center_crop, list_images, load_rgb, split_heldout
+    from gqtok.training.priors import _frequency_bits
 
     artifact = load_artifact(tiny_model)
     priors = load_priors(artifact)
@@ -89,8 +89,8 @@ def test_recorded_bits_are_what_the_numpy_prior_gives(tiny_model, small_photos):
 def test_a_prior_file_that_does_not_fit_the_model_is_refused(tiny_model, tmp_path):
     import shutil
 
-    from gqtok.priors import save_frequency
-    from training.priors import add_files_to_manifest
+    from gqtok.core.priors import save_frequency
+    from gqtok.training.priors import add_files_to_manifest
 
     copy = tmp_path / "m"
     shutil.copytree(tiny_model, copy)

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.quantizers import BSQ, FSQ, LFQ, QUANTIZERS, QuantizerOutput, VectorQuantizer, build_quantizer
-from training.quantizers.vq import nearest_codes
+from gqtok.training.quantizers import BSQ, FSQ, LFQ, QUANTIZERS, QuantizerOutput, VectorQuantizer, build_quantizer
+from gqtok.training.quantizers.vq import nearest_codes
 
 NAMES = ["vq", "fsq", "lfq", "bsq"]
 # Small enough to be fast; VQ at the reference K is tested on its own below.

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gqtok.codebook import make_codebook
-from gqtok.select import CODE_CHUNK, ROW_CHUNK, GaussianQuantizer, select_from_features, token_features
-from training import gq as torch_gq
+from gqtok.core.codebook import make_codebook
+from gqtok.core.select import CODE_CHUNK, ROW_CHUNK, GaussianQuantizer, select_from_features, token_features
+from gqtok.training import gq as torch_gq
 
 
 def brute_force_scores(mu, logvar, codebook, beta=1.0):

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import wait_until_ready
-from gqtok.artifact import load_artifact
-from service.runtime import TokenizerRuntime
-from training import data as photo_data
+from gqtok.core.artifact import load_artifact
+from gqtok.service.runtime import TokenizerRuntime
+from gqtok.training import data as photo_data
 
 pytestmark = pytest.mark.slow
 NPY = "application/x-npy"
@@ -322,8 +322,8 @@ class InProcessServer:
 
         import uvicorn
 
-        from service.app import create_app
-        from service.settings import ServiceSettings
+        from gqtok.service.app import create_app
+        from gqtok.service.settings import ServiceSettings
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -487,7 +487,7 @@ def compress(url: str, img: np.ndarray, **params) -> httpx.Response:
 
 
 def test_compress_and_decompress_round_trip_over_http(live_server, tiny_model, photos):
-    from service.codec import ImageCodec
+    from gqtok.service.codec import ImageCodec
 
     img = photos[2][:59, :90]  # padded to 64x96 inside, cropped back on the way out
     local = ImageCodec(load_artifact(tiny_model))
@@ -523,7 +523,7 @@ def test_model_metadata_lists_priors_with_their_held_out_bits(live_server):
 def test_bad_compress_and_decompress_requests(live_server, photos):
     import dataclasses
 
-    from gqtok.bitstream import Header
+    from gqtok.core.bitstream import Header
 
     url = live_server
     good = compress(url, photos[3]).content

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from training.tdc import TDC
+from gqtok.training.tdc import TDC
 
 
 def test_weights_follow_the_band():

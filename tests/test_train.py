@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.train import train
+from gqtok.training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_two_process_ddp_ranks_agree(small_photos, tmp_path):
 def _stats_worker(rank, port, out):
     import torch.distributed as dist
 
-    from training.tdc import TDC
+    from gqtok.training.tdc import TDC
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     local = torch.tensor([[1.0, 2.0]]) if rank == 0 else torch.tensor([[3.0, 10.0], [4.0, 4.0]])

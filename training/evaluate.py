@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_msssim import ms_ssim, ssim
 
-from training import data as photo_data
-from training.gq import GaussianQuantizer
-from training.quantizers.tokenbridge import GaussianScalarQuantizer
-from training.model import kl_bits_per_token
-from training.train import load_run
+from gqtok.training import data as photo_data
+from gqtok.training.gq import GaussianQuantizer
+from gqtok.training.quantizers.tokenbridge import GaussianScalarQuantizer
+from gqtok.training.model import kl_bits_per_token
+from gqtok.training.train import load_run
 
 MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window need more than (11 - 1) * 2^4 pixels
 
@@ -169,7 +169,7 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
             "fraction_below_1": float(np.mean(err < 1.0)),
         }
     if fd:
-        from training.perceptual import fd_effnet_lite0
+        from gqtok.training.perceptual import fd_effnet_lite0
 
         originals = torch.cat(fd_sets["original"])
         result["fd_effnet_lite0"] = {k: fd_effnet_lite0(originals, torch.cat(fd_sets[k]))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from gqtok import layout
-from gqtok.codebook import make_codebook
-from gqtok.select import CODE_CHUNK, LOGVAR_RANGE, ROW_CHUNK
+from gqtok.core import layout
+from gqtok.core.codebook import make_codebook
+from gqtok.core.select import CODE_CHUNK, LOGVAR_RANGE, ROW_CHUNK
 
 
 def codeword_features(codebook: torch.Tensor) -> torch.Tensor:

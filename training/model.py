@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gqtok.layout import tokens_per_position
-from gqtok.select import LOGVAR_RANGE
+from gqtok.core.layout import tokens_per_position
+from gqtok.core.select import LOGVAR_RANGE
 
 
 QUANTIZER_CHOICES = ("gq", "vq", "fsq", "lfq", "bsq")
@@ -29,7 +29,7 @@ class VAEConfig:
     latent_channels: int = 16  # C: channels of mu (and of logvar)
     token_dim: int = 16  # d: channels per token; C/d tokens per position
     codebook_bits: int = 16  # b: K = 2^b codewords, target KL log2 K bits per token
-    codebook_seed: int = 0  # seed of the GQ codebook (gqtok.codebook)
+    codebook_seed: int = 0  # seed of the GQ codebook (gqtok.core.codebook)
     gq_beta: float = 1.0  # prior weight in the GQ selection score
     base_channels: int = 64  # width of the first level
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # width multiplier per level; len = log2(f) + 1
@@ -155,7 +155,7 @@ class Decoder(nn.Module):
 
 def build_baseline_quantizer(cfg: VAEConfig) -> nn.Module:
     """The in-the-loop quantizer of a baseline model, sized from the config."""
-    from training.quantizers import build_quantizer
+    from gqtok.training.quantizers import build_quantizer
 
     kwargs = {"vq": dict(num_codes=cfg.num_codes, dim=cfg.latent_channels), "fsq": {},
               "lfq": dict(dim=cfg.latent_channels), "bsq": dict(dim=cfg.latent_channels)}[cfg.quantizer]
@@ -192,7 +192,7 @@ class GaussianVAE(nn.Module):
 
 def kl_bits_per_token(mu: torch.Tensor, logvar: torch.Tensor, token_dim: int) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) in bits, summed over each token's d channels -> [B, T, H, W]."""
-    from gqtok import layout
+    from gqtok.core import layout
 
     kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()) / math.log(2.0)
     return layout.group(kl, token_dim).sum(-1)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from gqtok import layout
-from gqtok.artifact import load_artifact
-from gqtok.manifest import Manifest, file_sha256
-from gqtok.priors import (LOG_SCALE_RANGE, NEIGHBOURS, PRIOR_FILES, ContextPrior, latent_of, neighbour_features,
+from gqtok.core import layout
+from gqtok.core.artifact import load_artifact
+from gqtok.core.manifest import Manifest, file_sha256
+from gqtok.core.priors import (LOG_SCALE_RANGE, NEIGHBOURS, PRIOR_FILES, ContextPrior, latent_of, neighbour_features,
                           save_context, save_frequency)
 
 
@@ -37,7 +37,7 @@ class PriorConfig:
 
 
 class ContextNet(nn.Module):
-    """The torch twin of gqtok.priors.ContextPrior (same weights, same formula)."""
+    """The torch twin of gqtok.core.priors.ContextPrior (same weights, same formula)."""
 
     def __init__(self, channels: int, token_dim: int, codebook: np.ndarray, log_freq: np.ndarray, hidden: int):
         super().__init__()
@@ -77,7 +77,7 @@ def tokenize_photos(runtime, paths: list[Path], crop: tuple[int, int], progress:
     """Centre crops of the photos -> int64 [N, T, h, w] token grids, one photo per call."""
     from tqdm import tqdm
 
-    from training.data import center_crop, load_rgb
+    from gqtok.training.data import center_crop, load_rgb
 
     grids = [runtime.tokenize(center_crop(load_rgb(p), crop)[None])[0]
              for p in tqdm(paths, desc="tokenizing", disable=not progress, leave=False)]
@@ -120,8 +120,8 @@ def fit_priors(model_dir: Path, data_dir: Path, config: PriorConfig | None = Non
     """Fit both priors of the model in model_dir, write their files, list them in its manifest. Returns the figures."""
     from tqdm import tqdm
 
-    from service.runtime import TokenizerRuntime
-    from training.data import list_images, split_heldout
+    from gqtok.service.runtime import TokenizerRuntime
+    from gqtok.training.data import list_images, split_heldout
 
     cfg = config or PriorConfig()
     artifact = load_artifact(model_dir)

@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from training import data as photo_data
-from training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
-from training.tdc import TDC
+from gqtok.training import data as photo_data
+from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
+from gqtok.training.tdc import TDC
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Trainer:
                     if self.distributed else self.model)
         self.perceptual = None
         if train_cfg.perceptual_weight > 0:
-            from training.perceptual import DeepFeatureDistance
+            from gqtok.training.perceptual import DeepFeatureDistance
 
             self.perceptual = DeepFeatureDistance().to(self.device)
         self.step, self.ranks, self.interrupted = 0, [], False

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from gqtok.codebook import normal_quantile
+from gqtok.core.codebook import normal_quantile
 
 
 class GaussianScalarQuantizer(torch.nn.Module):

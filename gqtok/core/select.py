@@ -89,7 +89,7 @@ def select_from_features(
 class GaussianQuantizer:
     """Holds a codebook and its features; selects and looks up codewords.
 
-    codebook: float32 [K, d], e.g. from `gqtok.codebook.make_codebook`.
+    codebook: float32 [K, d], e.g. from `gqtok.core.codebook.make_codebook`.
     beta:     weight of the prior term; 1 is the reference density ratio,
               0 reduces to picking the codeword most likely under q alone.
     """

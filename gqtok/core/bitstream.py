@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gqtok.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, neighbour_features, wavefront
+from gqtok.core.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, neighbour_features, wavefront
 
 MAGIC = b"GQTK"
 FORMAT_VERSION = 1

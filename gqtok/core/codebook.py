@@ -124,7 +124,7 @@ import numbers
 
 import numpy as np
 
-from gqtok._sobol_table import SOBOL_PARAMS
+from gqtok.core._sobol_table import SOBOL_PARAMS
 
 GENERATOR_NAME: str = "sobol-ds-acklam"
 GENERATOR_VERSION: int = 1

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gqtok import codebook as cb
-from gqtok.layout import LAYOUT_NAME
+from gqtok.core import codebook as cb
+from gqtok.core.layout import LAYOUT_NAME
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gqtok.manifest import Manifest, file_sha256
+from gqtok.core.manifest import Manifest, file_sha256
 
 ENCODER, DECODER, GQ_SELECT, CODEBOOK = "encoder.onnx", "decoder.onnx", "gq_select.onnx", "codebook.safetensors"
 REQUIRED_FILES = (ENCODER, DECODER, GQ_SELECT)

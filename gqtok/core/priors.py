@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gqtok import layout
-from gqtok.select import codeword_features, token_features
+from gqtok.core import layout
+from gqtok.core.select import codeword_features, token_features
 
 PRIOR_IDS = {"uniform": 0, "frequency": 1, "context": 2}  # the byte each bitstream header carries
 PRIOR_FILES = {"frequency": "prior_frequency.npz", "context": "prior_context.npz"}
