@@ -139,11 +139,12 @@ def classic_codecs(data: Path, size, limit, targets) -> list[dict]:
     """JPEG and WebP (Pillow) at the highest quality whose bpp stays at or under each target."""
     from PIL import Image
 
+    from gqtok import photos as photo_files
     from gqtok.training import data as photo_data
     from gqtok.training.evaluate import image_metrics
 
-    _, held = photo_data.split_heldout(photo_data.list_images(data))
-    images = [photo_data.center_crop(photo_data.load_rgb(p), size) for p in held[:limit]]
+    _, held = photo_files.split_heldout(photo_files.list_images(data))
+    images = [photo_files.center_crop(photo_files.load_rgb(p), size) for p in held[:limit]]
 
     def encode(img, fmt, q):
         buf = io.BytesIO()
@@ -179,21 +180,22 @@ def theory_check(run: Path, data: Path, size, limit) -> dict:
     import torch
 
     from gqtok.core import layout
+    from gqtok import photos as photo_files
     from gqtok.training import data as photo_data
-    from gqtok.training.gq import GaussianQuantizer
+    from gqtok.training.gq import GaussianQuantize
     from gqtok.training.model import kl_bits_per_token
     from gqtok.training.train import load_run
 
     model, _ = load_run(run)
     cfg = model.cfg
-    gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta)
-    _, held = photo_data.split_heldout(photo_data.list_images(data))
+    gq = GaussianQuantize(cfg.num_codes, cfg.token_dim, cfg.codebook_seed, cfg.gq_beta)
+    _, held = photo_files.split_heldout(photo_files.list_images(data))
     slack, err = [], []
     with torch.no_grad():
         for p in held[:limit]:
-            x = photo_data.to_model_input(photo_data.center_crop(photo_data.load_rgb(p), size)[None])
+            x = photo_data.to_model_input(photo_files.center_crop(photo_files.load_rgb(p), size)[None])
             mu, logvar = model.encoder(x)
-            z_hat = gq.decode_latent(gq.encode_latent(mu, logvar))
+            z_hat, _, _ = gq(mu, logvar)
             e = layout.group((z_hat - mu).abs() / torch.exp(0.5 * logvar), cfg.token_dim).mean(-1)
             slack.append((cfg.codebook_bits - kl_bits_per_token(mu, logvar, cfg.token_dim)).flatten().numpy())
             err.append(e.flatten().numpy())

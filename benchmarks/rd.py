@@ -42,7 +42,8 @@ WEBP_QUALITIES = (0, 2, 5, 10, 20, 30, 40, 50, 60, 75, 90)
 
 
 def heldout_photos(n: int) -> list[np.ndarray]:
-    from gqtok.training.data import DEFAULT_DATA_DIR, HELDOUT, HELDOUT_SIZE, center_crop, load_rgb
+    from gqtok.photos import HELDOUT, HELDOUT_SIZE, center_crop, load_rgb
+    from gqtok.training.data import DEFAULT_DATA_DIR
 
     paths = [REPO / DEFAULT_DATA_DIR / f"{stem}.jpg" for stem in HELDOUT[:n]]
     missing = [p.name for p in paths if not p.exists()]
@@ -138,7 +139,7 @@ def shown(path) -> str:
 def run(args) -> dict:
     from gqtok.core.artifact import load_artifact
     from gqtok.service.codec import ImageCodec
-    from gqtok.service.images import fit_to_grid
+    from gqtok.core.layout import fit_to_grid
     from gqtok.training.evaluate import image_metrics
 
     photos = heldout_photos(args.photos)

@@ -46,7 +46,8 @@ SIZE = 256
 
 def test_images(n: int, size: int = SIZE) -> list[np.ndarray]:
     """Real held-out photo crops when the photo set is there, else smooth synthetic images."""
-    from gqtok.training.data import DEFAULT_DATA_DIR, HELDOUT
+    from gqtok.photos import HELDOUT
+    from gqtok.training.data import DEFAULT_DATA_DIR
 
     out = []
     for i in range(n):
@@ -260,7 +261,7 @@ def main(argv=None) -> dict:
     out = Path(args.out or RESULTS / f"service{'_quick' if args.quick else ''}.json")
 
     from gqtok.core.artifact import load_artifact
-    from gqtok.service.app import npy_bytes
+    from gqtok.service.requests import npy_bytes
     from gqtok.service.runtime import TokenizerRuntime
 
     model = Path(args.model)

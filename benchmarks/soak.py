@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.service import start_server, test_images  # noqa: E402
-from gqtok.service.app import npy_bytes as npy  # noqa: E402
+from gqtok.service.requests import npy_bytes as npy  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 NPY = "application/x-npy"

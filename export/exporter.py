@@ -6,7 +6,8 @@ the run's eval figures). Graph conventions (recorded in the manifest):
   encoder.onnx   image uint8 [B, H, W, 3] RGB (H, W multiples of f) -> mu, logvar float32 [B, C, H/f, W/f]
                  (the x / 127.5 - 1 normalization is inside the graph)
   decoder.onnx   latent float32 [B, C, h, w] -> image float32 [B, 8h, 8w, 3] in [0, 1] (clamped; round to uint8 yourself)
-  gq_select.onnx mu, logvar [R, d], codebook [K, d] -> ids int64 [R]  (R fixed; see export/gq_graph.py)
+  gq_select.onnx mu, logvar [R, d], codebook [K, d] -> ids int64 [R]  (R = ROWS fixed: the torch SelectGraph
+                 of training/gq.py, the same score as every other selector)
 Batch, height and width are dynamic in the encoder and decoder.
 """
 
@@ -21,14 +22,18 @@ import onnx
 import torch
 from safetensors.numpy import save_file
 
-from gqtok.export.gq_graph import ROWS, build_gq_select
 from gqtok.core import codebook as cb
 from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
 from gqtok.core.manifest import CodebookSpec, Manifest, file_sha256
+from gqtok.training.gq import SelectGraph
 from gqtok.training.train import load_run
 
 OPSET = 18
 MAX_SIDE = 8192  # largest image side the dynamic axes promise to support
+# Tokens per gq_select.onnx call, fixed: every call has the same shapes, so the runtime takes the same kernels and
+# a token's id cannot depend on its neighbours (callers pad the last block). Its [R, K] score matrix is the peak
+# memory: 16 MiB for R = 64 and K = 2^16.
+ROWS = 64
 
 
 class EncoderGraph(torch.nn.Module):
@@ -53,12 +58,14 @@ class DecoderGraph(torch.nn.Module):
         return ((self.decoder(latent).clamp(-1.0, 1.0) + 1.0) * 0.5).permute(0, 2, 3, 1)
 
 
-def _export(module, example, path: Path, input_name: str, output_names: list[str], dynamic: dict) -> None:
+def _export(module, examples: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic: dict | None) -> None:
+    """torch module -> ONNX file. dynamic: input name -> {axis: Dim}, or None for fixed shapes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=[input_name],
-                          output_names=output_names, dynamic_shapes={input_name: dynamic}, opset_version=OPSET,
+        torch.onnx.export(module.eval(), examples, str(path), dynamo=True, input_names=input_names,
+                          output_names=output_names, dynamic_shapes=dynamic, opset_version=OPSET,
                           optimize=True, verbose=False, external_data=False)
     # The exporter annotates every node with its Python stack trace (machine paths, a large share of
     # the file); the graph does not need them.
@@ -91,11 +98,13 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     batch = torch.export.Dim("batch", min=1, max=4096)
     hb, wb = torch.export.Dim("grid_h", min=1, max=MAX_SIDE // f), torch.export.Dim("grid_w", min=1, max=MAX_SIDE // f)
     with torch.no_grad():
-        _export(EncoderGraph(model.encoder), torch.zeros(2, 4 * f, 6 * f, 3, dtype=torch.uint8), out_dir / ENCODER,
-                "image", ["mu", "logvar"], {0: batch, 1: f * hb, 2: f * wb})
-        _export(DecoderGraph(model.decoder), torch.zeros(2, cfg.latent_channels, 4, 6), out_dir / DECODER,
-                "latent", ["image"], {0: batch, 2: hb, 3: wb})
-    onnx.save(build_gq_select(cfg.num_codes, cfg.token_dim, cfg.gq_beta, opset=OPSET), str(out_dir / GQ_SELECT))
+        _export(EncoderGraph(model.encoder), (torch.zeros(2, 4 * f, 6 * f, 3, dtype=torch.uint8),), out_dir / ENCODER,
+                ["image"], ["mu", "logvar"], {"image": {0: batch, 1: f * hb, 2: f * wb}})
+        _export(DecoderGraph(model.decoder), (torch.zeros(2, cfg.latent_channels, 4, 6),), out_dir / DECODER,
+                ["latent"], ["image"], {"latent": {0: batch, 2: hb, 3: wb}})
+        rows = torch.zeros(ROWS, cfg.token_dim)
+        _export(SelectGraph(cfg.gq_beta), (rows, rows, torch.zeros(cfg.num_codes, cfg.token_dim)), out_dir / GQ_SELECT,
+                ["mu", "logvar", "codebook"], ["ids"], None)
 
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
     save_file({"codebook": codebook}, str(out_dir / CODEBOOK),

@@ -36,18 +36,6 @@ class GeneratorConfig:
         return self.tokens_per_position * self.grid[0] * self.grid[1]
 
 
-def grids_to_sequences(grids: np.ndarray) -> np.ndarray:
-    """[N, T, h, w] token grids -> [N, h * w * T] raster sequences (T innermost)."""
-    n = grids.shape[0]
-    return np.ascontiguousarray(np.transpose(grids, (0, 2, 3, 1)).reshape(n, -1))
-
-
-def sequences_to_grids(seqs: np.ndarray, tokens_per_position: int, grid: tuple[int, int]) -> np.ndarray:
-    """The inverse of grids_to_sequences."""
-    n = seqs.shape[0]
-    return np.ascontiguousarray(np.transpose(seqs.reshape(n, grid[0], grid[1], tokens_per_position), (0, 3, 1, 2)))
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()

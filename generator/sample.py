@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gqtok.generator.model import ARTransformer, sequences_to_grids
+from gqtok.core.layout import sequences_to_grids
+from gqtok.generator.model import ARTransformer
 
 
 def sample_grids(model: ARTransformer, n: int, temperature: float = 1.0, top_k: int | None = None,

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gqtok.generator.model import ARTransformer, GeneratorConfig, grids_to_sequences
+from gqtok.core.layout import grids_to_sequences
+from gqtok.generator.model import ARTransformer, GeneratorConfig
 
 
 @dataclass
@@ -57,7 +58,7 @@ def tokenize_via_service(client, images: list[np.ndarray], batch: int = 8, progr
 def collect(client, data_dir: Path, pixel_size: tuple[int, int], cfg: GeneratorTrainConfig,
             progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """(training grids from random crops, validation grids from held-out centre crops)."""
-    from gqtok.training.data import center_crop, list_images, load_rgb, split_heldout
+    from gqtok.photos import center_crop, list_images, load_rgb, split_heldout
 
     train_paths, held_paths = split_heldout(list_images(data_dir))
     if cfg.max_photos:

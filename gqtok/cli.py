@@ -1,4 +1,7 @@
-"""The `gqtok` command line. Heavy imports (torch, onnxruntime) happen inside each command."""
+"""The `gqtok` command line: the top layer, and the one place that wires stages together.
+
+Heavy imports (torch, onnxruntime) happen inside each command; a command whose extra is not installed says
+which one to install."""
 
 from __future__ import annotations
 
@@ -72,34 +75,37 @@ def cmd_export(args) -> None:
 
 def cmd_serve(args) -> None:
     from gqtok.service.server import serve
-    from gqtok.service.settings import ServiceSettings
+    from gqtok.service.settings import from_arguments
 
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    if args.model:
-        overrides["models"] = [Path(m) for m in args.model]
-    settings = ServiceSettings(**overrides)
-    missing = [str(m) for m in settings.models if not (Path(m) / "manifest.json").exists()]
-    if missing:
-        raise FileNotFoundError(f"no exported model in {', '.join(missing)} (a folder with manifest.json); "
-                                "make one with `gqtok export RUN --out DIR` and pass --model DIR")
-    serve(settings)
+    serve(from_arguments(args))
+
+
+def fit_model_priors(model_dir: Path, data_dir: Path, config=None, progress: bool = True) -> dict:
+    """Fit the entropy-coding priors of an exported model on the tokens the service makes: training's fit
+    (torch) fed by the service's onnxruntime runtime."""
+    from gqtok.core.artifact import load_artifact
+    from gqtok.service.runtime import TokenizerRuntime
+    from gqtok.training.priors import fit_priors
+
+    runtime = TokenizerRuntime(load_artifact(model_dir), device="cpu")
+    return fit_priors(Path(model_dir), Path(data_dir), runtime.tokenize, config, progress=progress)
 
 
 def cmd_priors_fit(args) -> None:
-    from gqtok.training.priors import PriorConfig, fit_priors
+    from gqtok.training.priors import PriorConfig
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    info = fit_priors(Path(args.model), Path(args.data), PriorConfig(**overrides), progress=not args.quiet)
+    info = fit_model_priors(Path(args.model), Path(args.data), PriorConfig(**overrides), progress=not args.quiet)
     print(json.dumps(info, indent=1))
 
 
 def _read_image(path: Path):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from gqtok.photos import load_rgb
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return load_rgb(path)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image: {e}") from None
 
@@ -109,10 +115,11 @@ def cmd_compress(args) -> None:
 
     from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import read_header
+    from gqtok.core.models import find_model
     from gqtok.service.codec import ImageCodec
 
     image = _read_image(Path(args.image))
-    codec = ImageCodec(load_artifact(args.model), device=args.device)
+    codec = ImageCodec(load_artifact(find_model(args.model)), device=args.device)
     start = time.perf_counter()
     data = codec.compress(image, args.prior)
     seconds = time.perf_counter() - start
@@ -131,18 +138,24 @@ def cmd_decompress(args) -> None:
 
     from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import BitstreamError, read_header
+    from gqtok.core.models import find_model
     from gqtok.service.codec import ImageCodec
 
     data = Path(args.input).read_bytes()
     header = read_header(data)
-    dirs = args.model or ["models/default"]
-    artifacts = [load_artifact(d) for d in dirs]
-    match = [a for a in artifacts if a.manifest.model_id == header.model_id]
-    if not match:
-        raise BitstreamError(f"{args.input} was made by model {header.model_id!r}; the models given are "
-                             f"{[a.manifest.model_id for a in artifacts]} (pass its directory with --model)")
-    image, _ = ImageCodec(match[0], device=args.device).decompress(data)
     out = Path(args.output or Path(args.input).with_suffix(".png"))
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if args.model:
+        artifacts = [load_artifact(find_model(m)) for m in args.model]
+        match = [a for a in artifacts if a.manifest.model_id == header.model_id]
+        if not match:
+            raise BitstreamError(f"{args.input} was made by model {header.model_id!r}; the models given are "
+                                 f"{[a.manifest.model_id for a in artifacts]} (pass its directory with --model)")
+        artifact = match[0]
+    else:  # the model the header names, on the model search path
+        artifact = load_artifact(find_model(header.model_id))
+    image, _ = ImageCodec(artifact, device=args.device).decompress(data)
     Image.fromarray(image).save(out)
     print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior,
                       "image_size": list(image.shape[:2])}))
@@ -189,28 +202,6 @@ def cmd_generator_serve(args) -> None:
                                 f"`gqtok generator train --out {args.run} --tokenizer-url {args.tokenizer_url}`")
     uvicorn.run(create_app(Path(args.run), args.tokenizer_url, api_key=args.api_key), host=args.host, port=args.port,
                 log_level="info")
-
-
-SERVE_FLAGS = {  # flag -> (type, help); each is also the environment variable GQTOK_<NAME>
-    "host": (str, "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
-    "port": (int, "port (default 8000)"),
-    "default_model": (str, "model id used when a request names none (default: the first --model)"),
-    "device": (str, "auto, cpu or cuda: onnxruntime provider (default auto: CUDA if onnxruntime-gpu sees a GPU)"),
-    "threads": (int, "intra-op threads per onnxruntime session (default 0: onnxruntime decides)"),
-    "selector": (str, "where GQ selection runs: auto (default: ort-matmul on CPU, gq_select.onnx on CUDA), onnx, numpy, ort-matmul"),
-    "max_batch_size": (int, "images or grids per inference call (default 8)"),
-    "max_queue_delay_ms": (float, "how long a batch waits for more requests (default 0: no wait)"),
-    "max_queue_size": (int, "waiting items per model and direction before 429 (default 256)"),
-    "max_images_per_request": (int, "images or grids in one request (default 32)"),
-    "max_body_bytes": (int, "request body limit, 413 past it (default 33554432)"),
-    "max_image_pixels": (int, "pixels per image, 413 past it (default 1048576)"),
-    "max_batch_pixels": (int, "image pixels per inference call; bigger images run alone (default 524288)"),
-    "max_concurrent_coding": (int, "compress/decompress requests entropy-coding at once (default 2)"),
-    "request_timeout_s": (float, "per-request limit for queue + inference, 503 past it (default 60)"),
-    "drain_timeout_s": (float, "on SIGTERM, how long in-flight requests may finish (default 30)"),
-    "api_key": (str, "require Authorization: Bearer KEY on every route but /health/* (default: off)"),
-    "log_level": (str, "debug, info, warning (default info)"),
-}
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -279,7 +270,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     cp = sub.add_parser("compress", help="image -> compressed file (tokens entropy-coded with a prior)")
     cp.add_argument("image", help="PNG, JPEG, WebP, ... of any size")
     cp.add_argument("-o", "--output", help="compressed file (default: IMAGE with suffix .gqt)")
-    cp.add_argument("--model", default="models/default", help="model directory (default models/default)")
+    cp.add_argument("--model", help="model directory or name on the model search path (default: the default model)")
     cp.add_argument("--prior", choices=["uniform", "frequency", "context"],
                     help="entropy model of the tokens (default: the strongest the model has)")
     cp.add_argument("--device", default="cpu", help="onnxruntime device: cpu (default), cuda or auto")
@@ -288,8 +279,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     dc = sub.add_parser("decompress", help="compressed file -> image (the header names the model)")
     dc.add_argument("input", help="file from gqtok compress or POST /v1/compress")
     dc.add_argument("-o", "--output", help="image to write; the suffix picks the format (default: INPUT.png)")
-    dc.add_argument("--model", action="append", metavar="DIR",
-                    help="model directory; repeat to offer several, the header picks (default models/default)")
+    dc.add_argument("--model", action="append", metavar="DIR_OR_NAME",
+                    help="model directory or name; repeat to offer several, the header picks (default: the model "
+                         "the header names, found on the model search path)")
+    dc.add_argument("--force", action="store_true", help="overwrite the output image if it exists")
     dc.add_argument("--device", default="cpu")
     dc.set_defaults(func=cmd_decompress)
 
@@ -332,15 +325,34 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     gv.add_argument("--port", type=int, default=8001)
     gv.set_defaults(func=cmd_generator_serve)
 
-    sv = sub.add_parser("serve", help="serve the tokenizer over HTTP (default: the embedded models/default)",
+    sv = sub.add_parser("serve", help="serve the tokenizer over HTTP (default: the bundled default model)",
                         description="Every option is also an environment variable GQTOK_<OPTION> (flags win); "
-                                    "GQTOK_MODELS takes a JSON list of directories.")
-    sv.add_argument("--model", action="append", metavar="DIR",
-                    help="model directory (repeat to serve several; the first is the default)")
-    for name, (kind, text) in SERVE_FLAGS.items():
-        sv.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", type=kind, default=None, help=text)
+                                    "GQTOK_MODELS takes a JSON list. See docs/service.md.")
+    if argv[:1] == ["serve"] or "-h" in argv or "--help" in argv:  # the flags come from ServiceSettings
+        from gqtok.service.settings import add_arguments
+
+        add_arguments(sv)
     sv.set_defaults(func=cmd_serve)
     return parser
+
+
+EXTRAS = {  # a module a command imports -> the extra that installs it
+    "torch": "train", "safetensors": "train", "pytorch_msssim": "train", "efficientnet_lite_pytorch": "train",
+    "onnxruntime": "serve", "fastapi": "serve", "uvicorn": "serve", "pydantic_settings": "serve",
+    "prometheus_client": "serve", "httpx": "serve", "multipart": "serve", "onnx": "export", "onnxscript": "export",
+    "PIL": "serve", "tqdm": "train", "matplotlib": "train",
+}
+
+
+def missing_extra_message(command: str, error: ModuleNotFoundError) -> str:
+    module = (error.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return f"gqtok {command} needs the Python module {module!r}, which is not installed"
+    if command.startswith("generator"):
+        extra = "generator"
+    return (f"gqtok {command} needs the '{extra}' extra (module {module!r} is missing): "
+            f"pip install 'gqtok[{extra}]'")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -348,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
+    except ModuleNotFoundError as e:
+        command = " ".join(filter(None, [args.command, getattr(args, f"{args.command}_command", None)]))
+        print(f"gqtok: error: {missing_extra_message(command, e)}", file=sys.stderr)
+        sys.exit(2)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"gqtok: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -83,7 +83,7 @@ class Batcher:
         self.pending.clear()
         self.executor.shutdown(wait=True)
 
-    def reserve(self, count: int) -> None:
+    def check_room(self, count: int) -> None:
         """Raise QueueFull unless `count` more items fit; requests check all their images before queuing any."""
         if len(self.pending) + count > self.max_queue:
             raise QueueFull(f"{self.name} queue is full ({len(self.pending)} of {self.max_queue} waiting); retry later",
@@ -91,7 +91,7 @@ class Batcher:
 
     def submit(self, key: tuple, payload: np.ndarray) -> asyncio.Future:
         """Queue one item; the future resolves to (output row, Timing)."""
-        self.reserve(1)
+        self.check_room(1)
         item = _Item(key, payload, asyncio.get_running_loop().create_future())
         self.pending.append(item)
         self._wakeup.set()

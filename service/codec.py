@@ -5,8 +5,8 @@
     image = codec.decompress(data)                      # -> uint8 [H, W, 3], the original size
 
 The image is padded to multiples of f by repeating its bottom and right edges (as /v1/tokenize's
-resize=pad does); the header keeps the original size and decompress crops back to it. The service
-runs the same two halves with its batchers in between (service/app.py).
+fit=pad does); the header keeps the original size and decompress crops back to it. The service
+runs the same two halves with its batchers in between (service/routers/compression.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from gqtok.core.bitstream import Codec, Header
-from gqtok.service.images import fit_to_grid
+from gqtok.core.layout import fit_to_grid
 from gqtok.service.runtime import TokenizerRuntime
 
 

@@ -7,17 +7,16 @@ decompression bomb costs nothing. Only PNG, JPEG and WebP are accepted.
 from __future__ import annotations
 
 import io
-import math
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from gqtok.core import layout
 from gqtok.service.errors import ImageTooLarge, InvalidImage
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MEDIA_TYPES = set(FORMATS.values()) | {"image/jpg"}
-RESIZE_MODES = ("pad", "crop", "exact")
 
 
 def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
@@ -47,25 +46,12 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
         raise InvalidImage(f"{name} could not be decoded (truncated or corrupt): {e}") from None
 
 
-def fit_to_grid(img: np.ndarray, f: int, mode: str, name: str = "image") -> np.ndarray:
-    """Make H and W multiples of f: 'pad' (replicate the bottom and right edges), 'crop' (centre) or 'exact' (reject)."""
-    h, w = img.shape[:2]
-    if mode == "exact":
-        if h % f or w % f:
-            raise InvalidImage(f"{name} is {h}x{w} (HxW); resize=exact needs multiples of {f}")
-        return img
-    if mode == "crop":
-        ch, cw = h // f * f, w // f * f
-        if ch == 0 or cw == 0:
-            raise InvalidImage(f"{name} is {h}x{w}, smaller than one {f}x{f} cell; use resize=pad")
-        top, left = (h - ch) // 2, (w - cw) // 2
-        return img[top : top + ch, left : left + cw]
-    if mode == "pad":
-        ph, pw = math.ceil(h / f) * f, math.ceil(w / f) * f
-        if (ph, pw) == (h, w):
-            return img
-        return np.pad(img, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    raise InvalidImage(f"resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+def fit_image(img: np.ndarray, f: int, mode: str, name: str = "image") -> np.ndarray:
+    """gqtok.core.layout.fit_to_grid (the contract's pad rule), its refusals as 422 invalid_image."""
+    try:
+        return layout.fit_to_grid(img, f, mode, name)
+    except ValueError as e:
+        raise InvalidImage(str(e)) from None
 
 
 def encode_png(img: np.ndarray) -> bytes:

@@ -5,7 +5,7 @@
     pixels = rt.detokenize(ids)           # -> uint8 [B, H, W, 3]
 
 GQ selection runs in `gq_select.onnx` (selector "onnx", on the same provider
-as the encoder), in numpy (selector "numpy", gqtok/select.py), or in numpy with
+as the encoder), in numpy (selector "numpy", gqtok/core/select.py), or in numpy with
 onnxruntime's MatMul computing the scores (selector "ort-matmul"). All three
 give a token the same id whatever else is in its batch.
 """
@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from gqtok.core import layout
 from gqtok.core.artifact import DECODER, ENCODER, GQ_SELECT, Artifact
-from gqtok.core.select import GaussianQuantizer
+from gqtok.core.select import GaussianQuantizer, fixed_blocks
 
 log = logging.getLogger("gqtok.runtime")
 
@@ -41,7 +41,7 @@ class TokenizerRuntime:
 
     device:   "auto", "cpu" or "cuda" (see choose_providers)
     threads:  intra-op threads per session; 0 lets onnxruntime choose
-    selector: "onnx" (gq_select.onnx), "numpy" (gqtok/select.py), "ort-matmul" (gqtok/select.py with the
+    selector: "onnx" (gq_select.onnx), "numpy" (gqtok/core/select.py), "ort-matmul" (gqtok/core/select.py with the
               score products in onnxruntime), or "auto": "ort-matmul" on the CPU provider, "onnx" on CUDA (so
               the scores stay on the GPU). Why ort-matmul on CPU: onnxruntime's MatMul ran the
               [256, 2d] x [2d, 4096] products 1.6x faster than numpy's OpenBLAS here, and sharing one
@@ -95,14 +95,9 @@ class TokenizerRuntime:
         flat_lv = np.ascontiguousarray(tok_lv.reshape(-1, d), dtype=np.float32)
         if self.selector in ("numpy", "ort-matmul"):
             return self.quantizer.select(flat_mu, flat_lv, matmul=self.matmul).reshape(shape)
-        rows, n = self.manifest.gq_select_rows, flat_mu.shape[0]
-        ids = np.empty(n, dtype=np.int64)
-        block_mu, block_lv = np.zeros((rows, d), np.float32), np.zeros((rows, d), np.float32)
-        for start in range(0, n, rows):  # fixed-size blocks, zero-padded: see export/gq_graph.py
-            m = min(rows, n - start)
-            block_mu[:m], block_lv[:m] = flat_mu[start : start + m], flat_lv[start : start + m]
-            block_mu[m:], block_lv[m:] = 0.0, 0.0
-            out = self.gq_select.run(None, {"mu": block_mu, "logvar": block_lv, "codebook": self.artifact.codebook})[0]
+        ids = np.empty(flat_mu.shape[0], dtype=np.int64)
+        for start, m, (mu_b, lv_b) in fixed_blocks(len(ids), self.manifest.gq_select_rows, flat_mu, flat_lv):
+            out = self.gq_select.run(None, {"mu": mu_b, "logvar": lv_b, "codebook": self.artifact.codebook})[0]
             ids[start : start + m] = out[:m]
         return ids.reshape(shape)
 

@@ -16,28 +16,29 @@ import uvicorn
 
 from gqtok.service.app import create_app
 from gqtok.service.settings import ServiceSettings
+from gqtok.service.state import ServiceState
 
 log = logging.getLogger("gqtok.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: dict, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, state: ServiceState, drain_timeout_s: float):
         super().__init__(config)
         self.app_state, self.drain_timeout_s = state, drain_timeout_s
 
     def handle_exit(self, sig, frame) -> None:
-        if self.app_state["draining"]:  # second signal: stop now
+        if self.app_state.draining:  # second signal: stop now
             return super().handle_exit(sig, frame)
-        self.app_state["draining"] = True
-        log.info("draining: %d request(s) in flight", self.app_state["inflight"])
+        self.app_state.draining = True
+        log.info("draining: %d request(s) in flight", self.app_state.inflight)
         asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout_s
-        while self.app_state["inflight"] > 0 and time.monotonic() < deadline:
+        while self.app_state.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self.app_state["inflight"]:
-            log.warning("drain timeout: %d request(s) still running", self.app_state["inflight"])
+        if self.app_state.inflight:
+            log.warning("drain timeout: %d request(s) still running", self.app_state.inflight)
         self.should_exit = True
 
 
@@ -47,4 +48,4 @@ def serve(settings: ServiceSettings) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), access_log=False)
     # uvicorn installs handle_exit for SIGINT and SIGTERM; ours drains first.
-    DrainingServer(config, app.state.state, settings.drain_timeout_s).run()
+    DrainingServer(config, app.state.service, settings.drain_timeout_s).run()

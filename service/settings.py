@@ -1,41 +1,86 @@
-"""Service configuration: flags of `gqtok serve` and GQTOK_* environment variables (flags win)."""
+"""Service configuration, defined once: each field is a `gqtok serve` flag and a GQTOK_* environment variable.
+
+Flags win over environment variables, which win over the defaults here. `add_arguments` builds the flags of
+`gqtok serve` from the fields below (name, type, choices, default and help sentence), so they cannot drift.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
+import typing
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
-
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GQTOK_", env_nested_delimiter="__")
 
-    models: list[Path] = Field(default_factory=lambda: [DEFAULT_MODEL_DIR])  # model directories; the first is the default
-    default_model: str | None = None  # model id to use when a request names none (default: the first)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # onnxruntime provider choice
-    threads: int = 0  # intra-op threads per onnxruntime session; 0 = onnxruntime's choice
-    selector: Literal["auto", "onnx", "numpy", "ort-matmul"] = "auto"  # GQ selection: auto = ort-matmul on CPU, onnx on CUDA
-    max_batch_size: int = Field(8, ge=1)  # images (or grids) per inference call
-    # how long a batch waits for company. 0: a batch is whatever queued while the previous one ran, which is
-    # all a CPU needs (batch 1 runs as fast per image as batch 8); a GPU gains from a few ms.
-    max_queue_delay_ms: float = Field(0.0, ge=0)
-    max_queue_size: int = Field(256, ge=1)  # queued images per model and direction; past it: 429
-    max_images_per_request: int = Field(32, ge=1)
-    max_body_bytes: int = Field(32 * 2**20, ge=1024)  # request body; past it: 413
+    models: list[str] = Field(["default"], description=(
+        "Model directories or names to serve (repeat --model; GQTOK_MODELS takes a JSON list). A name is looked "
+        "up on the model search path (docs/service.md); the first model is the default."))
+    default_model: str | None = Field(None, description="Model id used when a request names none (default: the first).")
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "onnxruntime provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU."))
+    threads: int = Field(0, ge=0, description="Intra-op threads per onnxruntime session; 0 lets onnxruntime decide.")
+    selector: Literal["auto", "onnx", "numpy", "ort-matmul"] = Field("auto", description=(
+        "Where GQ selection runs: auto is ort-matmul (numpy argmax over onnxruntime's MatMul) on the CPU and "
+        "gq_select.onnx on CUDA."))
+    max_batch_size: int = Field(8, ge=1, description="Images or grids per inference call.")
+    max_queue_delay_ms: float = Field(0.0, ge=0, description=(
+        "How long a batch waits for company. 0: a batch is whatever queued while the previous one ran, all a CPU "
+        "needs (batch 1 runs as fast per image as batch 8); a GPU gains from 2-5 ms."))
+    max_queue_size: int = Field(256, ge=1, description="Waiting items per model and direction; past it, 429.")
+    max_images_per_request: int = Field(32, ge=1, description="Images or grids in one request; past it, 400.")
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Request body limit in bytes; past it, 413.")
     # Memory: on the CPU provider the default model's decoder held about 3.3 KB per pixel of a batch (onnxruntime's
-    # arena after a batch of 8 at 256x256: 2.2 GiB), so these two bound the working memory to a few GiB.
-    max_image_pixels: int = Field(1024 * 1024, ge=64)  # per image, read from the header before decoding; past it: 413
-    max_batch_pixels: int = Field(8 * 256 * 256, ge=64)  # pixels per inference call (an image bigger runs alone)
-    # entropy coding (/v1/compress, /v1/decompress) runs in threads beside inference; the context prior takes
-    # about a second of one core per 768x512 image, so this bounds how many cores compression may hold
-    max_concurrent_coding: int = Field(2, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)  # per request, queue + inference; past it: 503
-    drain_timeout_s: float = Field(30.0, ge=0)  # graceful shutdown: how long in-flight requests may take
-    api_key: SecretStr | None = None  # when set, every route but /health/* needs "Authorization: Bearer KEY"
-    log_level: str = "info"
+    # arena after a batch of 8 at 256x256: 2.2 GiB), so the next two bound the working memory to a few GiB.
+    max_image_pixels: int = Field(1024 * 1024, ge=64, description=(
+        "Pixels per image, read from the header before decoding; past it, 413."))
+    max_batch_pixels: int = Field(8 * 256 * 256, ge=64, description=(
+        "Image pixels per inference call; an image bigger than this runs alone."))
+    max_concurrent_coding: int = Field(2, ge=1, description=(
+        "Compress/decompress requests entropy-coding at once (the context prior holds a core for about 2 s per "
+        "768x512 image)."))
+    request_timeout_s: float = Field(60.0, gt=0, description="Seconds per request for queue and inference; past it, 503.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, seconds that in-flight requests may take to finish.")
+    api_key: SecretStr | None = Field(None, description=(
+        "When set, every route but /health/* needs the header 'Authorization: Bearer KEY'."))
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+
+
+def _flag_type(annotation):
+    """(argparse type, choices) for a settings field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return str, list(typing.get_args(annotation))
+    if args and typing.get_origin(annotation) is not list:  # Optional[X]
+        return _flag_type(args[0])
+    if annotation is SecretStr:
+        return str, None
+    return annotation, None
+
+
+def add_arguments(parser: argparse.ArgumentParser, dest_prefix: str = "cfg_") -> None:
+    """One flag per ServiceSettings field; unset flags stay None, so environment variables and defaults apply."""
+    for name, field in ServiceSettings.model_fields.items():
+        flag = "--model" if name == "models" else f"--{name.replace('_', '-')}"
+        default = field.get_default(call_default_factory=True)
+        shown = "off" if default is None else ",".join(default) if isinstance(default, list) else default
+        help_text = f"{field.description} Env GQTOK_{name.upper()}; default {shown}."
+        if typing.get_origin(field.annotation) is list:
+            parser.add_argument(flag, dest=dest_prefix + name, action="append", metavar="DIR_OR_NAME", help=help_text)
+            continue
+        kind, choices = _flag_type(field.annotation)
+        metavar = None if choices else {int: "N", float: "X"}.get(kind, "TEXT")
+        parser.add_argument(flag, dest=dest_prefix + name, type=kind, choices=choices, default=None, metavar=metavar,
+                            help=help_text)
+
+
+def from_arguments(args: argparse.Namespace, dest_prefix: str = "cfg_") -> ServiceSettings:
+    """ServiceSettings from parsed flags; flags given win over GQTOK_* variables."""
+    given = {k[len(dest_prefix):]: v for k, v in vars(args).items() if k.startswith(dest_prefix) and v is not None}
+    return ServiceSettings(**given)

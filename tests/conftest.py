@@ -22,7 +22,7 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def small_photos(photos_dir, tmp_path_factory) -> Path:
     """12 training photos and 3 held-out photos (symlinks): enough for a real run in seconds."""
-    from gqtok.training.data import HELDOUT, list_images, split_heldout
+    from gqtok.photos import HELDOUT, list_images, split_heldout
 
     train, held = split_heldout(list_images(photos_dir))
     out = tmp_path_factory.mktemp("photos")
@@ -47,11 +47,12 @@ def tiny_run(small_photos, tmp_path_factory) -> Path:
 def tiny_model(tiny_run, small_photos, tmp_path_factory) -> Path:
     """The tiny run exported to ONNX, with its entropy-coding priors fitted: a model directory the service loads."""
     from gqtok.export.exporter import export_run
-    from gqtok.training.priors import PriorConfig, fit_priors
+    from gqtok.cli import fit_model_priors
+    from gqtok.training.priors import PriorConfig
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     export_run(tiny_run, out, model_id="tiny")
-    fit_priors(out, small_photos, PriorConfig(steps=100, crop=(128, 192)), progress=False)
+    fit_model_priors(out, small_photos, PriorConfig(steps=100, crop=(128, 192)), progress=False)
     return out
 
 

@@ -1,4 +1,4 @@
-"""gqtok/bitstream.py: the compressed format round-trips bit-exactly and refuses anything it cannot decode."""
+"""gqtok/core/bitstream.py: the compressed format round-trips bit-exactly and refuses anything it cannot decode."""
 
 import dataclasses
 import math
@@ -23,14 +23,14 @@ def image_codec(tiny_model):
 
 @pytest.fixture(scope="module")
 def photo(small_photos):
-    from gqtok.training.data import load_rgb
+    from gqtok.photos import load_rgb
 
     return load_rgb(sorted(small_photos.iterdir())[0])[:203, :301]  # neither side a multiple of 8
 
 
 @pytest.fixture(scope="module")
 def photo_ids(image_codec, photo):
-    from gqtok.service.images import fit_to_grid
+    from gqtok.core.layout import fit_to_grid
 
     return image_codec.runtime.tokenize(fit_to_grid(photo, 8, "pad")[None])[0]
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import gqtok.service.client as client_mod
 from gqtok.service.client import AsyncTokenizerClient, TokenizerClient, TokenizerError
-from gqtok.training import data as photo_data
+from gqtok import photos as photo_files
 
 NPY = "application/x-npy"
 
@@ -177,12 +177,12 @@ def test_async_client_has_the_same_retry_policy(slept):
 def test_one_image_is_a_raw_png_body():
     script = Script(ok_tokens)
     with mock_client(script, api_key="s3cret", model="tiny") as c:
-        c.tokenize(Image.fromarray(IMG), resize="crop")
+        c.tokenize(Image.fromarray(IMG), fit="crop")
     r = script.requests[0]
     assert r.method == "POST" and r.url.path == "/v1/tokenize"
     assert r.headers["content-type"] == "image/png" and r.headers["accept"] == NPY
     assert r.headers["authorization"] == "Bearer s3cret"
-    assert dict(r.url.params) == {"model": "tiny", "resize": "crop"}
+    assert dict(r.url.params) == {"model": "tiny", "fit": "crop"}
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), IMG)  # lossless
 
 
@@ -200,7 +200,7 @@ def test_several_images_are_multipart_and_files_keep_their_format(tmp_path):
     assert body.count(b'name="image"') == 5
     assert body.count(b"Content-Type: image/png") == 2 and body.count(b"Content-Type: image/jpeg") == 3
     assert body.count(jpeg.getvalue()) == 3  # files are sent as they are, not re-encoded
-    assert "authorization" not in r.headers and dict(r.url.params) == {"resize": "pad"}
+    assert "authorization" not in r.headers and dict(r.url.params) == {"fit": "pad"}
 
 
 def test_tokenize_json_asks_for_json():
@@ -242,8 +242,8 @@ def test_bad_input_is_refused_before_sending():
             c.tokenize(np.zeros((4, 4, 2), np.uint8))
         with pytest.raises(ValueError, match="no images"):
             c.tokenize([])
-        with pytest.raises(ValueError, match="resize"):
-            c.tokenize(IMG, resize="stretch")
+        with pytest.raises(ValueError, match="fit"):
+            c.tokenize(IMG, fit="stretch")
         with pytest.raises(TypeError, match="integer"):
             c.detokenize([[0.5, 1.0]])
     assert script.requests == []
@@ -277,8 +277,8 @@ def test_health_never_raises():
 @pytest.fixture(scope="module")
 def photos(photos_dir) -> list[np.ndarray]:
     """Four held-out photos, centre-cropped to 64x96 (a multiple of f=8)."""
-    paths = [photos_dir / f"{stem}.jpg" for stem in photo_data.HELDOUT[:4]]
-    return [photo_data.center_crop(photo_data.load_rgb(p), (64, 96)) for p in paths]
+    paths = [photos_dir / f"{stem}.jpg" for stem in photo_files.HELDOUT[:4]]
+    return [photo_files.center_crop(photo_files.load_rgb(p), (64, 96)) for p in paths]
 
 
 @pytest.mark.slow
@@ -327,9 +327,9 @@ def test_live_odd_size_pads_and_crops_back(live_server, photos):
     with TokenizerClient(live_server) as c:
         ids = c.tokenize(img)
         assert ids.shape == (1, 2, 8, 11)
-        assert c.tokenize(img, resize="crop").shape == (1, 2, 7, 10)
+        assert c.tokenize(img, fit="crop").shape == (1, 2, 7, 10)
         with pytest.raises(TokenizerError) as e:
-            c.tokenize(img, resize="exact")
+            c.tokenize(img, fit="exact")
         assert e.value.status == 422 and e.value.error_type == "invalid_image"
         (out,) = c.detokenize(ids, image_size=(61, 83))
         assert out.size == (83, 61)
@@ -339,7 +339,7 @@ def test_live_odd_size_pads_and_crops_back(live_server, photos):
 
 @pytest.mark.slow
 def test_live_several_images_make_one_batch(live_server, photos, photos_dir, tmp_path):
-    jpg = photos_dir / f"{photo_data.HELDOUT[0]}.jpg"
+    jpg = photos_dir / f"{photo_files.HELDOUT[0]}.jpg"
     crop = tmp_path / "crop.jpg"
     Image.fromarray(photos[3]).save(crop, quality=95)
     with TokenizerClient(live_server) as c:

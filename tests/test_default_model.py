@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from gqtok.core.artifact import load_artifact
-from gqtok.training import data as photo_data
+from gqtok.core.models import find_model
+from gqtok import photos as photo_files
 
-DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"  # the committed files, as checked in
 pytestmark = pytest.mark.slow
 
 
@@ -28,8 +29,8 @@ def test_serve_with_no_arguments_tokenizes_a_photo(start_server, photos_dir):
     server = start_server([])  # no --model: models/default
     meta = httpx.get(f"{server.url}/v1/models").json()
     assert meta["default"] == json.loads((DEFAULT / "manifest.json").read_text())["model_id"]
-    _, held = photo_data.split_heldout(photo_data.list_images(photos_dir))
-    img = photo_data.center_crop(photo_data.load_rgb(held[0]), (256, 256))
+    _, held = photo_files.split_heldout(photo_files.list_images(photos_dir))
+    img = photo_files.center_crop(photo_files.load_rgb(held[0]), (256, 256))
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     r = httpx.post(f"{server.url}/v1/tokenize", content=buf.getvalue(), headers={"content-type": "image/png"},
@@ -40,3 +41,69 @@ def test_serve_with_no_arguments_tokenizes_a_photo(start_server, photos_dir):
     r = httpx.post(f"{server.url}/v1/detokenize", json={"tokens": tokens.tolist()}, timeout=60)
     recon = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(float)
     assert 10 * np.log10(255**2 / np.mean((recon - img) ** 2)) > 15
+
+
+# -- behaviour pinned across refactors ----------------------------------------------------------------------------
+# tests/fixtures/behaviour_default_model.npz was recorded with the code before the package move (issue 14): two
+# crops of a held-out photo (96x128, and 72x100 which pads to 72x104), their tokens, their decoded pixels and their
+# compressed bytes under each prior. The same machine kind must reproduce them exactly.
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "behaviour_default_model.npz"
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    with np.load(FIXTURE) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("selector", ["ort-matmul", "numpy", "onnx"])
+def test_same_tokens_and_pixels_as_recorded(recorded, selector):
+    from gqtok.core.layout import fit_to_grid
+    from gqtok.service.runtime import TokenizerRuntime
+
+    rt = TokenizerRuntime(load_artifact(find_model()), device="cpu", selector=selector)
+    for name in ("a", "b"):
+        ids = rt.tokenize(fit_to_grid(recorded[f"{name}_image"], 8, "pad")[None])
+        assert np.array_equal(ids, recorded[f"{name}_tokens"]), (name, selector)
+        assert np.array_equal(rt.detokenize(ids)[0], recorded[f"{name}_pixels"]), (name, selector)
+
+
+def test_same_compressed_bytes_as_recorded(recorded):
+    from gqtok.service.codec import ImageCodec
+
+    codec = ImageCodec(load_artifact(find_model()))
+    for name in ("a", "b"):
+        img = recorded[f"{name}_image"]
+        for prior in ("uniform", "frequency", "context"):
+            data = codec.compress(img, prior)
+            assert data == recorded[f"{name}_{prior}"].tobytes(), (name, prior)
+            decoded, _ = codec.decompress(data)
+            assert np.array_equal(decoded, recorded[f"{name}_pixels"][: img.shape[0], : img.shape[1]])
+
+
+def test_the_server_answers_the_recorded_tokens_and_bytes(start_server, recorded):
+    server = start_server([])
+    for name in ("a", "b"):
+        buf = io.BytesIO()
+        Image.fromarray(recorded[f"{name}_image"]).save(buf, format="PNG")
+        r = httpx.post(f"{server.url}/v1/tokenize", content=buf.getvalue(),
+                       headers={"content-type": "image/png", "accept": "application/x-npy"}, timeout=60)
+        assert np.array_equal(np.load(io.BytesIO(r.content)), recorded[f"{name}_tokens"])
+        r = httpx.post(f"{server.url}/v1/compress?prior=context", content=buf.getvalue(),
+                       headers={"content-type": "image/png"}, timeout=60)
+        assert r.content == recorded[f"{name}_context"].tobytes()
+
+
+def test_bundled_model_is_found_outside_the_repository(tmp_path, monkeypatch):
+    from gqtok.core.models import bundled_models_dir, find_model as find
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GQTOK_HOME", str(tmp_path / "home"))
+    assert find() == bundled_models_dir() / "default"
+    assert find("gqtok-default") == bundled_models_dir() / "default"  # by model id
+    user = tmp_path / "home" / "models" / "default"  # the user data directory comes first
+    user.mkdir(parents=True)
+    (user / "manifest.json").write_text(json.dumps({"model_id": "mine"}))
+    assert find() == user and find("mine") == user
+    with pytest.raises(FileNotFoundError, match="no model 'nope'"):
+        find("nope")

@@ -307,7 +307,7 @@ def photo_crop(photo: Path, size: int = 256) -> bytes:
 @pytest.mark.slow
 def test_entrypoint_smoke(tiny_model, photos_dir, compose_config, tmp_path):
     """`gqtok serve` as the CPU image runs it: its ENTRYPOINT, its ENV (models, host, port pointed here)."""
-    from gqtok.training.data import list_images
+    from gqtok.photos import list_images
 
     photo = list_images(photos_dir)[0]
     dfp = parse("cpu")

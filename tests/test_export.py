@@ -10,8 +10,9 @@ import torch
 from gqtok.core.artifact import ArtifactError, load_artifact
 from gqtok.core.codebook import codebook_digest
 from gqtok.service.runtime import TokenizerRuntime
+from gqtok import photos as photo_files
 from gqtok.training import data as photo_data
-from gqtok.training.gq import GaussianQuantizer
+from gqtok.training.gq import GaussianQuantize
 from gqtok.training.train import load_run
 
 pytestmark = pytest.mark.slow
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def heldout_batch(photos_dir):
     """8 different held-out photos, centre-cropped to 256x256, uint8 [8, 256, 256, 3]."""
-    _, held = photo_data.split_heldout(photo_data.list_images(photos_dir))
-    return np.stack([photo_data.center_crop(photo_data.load_rgb(p), (256, 256)) for p in held[:8]])
+    _, held = photo_files.split_heldout(photo_files.list_images(photos_dir))
+    return np.stack([photo_files.center_crop(photo_files.load_rgb(p), (256, 256)) for p in held[:8]])
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +59,11 @@ def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, tiny_model, sel
     runtime = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1, selector=selector)
     model, _ = load_run(tiny_run)
     cfg = model.cfg
-    gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta)
+    gq = GaussianQuantize(cfg.num_codes, cfg.token_dim, cfg.codebook_seed, cfg.gq_beta)
     with torch.no_grad():
         mu, logvar = model.encoder(photo_data.to_model_input(heldout_batch))
-        ids_torch = gq.encode_latent(mu, logvar).numpy()
-        decoded_torch = ((model.decoder(gq.decode_latent(torch.from_numpy(ids_torch))).clamp(-1, 1) + 1) / 2)
+        ids_torch = gq(mu, logvar)[1].numpy()
+        decoded_torch = ((model.decoder(gq.get_output_from_indices(torch.from_numpy(ids_torch))).clamp(-1, 1) + 1) / 2)
     ids_ort = runtime.tokenize(heldout_batch)
     agreement = float(np.mean(ids_ort == ids_torch))
     record_property("token_agreement", agreement)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import LiveServer
-from gqtok.generator.model import ARTransformer, GeneratorConfig, grids_to_sequences, sample_next, sequences_to_grids
+from gqtok.core.layout import grids_to_sequences, sequences_to_grids
+from gqtok.generator.model import ARTransformer, GeneratorConfig, sample_next
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""gqtok/priors.py and training/priors.py: the numpy priors, their torch twin, the wavefront, the fit."""
+"""gqtok/core/priors.py and training/priors.py: the numpy priors, their torch twin, the wavefront, the fit."""
 
 import math
 
@@ -70,7 +70,7 @@ def test_fitted_priors_beat_uniform_on_held_out_photos(tiny_model):
 def test_recorded_bits_are_what_the_numpy_prior_gives(tiny_model, small_photos):
     """The fit's held-out figure is recomputed here from the saved files, through a separate path."""
     from gqtok.service.runtime import TokenizerRuntime
-    from gqtok.training.data import center_crop, list_images, load_rgb, split_heldout
+    from gqtok.photos import center_crop, list_images, load_rgb, split_heldout
     from gqtok.training.priors import _frequency_bits
 
     artifact = load_artifact(tiny_model)

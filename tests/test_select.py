@@ -1,4 +1,4 @@
-"""GQ selection (numpy in gqtok/select.py, torch in training/gq.py) against a brute-force reference."""
+"""GQ selection (numpy in gqtok/core/select.py, the torch GaussianQuantize in training/gq.py) against a brute-force reference."""
 
 import tracemalloc
 
@@ -56,7 +56,7 @@ def test_huge_codebook_few_tokens():
     mu, logvar = random_posteriors(3, 4, seed=1)
     codebook = make_codebook(0, 2**18, 4)
     assert_matches_reference(GaussianQuantizer(codebook).select(mu, logvar), mu, logvar, codebook)
-    ids_t = torch_gq.GaussianQuantizer(0, 2**18, 4).select(torch.from_numpy(mu), torch.from_numpy(logvar)).numpy()
+    ids_t = torch_gq.GaussianQuantize(2**18, 4, seed=0).select(torch.from_numpy(mu), torch.from_numpy(logvar)).numpy()
     assert_matches_reference(ids_t, mu, logvar, codebook)
 
 
@@ -76,7 +76,7 @@ def test_tokens_do_not_depend_on_batch_composition(backend):
         q = GaussianQuantizer(make_codebook(0, k, d))
         run = q.select
     else:
-        q = torch_gq.GaussianQuantizer(0, k, d)
+        q = torch_gq.GaussianQuantize(k, d, seed=0)
         run = lambda m, v: q.select(torch.from_numpy(m), torch.from_numpy(v)).numpy()  # noqa: E731
     together = run(mu, logvar)
     alone = np.array([run(mu[i : i + 1], logvar[i : i + 1])[0] for i in range(0, n, 37)])
@@ -91,7 +91,7 @@ def test_tokens_do_not_depend_on_batch_composition(backend):
 def test_numpy_and_torch_agree():
     mu, logvar = random_posteriors(4000, 16, seed=9)
     ids_np = GaussianQuantizer(make_codebook(7, 2**16, 16)).select(mu, logvar)
-    ids_t = torch_gq.GaussianQuantizer(7, 2**16, 16).select(torch.from_numpy(mu), torch.from_numpy(logvar)).numpy()
+    ids_t = torch_gq.GaussianQuantize(2**16, 16, seed=7).select(torch.from_numpy(mu), torch.from_numpy(logvar)).numpy()
     assert np.mean(ids_np == ids_t) >= 0.999
 
 
@@ -119,8 +119,9 @@ def test_lookup_rejects_out_of_range():
 
 
 def test_latent_round_trip_through_torch_quantizer():
-    q = torch_gq.GaussianQuantizer(0, 256, 4)
+    q = torch_gq.GaussianQuantize(256, 4, seed=0)
     z = torch.from_numpy(make_codebook(0, 256, 4)[:24].reshape(1, 2, 3, 4, 4)).permute(0, 4, 1, 2, 3)  # codewords as latents
     z = z.reshape(1, 8, 3, 4)
-    ids = q.encode_latent(z, torch.full_like(z, -20.0))  # tiny sigma: the exact codeword wins
-    assert torch.equal(q.decode_latent(ids), z)
+    quantized, ids, aux = q(z, torch.full_like(z, -20.0))  # tiny sigma: the exact codeword wins
+    assert ids.shape == (1, 2, 3, 4) and torch.equal(quantized, z) and torch.equal(q.get_output_from_indices(ids), z)
+    assert float(aux["shift_sigmas"].max()) == 0.0

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import wait_until_ready
 from gqtok.core.artifact import load_artifact
 from gqtok.service.runtime import TokenizerRuntime
-from gqtok.training import data as photo_data
+from gqtok import photos as photo_files
 
 pytestmark = pytest.mark.slow
 NPY = "application/x-npy"
@@ -42,8 +42,8 @@ def load_npy(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def photos(photos_dir) -> list[np.ndarray]:
     """16 different real photo crops, 64x96 (a multiple of f=8)."""
-    paths = photo_data.list_images(photos_dir)[::15][:16]
-    return [photo_data.center_crop(photo_data.load_rgb(p), (64, 96)) for p in paths]
+    paths = photo_files.list_images(photos_dir)[::15][:16]
+    return [photo_files.center_crop(photo_files.load_rgb(p), (64, 96)) for p in paths]
 
 
 def tokenize_npy(url: str, img: np.ndarray, **params) -> np.ndarray:
@@ -88,10 +88,14 @@ def test_pad_crop_and_exact(live_server, photos):
     img = photos[1][:61, :83]
     pad = httpx.post(f"{live_server}/v1/tokenize", content=png(img), headers={"content-type": "image/png"}).json()
     assert pad["results"][0]["original_size"] == [61, 83] and pad["results"][0]["padded_size"] == [64, 88]
-    crop = httpx.post(f"{live_server}/v1/tokenize?resize=crop", content=png(img),
+    crop = httpx.post(f"{live_server}/v1/tokenize?fit=crop", content=png(img),
                       headers={"content-type": "image/png"}).json()
     assert crop["results"][0]["padded_size"] == [56, 80] and crop["results"][0]["grid_size"] == [7, 10]
-    r = httpx.post(f"{live_server}/v1/tokenize?resize=exact", content=png(img), headers={"content-type": "image/png"})
+    assert crop["fit"] == "crop" and pad["fit"] == "pad"
+    old_name = httpx.post(f"{live_server}/v1/tokenize?resize=crop", content=png(img),  # the deprecated alias
+                          headers={"content-type": "image/png"}).json()
+    assert old_name["results"][0]["tokens"] == crop["results"][0]["tokens"]
+    r = httpx.post(f"{live_server}/v1/tokenize?fit=exact", content=png(img), headers={"content-type": "image/png"})
     assert_error(r, 422, "invalid_image", "multiples of 8")
     # image_size crops the decoded image back to the original
     tokens = pad["results"][0]["tokens"]
@@ -122,10 +126,11 @@ def test_raw_multipart_and_json_agree(live_server, photos):
 def test_json_options_of_the_wrong_type_are_refused(live_server, photos):
     """Found by the fuzzer: a JSON "model" that is an object once reached a dict lookup and gave a 500."""
     image = base64.b64encode(png(photos[0])).decode()
-    for body, field in (({"images": [image], "model": {"a": 1}}, "model"), ({"images": [image], "resize": 3}, "resize"),
-                        ({"tokens": [[1, 2]], "model": ["tiny"]}, "model")):
+    for body, field in (({"images": [image], "model": {"a": 1}}, "model"), ({"images": [image], "fit": 3}, "fit"),
+                        ({"images": [image], "resize": 3}, "resize"), ({"tokens": [[1, 2]], "model": ["tiny"]}, "model"),
+                        ({"tokens": [[1, 2]], "image_size": [True, 2]}, "image_size.0")):
         route = "detokenize" if "tokens" in body else "tokenize"
-        assert_error(httpx.post(f"{live_server}/v1/{route}", json=body), 400, "invalid_request", f'"{field}" must be a string')
+        assert_error(httpx.post(f"{live_server}/v1/{route}", json=body), 400, "invalid_request", f"{field}: Input should be")
 
 
 def test_detokenize_several_as_json_and_npy(live_server, photos):
@@ -202,9 +207,9 @@ def test_bad_images(live_server, photos):
     Image.fromarray(photos[0]).save(gif, format="GIF")
     assert_error(post(gif.getvalue()), 422, "invalid_image", "GIF")
     assert_error(post(png(photos[0]), "text/plain"), 415, "unsupported_media_type")
-    assert_error(post(png(photos[0][:5, :5]), params={"resize": "crop"}), 422, "invalid_image",
+    assert_error(post(png(photos[0][:5, :5]), params={"fit": "crop"}), 422, "invalid_image",
                  "smaller than one 8x8 cell")
-    assert_error(post(png(photos[0]), params={"resize": "stretch"}), 400, "invalid_request", "resize")
+    assert_error(post(png(photos[0]), params={"fit": "stretch"}), 400, "invalid_request", "fit")
     assert_error(post(png(photos[0]), params={"model": "nope"}), 404, "unknown_model", "nope")
     r = httpx.post(f"{live_server}/v1/tokenize", json={"images": ["%%%"]})
     assert_error(r, 422, "invalid_image", "base64")
@@ -346,7 +351,7 @@ def test_a_failing_batch_fails_only_the_bad_request(tiny_model, photos):
     server = InProcessServer(tiny_model, max_batch_size=8, max_queue_delay_ms=500)
     try:
         expected = [tokenize_npy(server.url, x) for x in photos[:8]]
-        batcher = server.app.state.state["models"]["tiny"].tokenize
+        batcher = server.app.state.service.models["tiny"].tokenize
         run_batch, batch_sizes = batcher.run_batch, []
 
         def poisoned(images):  # a runtime fault triggered by one input: a pixel value of 13 in the corner
@@ -394,7 +399,7 @@ def test_batches_stop_at_max_batch_pixels(tiny_model, photos):
         expected = [tokenize_npy(server.url, x) for x in photos[:6]]
         sizes = []  # (direction, batch size) of every inference call
         for direction in ("tokenize", "detokenize"):
-            record_batch_sizes(getattr(server.app.state.state["models"]["tiny"], direction), direction, sizes)
+            record_batch_sizes(getattr(server.app.state.service.models["tiny"], direction), direction, sizes)
         with ThreadPoolExecutor(6) as pool:
             got = list(pool.map(lambda x: tokenize_npy(server.url, x), photos[:6]))
             images = list(pool.map(lambda g: httpx.post(f"{server.url}/v1/detokenize", content=npy(g), timeout=60,

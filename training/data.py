@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from gqtok.photos import center_crop, load_rgb
 
 DEFAULT_DATA_DIR = Path("data/endless-sky")
 PACKAGES = {  # variant -> (Debian package, folder of photos inside it)
@@ -26,17 +27,7 @@ PACKAGES = {  # variant -> (Debian package, folder of photos inside it)
     "small": ("endless-sky-data", "usr/share/games/endless-sky/images/land"),
 }
 CC_BY_SA_MARKERS = ("bwerner", "myrabella", "dmottl", "mfield", "-sfiera", "-harro", "-striker", "-iridium", "-spfld")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
-# Fixed evaluation photos (file stems), never used for training: one or two per
-# scene type, all public domain. Centre-cropped to 768x512 for evaluation. This
-# is NOT the Kodak set; numbers on it are "held-out endless-sky" numbers.
-HELDOUT = (
-    "badlands3", "beach4", "beach6", "canyon5", "canyon8", "city3", "city7", "desert4",
-    "dune2", "fields5", "fields8", "fog3", "forest2", "hills2", "lava4", "mountain4",
-    "mountain7", "sea4", "sea7", "sky4", "snow4", "valley4", "valley7", "water4",
-)
-HELDOUT_SIZE = (512, 768)  # (H, W) of the evaluation crops
 
 
 def is_cc_by_sa(name: str) -> bool:
@@ -73,39 +64,6 @@ def fetch_default_photos(dest: Path = DEFAULT_DATA_DIR, variant: str = "high-dpi
     )
     marker.write_text(json.dumps({"package": package, "version": version, "count": len(names)}, indent=1))
     return dest
-
-
-def list_images(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist (for the default set run: gqtok data fetch)")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
-    return paths
-
-
-def split_heldout(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(training paths, held-out paths): held-out are the HELDOUT stems present in `paths`."""
-    held = set(HELDOUT)
-    return [p for p in paths if p.stem not in held], [p for p in paths if p.stem in held]
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def center_crop(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Centre crop [H, W, 3] to (h, w); images smaller than that are resized up first (aspect kept)."""
-    h, w = size
-    ih, iw = img.shape[:2]
-    if ih < h or iw < w:
-        s = max(h / ih, w / iw)
-        img = np.asarray(Image.fromarray(img).resize((max(w, round(iw * s)), max(h, round(ih * s))), Image.BICUBIC))
-        ih, iw = img.shape[:2]
-    top, left = (ih - h) // 2, (iw - w) // 2
-    return img[top : top + h, left : left + w]
 
 
 def to_model_input(batch_u8: np.ndarray):

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_msssim import ms_ssim, ssim
 
+from gqtok import photos as photo_files
 from gqtok.training import data as photo_data
-from gqtok.training.gq import GaussianQuantizer
+from gqtok.training.gq import GaussianQuantize
 from gqtok.training.quantizers.tokenbridge import GaussianScalarQuantizer
 from gqtok.training.model import kl_bits_per_token
 from gqtok.training.train import load_run
@@ -63,10 +64,10 @@ class TokenPath:
         if method == "gq":
             if cfg.quantizer != "gq":
                 raise ValueError(f"GQ needs a Gaussian VAE; this run trained with the {cfg.quantizer} quantizer")
-            gq = GaussianQuantizer(cfg.codebook_seed, cfg.num_codes, cfg.token_dim, cfg.gq_beta).to(device)
+            gq = GaussianQuantize(cfg.num_codes, cfg.token_dim, cfg.codebook_seed, cfg.gq_beta).to(device)
             self.num_codes, self.bits, self.per_position = cfg.num_codes, float(cfg.codebook_bits), cfg.tokens_per_position
-            self.encode = lambda mu, logvar: gq.encode_latent(mu, logvar)
-            self.decode = gq.decode_latent
+            self.encode = lambda mu, logvar: gq(mu, logvar)[1]
+            self.decode = gq.get_output_from_indices
         elif method == "tokenbridge":
             if cfg.quantizer != "gq":
                 raise ValueError("tokenbridge quantizes a Gaussian VAE's latents; this run is a baseline")
@@ -85,7 +86,7 @@ class TokenPath:
 
 @torch.no_grad()
 def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_out: Path | None = None,
-             size: tuple[int, int] = photo_data.HELDOUT_SIZE, limit: int | None = None, device: str = "cpu",
+             size: tuple[int, int] = photo_files.HELDOUT_SIZE, limit: int | None = None, device: str = "cpu",
              progress: bool = True, method: str = "auto", tokenbridge_levels: int = 64, fd: bool = False) -> dict:
     """Evaluate a run on the held-out photos. method: "auto" (GQ for a Gaussian VAE, else the run's own
     quantizer), "gq", or "tokenbridge" (per-channel scalar quantization with `tokenbridge_levels` bins)."""
@@ -98,16 +99,16 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
     token_path = TokenPath(model, method, tokenbridge_levels, device)
     if size[0] % cfg.downsample or size[1] % cfg.downsample:
         raise ValueError(f"evaluation size {size} must be a multiple of f={cfg.downsample}")
-    _, heldout = photo_data.split_heldout(photo_data.list_images(data_dir))
+    _, heldout = photo_files.split_heldout(photo_files.list_images(data_dir))
     if not heldout:
-        raise FileNotFoundError(f"none of the held-out photos ({', '.join(photo_data.HELDOUT[:3])}, ...) are in {data_dir}")
+        raise FileNotFoundError(f"none of the held-out photos ({', '.join(photo_files.HELDOUT[:3])}, ...) are in {data_dir}")
     heldout = heldout[:limit] if limit else heldout
 
     rows, kls, errs, grid_rows = [], [], [], []
     counts = np.zeros(token_path.num_codes, np.int64)
     fd_sets = {"original": [], "continuous": [], "quantized": []}
     for path in tqdm(heldout, desc=f"eval {method}", disable=not progress, leave=False):
-        original = photo_data.center_crop(photo_data.load_rgb(path), size)
+        original = photo_files.center_crop(photo_files.load_rgb(path), size)
         x = photo_data.to_model_input(original[None]).to(device)
         mu, logvar = model.encoder(x)
         ids = token_path.encode(mu, logvar)

@@ -1,4 +1,4 @@
-"""Fit the entropy-coding priors of an exported model (gqtok/priors.py) on its own token grids.
+"""Fit the entropy-coding priors of an exported model (gqtok/core/priors.py) on its own token grids.
 
     gqtok priors fit models/default --data data/endless-sky
 
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from gqtok.core import layout
 from gqtok.core.artifact import load_artifact
 from gqtok.core.manifest import Manifest, file_sha256
-from gqtok.core.priors import (LOG_SCALE_RANGE, NEIGHBOURS, PRIOR_FILES, ContextPrior, latent_of, neighbour_features,
-                          save_context, save_frequency)
+from gqtok.core.priors import (PRIOR_FILES, ContextPrior, context_logits, context_param_shapes, latent_of,
+                               neighbour_features, save_context, save_frequency)
+from gqtok.core.select import codeword_features
 
 
 @dataclass
@@ -37,49 +37,43 @@ class PriorConfig:
 
 
 class ContextNet(nn.Module):
-    """The torch twin of gqtok.core.priors.ContextPrior (same weights, same formula)."""
+    """The context model of gqtok.core.priors in torch, for fitting: the same parameters (names, shapes, the
+    [in, out] layout of prior_context.npz) and the same formula (core's context_logits with xp=torch)."""
 
     def __init__(self, channels: int, token_dim: int, codebook: np.ndarray, log_freq: np.ndarray, hidden: int):
         super().__init__()
         self.channels, self.token_dim = channels, token_dim
-        self.mlp = nn.Sequential(nn.Linear(len(NEIGHBOURS) * (channels + 1), hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2 * channels))
-        last = self.mlp[-1]
-        nn.init.normal_(last.weight, std=1e-3)
-        with torch.no_grad():  # start wide (s = e^2): the model begins as the frequency prior
-            last.bias.zero_()
-            last.bias[channels:] = 2.0
-        self.bias = nn.Parameter(torch.as_tensor(log_freq, dtype=torch.float32))  # [T, K]
-        cb = torch.as_tensor(codebook, dtype=torch.float32)
-        self.register_buffer("code_t", torch.cat([cb * cb, cb], dim=1).T.contiguous())  # [2d, K]
+        t, k = log_freq.shape
+        shapes = context_param_shapes(channels, t, k, hidden)
+        self.w = nn.ParameterDict({name: nn.Parameter(torch.empty(shape)) for name, shape in shapes.items()})
+        for i in (1, 2, 3):  # nn.Linear's default init: uniform(+-1/sqrt(fan_in)) for weights and biases
+            bound = 1.0 / math.sqrt(shapes[f"w{i}"][0])
+            nn.init.uniform_(self.w[f"w{i}"], -bound, bound)
+            nn.init.uniform_(self.w[f"b{i}"], -bound, bound)
+        with torch.no_grad():  # start wide (s = e^2) and flat: the model begins as the frequency prior
+            nn.init.normal_(self.w["w3"], std=1e-3)
+            self.w["b3"].zero_()
+            self.w["b3"][channels:] = 2.0
+            self.w["bias"].copy_(torch.as_tensor(log_freq, dtype=torch.float32))  # [T, K]
+        code = codeword_features(torch.as_tensor(codebook, dtype=torch.float32), xp=torch)
+        self.register_buffer("code_t", code.T.contiguous())  # [2d, K]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[n, F] -> logits [n, T, K]."""
-        out = self.mlp(features)
-        n, c, d = out.shape[0], self.channels, self.token_dim
-        mean = layout.group(out[:, :c].reshape(n, c, 1, 1), d).reshape(-1, d)
-        log_s = layout.group(out[:, c:].clamp(*LOG_SCALE_RANGE).reshape(n, c, 1, 1), d).reshape(-1, d)
-        inv_var = torch.exp(-2.0 * log_s)
-        gauss = 0.5 * (torch.cat([-inv_var, 2.0 * mean * inv_var], dim=1) @ self.code_t)
-        return gauss.reshape(n, -1, self.code_t.shape[1]) + self.bias
+        return context_logits(features, self.w, self.code_t, self.channels, self.token_dim, xp=torch)
 
     def weights(self) -> dict[str, np.ndarray]:
-        lin = [m for m in self.mlp if isinstance(m, nn.Linear)]
-        out = {}
-        for i, m in enumerate(lin, start=1):
-            out[f"w{i}"] = m.weight.detach().T.contiguous().numpy()
-            out[f"b{i}"] = m.bias.detach().numpy()
-        out["bias"] = self.bias.detach().numpy()
-        return out
+        return {name: p.detach().contiguous().numpy() for name, p in self.w.items()}
 
 
-def tokenize_photos(runtime, paths: list[Path], crop: tuple[int, int], progress: bool = True) -> np.ndarray:
-    """Centre crops of the photos -> int64 [N, T, h, w] token grids, one photo per call."""
+def tokenize_photos(tokenize, paths: list[Path], crop: tuple[int, int], progress: bool = True) -> np.ndarray:
+    """Centre crops of the photos -> int64 [N, T, h, w] token grids, one photo per call of
+    tokenize(uint8 [1, H, W, 3]) -> int [1, T, h, w]."""
     from tqdm import tqdm
 
-    from gqtok.training.data import center_crop, load_rgb
+    from gqtok.photos import center_crop, load_rgb
 
-    grids = [runtime.tokenize(center_crop(load_rgb(p), crop)[None])[0]
+    grids = [tokenize(center_crop(load_rgb(p), crop)[None])[0]
              for p in tqdm(paths, desc="tokenizing", disable=not progress, leave=False)]
     return np.stack(grids)
 
@@ -116,12 +110,15 @@ def _frequency_bits(counts: np.ndarray, grids: np.ndarray) -> float:
     return float(np.mean([-np.log2(p[s][grids[:, s].ravel()]).mean() for s in range(t)]))
 
 
-def fit_priors(model_dir: Path, data_dir: Path, config: PriorConfig | None = None, progress: bool = True) -> dict:
-    """Fit both priors of the model in model_dir, write their files, list them in its manifest. Returns the figures."""
+def fit_priors(model_dir: Path, data_dir: Path, tokenize, config: PriorConfig | None = None,
+               progress: bool = True) -> dict:
+    """Fit both priors of the model in model_dir, write their files, list them in its manifest. Returns the figures.
+
+    tokenize: uint8 [1, H, W, 3] -> int [1, T, h, w], the exported model's own tokens (what the service makes);
+    the CLI passes the onnxruntime runtime's (gqtok.cli.fit_model_priors), so training never imports the service."""
     from tqdm import tqdm
 
-    from gqtok.service.runtime import TokenizerRuntime
-    from gqtok.training.data import list_images, split_heldout
+    from gqtok.photos import list_images, split_heldout
 
     cfg = config or PriorConfig()
     artifact = load_artifact(model_dir)
@@ -131,10 +128,9 @@ def fit_priors(model_dir: Path, data_dir: Path, config: PriorConfig | None = Non
         train_paths = train_paths[: cfg.max_photos]
     if not train_paths:
         raise FileNotFoundError(f"no training photos under {data_dir} (all are held out)")
-    runtime = TokenizerRuntime(artifact, device="cpu")
     t0 = time.perf_counter()
-    train_grids = tokenize_photos(runtime, train_paths, cfg.crop, progress)
-    held_grids = tokenize_photos(runtime, held_paths, cfg.crop, progress) if held_paths else train_grids[:0]
+    train_grids = tokenize_photos(tokenize, train_paths, cfg.crop, progress)
+    held_grids = tokenize_photos(tokenize, held_paths, cfg.crop, progress) if held_paths else train_grids[:0]
     tokenize_s = time.perf_counter() - t0
 
     # Frequency prior: counts per slot, plus one so every id stays codable.

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from gqtok import photos as photo_files
 from gqtok.training import data as photo_data
 from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
 from gqtok.training.tdc import TDC
@@ -160,7 +161,7 @@ class Trainer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
 
-        train_paths, _ = photo_data.split_heldout(photo_data.list_images(data_dir))
+        train_paths, _ = photo_files.split_heldout(photo_files.list_images(data_dir))
         self.data = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=train_cfg.seed + 1000 * self.rank,
                                            progress=self.progress)
         self.fixed = photo_data.to_model_input(

@@ -8,9 +8,17 @@ Shapes used everywhere (numpy or torch; both work unchanged):
   latent grid:  [B, C, H, W]       (what the encoder emits and the decoder eats)
   token vectors:[B, T, H, W, d]    (what GQ selection compares with codewords)
   token ids:    [B, T, H, W]       (what the service returns)
+  sequences:    [B, H * W * T]     (what an autoregressive model reads: raster order, T innermost)
+
+The pad rule (`fit_to_grid`) is part of the contract too: compressed files record the original size and
+decoders crop back to it, so every producer must pad the same way.
 """
 
 from __future__ import annotations
+
+import math
+
+import numpy as np
 
 LAYOUT_NAME = "strided"
 
@@ -41,3 +49,54 @@ def ungroup(tokens):
     """[B, T, H, W, d] -> [B, C, H, W]; the exact inverse of `group`."""
     b, t, h, w, d = tokens.shape
     return _permute(tokens, (0, 4, 1, 2, 3)).reshape(b, d * t, h, w)
+
+
+# -- sequence order ---------------------------------------------------------------------------------------------
+SEQUENCE_ORDER = "raster, tokens of a position innermost"
+
+
+def grids_to_sequences(grids: np.ndarray) -> np.ndarray:
+    """[N, T, h, w] token grids -> [N, h * w * T] sequences in the canonical order (raster, T innermost)."""
+    n = grids.shape[0]
+    return np.ascontiguousarray(np.transpose(grids, (0, 2, 3, 1)).reshape(n, -1))
+
+
+def sequences_to_grids(seqs: np.ndarray, tokens_per_position: int, grid: tuple[int, int]) -> np.ndarray:
+    """The inverse of grids_to_sequences: [N, h * w * T] -> [N, T, h, w]."""
+    n = seqs.shape[0]
+    return np.ascontiguousarray(np.transpose(seqs.reshape(n, grid[0], grid[1], tokens_per_position), (0, 3, 1, 2)))
+
+
+# -- fitting an image to the grid -------------------------------------------------------------------------------
+FIT_MODES = ("pad", "crop", "exact")
+
+
+def padded_size(h: int, w: int, f: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of f: what fit 'pad' makes and what a grid of h/f x w/f tokens decodes to."""
+    return math.ceil(h / f) * f, math.ceil(w / f) * f
+
+
+def fit_to_grid(img: np.ndarray, f: int, mode: str = "pad", name: str = "image") -> np.ndarray:
+    """Make H and W of [H, W, 3] multiples of f without resampling. ValueError naming the image when it cannot.
+
+    pad:   replicate the bottom row and right column up to the next multiple (the original size is kept by
+           callers, and decoders crop back to it);
+    crop:  centre crop down to the previous multiple;
+    exact: refuse any other size."""
+    h, w = img.shape[:2]
+    if mode == "exact":
+        if h % f or w % f:
+            raise ValueError(f"{name} is {h}x{w} (HxW); fit=exact needs multiples of {f}")
+        return img
+    if mode == "crop":
+        ch, cw = h // f * f, w // f * f
+        if ch == 0 or cw == 0:
+            raise ValueError(f"{name} is {h}x{w}, smaller than one {f}x{f} cell; use fit=pad")
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return img[top : top + ch, left : left + cw]
+    if mode == "pad":
+        ph, pw = padded_size(h, w, f)
+        if (ph, pw) == (h, w):
+            return img
+        return np.pad(img, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+    raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {mode!r}")

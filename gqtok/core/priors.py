@@ -9,7 +9,7 @@ Three priors, all over the K ids of one model:
              N(m, s^2) over the next position's latent; token k of that position gets
              log p(k) = bias[t, k] + log N(codeword_k; m_t, s_t^2) + const,
              the Gaussian discretized on the codebook, plus a learned per-id bias (it starts at the
-             log-frequencies). The Gaussian term is the GQ score of gqtok/select.py with beta = 0, so it
+             log-frequencies). The Gaussian term is the GQ score of gqtok/core/select.py with beta = 0, so it
              costs one [n, 2d] x [2d, K] product per batch of positions.
 
 Decoding order for the context prior is a wavefront: position (r, c) is step 2r + c. Every
@@ -58,6 +58,30 @@ class FrequencyPrior:
         return self.counts / self.counts.sum(axis=1, keepdims=True)
 
 
+def context_param_shapes(channels: int, tokens_per_position: int, num_codes: int, hidden: int) -> dict[str, tuple]:
+    """The context model's parameters, name -> shape: the one layout that fitting (torch) and coding (numpy)
+    share, and that prior_context.npz stores. w1..w3 are [in, out] (x @ w + b)."""
+    inputs = len(NEIGHBOURS) * (channels + 1)
+    return {"w1": (inputs, hidden), "b1": (hidden,), "w2": (hidden, hidden), "b2": (hidden,),
+            "w3": (hidden, 2 * channels), "b3": (2 * channels,), "bias": (tokens_per_position, num_codes)}
+
+
+def context_logits(features, w: dict, code_t, channels: int, token_dim: int, xp=np):
+    """The context model, written once for numpy (coding) and torch (fitting, xp=torch).
+
+    features [n, F] -> logits [n, T, K]: an MLP predicts a diagonal Gaussian N(m, s^2) over the next position's
+    latent, scored on every codeword (code_t [2d, K] = codeword_features(codebook).T), plus a per-id bias."""
+    h = (features @ w["w1"] + w["b1"]).clip(0)
+    h = (h @ w["w2"] + w["b2"]).clip(0)
+    out = h @ w["w3"] + w["b3"]
+    n, c, d = out.shape[0], channels, token_dim
+    mean = layout.group(out[:, :c].reshape(n, c, 1, 1), d).reshape(-1, d)
+    log_s = layout.group(out[:, c:].clip(*LOG_SCALE_RANGE).reshape(n, c, 1, 1), d).reshape(-1, d)
+    # 0.5 * [-1/s^2, 2m/s^2] . [c^2, c] = log N(c; m, s^2) + terms without c: the GQ score with beta = 0
+    gauss = 0.5 * (token_features(mean, 2.0 * log_s, beta=0.0, xp=xp) @ code_t)
+    return gauss.reshape(n, -1, code_t.shape[1]) + w["bias"]
+
+
 class ContextPrior:
     """The causal context model. weights: w1 [F, H], b1, w2 [H, H], b2, w3 [H, 2C], b3, bias [T, K]."""
 
@@ -69,8 +93,8 @@ class ContextPrior:
         self.num_codes, self.token_dim = self.codebook.shape[0], token_dim
         self.channels = self.w["w3"].shape[1] // 2
         self.tokens_per_position = layout.tokens_per_position(self.channels, token_dim)
-        expected_in = len(NEIGHBOURS) * (self.channels + 1)
-        if self.w["w1"].shape[0] != expected_in or self.w["bias"].shape != (self.tokens_per_position, self.num_codes):
+        expected = context_param_shapes(self.channels, self.tokens_per_position, self.num_codes, self.w["w1"].shape[1])
+        if {k: tuple(v.shape) for k, v in self.w.items()} != expected:
             raise ValueError(f"context prior weights do not fit a model with C={self.channels}, "
                              f"T={self.tokens_per_position}, K={self.num_codes}")
         self.code_t = np.ascontiguousarray(codeword_features(self.codebook).T)  # [2d, K]
@@ -81,17 +105,7 @@ class ContextPrior:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float32 [n, F] neighbour features -> float32 [n, T, K] unnormalized log-probabilities."""
-        w = self.w
-        h = np.maximum(features @ w["w1"] + w["b1"], 0.0)
-        h = np.maximum(h @ w["w2"] + w["b2"], 0.0)
-        out = h @ w["w3"] + w["b3"]
-        n, c, t, d = out.shape[0], self.channels, self.tokens_per_position, self.token_dim
-        mean = layout.group(out[:, :c].reshape(n, c, 1, 1), d).reshape(n * t, d)
-        log_s = np.clip(out[:, c:], *LOG_SCALE_RANGE)
-        log_s = layout.group(log_s.reshape(n, c, 1, 1), d).reshape(n * t, d)
-        # 0.5 * [-1/s^2, 2m/s^2] . [c^2, c] = log N(c; m, s^2) + terms without c
-        gauss = 0.5 * (token_features(mean, 2.0 * log_s, beta=0.0) @ self.code_t)
-        return gauss.reshape(n, t, -1) + w["bias"]
+        return context_logits(features, self.w, self.code_t, self.channels, self.token_dim)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """float32 [n * T, K], rows in position-major, slot-minor order (unnormalized; the coder rescales)."""

@@ -1,4 +1,7 @@
-"""Gaussian Quant selection in numpy (the service side; `training/gq.py` is the torch twin).
+"""Gaussian Quant selection: the score, once, and its numpy/onnxruntime search (the service, priors, benchmarks).
+
+`token_features` and `codeword_features` take `xp` (numpy or torch), so the torch module of training
+(gqtok.training.gq.GaussianQuantize, which export turns into gq_select.onnx) computes the very same formula.
 
 For a token posterior N(mu, sigma^2) in R^d, GQ picks the codeword c that
 maximizes the density ratio q(c|x) / p(c)^beta:
@@ -30,19 +33,33 @@ CODE_CHUNK = 4096  # codewords per matrix product
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's log-variance (reference value)
 
 
-def codeword_features(codebook: np.ndarray) -> np.ndarray:
-    """[K, d] codebook -> [K, 2d] float32 features [c^2, c]."""
-    c = np.asarray(codebook, dtype=np.float32)
-    if c.ndim != 2:
-        raise ValueError(f"codebook must be [K, d], got shape {c.shape}")
-    return np.ascontiguousarray(np.concatenate([c * c, c], axis=1))
+def codeword_features(codebook, xp=np):
+    """[K, d] codebook -> [K, 2d] features [c^2, c]. xp: numpy (the default) or torch."""
+    if codebook.ndim != 2:
+        raise ValueError(f"codebook must be [K, d], got shape {tuple(codebook.shape)}")
+    return xp.concatenate([codebook * codebook, codebook], axis=1)
 
 
-def token_features(mu: np.ndarray, logvar: np.ndarray, beta: float) -> np.ndarray:
-    """[N, d] posterior -> [N, 2d] float32 features [beta - 1/sigma^2, 2 mu / sigma^2]."""
-    mu = np.asarray(mu, dtype=np.float32)
-    inv_var = np.exp(-np.clip(np.asarray(logvar, dtype=np.float32), *LOGVAR_RANGE))
-    return np.concatenate([np.float32(beta) - inv_var, 2.0 * mu * inv_var], axis=1).astype(np.float32)
+def token_features(mu, logvar, beta: float, xp=np):
+    """[N, d] posterior -> [N, 2d] features [beta - 1/sigma^2, 2 mu / sigma^2]. xp: numpy or torch.
+
+    With float32 inputs the result is float32 in both libraries."""
+    inv_var = xp.exp(-logvar.clip(*LOGVAR_RANGE))
+    return xp.concatenate([beta - inv_var, 2.0 * mu * inv_var], axis=1)
+
+
+def fixed_blocks(n: int, rows: int, *arrays: np.ndarray):
+    """Yield (start, m, blocks): each array's rows [start, start + m) copied into a zero-padded [rows, ...] block.
+
+    Every block has the same shape, so whatever computes on it takes the same code path for a row whether it
+    is alone or among thousands (the batch independence of the module docstring). The blocks are reused."""
+    blocks = [np.zeros((rows, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+    for start in range(0, n, rows):
+        m = min(rows, n - start)
+        for block, a in zip(blocks, arrays):
+            block[:m] = a[start : start + m]
+            block[m:] = 0
+        yield start, m, blocks
 
 
 def transposed_chunks(code: np.ndarray, code_chunk: int = CODE_CHUNK) -> list[np.ndarray]:
@@ -61,15 +78,11 @@ def select_from_features(
     code_t: transposed_chunks(code, code_chunk), when the caller keeps them between calls."""
     n, k = tok.shape[0], code.shape[0]
     out = np.empty(n, dtype=np.int64)
-    block = np.zeros((row_chunk, tok.shape[1]), dtype=np.float32)
     code_t = code_t if code_t is not None else transposed_chunks(code, code_chunk)
     rows = np.arange(row_chunk)
     # One score buffer reused for every product, so two score matrices never coexist.
     buf = np.empty(row_chunk * min(code_chunk, k), dtype=np.float32)
-    for start in range(0, n, row_chunk):
-        m = min(row_chunk, n - start)
-        block[:m] = tok[start : start + m]
-        block[m:] = 0.0
+    for start, m, (block,) in fixed_blocks(n, row_chunk, tok):
         best = np.full(row_chunk, -np.inf, dtype=np.float32)
         best_idx = np.zeros(row_chunk, dtype=np.int64)
         for ci, ct in enumerate(code_t):
@@ -97,7 +110,7 @@ class GaussianQuantizer:
     def __init__(self, codebook: np.ndarray, beta: float = 1.0):
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         self.beta = float(beta)
-        self.features = codeword_features(self.codebook)
+        self.features = np.ascontiguousarray(codeword_features(self.codebook))
         self.features_t = transposed_chunks(self.features)  # kept: 8 MiB at K = 2^16, d = 16
 
     @property
@@ -113,7 +126,8 @@ class GaussianQuantizer:
         mu = np.asarray(mu)
         if mu.shape != np.shape(logvar) or mu.shape[-1] != self.dim:
             raise ValueError(f"mu {mu.shape} and logvar {np.shape(logvar)} must match and end in d={self.dim}")
-        flat = token_features(mu.reshape(-1, self.dim), np.reshape(logvar, (-1, self.dim)), self.beta)
+        flat = token_features(np.asarray(mu, np.float32).reshape(-1, self.dim),
+                              np.asarray(logvar, np.float32).reshape(-1, self.dim), self.beta)
         return select_from_features(flat, self.features, matmul=matmul, code_t=self.features_t).reshape(mu.shape[:-1])
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:

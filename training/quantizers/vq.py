@@ -19,42 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gqtok.training.gq import blocked_argmax, column_tiles
+
 from . import QuantizerOutput, bits_of, float32_region, from_tokens, straight_through, to_tokens, usage_stats
 
 
-@torch.no_grad()
 def nearest_codes(tokens: torch.Tensor, codebook: torch.Tensor, chunk_tokens: int, chunk_codes: int) -> torch.Tensor:
-    """argmin_k ||t - e_k||^2 for each row of tokens [N, D], one [chunk_tokens, chunk_codes] tile at a time.
+    """argmin_k ||t - e_k||^2 for each row of tokens [N, D], by GQ's tiled search (training/gq.py).
 
-    ||t||^2 is the same for every k, so the score is ||e_k||^2 - 2 t.e_k, one addmm per
-    tile into a reused buffer: that tile is the only large tensor alive. The last token
-    chunk is zero-padded to full size, so every tile has the same shape and a token's id
-    cannot depend on how many other tokens share its batch. Ties go to the lowest id:
-    argmin returns the first minimum within a tile, and a later tile must be strictly better.
-    """
-    n, k = tokens.shape[0], codebook.shape[0]
-    rows, cols = chunk_tokens, min(chunk_codes, k)
+    ||t||^2 is the same for every k, so the nearest codeword maximizes 2 t.e_k - ||e_k||^2: one addmm per
+    fixed-shape tile, ties to the lowest id, and a token's id does not depend on its batch."""
     sq = (codebook * codebook).sum(1)
-    tiles = [(s, codebook[s : s + cols].T.contiguous(), sq[s : s + cols]) for s in range(0, k, cols)]
-    out = torch.empty(n, dtype=torch.long, device=tokens.device)
-    block = tokens.new_zeros(rows, tokens.shape[1])
-    scores = tokens.new_empty(rows * cols)
-    for start in range(0, n, rows):
-        m = min(rows, n - start)
-        block.zero_()
-        block[:m] = tokens[start : start + m]
-        best = tokens.new_full((rows,), float("inf"))
-        best_id = torch.zeros(rows, dtype=torch.long, device=tokens.device)
-        for first, ct, sq_t in tiles:
-            s = scores[: rows * ct.shape[1]].view(rows, -1)  # contiguous, also for a narrower last tile
-            torch.addmm(sq_t, block, ct, beta=1.0, alpha=-2.0, out=s)
-            idx = s.argmin(dim=1)  # first minimum; argmin + gather is faster than min(dim) on CPU
-            val = s.gather(1, idx[:, None]).squeeze(1)
-            better = val < best
-            best = torch.where(better, val, best)
-            best_id = torch.where(better, idx + first, best_id)
-        out[start : start + m] = best_id[:m]
-    return out
+    return blocked_argmax(tokens, column_tiles(codebook, chunk_codes, offset=-sq), chunk_tokens, alpha=2.0)
 
 
 class VectorQuantizer(nn.Module):

@@ -1,0 +1,289 @@
+"""The client's side of the HTTP API: building requests, reading answers, the retry policy.
+
+Plain functions and data, shared by the sync and async clients of gqtok.service.client, which only send and
+sleep. Needs httpx, numpy and Pillow only (no torch).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+from PIL import Image
+
+NPY = "application/x-npy"
+COMPRESSED = "application/x-gqtok"
+FIT_MODES = ("pad", "crop", "exact")
+
+# 429 (queue full) and 503 (warming up, draining, request timed out) are the server asking us to come
+# back later, usually with Retry-After; every other error is an answer about this request and is final.
+RETRY_STATUSES = frozenset({429, 503})
+# Failures to reach the server or to get an answer at all (connection refused or reset, a keep-alive
+# connection closed under us). Read timeouts are not retried: the server may still be working on it.
+RETRY_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
+
+ImageLike = Any  # PIL.Image.Image | np.ndarray (uint8 HxWx3) | bytes (an encoded file) | str | Path (a file)
+
+
+class TokenizerError(Exception):
+    """An error answer from the service (or no answer at all: status None)."""
+
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.message, self.status, self.error_type, self.retry_after = message, status, error_type, retry_after
+
+    def __str__(self) -> str:
+        return f"{self.status or 'no response'} {self.error_type}: {self.message}"
+
+
+# -- encoding requests -------------------------------------------------------------------------------------------
+def _sniff(data: bytes) -> str | None:
+    """Media type of an encoded PNG, JPEG or WebP file, from its magic bytes."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _png(img: Image.Image) -> bytes:
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "1"):  # modes PNG cannot hold (CMYK, F, ...)
+        img = img.convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)  # lossless; level 1 is fast and the upload is local
+    return buf.getvalue()
+
+
+def encode_image(image: ImageLike) -> tuple[bytes, str]:
+    """One image -> (encoded bytes, media type). Arrays and PIL images become PNG (lossless);
+    bytes and files go as they are (the server judges formats it does not accept)."""
+    if isinstance(image, (str, Path)):
+        image = Path(image).read_bytes()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        # unknown formats are still sent: the server's answer names them (e.g. "image is GIF")
+        return data, _sniff(data) or "image/png"
+    if isinstance(image, Image.Image):
+        return _png(image), "image/png"
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"image arrays must be uint8 (got {image.dtype}); scale and cast them first")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise ValueError(f"image arrays must be HxWx3 (or HxW, HxWx4); got shape {image.shape}")
+        return _png(Image.fromarray(np.ascontiguousarray(image))), "image/png"
+    raise TypeError(f"cannot send {type(image).__name__} as an image; "
+                    "use a PIL image, a uint8 array, encoded bytes or a file path")
+
+
+def _as_list(images) -> list:
+    """One image or several -> a list (a 4-D uint8 array is a batch)."""
+    if isinstance(images, (list, tuple)):
+        out = list(images)
+    elif isinstance(images, np.ndarray) and images.ndim == 4:
+        out = list(images)
+    else:
+        out = [images]
+    if not out:
+        raise ValueError("no images to tokenize")
+    return out
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One HTTP request and how to read its success answer; shared by the sync and async clients."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], Any]
+    params: dict = field(default_factory=dict)
+    headers: dict = field(default_factory=dict)
+    content: bytes | None = None
+    files: list | None = None
+
+    def send_kwargs(self) -> dict:
+        kw: dict[str, Any] = {"params": self.params, "headers": self.headers}
+        if self.content is not None:
+            kw["content"] = self.content
+        if self.files is not None:
+            kw["files"] = self.files
+        return kw
+
+
+def _model_params(model: str | None, **extra) -> dict:
+    params = {"model": model} if model else {}
+    params.update({k: v for k, v in extra.items() if v is not None})
+    return params
+
+
+def _tokenize_call(images, fit: str, model: str | None, npy: bool) -> _Call:
+    """One image -> a raw body; several -> multipart with repeated 'image' parts."""
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    encoded = [encode_image(x) for x in _as_list(images)]
+    headers = {"accept": NPY} if npy else {"accept": "application/json"}
+    parse = _parse_npy if npy else _parse_json
+    params = _model_params(model, fit=fit)
+    if len(encoded) == 1:
+        data, kind = encoded[0]
+        return _Call("POST", "/v1/tokenize", parse, params, {**headers, "content-type": kind}, content=data)
+    ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+    files = [("image", (f"image{i}.{ext.get(kind, 'bin')}", data, kind)) for i, (data, kind) in enumerate(encoded)]
+    return _Call("POST", "/v1/tokenize", parse, params, headers, files=files)
+
+
+def _detokenize_call(tokens, image_size, model: str | None) -> _Call:
+    """Token grids -> a .npy body (or JSON when image_size asks the server to crop); asks for npy back."""
+    arr = np.asarray(tokens)
+    if arr.dtype == bool or arr.dtype.kind not in "iu":
+        raise TypeError(f"tokens must be integer token ids (got dtype {arr.dtype})")
+    headers = {"accept": NPY}
+    if image_size is None:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        return _Call("POST", "/v1/detokenize", _parse_images, _model_params(model), {**headers, "content-type": NPY},
+                     content=buf.getvalue())
+    if len(image_size) != 2:
+        raise ValueError(f"image_size must be (H, W); got {image_size!r}")
+    # The npy body has no place for image_size (the server reads it from a JSON body only), so the
+    # crop request goes as JSON; the answer is still npy.
+    body = {"tokens": arr.tolist(), "image_size": [int(v) for v in image_size]}
+    if model:
+        body["model"] = model
+    return _Call("POST", "/v1/detokenize", _parse_images, {}, {**headers, "content-type": "application/json"},
+                 content=json.dumps(body, separators=(",", ":")).encode())
+
+
+def _compress_call(image, prior: str | None, model: str | None) -> _Call:
+    data, kind = encode_image(image)
+    return _Call("POST", "/v1/compress", lambda r: r.content, _model_params(model, prior=prior),
+                 {"content-type": kind, "accept": COMPRESSED}, content=data)
+
+
+def _decompress_call(data: bytes) -> _Call:
+    return _Call("POST", "/v1/decompress", _parse_image, {}, {"content-type": COMPRESSED, "accept": NPY},
+                 content=bytes(data))
+
+
+def _get(path: str, parse=None, **params) -> _Call:
+    return _Call("GET", path, parse or _parse_json, {k: v for k, v in params.items() if v is not None})
+
+
+# -- reading answers ---------------------------------------------------------------------------------------------
+def _parse_json(response: httpx.Response) -> dict:
+    try:
+        return response.json()
+    except ValueError:
+        raise TokenizerError(f"expected a JSON answer, got {response.headers.get('content-type')!r}",
+                             status=response.status_code, error_type="bad_response") from None
+
+
+def _parse_npy(response: httpx.Response) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(response.content), allow_pickle=False)
+    except Exception:
+        raise TokenizerError(f"expected a .npy answer, got {response.headers.get('content-type')!r}",
+                             status=response.status_code, error_type="bad_response") from None
+
+
+def _parse_images(response: httpx.Response) -> list[Image.Image]:
+    arr = _parse_npy(response)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise TokenizerError(f"expected uint8 images [batch, H, W, 3], got {arr.dtype} {list(arr.shape)}",
+                             status=response.status_code, error_type="bad_response")
+    return [Image.fromarray(a) for a in arr]
+
+
+def _parse_image(response: httpx.Response) -> Image.Image:
+    arr = _parse_npy(response)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise TokenizerError(f"expected a uint8 image [H, W, 3], got {arr.dtype} {list(arr.shape)}",
+                             status=response.status_code, error_type="bad_response")
+    return Image.fromarray(arr)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: a number or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_from(response: httpx.Response) -> TokenizerError:
+    """The server's {"error", "error_type"} body as a TokenizerError (or the raw text when it is not one)."""
+    message, error_type = response.text[:1000] or response.reason_phrase, "http_error"
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "error" in body:
+            message, error_type = str(body["error"]), str(body.get("error_type") or error_type)
+    except ValueError:
+        pass
+    return TokenizerError(message, status=response.status_code, error_type=error_type,
+                          retry_after=_retry_after(response.headers.get("retry-after")))
+
+
+def _outcome(call: _Call, response: httpx.Response | None, error: Exception | None):
+    """The final result of a call: its parsed answer, or a TokenizerError raised."""
+    if error is not None:
+        kind = "timeout" if isinstance(error, httpx.TimeoutException) else "connection_error"
+        raise TokenizerError(f"{type(error).__name__}: {error}", error_type=kind) from error
+    if response.is_success:
+        return call.parse(response)
+    raise _error_from(response)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 5  # retries after the first attempt
+    backoff: float = 0.2  # first wait, doubled each retry
+    max_backoff: float = 5.0  # cap of the exponential wait
+    max_retry_after: float = 60.0  # cap of a server's Retry-After, so a bad header cannot hang us
+
+    def delay(self, attempt: int, response: httpx.Response | None, error: Exception | None) -> float | None:
+        """Seconds to wait before retrying after `attempt` (0-based), or None when this outcome is final."""
+        if attempt >= self.retries:
+            return None
+        if error is not None:
+            if not isinstance(error, RETRY_ERRORS):
+                return None
+            asked = 0.0
+        elif response.status_code in RETRY_STATUSES:
+            asked = min(_retry_after(response.headers.get("retry-after")) or 0.0, self.max_retry_after)
+        else:
+            return None
+        wait = max(min(self.backoff * 2**attempt, self.max_backoff), asked)
+        return wait + random.uniform(0, 0.1 * wait + 0.01)  # jitter: concurrent clients do not return in step
+
+
+def _client_kwargs(base_url: str, api_key: str | None, timeout: float, transport) -> dict:
+    headers = {"user-agent": "gqtok-client"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    kw = {"base_url": base_url, "headers": headers, "timeout": timeout}
+    if transport is not None:
+        kw["transport"] = transport
+    return kw
+
+

@@ -1,0 +1,147 @@
+"""Reading request bodies: size limits while streaming, JSON into the pydantic models of schemas.py, images
+from raw, multipart or JSON bodies, and token grids from JSON or npy. Every refusal is a typed ServiceError."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+
+import numpy as np
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from gqtok.service import errors
+from gqtok.service.images import MEDIA_TYPES
+from gqtok.service.schemas import NPY, TokenizeRequest
+from gqtok.service.served import ServedModel
+from gqtok.service.settings import ServiceSettings
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it passes `limit` bytes, declared or streamed."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise errors.PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # starlette's form() re-reads the body from here
+    return request._body
+
+
+def parse_json(body: bytes, model: type[BaseModel]):
+    """JSON body -> a validated request model; 400 naming the field for anything else (NaN included)."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        obj = json.loads(body, parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.InvalidRequest(f"body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise errors.InvalidRequest("JSON body must be an object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        detail = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        raise errors.InvalidRequest(f"JSON body: {detail}") from None
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def wants_npy(request: Request) -> bool:
+    return NPY in request.headers.get("accept", "")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+async def image_payloads(request: Request, body: bytes,
+                         settings: ServiceSettings) -> tuple[list[bytes], TokenizeRequest | None]:
+    """Encoded images from a raw, multipart or JSON body, plus the JSON body's options (None otherwise)."""
+    kind = media_type(request)
+    if kind in MEDIA_TYPES:
+        return [body], None
+    if kind == "multipart/form-data":
+        try:
+            form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=16)
+        except Exception as e:
+            raise errors.InvalidRequest(f"malformed multipart body: {e}") from None
+        parts = form.getlist("image")
+        files = [p for p in parts if hasattr(p, "read")]
+        if len(files) != len(parts):
+            raise errors.InvalidRequest("multipart 'image' parts must be files")
+        return [await p.read() for p in files], None
+    if kind == "application/json":
+        req = parse_json(body, TokenizeRequest)
+        out = []
+        for i, s in enumerate(req.images):
+            try:
+                out.append(base64.b64decode(s, validate=True))
+            except (binascii.Error, ValueError):
+                raise errors.InvalidImage(f"images[{i}] is not valid base64") from None
+        return out, req
+    raise errors.UnsupportedMediaType(
+        f"content type {kind or '(none)'} is not accepted; send image/png, image/jpeg, image/webp, "
+        "multipart/form-data or application/json")
+
+
+def parse_tokens(tokens, model: ServedModel, max_pixels: int, max_grids: int) -> tuple[np.ndarray, bool]:
+    """JSON lists or an npy array -> int64 [B, T, h, w] plus whether one grid was sent."""
+    m = model.manifest
+    t = m.tokens_per_position
+    if isinstance(tokens, np.ndarray):
+        arr = tokens
+    else:
+        try:
+            arr = np.asarray(tokens, dtype=object)
+        except ValueError:
+            raise errors.InvalidTokens("tokens must be a rectangular grid (or list of grids) of integers") from None
+        kinds = set(map(type, arr.ravel().tolist()))
+        if kinds - {int}:  # JSON true/false or 1.0 would otherwise pass as integers
+            names = ", ".join(sorted(k.__name__ for k in kinds - {int}))
+            raise errors.InvalidTokens(f"tokens must be integer token ids in a rectangular grid; found {names}")
+        if not kinds:
+            raise errors.InvalidTokens("tokens must be integer token ids; got an empty grid")
+        try:
+            arr = arr.astype(np.int64)
+        except OverflowError:
+            raise errors.InvalidTokens(f"token ids must lie in [0, {m.num_codes}); got a value beyond int64") from None
+    if arr.dtype == bool or arr.dtype.kind not in "iu":
+        what = "rectangular" if arr.dtype == object else "integer"
+        raise errors.InvalidTokens(f"tokens must be {what} token ids (got dtype {arr.dtype})"
+                                   + (", a ragged list" if arr.dtype == object else ""))
+    grid_ndim = 2 if t == 1 else 3
+    if arr.ndim == grid_ndim:
+        single, arr = True, arr[None]
+    elif arr.ndim == grid_ndim + 1 or (t == 1 and arr.ndim == 4):
+        single = False
+    else:
+        raise errors.InvalidTokens(f"tokens must be a grid of shape {'[h, w]' if t == 1 else f'[{t}, h, w]'} "
+                                   f"or a list of them; got {arr.ndim} dimensions {list(arr.shape)}")
+    if arr.ndim == 3:  # T == 1 list of 2-D grids
+        arr = arr[:, None]
+    if arr.shape[1] != t:
+        raise errors.InvalidTokens(f"model {m.model_id} has {t} tokens per position; got {arr.shape[1]}")
+    b, _, h, w = arr.shape
+    if b == 0 or h == 0 or w == 0:
+        raise errors.InvalidTokens(f"tokens have an empty dimension: {list(arr.shape)}")
+    if b > max_grids:
+        raise errors.InvalidTokens(f"{b} grids in one request; the limit is {max_grids}")
+    f = m.downsample
+    if h * w * f * f > max_pixels:
+        raise errors.ImageTooLarge(f"a {h}x{w} grid decodes to {h * f}x{w * f} pixels; the limit is {max_pixels}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= m.num_codes:
+        raise errors.InvalidTokens(f"token ids must lie in [0, {m.num_codes}); got values in [{lo}, {hi}]")
+    return arr.astype(np.int64), single

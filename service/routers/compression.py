@@ -1,0 +1,86 @@
+"""POST /v1/compress (one image -> the self-describing bitstream of gqtok.core.bitstream) and
+POST /v1/decompress (bitstream -> image). Tokenizing and detokenizing go through the model's batchers;
+entropy coding runs in threads, at most max_concurrent_coding at once."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from gqtok.core.bitstream import BitstreamError, Header
+from gqtok.service import errors
+from gqtok.service.images import decode_image, encode_png, fit_image
+from gqtok.service.requests import image_payloads, media_type, npy_bytes, read_body, wants_npy
+from gqtok.service.routers.tokens import IMAGE_BODY, TIMING
+from gqtok.service.schemas import COMPRESSED, NPY, OCTET, PNG, PriorName, binary, request_body
+from gqtok.service.schemas import errors as error_responses
+from gqtok.service.state import ServiceState, get_state, timing_headers
+
+router = APIRouter(prefix="/v1", tags=["compression"])
+
+
+@router.post("/compress", summary="Image -> compressed bitstream (application/x-gqtok)", openapi_extra=IMAGE_BODY,
+             responses={200: {**binary(COMPRESSED, description="The compressed image (docs/compression.md)"),
+                              "headers": {**TIMING, "x-gqtok-bits-per-pixel": {"schema": {"type": "string"}},
+                                          "x-gqtok-prior": {"schema": {"type": "string"}},
+                                          "x-coding-time": {"schema": {"type": "string"}}}},
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503)})
+async def compress(request: Request, state: ServiceState = Depends(get_state),
+                   model: str | None = Query(None, description="Model id (default: the server's default)"),
+                   prior: PriorName | None = Query(None, description="Entropy model (default: the model's strongest)")):
+    settings = state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    payloads, options = await image_payloads(request, body, settings)
+    served = state.model((options.model if options else None) or model)
+    if len(payloads) != 1:
+        raise errors.InvalidRequest(f"send exactly one image to compress, got {len(payloads)}")
+    name = prior.value if prior else served.codec.default_prior
+    if name not in served.codec.priors:
+        raise errors.InvalidRequest(f"model {served.manifest.model_id} has no {name!r} prior; "
+                                    f"choose from {', '.join(served.codec.priors)}")
+    img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels)
+    padded = fit_image(img, served.manifest.downsample, "pad")
+    (ids,), timing = await state.run_items(served.tokenize, [(padded.shape, padded)])
+    start = time.perf_counter()
+    data = await state.run_coding(served.codec.encode, ids, img.shape[:2], name)
+    headers = timing_headers(timing) | {
+        "x-coding-time": f"{1e3 * (time.perf_counter() - start):.3f}", "x-gqtok-prior": name,
+        "x-gqtok-bits-per-pixel": f"{8 * len(data) / (img.shape[0] * img.shape[1]):.6f}"}
+    return Response(data, media_type=COMPRESSED, headers=headers)
+
+
+@router.post("/decompress", summary="Compressed bitstream -> image (PNG or npy)",
+             openapi_extra=request_body({COMPRESSED: None, OCTET: None}),
+             responses={200: {**binary(PNG, NPY, description="The image (uint8 [H, W, 3] npy with Accept: "
+                                                             "application/x-npy), at its original size"),
+                              "headers": TIMING},
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503)})
+async def decompress(request: Request, state: ServiceState = Depends(get_state)):
+    """The model is the one the stream's header names (it must be loaded)."""
+    settings = state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    kind = media_type(request)
+    if kind not in (COMPRESSED, OCTET):
+        raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "
+                                          f"send {COMPRESSED} or {OCTET}")
+    try:
+        header, _ = Header.unpack(body)
+    except BitstreamError as e:
+        raise errors.InvalidBitstream(str(e)) from None
+    served = state.model(header.model_id)
+    hh, ww = header.image_size
+    if hh * ww > settings.max_image_pixels:
+        raise errors.ImageTooLarge(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is "
+                                   f"{settings.max_image_pixels}")
+    start = time.perf_counter()
+    ids, _ = await state.run_coding(served.codec.decode, body)
+    coding_ms = 1e3 * (time.perf_counter() - start)
+    (image,), timing = await state.run_items(served.detokenize, [(ids.shape, ids)])
+    image = image[:hh, :ww]
+    headers = timing_headers(timing) | {"x-coding-time": f"{coding_ms:.3f}", "x-gqtok-model": header.model_id}
+    if wants_npy(request):
+        return Response(npy_bytes(image), media_type=NPY, headers=headers)
+    return Response(await run_in_threadpool(encode_png, image), media_type=PNG, headers=headers)

@@ -1,0 +1,123 @@
+"""POST /v1/tokenize (images -> token grids) and POST /v1/detokenize (token grids -> images)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from gqtok.service import errors
+from gqtok.service.images import decode_image, encode_png, fit_image
+from gqtok.service.requests import image_payloads, media_type, npy_bytes, parse_json, parse_tokens, read_body, wants_npy
+from gqtok.service.schemas import (IMAGE_TYPES, NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
+                                   MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
+from gqtok.service.schemas import errors as error_responses
+from gqtok.service.state import ServiceState, get_state, timing_headers
+
+router = APIRouter(prefix="/v1", tags=["tokens"])
+
+IMAGE_BODY = request_body({**{m: None for m in IMAGE_TYPES}, "multipart/form-data": MultipartImages,
+                           "application/json": TokenizeRequest})
+TIMING = {"x-queue-time": {"description": "ms queued", "schema": {"type": "string"}},
+          "x-inference-time": {"description": "ms of the inference call", "schema": {"type": "string"}}}
+
+
+@router.post("/tokenize", summary="Images -> token grids", openapi_extra=IMAGE_BODY, response_model=TokenizeResponse,
+             responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}, "headers": TIMING,
+                              "description": "JSON grids, or with Accept: application/x-npy one array "
+                                             "(batch, T, h, w), uint16 when K <= 65536, else int32"},
+                        **error_responses(400, 401, 404, 406, 413, 415, 422, 429, 500, 503)})
+async def tokenize(request: Request, state: ServiceState = Depends(get_state),
+                   model: str | None = Query(None, description="Model id (default: the server's default)"),
+                   fit: Fit | None = Query(None, description="How sides become multiples of f (default pad)"),
+                   resize: Fit | None = Query(None, deprecated=True, description="Deprecated name of fit")):
+    settings = state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    payloads, options = await image_payloads(request, body, settings)
+    options = options or TokenizeRequest(images=[])
+    served = state.model(options.model or model)
+    mode = (options.fit or options.resize or fit or resize or Fit.pad).value
+    if not payloads:
+        raise errors.InvalidRequest("no images in the request")
+    if len(payloads) > settings.max_images_per_request:
+        raise errors.InvalidRequest(f"{len(payloads)} images in one request; the limit is "
+                                    f"{settings.max_images_per_request}")
+    f = served.manifest.downsample
+
+    def decode_all():  # off the event loop: decoding can take milliseconds per image
+        out = []
+        for i, data in enumerate(payloads):
+            name = "image" if len(payloads) == 1 else f"image {i}"
+            img = decode_image(data, settings.max_image_pixels, name)
+            out.append((img.shape[:2], fit_image(img, f, mode, name)))
+        return out
+
+    images = await run_in_threadpool(decode_all)
+    if wants_npy(request) and len({img.shape for _, img in images}) > 1:
+        raise errors.NotAcceptable("images of different sizes cannot share one npy array; "
+                                   "send them separately or ask for JSON")
+    grids, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images])
+    headers = timing_headers(timing)
+    if wants_npy(request):
+        return Response(npy_bytes(np.stack(grids).astype(served.token_dtype)), media_type=NPY, headers=headers)
+    t = served.manifest.tokens_per_position
+    results = [{
+        "tokens": (g[0] if t == 1 else g).tolist(),
+        "grid_size": list(g.shape[1:]),
+        "tokens_per_position": t,
+        "original_size": list(orig),
+        "padded_size": list(img.shape[:2]),
+    } for g, (orig, img) in zip(grids, images)]
+    return JSONResponse({"model": served.manifest.model_id, "fit": mode, "results": results}, headers=headers)
+
+
+@router.post("/detokenize", summary="Token grids -> images",
+             openapi_extra=request_body({"application/json": DetokenizeRequest, NPY: None}),
+             responses={200: {**binary(PNG, NPY, json_model=DetokenizeResponse, description=(
+                 "One grid: image/png; several: JSON of base64 PNGs; with Accept: application/x-npy: uint8 "
+                 "(batch, H, W, 3)")), "headers": TIMING},
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503)})
+async def detokenize(request: Request, state: ServiceState = Depends(get_state),
+                     model: str | None = Query(None, description="Model id (default: the server's default)"),
+                     image_size: str | None = Query(None, pattern=r"^\d+,\d+$",
+                                                    description="H,W to crop the images to (for npy bodies)")):
+    settings = state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    kind = media_type(request)
+    size = [int(v) for v in image_size.split(",")] if image_size is not None else None
+    if kind == NPY:
+        try:
+            tokens = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception:
+            raise errors.InvalidTokens("body is not a valid .npy array") from None
+    elif kind == "application/json":
+        req = parse_json(body, DetokenizeRequest)
+        tokens, model = req.tokens, req.model or model
+        size = req.image_size if req.image_size is not None else size
+    else:
+        raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "
+                                          f"send application/json or {NPY}")
+    served = state.model(model)
+    grids, single = parse_tokens(tokens, served, settings.max_image_pixels, settings.max_images_per_request)
+    f = served.manifest.downsample
+    if size is not None:
+        if min(size) < 1:
+            raise errors.InvalidRequest("image_size must be [H, W], two positive integers")
+        if size[0] > grids.shape[2] * f or size[1] > grids.shape[3] * f:
+            raise errors.InvalidRequest(f"image_size {size} is larger than the decoded "
+                                        f"{grids.shape[2] * f}x{grids.shape[3] * f}")
+    images, timing = await state.run_items(served.detokenize, [(g.shape, g) for g in grids])
+    if size is not None:
+        images = [img[: size[0], : size[1]] for img in images]
+    headers = timing_headers(timing)
+    if wants_npy(request):
+        return Response(npy_bytes(np.stack(images)), media_type=NPY, headers=headers)
+    pngs = await run_in_threadpool(lambda: [encode_png(img) for img in images])
+    if single:
+        return Response(pngs[0], media_type=PNG, headers=headers)
+    return JSONResponse({"model": served.manifest.model_id,
+                         "images": [base64.b64encode(p).decode() for p in pngs]}, headers=headers)

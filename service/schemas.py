@@ -1,0 +1,183 @@
+"""The API's types: enums, JSON request and response models, media types, and the error schema per status.
+
+Routes declare their responses from here, so /openapi.json says what the server really answers: PNG, npy or
+the compressed format where it sends bytes, and {"error", "error_type"} for every error status.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+NPY = "application/x-npy"
+PNG = "image/png"
+COMPRESSED = "application/x-gqtok"  # what /v1/compress answers; /v1/decompress also takes application/octet-stream
+OCTET = "application/octet-stream"
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+
+
+class Fit(str, Enum):
+    """How an image's sides become multiples of f; no mode resamples the image."""
+
+    pad = "pad"  # replicate the bottom and right edges up to the next multiple; original_size is returned
+    crop = "crop"  # centre crop down to the previous multiple
+    exact = "exact"  # refuse any other size
+
+
+class PriorName(str, Enum):
+    uniform = "uniform"
+    frequency = "frequency"
+    context = "context"
+
+
+class CodebookFormat(str, Enum):
+    npy = "npy"
+    safetensors = "safetensors"
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    """Every error the server answers."""
+
+    error: str = Field(description="What is wrong, naming the field, file or limit.")
+    error_type: str = Field(description="A stable machine-readable kind, e.g. invalid_request, image_too_large.")
+
+
+ERROR_KINDS = {  # status -> what it means here (the error_type values it carries)
+    400: "invalid_request: a malformed body, option or query parameter",
+    401: "unauthorized: missing or wrong API key",
+    404: "unknown_model: no loaded model has that id",
+    406: "not_acceptable: an npy answer for images of different sizes",
+    413: "payload_too_large / image_too_large: past max_body_bytes, max_image_pixels or the queue",
+    415: "unsupported_media_type: a content type the route does not take",
+    422: "invalid_image / invalid_tokens / invalid_bitstream: well-formed but unusable content",
+    429: "queue_full: the model's queue is full; retry after Retry-After",
+    500: "inference_failed / internal_error",
+    503: "not_ready / timeout / shutting_down; retry after Retry-After",
+}
+
+
+def errors(*statuses: int) -> dict[int, dict]:
+    """FastAPI `responses` entries for these error statuses, each with the ErrorBody schema."""
+    return {s: {"model": ErrorBody, "description": ERROR_KINDS[s]} for s in statuses}
+
+
+def binary(*media_types: str, description: str, json_model: type[BaseModel] | None = None) -> dict:
+    """A 200 response answering raw bytes in these media types (plus a JSON model when given)."""
+    content = {m: {"schema": {"type": "string", "format": "binary"}} for m in media_types}
+    if json_model is not None:
+        content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}}
+    return {"description": description, "content": content}
+
+
+def request_body(models: dict[str, type[BaseModel] | None]) -> dict:
+    """openapi_extra for a body the route parses itself: media type -> JSON model (None: raw bytes)."""
+    content = {}
+    for media, model in models.items():
+        if model is None:
+            content[media] = {"schema": {"type": "string", "format": "binary"}}
+        else:
+            content[media] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+# -- requests ----------------------------------------------------------------------------------------------------
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TokenizeRequest(_Request):
+    images: list[StrictStr] = Field(description="Base64-encoded PNG, JPEG or WebP files.")
+    model: StrictStr | None = Field(None, description="Model id; default: the server's default model.")
+    fit: Fit | None = Field(None, description="How sides become multiples of f (default pad).")
+    resize: Fit | None = Field(None, description="Deprecated name of fit.", json_schema_extra={"deprecated": True})
+
+
+class MultipartImages(BaseModel):
+    image: list[bytes] = Field(description="One file part per image.")
+
+
+class DetokenizeRequest(_Request):
+    tokens: list[Any] = Field(description="One grid [h, w] (T = 1) or [T, h, w] of integer ids, or a list of grids.")
+    model: StrictStr | None = Field(None, description="Model id; default: the server's default model.")
+    image_size: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[H, W]: crop the decoded images back to this size (the original_size of tokenize).")
+
+
+# -- responses ---------------------------------------------------------------------------------------------------
+class TokenGrid(BaseModel):
+    tokens: list = Field(description="[h, w] ids when T = 1, else [T, h, w].")
+    grid_size: list[int] = Field(description="[h, w].")
+    tokens_per_position: int
+    original_size: list[int] = Field(description="[H, W] of the image as sent.")
+    padded_size: list[int] = Field(description="[H, W] after fit: what the grid decodes to.")
+
+
+class TokenizeResponse(BaseModel):
+    model: str
+    fit: Fit
+    results: list[TokenGrid]
+
+
+class DetokenizeResponse(BaseModel):
+    model: str
+    images: list[str] = Field(description="Base64 PNG files, one per grid.")
+
+
+class PriorInfo(BaseModel):
+    heldout_bits_per_token: float | None = Field(description="Measured on held-out photos when the prior was fitted.")
+
+
+class ModelInfo(BaseModel):
+    model_id: str
+    model_version: str
+    ready: bool
+    downsample: int = Field(description="f: pixels per token side.")
+    latent_channels: int
+    token_dim: int
+    tokens_per_position: int
+    num_codes: int
+    bits_per_token: float
+    token_layout: str
+    sequence_order: str = Field(description="How grids become sequences for an autoregressive model.")
+    gq_beta: float
+    npy_token_dtype: str
+    codebook: dict
+    input: dict
+    provider: str
+    eval: dict | None
+    priors: dict[str, PriorInfo]
+    limits: dict[str, float | int]
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Ready(BaseModel):
+    ready: bool
+    draining: bool
+    models: dict[str, bool]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Info(BaseModel):
+    name: str
+    version: str
+    onnxruntime: str
+    default_model: str
+    models: list[str]
+    providers: dict[str, str]
+    selector: dict[str, str]
+    threads: int
+    auth: bool
+    limits: dict[str, float | int]
+
+
+JSON_BODY_MODELS = (TokenizeRequest, DetokenizeRequest, MultipartImages)  # added to the schema's components

@@ -1,0 +1,75 @@
+"""The models a server holds: loading and verifying each directory, its batchers, its codec, and warm-up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from gqtok.core.artifact import ArtifactError, load_artifact
+from gqtok.core.bitstream import Codec
+from gqtok.core.models import find_model
+from gqtok.core.priors import fit_record
+from gqtok.service.batcher import Batcher
+from gqtok.service.metrics import ServiceMetrics
+from gqtok.service.runtime import TokenizerRuntime
+from gqtok.service.settings import ServiceSettings
+
+log = logging.getLogger("gqtok.service")
+
+
+@dataclass
+class ServedModel:
+    runtime: TokenizerRuntime
+    tokenize: Batcher
+    detokenize: Batcher
+    codec: Codec
+    prior_bits: dict  # prior -> held-out bits per token, as recorded when the priors were fitted
+    ready: bool = False
+
+    @property
+    def manifest(self):
+        return self.runtime.manifest
+
+    @property
+    def token_dtype(self):
+        return np.uint16 if self.manifest.num_codes <= 2**16 else np.int32
+
+
+def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str, ServedModel]:
+    """Find, load, verify and wrap every model; raises ArtifactError or FileNotFoundError naming what is wrong."""
+    models: dict[str, ServedModel] = {}
+    for spec in settings.models:
+        directory = find_model(spec)
+        artifact = load_artifact(directory)
+        rt = TokenizerRuntime(artifact, device=settings.device, threads=settings.threads, selector=settings.selector)
+        mid = artifact.manifest.model_id
+        if mid in models:
+            raise ArtifactError(f"two model directories share the model id {mid!r}")
+
+        def observe(direction, mid=mid):
+            return lambda t: metrics.observe_batch(mid, direction, t)
+
+        common = dict(max_batch_size=settings.max_batch_size, max_delay_s=settings.max_queue_delay_ms / 1e3,
+                      max_queue=settings.max_queue_size, max_batch_pixels=settings.max_batch_pixels)
+        f = artifact.manifest.downsample
+        models[mid] = ServedModel(
+            runtime=rt,
+            tokenize=Batcher(f"{mid}/tokenize", rt.tokenize, on_batch=observe("tokenize"),
+                             pixels_of=lambda key: key[0] * key[1], **common),  # key: image shape (H, W, 3)
+            detokenize=Batcher(f"{mid}/detokenize", rt.detokenize, on_batch=observe("detokenize"),
+                               pixels_of=lambda key, f=f: key[1] * key[2] * f * f, **common),  # key: (T, h, w)
+            codec=Codec(artifact),
+            prior_bits=fit_record(artifact).get("heldout_bits_per_token", {}),
+        )
+        log.info("loaded model %s from %s on %s", mid, directory, rt.provider)
+    return models
+
+
+def warm_up(model: ServedModel) -> None:
+    """One encode and decode before the model is reported ready."""
+    f = model.manifest.downsample
+    ids = model.runtime.tokenize(np.zeros((1, 2 * f, 2 * f, 3), np.uint8))
+    model.runtime.detokenize(ids)
+    model.ready = True
