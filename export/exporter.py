@@ -102,8 +102,9 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
                 ["image"], ["mu", "logvar"], {"image": {0: batch, 1: f * hb, 2: f * wb}})
         _export(DecoderGraph(model.decoder), (torch.zeros(2, cfg.latent_channels, 4, 6),), out_dir / DECODER,
                 ["latent"], ["image"], {"latent": {0: batch, 2: hb, 3: wb}})
-        rows = torch.zeros(ROWS, cfg.token_dim)
-        _export(SelectGraph(cfg.gq_beta), (rows, rows, torch.zeros(cfg.num_codes, cfg.token_dim)), out_dir / GQ_SELECT,
+        # three distinct example tensors: the exporter would merge one tensor passed twice into one graph input
+        examples = (torch.zeros(ROWS, cfg.token_dim), torch.ones(ROWS, cfg.token_dim), torch.zeros(cfg.num_codes, cfg.token_dim))
+        _export(SelectGraph(cfg.gq_beta), examples, out_dir / GQ_SELECT,
                 ["mu", "logvar", "codebook"], ["ids"], None)
 
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)

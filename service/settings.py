@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import typing
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -17,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GQTOK_", env_nested_delimiter="__")
 
-    models: list[str] = Field(["default"], description=(
+    models: list[Path] = Field([Path("default")], description=(
         "Model directories or names to serve (repeat --model; GQTOK_MODELS takes a JSON list). A name is looked "
         "up on the model search path (docs/service.md); the first model is the default."))
     default_model: str | None = Field(None, description="Model id used when a request names none (default: the first).")
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser, dest_prefix: str = "cfg_") ->
     for name, field in ServiceSettings.model_fields.items():
         flag = "--model" if name == "models" else f"--{name.replace('_', '-')}"
         default = field.get_default(call_default_factory=True)
-        shown = "off" if default is None else ",".join(default) if isinstance(default, list) else default
+        shown = "off" if default is None else ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = f"{field.description} Env GQTOK_{name.upper()}; default {shown}."
         if typing.get_origin(field.annotation) is list:
             parser.add_argument(flag, dest=dest_prefix + name, action="append", metavar="DIR_OR_NAME", help=help_text)

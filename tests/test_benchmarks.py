@@ -28,7 +28,7 @@ def test_soak_mixed_requests_all_answered_correctly(tiny_model, tmp_path):
 
 
 def test_service_benchmark_compares_server_with_its_ceiling(tiny_model, tmp_path):
-    from benchmarks import gqtok.service
+    from benchmarks import service
 
     out = tmp_path / "service.json"
     result = service.main(["--model", str(tiny_model), "--concurrency", "1", "4", "--seconds", "1", "--out", str(out)])
@@ -79,7 +79,7 @@ def test_rd_benchmark_runs_every_prior_and_the_anchors(tiny_model, tmp_path):
 
 
 def test_generator_benchmark_times_both_ways(tmp_path):
-    from benchmarks import gqtok.generator
+    from benchmarks import generator
 
     result = generator.main(["--run", str(tmp_path / "none"), "--quick", "--out", str(tmp_path / "g.json")])
     (row,) = result["results"]

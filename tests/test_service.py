@@ -532,7 +532,8 @@ def test_bad_compress_and_decompress_requests(live_server, photos):
 
     url = live_server
     good = compress(url, photos[3]).content
-    assert_error(compress(url, photos[3], prior="lzma"), 400, "invalid_request", "choose from uniform, frequency, context")
+    assert_error(compress(url, photos[3], prior="lzma"), 400, "invalid_request",
+                 "prior: Input should be 'uniform', 'frequency' or 'context'")
     assert_error(compress(url, photos[3], model="nope"), 404, "unknown_model", "'nope'")
     two = httpx.post(f"{url}/v1/compress", files=[("image", ("a.png", png(photos[0]), "image/png"))] * 2)
     assert_error(two, 400, "invalid_request", "exactly one image")
