@@ -348,7 +348,7 @@ def missing_extra_message(command: str, error: ModuleNotFoundError) -> str:
     module = (error.name or "").split(".")[0]
     extra = EXTRAS.get(module)
     if extra is None:
-        return f"gqtok {command} needs the Python module {module!r}, which is not installed"
+        return f"gqtok {command} needs the Python module {error.name!r}, which is not installed"
     if command.startswith("generator"):
         extra = "generator"
     return (f"gqtok {command} needs the '{extra}' extra (module {module!r} is missing): "
@@ -357,11 +357,12 @@ def missing_extra_message(command: str, error: ModuleNotFoundError) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    command = " ".join(a for a in argv[:2] if not a.startswith("-"))
     try:
+        args = build_parser(argv).parse_args(argv)  # some commands' flags come from torch-side configs
+        command = " ".join(filter(None, [args.command, getattr(args, f"{args.command}_command", None)]))
         args.func(args)
     except ModuleNotFoundError as e:
-        command = " ".join(filter(None, [args.command, getattr(args, f"{args.command}_command", None)]))
         print(f"gqtok: error: {missing_extra_message(command, e)}", file=sys.stderr)
         sys.exit(2)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

@@ -49,3 +49,21 @@ def test_one_import_name(tmp_path):
 def test_no_service_module_is_over_400_lines():
     sizes = {p.relative_to(REPO).as_posix(): len(p.read_text().splitlines()) for p in (REPO / "service").rglob("*.py")}
     assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_every_package_on_disk_is_installed():
+    """pyproject lists the packages by hand (the folders are mapped); a new subpackage must be added there."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    for package, folder in PYPROJECT["tool"]["setuptools"]["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            sub = init.parent.relative_to(REPO / folder).parts
+            assert ".".join((package, *sub)) in listed, f"{init.parent} is not in [tool.setuptools] packages"
+
+
+def test_a_missing_extra_is_named():
+    from gqtok.cli import missing_extra_message
+
+    message = missing_extra_message("train", ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert "pip install 'gqtok[train]'" in message
+    message = missing_extra_message("generator serve", ModuleNotFoundError("x", name="fastapi"))
+    assert "gqtok[generator]" in message
