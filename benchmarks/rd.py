@@ -138,7 +138,7 @@ def shown(path) -> str:
 
 def run(args) -> dict:
     from gqtok.core.artifact import load_artifact
-    from gqtok.service.codec import ImageCodec
+    from gqtok.service.compressor import ImageCompressor
     from gqtok.core.layout import fit_to_grid
     from gqtok.training.evaluate import image_metrics
 
@@ -146,23 +146,23 @@ def run(args) -> dict:
     h, w = photos[0].shape[:2]
     points, t_start = [], time.perf_counter()
     for index, model_dir in enumerate(args.model):
-        codec = ImageCodec(load_artifact(model_dir), device="cpu", threads=args.threads)
-        m = codec.runtime.manifest
-        priors = [p for p in codec.priors if not args.priors or p in args.priors]
+        compressor = ImageCompressor(load_artifact(model_dir), device="cpu", threads=args.threads)
+        m = compressor.runtime.manifest
+        priors = [p for p in compressor.priors if not args.priors or p in args.priors]
         for scale in args.scales if index == 0 else [1.0]:
             size = (round(h * scale), round(w * scale))
             rows = {p: [] for p in priors}
             for i, img in enumerate(photos):
                 small = resize(img, size)
                 t0 = time.perf_counter()  # tokenize once per photo: only the entropy coding differs by prior
-                ids = codec.runtime.tokenize(fit_to_grid(small, m.downsample, "pad")[None])[0]
+                ids = compressor.runtime.tokenize(fit_to_grid(small, m.downsample, "pad")[None])[0]
                 tokenize_s = time.perf_counter() - t0
                 for prior in priors:
                     t0 = time.perf_counter()
-                    data = codec.codec.encode(ids, small.shape[:2], prior)
+                    data = compressor.tokens.compress(ids, small.shape[:2], prior)
                     enc_s = tokenize_s + time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    out, _ = codec.decompress(data)
+                    out, _ = compressor.decompress(data)
                     dec_s = time.perf_counter() - t0
                     out = resize(out, (h, w))
                     rows[prior].append({"bpp": 8 * len(data) / (h * w), "encode_s": enc_s, "decode_s": dec_s}

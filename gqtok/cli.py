@@ -116,12 +116,12 @@ def cmd_compress(args) -> None:
     from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import read_header
     from gqtok.core.models import find_model
-    from gqtok.service.codec import ImageCodec
+    from gqtok.service.compressor import ImageCompressor
 
     image = _read_image(Path(args.image))
-    codec = ImageCodec(load_artifact(find_model(args.model)), device=args.device)
+    compressor = ImageCompressor(load_artifact(find_model(args.model)), device=args.device)
     start = time.perf_counter()
-    data = codec.compress(image, args.prior)
+    data = compressor.compress(image, args.prior)
     seconds = time.perf_counter() - start
     out = Path(args.output or Path(args.image).with_suffix(".gqt"))
     out.write_bytes(data)
@@ -139,7 +139,7 @@ def cmd_decompress(args) -> None:
     from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import BitstreamError, read_header
     from gqtok.core.models import find_model
-    from gqtok.service.codec import ImageCodec
+    from gqtok.service.compressor import ImageCompressor
 
     data = Path(args.input).read_bytes()
     header = read_header(data)
@@ -155,7 +155,7 @@ def cmd_decompress(args) -> None:
         artifact = match[0]
     else:  # the model the header names, on the model search path
         artifact = load_artifact(find_model(header.model_id))
-    image, _ = ImageCodec(artifact, device=args.device).decompress(data)
+    image, _ = ImageCompressor(artifact, device=args.device).decompress(data)
     Image.fromarray(image).save(out)
     print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior,
                       "image_size": list(image.shape[:2])}))

@@ -67,7 +67,7 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def encode_image(image: ImageLike) -> tuple[bytes, str]:
+def image_file(image: ImageLike) -> tuple[bytes, str]:
     """One image -> (encoded bytes, media type). Arrays and PIL images become PNG (lossless);
     bytes and files go as they are (the server judges formats it does not accept)."""
     if isinstance(image, (str, Path)):
@@ -134,7 +134,7 @@ def _tokenize_call(images, fit: str, model: str | None, npy: bool) -> _Call:
     """One image -> a raw body; several -> multipart with repeated 'image' parts."""
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-    encoded = [encode_image(x) for x in _as_list(images)]
+    encoded = [image_file(x) for x in _as_list(images)]
     headers = {"accept": NPY} if npy else {"accept": "application/json"}
     parse = _parse_npy if npy else _parse_json
     params = _model_params(model, fit=fit)
@@ -169,7 +169,7 @@ def _detokenize_call(tokens, image_size, model: str | None) -> _Call:
 
 
 def _compress_call(image, prior: str | None, model: str | None) -> _Call:
-    data, kind = encode_image(image)
+    data, kind = image_file(image)
     return _Call("POST", "/v1/compress", lambda r: r.content, _model_params(model, prior=prior),
                  {"content-type": kind, "accept": COMPRESSED}, content=data)
 

@@ -54,7 +54,7 @@ def fit_image(img: np.ndarray, f: int, mode: str, name: str = "image") -> np.nda
         raise InvalidImage(str(e)) from None
 
 
-def encode_png(img: np.ndarray) -> bytes:
+def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -1,4 +1,4 @@
-"""The models a server holds: loading and verifying each directory, its batchers, its codec, and warm-up."""
+"""The models a server holds: loading and verifying each directory, its batchers, its token compressor, and warm-up."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gqtok.core.artifact import ArtifactError, load_artifact
-from gqtok.core.bitstream import Codec
+from gqtok.core.bitstream import TokenCompressor
 from gqtok.core.models import find_model
 from gqtok.core.priors import fit_record
 from gqtok.service.batcher import Batcher
@@ -24,7 +24,7 @@ class ServedModel:
     runtime: TokenizerRuntime
     tokenize: Batcher
     detokenize: Batcher
-    codec: Codec
+    compressor: TokenCompressor
     prior_bits: dict  # prior -> held-out bits per token, as recorded when the priors were fitted
     ready: bool = False
 
@@ -60,7 +60,7 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
                              pixels_of=lambda key: key[0] * key[1], **common),  # key: image shape (H, W, 3)
             detokenize=Batcher(f"{mid}/detokenize", rt.detokenize, on_batch=observe("detokenize"),
                                pixels_of=lambda key, f=f: key[1] * key[2] * f * f, **common),  # key: (T, h, w)
-            codec=Codec(artifact),
+            compressor=TokenCompressor(artifact),
             prior_bits=fit_record(artifact).get("heldout_bits_per_token", {}),
         )
         log.info("loaded model %s from %s on %s", mid, directory, rt.provider)

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from gqtok.core.artifact import load_artifact
-from gqtok.core.bitstream import FORMAT_VERSION, BitstreamError, Codec, Header, grid_fits, read_header
-from gqtok.service.codec import ImageCodec
+from gqtok.core.bitstream import FORMAT_VERSION, BitstreamError, TokenCompressor, Header, grid_fits, read_header
+from gqtok.service.compressor import ImageCompressor
 
 pytestmark = pytest.mark.slow
 PRIORS = ("uniform", "frequency", "context")
 
 
 @pytest.fixture(scope="module")
-def image_codec(tiny_model):
-    return ImageCodec(load_artifact(tiny_model))
+def image_compressor(tiny_model):
+    return ImageCompressor(load_artifact(tiny_model))
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +29,21 @@ def photo(small_photos):
 
 
 @pytest.fixture(scope="module")
-def photo_ids(image_codec, photo):
+def photo_ids(image_compressor, photo):
     from gqtok.core.layout import fit_to_grid
 
-    return image_codec.runtime.tokenize(fit_to_grid(photo, 8, "pad")[None])[0]
+    return image_compressor.runtime.tokenize(fit_to_grid(photo, 8, "pad")[None])[0]
 
 
-def test_the_tiny_model_has_every_prior(image_codec):
-    assert image_codec.priors == list(PRIORS)
-    assert image_codec.codec.default_prior == "context"
+def test_the_tiny_model_has_every_prior(image_compressor):
+    assert image_compressor.priors == list(PRIORS)
+    assert image_compressor.tokens.default_prior == "context"
 
 
 @pytest.mark.parametrize("prior", PRIORS)
-def test_photo_tokens_round_trip_bit_exactly(image_codec, photo, photo_ids, prior):
-    data = image_codec.codec.encode(photo_ids, photo.shape[:2], prior)
-    ids, header = image_codec.codec.decode(data)
+def test_photo_tokens_round_trip_bit_exactly(image_compressor, photo, photo_ids, prior):
+    data = image_compressor.tokens.compress(photo_ids, photo.shape[:2], prior)
+    ids, header = image_compressor.tokens.decompress(data)
     assert ids.dtype == np.int64 and np.array_equal(ids, photo_ids)
     assert (header.prior, header.image_size, header.grid, header.model_id) == (prior, (203, 301), (2, 26, 38), "tiny")
     assert header.total_bytes == len(data)
@@ -51,22 +51,22 @@ def test_photo_tokens_round_trip_bit_exactly(image_codec, photo, photo_ids, prio
 
 @pytest.mark.parametrize("prior", PRIORS)
 @pytest.mark.parametrize("shape", [(2, 1, 1), (2, 1, 7), (2, 9, 1), (2, 5, 13)])
-def test_random_tokens_round_trip_even_where_the_prior_finds_them_unlikely(image_codec, prior, shape):
+def test_random_tokens_round_trip_even_where_the_prior_finds_them_unlikely(image_compressor, prior, shape):
     ids = np.random.default_rng(sum(shape)).integers(0, 256, shape)
-    data = image_codec.codec.encode(ids, (shape[1] * 8 - 3, shape[2] * 8), prior)
-    assert np.array_equal(image_codec.codec.decode(data)[0], ids)
+    data = image_compressor.tokens.compress(ids, (shape[1] * 8 - 3, shape[2] * 8), prior)
+    assert np.array_equal(image_compressor.tokens.decompress(data)[0], ids)
 
 
-def test_image_round_trip_matches_tokenize_then_detokenize(image_codec, photo, photo_ids):
-    image, header = image_codec.decompress(image_codec.compress(photo))
-    expected = image_codec.runtime.detokenize(photo_ids[None])[0, :203, :301]
+def test_image_round_trip_matches_tokenize_then_detokenize(image_compressor, photo, photo_ids):
+    image, header = image_compressor.decompress(image_compressor.compress(photo))
+    expected = image_compressor.runtime.detokenize(photo_ids[None])[0, :203, :301]
     assert image.shape == photo.shape and np.array_equal(image, expected)
     assert header.prior == "context"
 
 
-def test_uniform_costs_log2_k_bits_and_fitted_priors_cost_less(image_codec, photo, photo_ids):
-    sizes = {p: len(image_codec.codec.encode(photo_ids, photo.shape[:2], p)) for p in PRIORS}
-    header_bytes = sizes["uniform"] - read_header(image_codec.codec.encode(photo_ids, photo.shape[:2], "uniform")).payload_length
+def test_uniform_costs_log2_k_bits_and_fitted_priors_cost_less(image_compressor, photo, photo_ids):
+    sizes = {p: len(image_compressor.tokens.compress(photo_ids, photo.shape[:2], p)) for p in PRIORS}
+    header_bytes = sizes["uniform"] - read_header(image_compressor.tokens.compress(photo_ids, photo.shape[:2], "uniform")).payload_length
     tokens = photo_ids.size
     assert abs(8 * (sizes["uniform"] - header_bytes) - tokens * math.log2(256)) <= 64  # range coder: a word or two
     assert sizes["context"] < sizes["frequency"] < sizes["uniform"]
@@ -78,8 +78,8 @@ def _repack(data: bytes, **changes) -> bytes:
     return dataclasses.replace(header, **changes).pack() + payload
 
 
-def test_corrupted_truncated_and_foreign_streams_are_refused(image_codec, photo, photo_ids, tiny_model):
-    data = image_codec.codec.encode(photo_ids, photo.shape[:2], "context")
+def test_corrupted_truncated_and_foreign_streams_are_refused(image_compressor, photo, photo_ids, tiny_model):
+    data = image_compressor.tokens.compress(photo_ids, photo.shape[:2], "context")
     flipped_payload = bytearray(data)
     flipped_payload[-5] ^= 0x10
     flipped_header = bytearray(data)
@@ -97,12 +97,12 @@ def test_corrupted_truncated_and_foreign_streams_are_refused(image_codec, photo,
     }
     for stream, message in cases.items():
         with pytest.raises(BitstreamError, match=message):
-            image_codec.codec.decode(stream)
+            image_compressor.tokens.decompress(stream)
 
 
-def test_the_header_is_checked_against_the_loaded_model(image_codec, photo, photo_ids):
-    codec = image_codec.codec
-    data = codec.encode(photo_ids, photo.shape[:2], "frequency")
+def test_the_header_is_checked_against_the_loaded_model(image_compressor, photo, photo_ids):
+    tokens = image_compressor.tokens
+    data = tokens.compress(photo_ids, photo.shape[:2], "frequency")
     cases = {
         _repack(data, model_id="other"): "made by model 'other'",
         _repack(data, codebook_digest=b"\1" * 8): "codebook digest",
@@ -114,25 +114,25 @@ def test_the_header_is_checked_against_the_loaded_model(image_codec, photo, phot
     }
     for stream, message in cases.items():
         with pytest.raises(BitstreamError, match=message):
-            codec.decode(stream)
+            tokens.decompress(stream)
 
 
-def test_a_stream_from_another_model_names_both_models(photo, photo_ids, image_codec):
-    default = Codec(load_artifact("models/default"))
+def test_a_stream_from_another_model_names_both_models(photo, photo_ids, image_compressor):
+    default = TokenCompressor(load_artifact("models/default"))
     with pytest.raises(BitstreamError, match="made by model 'tiny', this is 'gqtok-default'"):
-        default.decode(image_codec.codec.encode(photo_ids, photo.shape[:2]))
+        default.decompress(image_compressor.tokens.compress(photo_ids, photo.shape[:2]))
 
 
-def test_encode_refuses_grids_and_sizes_that_do_not_fit(image_codec, photo_ids):
-    codec = image_codec.codec
+def test_encode_refuses_grids_and_sizes_that_do_not_fit(image_compressor, photo_ids):
+    tokens = image_compressor.tokens
     with pytest.raises(ValueError, match=r"token grid must be \[2, h, w\]"):
-        codec.encode(photo_ids[:1], (203, 301))
+        tokens.compress(photo_ids[:1], (203, 301))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
-        codec.encode(photo_ids + 256, (203, 301))
+        tokens.compress(photo_ids + 256, (203, 301))
     with pytest.raises(ValueError, match="is not what a 26x38 grid"):
-        codec.encode(photo_ids, (100, 301))
+        tokens.compress(photo_ids, (100, 301))
     with pytest.raises(ValueError, match="has no 'arithmetic' prior"):
-        codec.encode(photo_ids, (203, 301), "arithmetic")
+        tokens.compress(photo_ids, (203, 301), "arithmetic")
 
 
 def test_header_layout_is_stable():
@@ -166,7 +166,7 @@ def test_cli_compress_and_decompress(tiny_model, photo, tmp_path, capsys):
     assert report["bits_per_pixel"] == pytest.approx(8 * len(data) / (203 * 301), abs=1e-4)
     main(["decompress", str(tmp_path / "p.gqt"), "-o", str(tmp_path / "back.png"), "--model", str(tiny_model)])
     back = np.asarray(Image.open(tmp_path / "back.png"))
-    assert np.array_equal(back, ImageCodec(load_artifact(tiny_model)).decompress(data)[0])
+    assert np.array_equal(back, ImageCompressor(load_artifact(tiny_model)).decompress(data)[0])
     # the header names the model: decompressing with another model's directory says which one it needs
     with pytest.raises(SystemExit):
         main(["decompress", str(tmp_path / "p.gqt"), "--model", "models/default"])

@@ -307,9 +307,9 @@ def test_live_tokenize_and_round_trip(live_server, tiny_model, photos):
 def test_live_compress_and_decompress(live_server, tiny_model, photos):
     from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import read_header
-    from gqtok.service.codec import ImageCodec
+    from gqtok.service.compressor import ImageCompressor
 
-    local = ImageCodec(load_artifact(tiny_model))
+    local = ImageCompressor(load_artifact(tiny_model))
     img = photos[1][:50, :77]
     with TokenizerClient(live_server) as c:
         data = c.compress(img, prior="frequency")

@@ -69,15 +69,15 @@ def test_same_tokens_and_pixels_as_recorded(recorded, selector):
 
 
 def test_same_compressed_bytes_as_recorded(recorded):
-    from gqtok.service.codec import ImageCodec
+    from gqtok.service.compressor import ImageCompressor
 
-    codec = ImageCodec(load_artifact(find_model()))
+    compressor = ImageCompressor(load_artifact(find_model()))
     for name in ("a", "b"):
         img = recorded[f"{name}_image"]
         for prior in ("uniform", "frequency", "context"):
-            data = codec.compress(img, prior)
+            data = compressor.compress(img, prior)
             assert data == recorded[f"{name}_{prior}"].tobytes(), (name, prior)
-            decoded, _ = codec.decompress(data)
+            decoded, _ = compressor.decompress(data)
             assert np.array_equal(decoded, recorded[f"{name}_pixels"][: img.shape[0], : img.shape[1]])
 
 

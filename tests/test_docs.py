@@ -69,6 +69,29 @@ def test_shell_commands_parse(page, index, code):
             pytest.fail(f"{page} bash block {index}: `gqtok {' '.join(argv)}` does not parse ({e})")
 
 
+def is_http_example(code: str) -> bool:
+    """A shell block of curl calls (and python one-liners between them): runnable against a live server."""
+    lines = [ln.strip() for ln in code.replace("\\\n", " ").splitlines() if ln.strip()]
+    return bool(lines) and any(ln.startswith("curl") for ln in lines) and all(
+        ln.startswith(("curl", "python -c", "|")) for ln in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,index,code", [b for b in blocks("bash") if is_http_example(b[2])],
+                         ids=lambda v: str(v)[:40])
+def test_curl_example_runs(page, index, code, live_server, photos_dir, tmp_path):
+    from PIL import Image
+
+    Image.open(next(photos_dir.glob("*.jpg"))).crop((0, 0, 96, 64)).save(tmp_path / "photo.png")
+    script = "set -euo pipefail\n" + code.replace("localhost:8000", live_server.removeprefix("http://"))
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, f"{page} bash block {index}:\n{proc.stderr[-2000:]}"
+    for out in re.findall(r"> (\S+)", code):  # every file the example writes is there and not an error body
+        data = (tmp_path / out).read_bytes()
+        assert data and b'"error_type"' not in data, (out, data[:200])
+
+
 def test_generated_references_are_up_to_date():
     proc = subprocess.run([sys.executable, "-m", "gqtok.service.apidoc", "--check", "--docs", str(REPO / "docs")],
                           capture_output=True, text=True)

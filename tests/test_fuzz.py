@@ -34,6 +34,29 @@ CASES = [pytest.param(op, mode, id=f"{op.label}-{mode.value}") for op in OPERATI
          if mode == GenerationMode.POSITIVE or breakable(op)]
 
 
+def test_the_schema_declares_real_media_types_and_our_error_body():
+    """/openapi.json tells clients the truth: what each route answers on success, and ErrorBody on errors."""
+    spec = create_app(ServiceSettings()).openapi()
+    ok = {("post", "/v1/tokenize"): {"application/json", "application/x-npy"},
+          ("post", "/v1/detokenize"): {"image/png", "application/json", "application/x-npy"},
+          ("post", "/v1/compress"): {"application/x-gqtok"},
+          ("post", "/v1/decompress"): {"image/png", "application/x-npy"},
+          ("get", "/v1/models/{model_id}/codebook"): {"application/x-npy", "application/octet-stream"}}
+    for (method, path), media in ok.items():
+        responses = spec["paths"][path][method]["responses"]
+        content = responses["200"]["content"]
+        assert set(content) == media, (path, set(content))
+        assert all("schema" in c for c in content.values())
+        statuses = ("400", "404", "503") if method == "get" else ("400", "404", "413", "415", "422", "429", "503")
+        for status in statuses:
+            ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorBody", (path, status)
+    assert "HTTPValidationError" not in str(spec)
+    enums = spec["components"]["schemas"]
+    assert enums["Fit"]["enum"] == ["pad", "crop", "exact"] and enums["PriorName"]["enum"] == ["uniform", "frequency", "context"]
+    assert {"TokenizeRequest", "DetokenizeRequest", "TokenizeResponse", "ErrorBody"} <= set(enums)
+
+
 def test_the_schema_declares_every_route():
     labels = {op.label for op in OPERATIONS}
     assert {"POST /v1/tokenize", "POST /v1/detokenize", "POST /v1/compress", "POST /v1/decompress", "GET /v1/models", "GET /v1/models/{model_id}",

@@ -492,10 +492,10 @@ def compress(url: str, img: np.ndarray, **params) -> httpx.Response:
 
 
 def test_compress_and_decompress_round_trip_over_http(live_server, tiny_model, photos):
-    from gqtok.service.codec import ImageCodec
+    from gqtok.service.compressor import ImageCompressor
 
     img = photos[2][:59, :90]  # padded to 64x96 inside, cropped back on the way out
-    local = ImageCodec(load_artifact(tiny_model))
+    local = ImageCompressor(load_artifact(tiny_model))
     sizes = {}
     for prior in ("uniform", "frequency", "context"):
         r = compress(live_server, img, prior=prior)

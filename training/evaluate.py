@@ -66,20 +66,20 @@ class TokenPath:
                 raise ValueError(f"GQ needs a Gaussian VAE; this run trained with the {cfg.quantizer} quantizer")
             gq = GaussianQuantize(cfg.num_codes, cfg.token_dim, cfg.codebook_seed, cfg.gq_beta).to(device)
             self.num_codes, self.bits, self.per_position = cfg.num_codes, float(cfg.codebook_bits), cfg.tokens_per_position
-            self.encode = lambda mu, logvar: gq(mu, logvar)[1]
-            self.decode = gq.get_output_from_indices
+            self.to_ids = lambda mu, logvar: gq(mu, logvar)[1]
+            self.to_latent = gq.get_output_from_indices
         elif method == "tokenbridge":
             if cfg.quantizer != "gq":
                 raise ValueError("tokenbridge quantizes a Gaussian VAE's latents; this run is a baseline")
             sq = GaussianScalarQuantizer(levels).to(device)
             self.num_codes, self.bits, self.per_position = levels, sq.bits_per_token, cfg.latent_channels
-            self.encode = lambda mu, logvar: sq.encode(mu)
-            self.decode = sq.decode
+            self.to_ids = lambda mu, logvar: sq.encode(mu)
+            self.to_latent = sq.decode
         elif method == cfg.quantizer:  # a baseline's own quantizer
             q = model.quantizer
             self.num_codes, self.bits, self.per_position = q.num_codes, float(q.bits_per_token), 1
-            self.encode = lambda mu, logvar: q(mu.float()).ids[:, None]
-            self.decode = lambda ids: q.decode_ids(ids[:, 0])
+            self.to_ids = lambda mu, logvar: q(mu.float()).ids[:, None]
+            self.to_latent = lambda ids: q.decode_ids(ids[:, 0])
         else:
             raise ValueError(f"method {method!r} does not apply to a {cfg.quantizer} run (gq, tokenbridge or its own)")
 
@@ -111,8 +111,8 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
         original = photo_files.center_crop(photo_files.load_rgb(path), size)
         x = photo_data.to_model_input(original[None]).to(device)
         mu, logvar = model.encoder(x)
-        ids = token_path.encode(mu, logvar)
-        z_hat = token_path.decode(ids)
+        ids = token_path.to_ids(mu, logvar)
+        z_hat = token_path.to_latent(ids)
         recon_mean = photo_data.to_uint8(model.decoder(mu))[0]
         recon_q = photo_data.to_uint8(model.decoder(z_hat))[0]
         if gaussian:

@@ -1,8 +1,8 @@
 """The compressed-image format: a self-describing header, then the token grid entropy-coded by constriction.
 
-    codec = Codec(load_artifact("models/default"))
-    data = codec.encode(ids, image_size=(H, W))   # int [T, h, w] -> bytes, with the model's best prior
-    ids, header = codec.decode(data)                                 # checks the header against the model
+    compressor = TokenCompressor(load_artifact("models/default"))
+    data = compressor.compress(ids, image_size=(H, W))   # int [T, h, w] -> bytes, with the model's best prior
+    ids, header = compressor.decompress(data)             # checks the header against the model
 
 Header (little-endian; version 1):
 
@@ -113,8 +113,8 @@ def _coders():
     return constriction.stream.queue, constriction.stream.model
 
 
-def encode_tokens(ids: np.ndarray, prior) -> np.ndarray:
-    """int [T, h, w] -> uint32 words of a range coder, in the order decode_tokens reads them."""
+def entropy_code(ids: np.ndarray, prior) -> np.ndarray:
+    """int [T, h, w] -> uint32 words of a range coder, in the order entropy_decode reads them."""
     queue, model = _coders()
     enc = queue.RangeEncoder()
     ids = np.asarray(ids)
@@ -132,8 +132,8 @@ def encode_tokens(ids: np.ndarray, prior) -> np.ndarray:
     return enc.get_compressed()
 
 
-def decode_tokens(words: np.ndarray, prior, grid: tuple[int, int, int]) -> np.ndarray:
-    """The inverse of encode_tokens: uint32 words -> int64 [T, h, w]."""
+def entropy_decode(words: np.ndarray, prior, grid: tuple[int, int, int]) -> np.ndarray:
+    """The inverse of entropy_code: uint32 words -> int64 [T, h, w]."""
     queue, model = _coders()
     dec = queue.RangeDecoder(np.asarray(words, dtype=np.uint32))
     t, h, w = grid
@@ -166,8 +166,8 @@ def _run_context(prior: ContextPrior, grid, code_step, ids: np.ndarray) -> None:
         latent[:, rows, cols] = prior.latent_of(ids[:, rows, cols].T).T
 
 
-# -- the codec for one model -------------------------------------------------------------------------------------
-class Codec:
+# -- compressing the grids of one model----------------------------------------------------------------------------------
+class TokenCompressor:
     """Compress and decompress token grids of one loaded artifact with any of its priors."""
 
     def __init__(self, artifact, priors: dict | None = None):
@@ -180,7 +180,7 @@ class Codec:
         """The strongest prior the model has: context, else frequency, else uniform."""
         return next(p for p in ("context", "frequency", "uniform") if p in self.priors)
 
-    def encode(self, ids: np.ndarray, image_size: tuple[int, int], prior: str | None = None) -> bytes:
+    def compress(self, ids: np.ndarray, image_size: tuple[int, int], prior: str | None = None) -> bytes:
         m = self.manifest
         prior = prior or self.default_prior
         if prior not in self.priors:
@@ -196,7 +196,7 @@ class Codec:
             raise ValueError(f"image size {hh}x{ww} is not what a {ids.shape[1]}x{ids.shape[2]} grid at "
                              f"f={m.downsample} covers")
         p = self.priors[prior]
-        payload = encode_tokens(ids, p).astype("<u4").tobytes()
+        payload = entropy_code(ids, p).astype("<u4").tobytes()
         header = Header(m.model_id, prior, self.codebook_digest, p.digest, (int(hh), int(ww)), tuple(ids.shape),
                         m.num_codes, token_crc(ids), len(payload), zlib.crc32(payload))
         return header.pack() + payload
@@ -222,13 +222,13 @@ class Codec:
         if header.payload_length % 4:
             raise BitstreamError("payload length is not a whole number of 32-bit words")
 
-    def decode(self, data: bytes) -> tuple[np.ndarray, Header]:
+    def decompress(self, data: bytes) -> tuple[np.ndarray, Header]:
         """bytes -> (int64 [T, h, w], header). BitstreamError on anything wrong, before or after decoding."""
         header, payload = Header.unpack(data)
         self.check(header)
         words = np.frombuffer(payload, dtype="<u4")
         try:
-            ids = decode_tokens(words, self.priors[header.prior], header.grid)
+            ids = entropy_decode(words, self.priors[header.prior], header.grid)
         except Exception as e:  # the coder ran out of words or met an impossible state
             raise BitstreamError(f"payload does not decode with the {header.prior} prior: {e}") from None
         if token_crc(ids) != header.token_crc:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gqtok.core.bitstream import BitstreamError, Header
 from gqtok.service import errors
-from gqtok.service.images import decode_image, encode_png, fit_image
+from gqtok.service.images import decode_image, png_bytes, fit_image
 from gqtok.service.requests import image_payloads, media_type, npy_bytes, read_body, wants_npy
 from gqtok.service.routers.tokens import IMAGE_BODY, TIMING
 from gqtok.service.schemas import COMPRESSED, NPY, OCTET, PNG, PriorName, binary, request_body
@@ -23,6 +23,7 @@ router = APIRouter(prefix="/v1", tags=["compression"])
 
 
 @router.post("/compress", summary="Image -> compressed bitstream (application/x-gqtok)", openapi_extra=IMAGE_BODY,
+             response_class=Response,
              responses={200: {**binary(COMPRESSED, description="The compressed image (docs/compression.md)"),
                               "headers": {**TIMING, "x-gqtok-bits-per-pixel": {"schema": {"type": "string"}},
                                           "x-gqtok-prior": {"schema": {"type": "string"}},
@@ -37,15 +38,15 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
     served = state.model((options.model if options else None) or model)
     if len(payloads) != 1:
         raise errors.InvalidRequest(f"send exactly one image to compress, got {len(payloads)}")
-    name = prior.value if prior else served.codec.default_prior
-    if name not in served.codec.priors:
+    name = prior.value if prior else served.compressor.default_prior
+    if name not in served.compressor.priors:
         raise errors.InvalidRequest(f"model {served.manifest.model_id} has no {name!r} prior; "
-                                    f"choose from {', '.join(served.codec.priors)}")
+                                    f"choose from {', '.join(served.compressor.priors)}")
     img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels)
     padded = fit_image(img, served.manifest.downsample, "pad")
     (ids,), timing = await state.run_items(served.tokenize, [(padded.shape, padded)])
     start = time.perf_counter()
-    data = await state.run_coding(served.codec.encode, ids, img.shape[:2], name)
+    data = await state.run_coding(served.compressor.compress, ids, img.shape[:2], name)
     headers = timing_headers(timing) | {
         "x-coding-time": f"{1e3 * (time.perf_counter() - start):.3f}", "x-gqtok-prior": name,
         "x-gqtok-bits-per-pixel": f"{8 * len(data) / (img.shape[0] * img.shape[1]):.6f}"}
@@ -53,7 +54,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
 
 
 @router.post("/decompress", summary="Compressed bitstream -> image (PNG or npy)",
-             openapi_extra=request_body({COMPRESSED: None, OCTET: None}),
+             openapi_extra=request_body({COMPRESSED: None, OCTET: None}), response_class=Response,
              responses={200: {**binary(PNG, NPY, description="The image (uint8 [H, W, 3] npy with Accept: "
                                                              "application/x-npy), at its original size"),
                               "headers": TIMING},
@@ -76,11 +77,11 @@ async def decompress(request: Request, state: ServiceState = Depends(get_state))
         raise errors.ImageTooLarge(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is "
                                    f"{settings.max_image_pixels}")
     start = time.perf_counter()
-    ids, _ = await state.run_coding(served.codec.decode, body)
+    ids, _ = await state.run_coding(served.compressor.decompress, body)
     coding_ms = 1e3 * (time.perf_counter() - start)
     (image,), timing = await state.run_items(served.detokenize, [(ids.shape, ids)])
     image = image[:hh, :ww]
     headers = timing_headers(timing) | {"x-coding-time": f"{coding_ms:.3f}", "x-gqtok-model": header.model_id}
     if wants_npy(request):
         return Response(npy_bytes(image), media_type=NPY, headers=headers)
-    return Response(await run_in_threadpool(encode_png, image), media_type=PNG, headers=headers)
+    return Response(await run_in_threadpool(png_bytes, image), media_type=PNG, headers=headers)

@@ -38,7 +38,7 @@ async def prometheus(state: ServiceState = Depends(get_state)):
 
 
 @router.get("/info", summary="Version, models, providers and limits", response_model=Info,
-            responses=error_responses(401))
+            responses=error_responses(401, 503))
 async def info(state: ServiceState = Depends(get_state)):
     import onnxruntime
 

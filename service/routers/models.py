@@ -28,7 +28,7 @@ def model_metadata(served: ServedModel, state: ServiceState) -> dict:
         "npy_token_dtype": np.dtype(served.token_dtype).name,
         "codebook": m.codebook.model_dump(), "input": m.input.model_dump(),
         "provider": served.runtime.provider, "eval": m.eval,
-        "priors": {name: {"heldout_bits_per_token": served.prior_bits.get(name)} for name in served.codec.priors},
+        "priors": {name: {"heldout_bits_per_token": served.prior_bits.get(name)} for name in served.compressor.priors},
         "limits": {"max_image_pixels": settings.max_image_pixels, "max_batch_size": settings.max_batch_size,
                    "max_batch_pixels": settings.max_batch_pixels,
                    "max_images_per_request": settings.max_images_per_request,
@@ -36,13 +36,13 @@ def model_metadata(served: ServedModel, state: ServiceState) -> dict:
     }
 
 
-@router.get("", summary="Loaded models", response_model=ModelList, responses=error_responses(401))
+@router.get("", summary="Loaded models", response_model=ModelList, responses=error_responses(401, 503))
 async def list_models(state: ServiceState = Depends(get_state)):
     return {"default": state.default, "models": [model_metadata(m, state) for m in state.models.values()]}
 
 
 @router.get("/{model_id}", summary="One model's metadata", response_model=ModelInfo,
-            responses=error_responses(400, 401, 404))
+            responses=error_responses(400, 401, 404, 503))
 async def get_model_info(model_id: str, state: ServiceState = Depends(get_state)):
     return model_metadata(state.known_model(model_id), state)
 
@@ -50,7 +50,7 @@ async def get_model_info(model_id: str, state: ServiceState = Depends(get_state)
 @router.get("/{model_id}/codebook", summary="The model's codebook, float32 [K, d]",
             response_class=Response,
             responses={200: binary(NPY, OCTET, description="npy array, or the safetensors file (format=safetensors)"),
-                       **error_responses(400, 401, 404)})
+                       **error_responses(400, 401, 404, 503)})
 async def get_codebook(model_id: str, state: ServiceState = Depends(get_state),
                        format: CodebookFormat = Query(CodebookFormat.npy, description="npy or safetensors")):
     served = state.known_model(model_id)

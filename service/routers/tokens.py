@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from gqtok.service import errors
-from gqtok.service.images import decode_image, encode_png, fit_image
+from gqtok.service.images import decode_image, png_bytes, fit_image
 from gqtok.service.requests import image_payloads, media_type, npy_bytes, parse_json, parse_tokens, read_body, wants_npy
 from gqtok.service.schemas import (IMAGE_TYPES, NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
                                    MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
@@ -116,7 +116,7 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
     headers = timing_headers(timing)
     if wants_npy(request):
         return Response(npy_bytes(np.stack(images)), media_type=NPY, headers=headers)
-    pngs = await run_in_threadpool(lambda: [encode_png(img) for img in images])
+    pngs = await run_in_threadpool(lambda: [png_bytes(img) for img in images])
     if single:
         return Response(pngs[0], media_type=PNG, headers=headers)
     return JSONResponse({"model": served.manifest.model_id,
