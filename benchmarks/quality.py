@@ -137,36 +137,19 @@ def train_and_evaluate(job: dict) -> list[dict]:
 
 def classic_codecs(data: Path, size, limit, targets) -> list[dict]:
     """JPEG and WebP (Pillow) at the highest quality whose bpp stays at or under each target."""
-    from PIL import Image
-
     from gqtok import photos as photo_files
-    from gqtok.training import data as photo_data
-    from gqtok.training.evaluate import image_metrics
+    from gqtok.training.evaluate import classic_at_bpp, image_metrics
 
     _, held = photo_files.split_heldout(photo_files.list_images(data))
     images = [photo_files.center_crop(photo_files.load_rgb(p), size) for p in held[:limit]]
-
-    def encode(img, fmt, q):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format=fmt, quality=q)
-        return buf.getvalue()
 
     rows = []
     for fmt in ("JPEG", "WEBP"):
         for target in targets:
             metrics, bpps = [], []
             for img in images:
-                pixels = img.shape[0] * img.shape[1]
-                lo, hi, best = 1, 95, 1
-                while lo <= hi:  # bpp grows with quality: binary search the largest quality under target
-                    mid = (lo + hi) // 2
-                    if len(encode(img, fmt, mid)) * 8 / pixels <= target:
-                        best, lo = mid, mid + 1
-                    else:
-                        hi = mid - 1
-                data_bytes = encode(img, fmt, best)
-                bpps.append(len(data_bytes) * 8 / pixels)
-                decoded = np.asarray(Image.open(io.BytesIO(data_bytes)).convert("RGB"))
+                decoded, bpp, _ = classic_at_bpp(img, fmt, target)
+                bpps.append(bpp)
                 metrics.append(image_metrics(img, decoded))
             rows.append({"name": f"{fmt.lower()}@{target:g}", "method": fmt.lower(), "images": len(images),
                          "rate": {"bpp": float(np.mean(bpps)), "target_bpp": target},

@@ -38,26 +38,98 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
 
 
 def cmd_data_fetch(args) -> None:
-    from gqtok.training.data import fetch_default_photos
+    if args.source == "endless-sky":
+        from gqtok.training.data import fetch_default_photos
 
-    dest = fetch_default_photos(Path(args.dest), variant=args.variant, force=args.force)
-    print(json.loads((dest / "SOURCE.json").read_text()) | {"folder": str(dest)})
+        dest = fetch_default_photos(Path(args.dest or "data/endless-sky"), variant=args.variant, force=args.force)
+        print(json.loads((dest / "SOURCE.json").read_text()) | {"folder": str(dest)})
+        return
+    from gqtok.training.sources import fetch_photos
+
+    dest = Path(args.dest or "data/photos")
+    record = fetch_photos(dest, packages=args.package, optional=args.optional, progress=not args.quiet,
+                          existing=[Path(p) for p in args.dedup_against])
+    print(json.dumps({"folder": str(dest), "files": len(record["files"]), "duplicates": len(record["duplicates"]),
+                      "packages": {p: v["files"] for p, v in record["packages"].items()}}))
 
 
 def cmd_train(args) -> None:
     from gqtok.training.train import train
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    last = train(Path(args.out), Path(args.data), preset=args.preset, overrides=overrides, resume=args.resume,
-                 progress=not args.quiet)
+    last = train(Path(args.out), args.data or ["data/endless-sky"], preset=args.preset, overrides=overrides,
+                 resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()}))
 
 
+def collect_photos(specs: list[str], split: str) -> list[Path]:
+    """Photos from folders (searched recursively) or text files listing one path per line; split 'heldout' keeps
+    the held-out photos of gqtok.photos.split_heldout, 'all' keeps every one."""
+    from gqtok.photos import list_images, split_heldout
+
+    paths: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_file():
+            paths += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+        else:
+            paths += list_images(p)
+    if split == "all":
+        return paths
+    held = split_heldout(paths)[1]
+    if not held:
+        raise ValueError(f"none of the {len(paths)} photos in {', '.join(specs)} is in the held-out split; "
+                         "pass --split all to evaluate every one (e.g. on your own photos)")
+    return held
+
+
+def tokenizer_for(target: str, device: str):
+    """(tokenize, detokenize, bits per token, name) for a training run, an exported model (directory or name on the
+    model search path) or a running server (http://...): the CLI is where the stages meet."""
+    import numpy as np
+
+    if target.startswith(("http://", "https://")):
+        from gqtok.service.client import TokenizerClient
+
+        client = TokenizerClient(target, timeout=300)
+        meta = client.model_info()
+        return (lambda x: client.tokenize(list(x)), lambda ids: np.stack([np.asarray(i) for i in client.detokenize(ids)]),
+                math.log2(meta["num_codes"]), meta["model_id"])
+    if (Path(target) / "config.json").is_file():
+        from gqtok.training.evaluate import run_tokenizer
+
+        return (*run_tokenizer(Path(target), device), Path(target).name)
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.models import find_model
+    from gqtok.service.runtime import TokenizerRuntime
+
+    runtime = TokenizerRuntime(load_artifact(find_model(target)), device=device)
+    m = runtime.manifest
+    return runtime.tokenize, runtime.detokenize, math.log2(m.num_codes), m.model_id
+
+
 def cmd_eval(args) -> None:
+    sizes = [tuple(s) for s in args.size] if args.size else [(512, 768)]
+    if args.photos or not (Path(args.target) / "config.json").is_file():
+        from gqtok.training.evaluate import evaluate_tokenizer
+
+        paths = collect_photos(args.photos or [args.data], args.split)[: args.limit]
+        tokenize, detokenize, bits, name = tokenizer_for(args.target, args.device)
+        results = {f"{h}x{w}": evaluate_tokenizer(tokenize, detokenize, paths, (h, w), bits, name=name,
+                                                  classic=not args.no_classic, progress=not args.quiet)
+                   for h, w in sizes}
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        keep = ("images", "bpp", "tokens", "jpeg", "webp", "psnr_gap_to_jpeg", "psnr_gap_to_webp")
+        print(json.dumps({size: {k: r[k] for k in keep if k in r} | {"per_source_psnr": {
+            s: round(v["tokens"]["psnr"], 2) for s, v in r["per_source"].items()}} for size, r in results.items()},
+            indent=1))
+        return
     from gqtok.training.evaluate import evaluate
 
     png = args.png or (Path(args.json).with_suffix(".png") if args.json else None)
-    result = evaluate(Path(args.run), Path(args.data), json_out=args.json, png_out=png, size=tuple(args.size),
+    result = evaluate(Path(args.target), Path(args.data), json_out=args.json, png_out=png, size=sizes[0],
                       limit=args.limit, device=args.device, progress=not args.quiet, method=args.method,
                       tokenbridge_levels=args.tokenbridge_levels, fd=args.fd)
     summary = {k: result[k] for k in ("method", "continuous", "quantized", "rate", "kl_bits_per_token", "codebook")}
@@ -209,16 +281,28 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="fetch the default photo set").add_subparsers(dest="data_command", required=True)
-    fetch = data.add_parser("fetch", help="download the default photos (Debian endless-sky) into data/")
-    fetch.add_argument("--dest", default="data/endless-sky", help="target folder (default data/endless-sky)")
+    fetch = data.add_parser("fetch", help="download real photos from Debian packages into data/ (never installs them)")
+    fetch.add_argument("--source", choices=["endless-sky", "debian-photos"], default="endless-sky",
+                       help="endless-sky: the default training set (273 photos); debian-photos: the photographs "
+                            "of the other Debian packages in training/photo_sources.csv (default endless-sky)")
+    fetch.add_argument("--dest", help="target folder (default data/endless-sky or data/photos)")
     fetch.add_argument("--variant", choices=["high-dpi", "small"], default="high-dpi",
-                       help="high-dpi: 1440x720 (default; evaluation needs it), small: 720x360")
-    fetch.add_argument("--force", action="store_true", help="download again even if present")
+                       help="endless-sky only: high-dpi 1440x720 (default; evaluation needs it) or small 720x360")
+    fetch.add_argument("--package", action="append", metavar="NAME",
+                       help="debian-photos only: fetch just this package (repeat for several)")
+    fetch.add_argument("--optional", action="store_true",
+                       help="debian-photos only: also ufoai-textures (336 MB) and stellarium's panorama tiles")
+    fetch.add_argument("--dedup-against", action="append", default=[], metavar="DIR",
+                       help="debian-photos only: skip photos that duplicate one in DIR (e.g. data/endless-sky)")
+    fetch.add_argument("--force", action="store_true", help="endless-sky only: download again even if present")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(func=cmd_data_fetch)
 
     tr = sub.add_parser("train", help="train a Gaussian VAE with TDC")
     tr.add_argument("--preset", default="default", help="tiny or default (default: default)")
-    tr.add_argument("--data", default="data/endless-sky", help="folder of training images (held-out photos are skipped)")
+    tr.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
+                    help="folder of training photos, repeat for several; WEIGHT is the folder's share of the crops "
+                         "(default 1 each); held-out photos are skipped (default data/endless-sky)")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out (training settings may change)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -230,14 +314,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         _add_config_flags(tr, TrainConfig, "training")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a run on the held-out photos (continuous and GQ)")
-    ev.add_argument("run", help="run directory")
-    ev.add_argument("--data", default="data/endless-sky", help="folder holding the held-out photos")
+    ev = sub.add_parser("eval", help="evaluate a tokenizer on photos: a run (continuous and GQ, in detail), an "
+                                     "exported model or a running server, against JPEG and WebP at the same bpp")
+    ev.add_argument("target", help="a run directory, a model directory or name (the model search path), or a "
+                                   "server URL (http://...)")
+    ev.add_argument("--data", default="data/endless-sky", help="folder holding the held-out photos (default "
+                                                               "data/endless-sky)")
+    ev.add_argument("--photos", action="append", metavar="DIR_OR_LIST",
+                    help="evaluate on these photos instead: a folder (recursive) or a text file of paths; repeat "
+                         "for several. Always the any-tokenizer report, also for a run")
+    ev.add_argument("--split", choices=["heldout", "all"], default="heldout",
+                    help="heldout: only the held-out photos of every source (default); all: every photo given")
     ev.add_argument("--json", help="write the full results here")
-    ev.add_argument("--png", help="reconstruction grid (default: next to --json)")
-    ev.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"),
-                    help="centre-crop size (default 512 768)")
-    ev.add_argument("--limit", type=int, help="evaluate only the first N held-out photos")
+    ev.add_argument("--png", help="reconstruction grid of a run's detailed report (default: next to --json)")
+    ev.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
+                    help="centre-crop size; repeat for several (default 512 768). Smaller photos are skipped")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N photos")
+    ev.add_argument("--no-classic", action="store_true", help="skip JPEG and WebP at the same bpp")
     ev.add_argument("--method", default="auto",
                     help="auto (GQ for a Gaussian VAE, else the run's own quantizer), gq, or tokenbridge")
     ev.add_argument("--tokenbridge-levels", type=int, default=64, help="bins per channel for --method tokenbridge")

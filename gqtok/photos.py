@@ -6,6 +6,7 @@ benchmarks. It sits beside gqtok.core at the bottom of the layers and imports no
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,39 @@ def list_images(folder: Path) -> list[Path]:
     return paths
 
 
+HELDOUT_EVERY = 8  # photos of a fetched package (data/photos/<package>/): one in 8 by name is held out
+
+
+def source_of(path: Path) -> str:
+    """The source a photo belongs to: its package for a `gqtok data fetch --source debian-photos` folder
+    (data/photos/<package>/<file>, SOURCES.json beside the packages), else its folder's name."""
+    return Path(path).parent.name
+
+
+def _in_fetched_package(path: Path) -> bool:
+    return (Path(path).parent.parent / "SOURCES.json").is_file()
+
+
+def _name_hash(path: Path) -> int:
+    return int(hashlib.sha256(f"{Path(path).parent.name}/{Path(path).name}".encode()).hexdigest()[:12], 16)
+
+
 def split_heldout(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(training paths, held-out paths): held-out are the HELDOUT stems present in `paths`."""
-    held = set(HELDOUT)
-    return [p for p in paths if p.stem not in held], [p for p in paths if p.stem in held]
+    """(training paths, held-out paths), fixed by file names alone so every stage agrees:
+    - endless-sky photos whose stem is in HELDOUT;
+    - photos of a fetched Debian package: those whose name hash is 0 modulo HELDOUT_EVERY, and at least one per
+      package of two or more photos (the one with the smallest hash), so every source has held-out photos."""
+    held = {p for p in paths if Path(p).stem in HELDOUT}
+    packaged: dict[str, list[Path]] = {}
+    for p in paths:
+        if _in_fetched_package(p):
+            packaged.setdefault(source_of(p), []).append(p)
+    for members in packaged.values():
+        chosen = [p for p in members if _name_hash(p) % HELDOUT_EVERY == 0]
+        if not chosen and len(members) >= 2:
+            chosen = [min(members, key=_name_hash)]
+        held.update(chosen)
+    return [p for p in paths if p not in held], [p for p in paths if p in held]
 
 
 def load_rgb(path: Path) -> np.ndarray:

@@ -54,7 +54,7 @@ def test_tiny_train_then_eval_writes_every_field(small_photos, tmp_path):
 
 def test_resume_continues_exactly(small_photos, tmp_path):
     """20 + 20 resumed steps give the same weights and TDC scalars as 40 straight steps."""
-    kw = dict(data_dir=small_photos, preset="tiny", progress=False)
+    kw = dict(data=small_photos, preset="tiny", progress=False)
     train(tmp_path / "straight", overrides={"steps": 40, "image_every": 0}, **kw)
     train(tmp_path / "split", overrides={"steps": 20, "image_every": 0}, **kw)
     mid = json.loads((tmp_path / "split" / "config.json").read_text())["tdc"]
@@ -142,3 +142,39 @@ def test_perceptual_term_trains(small_photos, tmp_path):
                    progress=False)
     assert with_p["loss"] > with_p["recon"] and np.isfinite(with_p["loss"])
     assert with_p["loss"] != pytest.approx(base["loss"])
+
+
+def test_several_folders_share_the_crops_by_weight(small_photos, tmp_path):
+    """Two folders at weights 3:1 give about 3/4 and 1/4 of the crops, whatever their numbers of photos."""
+    from gqtok.training.data import RandomCrops, parse_source, training_photos
+
+    few = tmp_path / "few"
+    few.mkdir()
+    paths = sorted(small_photos.glob("*.jpg"))
+    for p in paths[:2]:
+        (few / f"other-{p.name}").symlink_to(p.resolve())
+    assert parse_source(f"{few}:3") == (few, 3.0) and parse_source(str(few)) == (few, 1.0)
+    with pytest.raises(ValueError, match="must be positive"):
+        parse_source(f"{few}:0")
+    photos, weights = training_photos([f"{few}:3", str(small_photos)])
+    assert len(photos) == 2 + 12 and weights is not None
+    assert weights[:2].sum() == pytest.approx(0.75) and weights[2:].sum() == pytest.approx(0.25)
+    crops = RandomCrops(photos, 32, seed=0, weights=weights)
+    picks = crops.rng.choice(len(photos), size=4000, p=weights)
+    assert np.mean(picks < 2) == pytest.approx(0.75, abs=0.03)
+    assert training_photos(str(small_photos))[1] is None  # one folder: uniform, as before
+
+
+def test_random_resized_crops_see_wider_windows(small_photos):
+    from gqtok.training.data import RandomCrops, training_photos
+
+    photos, _ = training_photos(str(small_photos))
+    plain = RandomCrops(photos[:2], 64, seed=1)
+    zoomed = RandomCrops(photos[:2], 64, seed=1, window_max=4.0)
+    a, b = plain.batch(16), zoomed.batch(16)
+    assert a.shape == b.shape == (16, 64, 64, 3)
+    # a window 1-4x wider, shrunk to 64 px, holds more detail per pixel: larger gradients on average
+    grad = lambda x: np.abs(np.diff(x.astype(float), axis=2)).mean()  # noqa: E731
+    assert grad(b) > grad(a)
+    with pytest.raises(ValueError, match="at least 1"):
+        RandomCrops(photos[:1], 64, window_max=0.5)

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gqtok.photos import center_crop, load_rgb
+from PIL import Image
+
+from gqtok.photos import center_crop, list_images, load_rgb, split_heldout
 
 DEFAULT_DATA_DIR = Path("data/endless-sky")
 PACKAGES = {  # variant -> (Debian package, folder of photos inside it)
@@ -78,18 +80,56 @@ def to_uint8(x) -> np.ndarray:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def parse_source(spec: str | Path) -> tuple[Path, float]:
+    """'DIR' or 'DIR:WEIGHT' (a folder of photos and its share of the training batches) -> (folder, weight)."""
+    text = str(spec)
+    folder, sep, weight = text.rpartition(":")
+    if sep and folder and weight.replace(".", "", 1).isdigit():
+        if float(weight) <= 0:
+            raise ValueError(f"the weight of {folder} must be positive, got {weight}")
+        return Path(folder), float(weight)
+    return Path(text), 1.0
+
+
+def training_photos(sources) -> tuple[list[Path], np.ndarray | None]:
+    """Folders (or 'DIR:WEIGHT' specs) -> (training photos, per-photo sampling probabilities or None for uniform).
+
+    A folder's weight is its share of the crops, whatever its number of photos: two folders at weight 1 each give
+    half the crops, even if one has 10 photos and the other 300. One folder: uniform, as before."""
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    parsed = [s if isinstance(s, tuple) else parse_source(s) for s in sources]
+    paths, probs = [], []
+    for folder, weight in parsed:
+        train, _ = split_heldout(list_images(folder))
+        if not train:
+            raise FileNotFoundError(f"no training photos under {folder} (all are held out)")
+        paths += train
+        probs += [weight / len(train)] * len(train)
+    if len(parsed) == 1:
+        return paths, None
+    p = np.asarray(probs)
+    return paths, p / p.sum()
+
+
 class RandomCrops:
     """All training photos decoded once into memory; batches of random crops with random horizontal flips.
 
-    paths: photos to train on (at least one side >= crop)
-    crop:  square crop size in pixels
-    seed:  numpy seed for crop positions and flips (give each data-parallel rank its own)
+    paths:      photos to train on (at least one side >= crop)
+    crop:       square crop size in pixels
+    seed:       numpy seed for crop positions and flips (give each data-parallel rank its own)
+    weights:    per-photo sampling probabilities (training_photos), None for uniform
+    window_max: random resized crops: each crop is a square window of side crop * U(1, window_max) (capped by
+                the photo), resized to crop (bicubic); the high-resolution photos then give views at several
+                scales. 1 (the default) cuts plain crops, with no resampling.
     """
 
-    def __init__(self, paths: list[Path], crop: int, seed: int = 0, progress: bool = False):
+    def __init__(self, paths: list[Path], crop: int, seed: int = 0, progress: bool = False,
+                 weights: np.ndarray | None = None, window_max: float = 1.0):
         from tqdm import tqdm
 
-        self.crop = crop
+        self.crop, self.weights, self.window_max = crop, weights, float(window_max)
+        if self.window_max < 1:
+            raise ValueError(f"window_max must be at least 1, got {window_max}")
         self.images = []
         for p in tqdm(paths, desc="loading photos", disable=not progress, leave=False):
             img = load_rgb(p)
@@ -105,10 +145,19 @@ class RandomCrops:
 
     def batch(self, batch_size: int) -> np.ndarray:
         out = np.empty((batch_size, self.crop, self.crop, 3), dtype=np.uint8)
-        for i, k in enumerate(self.rng.integers(0, len(self.images), batch_size)):
+        if self.weights is None:
+            picks = self.rng.integers(0, len(self.images), batch_size)
+        else:
+            picks = self.rng.choice(len(self.images), size=batch_size, p=self.weights)
+        for i, k in enumerate(picks):
             img = self.images[k]
-            top = self.rng.integers(0, img.shape[0] - self.crop + 1)
-            left = self.rng.integers(0, img.shape[1] - self.crop + 1)
-            patch = img[top : top + self.crop, left : left + self.crop]
+            side = self.crop
+            if self.window_max > 1:
+                side = min(int(round(self.crop * self.rng.uniform(1.0, self.window_max))), *img.shape[:2])
+            top = self.rng.integers(0, img.shape[0] - side + 1)
+            left = self.rng.integers(0, img.shape[1] - side + 1)
+            patch = img[top : top + side, left : left + side]
+            if side != self.crop:
+                patch = np.asarray(Image.fromarray(patch).resize((self.crop, self.crop), Image.BICUBIC))
             out[i] = patch[:, ::-1] if self.rng.random() < 0.5 else patch
         return out

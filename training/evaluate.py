@@ -183,3 +183,89 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
         Path(png_out).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).resize((grid.shape[1] // 2, grid.shape[0] // 2), Image.LANCZOS).save(png_out)
     return result
+
+
+# -- any tokenizer, any photos --------------------------------------------------------------------------------------
+def classic_at_bpp(img: np.ndarray, fmt: str, target_bpp: float) -> tuple[np.ndarray, float, int]:
+    """Pillow's JPEG or WebP at the highest quality whose file stays at or under target_bpp (quality 1 when none
+    does): (decoded uint8 image, its bpp, the quality)."""
+    import io
+
+    def encode(q: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format=fmt, quality=q)
+        return buf.getvalue()
+
+    pixels = img.shape[0] * img.shape[1]
+    lo, hi, best = 1, 95, 1
+    while lo <= hi:  # bpp grows with quality: binary search the largest quality under the target
+        mid = (lo + hi) // 2
+        if len(encode(mid)) * 8 / pixels <= target_bpp:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    data = encode(best)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), len(data) * 8 / pixels, best
+
+
+def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int, int], bits_per_token: float,
+                       name: str = "model", classic: bool = True, progress: bool = True) -> dict:
+    """Any tokenizer on any photos: centre crops of `size` (photos smaller than it are skipped, not upscaled),
+    tokenize(uint8 [1, H, W, 3]) -> ids [1, T, h, w] and detokenize(ids) -> uint8 [1, H, W, 3] (an exported model's
+    runtime, a server's client, a run's torch model), PSNR / SSIM / MS-SSIM of the tokens' reconstruction, and
+    JPEG and WebP at the same bpp on the same crops. Results overall and per source (gqtok.photos.source_of)."""
+    from tqdm import tqdm
+
+    h, w = size
+    rows, skipped = [], []
+    for path in tqdm(paths, desc=f"eval {name} {h}x{w}", disable=not progress, leave=False):
+        img = photo_files.load_rgb(path)
+        if img.shape[0] < h or img.shape[1] < w:
+            skipped.append(str(path))
+            continue
+        crop = np.ascontiguousarray(photo_files.center_crop(img, size))
+        ids = np.asarray(tokenize(crop[None]))
+        recon = np.asarray(detokenize(ids))[0]
+        bpp = ids[0].size * bits_per_token / (h * w)
+        row = {"image": str(path), "source": photo_files.source_of(path), "bpp": bpp,
+               "tokens": image_metrics(crop, recon)}
+        if classic:
+            for fmt in ("JPEG", "WEBP"):
+                decoded, fbpp, q = classic_at_bpp(crop, fmt, bpp)
+                row[fmt.lower()] = image_metrics(crop, decoded) | {"bpp": fbpp, "quality": q}
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"no photo of at least {h}x{w} among the {len(paths)} given")
+    kinds = ["tokens"] + (["jpeg", "webp"] if classic else [])
+
+    def summary(group: list[dict]) -> dict:
+        out = {"images": len(group), "bpp": float(np.mean([r["bpp"] for r in group]))}
+        for k in kinds:
+            out[k] = {m: _mean([r[k] for r in group], m) for m in ("psnr", "ssim", "ms_ssim")}
+            if k != "tokens":
+                out[k]["bpp"] = float(np.mean([r[k]["bpp"] for r in group]))
+                out[f"psnr_gap_to_{k}"] = out["tokens"]["psnr"] - out[k]["psnr"]
+        return out
+
+    sources = sorted({r["source"] for r in rows})
+    return {"model": name, "image_size": [h, w], "bits_per_token": bits_per_token, **summary(rows),
+            "per_source": {s: summary([r for r in rows if r["source"] == s]) for s in sources},
+            "skipped_smaller_than_crop": skipped, "per_image": rows}
+
+
+def run_tokenizer(run_dir: Path, device: str = "cpu"):
+    """(tokenize, detokenize, bits per token) of a training run's torch model and its token path (GQ for a
+    Gaussian VAE, else its own quantizer), on uint8 [B, H, W, 3] images."""
+    model, _ = load_run(run_dir, device)
+    path = TokenPath(model, "gq" if model.cfg.quantizer == "gq" else model.cfg.quantizer, 64, device)
+
+    @torch.no_grad()
+    def tokenize(images):
+        mu, logvar = model.encoder(photo_data.to_model_input(images).to(device))
+        return path.to_ids(mu, logvar).cpu().numpy()
+
+    @torch.no_grad()
+    def detokenize(ids):
+        return photo_data.to_uint8(model.decoder(path.to_latent(torch.as_tensor(ids, device=device))))
+
+    return tokenize, detokenize, path.bits

@@ -31,7 +31,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from gqtok import photos as photo_files
 from gqtok.training import data as photo_data
 from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
 from gqtok.training.tdc import TDC
@@ -43,6 +42,8 @@ class TrainConfig:
     time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0 = no limit
     batch_size: int = 8  # images per step per rank
     crop: int = 128  # random square crop size
+    # random resized crops: windows of side crop * U(1, crop_window_max), resized to crop; 1 = plain crops
+    crop_window_max: float = 1.0
     lr: float = 2e-4  # Adam learning rate
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 = off
@@ -129,7 +130,7 @@ def _bar_fields(m: dict) -> dict:
 
 
 class Trainer:
-    def __init__(self, run_dir: Path, data_dir: Path, model_cfg: VAEConfig, train_cfg: TrainConfig, preset: str,
+    def __init__(self, run_dir: Path, data, model_cfg: VAEConfig, train_cfg: TrainConfig, preset: str,
                  progress: bool = True):
         self.run_dir, self.preset = Path(run_dir), preset
         self.mcfg, self.tcfg = model_cfg, train_cfg
@@ -161,9 +162,12 @@ class Trainer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
 
-        train_paths, _ = photo_files.split_heldout(photo_files.list_images(data_dir))
+        train_paths, weights = photo_data.training_photos(data)
+        self.sources = [{"folder": str(f), "weight": w} for f, w in map(photo_data.parse_source,
+                        [data] if isinstance(data, (str, Path)) else data)]
         self.data = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=train_cfg.seed + 1000 * self.rank,
-                                           progress=self.progress)
+                                           progress=self.progress, weights=weights,
+                                           window_max=train_cfg.crop_window_max)
         self.fixed = photo_data.to_model_input(
             photo_data.RandomCrops(train_paths, train_cfg.crop, seed=12345).batch(8)).to(self.device)
 
@@ -182,7 +186,8 @@ class Trainer:
         os.replace(self.run_dir / "trainer.pt.tmp", self.run_dir / "trainer.pt")
         (self.run_dir / "config.json").write_text(json.dumps(
             {"preset": self.preset, "model": self.mcfg.to_dict(), "train": asdict(self.tcfg), "step": self.step,
-             "world_size": self.world, "tdc": self.tdc.scalars(), "ranks": self.ranks}, indent=2))
+             "world_size": self.world, "tdc": self.tdc.scalars(), "ranks": self.ranks, "data": self.sources},
+            indent=2))
 
     def load(self) -> None:
         state = load_file(str(self.run_dir / "model.safetensors"), device=str(self.device))
@@ -302,9 +307,12 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(run_dir: Path, data_dir: Path, preset: str = "default", overrides: dict | None = None,
+def train(run_dir: Path, data, preset: str = "default", overrides: dict | None = None,
           resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns the last step's metrics."""
+    """Train (or resume) a run; returns the last step's metrics.
+
+    data: a folder of photos, or a list of folders or 'DIR:WEIGHT' specs (each folder's share of the crops;
+    held-out photos are skipped everywhere)."""
     run_dir = Path(run_dir)
     if resume:
         saved = json.loads((run_dir / "config.json").read_text())
@@ -318,7 +326,7 @@ def train(run_dir: Path, data_dir: Path, preset: str = "default", overrides: dic
         if (run_dir / "model.safetensors").exists():
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         model_cfg, train_cfg = build_configs(preset, overrides)
-    trainer = Trainer(run_dir, data_dir, model_cfg, train_cfg, preset, progress=progress)
+    trainer = Trainer(run_dir, data, model_cfg, train_cfg, preset, progress=progress)
     try:
         if resume:
             trainer.load()

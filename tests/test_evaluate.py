@@ -1,0 +1,74 @@
+"""training/evaluate.py's any-tokenizer report and `gqtok eval` on a user's own folder: an exported model, a run
+and a live server on the same photos, against JPEG and WebP at the same bpp."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gqtok.cli import collect_photos, main
+from gqtok.training.evaluate import classic_at_bpp
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def own_photos(photos_dir, tmp_path_factory):
+    """A user's folder: five photos under their own names (none of them in any held-out list), one too small."""
+    out = tmp_path_factory.mktemp("my-photos")
+    for i, p in enumerate(sorted(photos_dir.glob("*.jpg"))[:4]):
+        shutil.copyfile(p, out / f"holiday-{i}.jpg")
+    Image.open(next(photos_dir.glob("*.jpg"))).resize((40, 30)).save(out / "thumb.png")
+    return out
+
+
+def run_eval(capsys, *argv) -> dict:
+    main(["eval", *argv, "--quiet"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_own_folder_with_an_exported_model(tiny_model, own_photos, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    summary = run_eval(capsys, str(tiny_model), "--photos", str(own_photos), "--split", "all",
+                       "--size", "64", "96", "--size", "128", "128", "--json", str(out))
+    full = json.loads(out.read_text())
+    assert set(summary) == set(full) == {"64x96", "128x128"}
+    r = full["64x96"]
+    assert r["images"] == 4 and len(r["skipped_smaller_than_crop"]) == 1  # the 40x30 thumbnail is not upscaled
+    assert r["bpp"] == pytest.approx(2 * 8 / 64)  # tiny: 2 tokens of 8 bits per 8x8 patch
+    assert 10 < r["tokens"]["psnr"] < 40
+    for row in r["per_image"]:  # matched rate, unless even quality 1 is above it (headers of tiny crops)
+        assert all(row[k]["bpp"] <= row["bpp"] or row[k]["quality"] == 1 for k in ("jpeg", "webp"))
+    assert r["psnr_gap_to_jpeg"] == pytest.approx(r["tokens"]["psnr"] - r["jpeg"]["psnr"])
+    assert list(r["per_source"]) == [own_photos.name] and r["per_source"][own_photos.name]["images"] == 4
+
+
+def test_run_server_and_export_agree(tiny_run, tiny_model, live_server, own_photos, capsys):
+    args = ["--photos", str(own_photos), "--split", "all", "--size", "64", "96", "--no-classic"]
+    exported = run_eval(capsys, str(tiny_model), *args)["64x96"]
+    served = run_eval(capsys, live_server, *args)["64x96"]
+    trained = run_eval(capsys, str(tiny_run), *args)["64x96"]
+    assert served["tokens"]["psnr"] == pytest.approx(exported["tokens"]["psnr"], abs=1e-9)  # the same runtime
+    assert trained["tokens"]["psnr"] == pytest.approx(exported["tokens"]["psnr"], abs=0.5)  # torch vs onnxruntime
+    assert "jpeg" not in exported
+
+
+def test_heldout_split_of_a_folder_with_none_says_what_to_do(own_photos, photos_dir):
+    with pytest.raises(ValueError, match="--split all"):
+        collect_photos([str(own_photos)], "heldout")
+    held = collect_photos([str(photos_dir)], "heldout")
+    assert len(held) == 24
+    listing = own_photos / "list.txt"
+    listing.write_text("\n".join(str(p) for p in held[:2]) + "\n")
+    assert collect_photos([str(listing)], "all") == held[:2]
+
+
+def test_classic_codecs_stay_under_the_target_rate(photos_dir):
+    img = np.asarray(Image.open(next(photos_dir.glob("*.jpg"))).convert("RGB"))[:256, :256]
+    for fmt in ("JPEG", "WEBP"):
+        decoded, bpp, quality = classic_at_bpp(img, fmt, 0.5)
+        assert bpp <= 0.5 and decoded.shape == img.shape and 1 <= quality <= 95
+        _, higher, q2 = classic_at_bpp(img, fmt, 2.0)
+        assert higher > bpp and q2 > quality
