@@ -1,7 +1,7 @@
 """`gqtok export RUN --out models/NAME`: a training run -> ONNX graphs + verified manifest.
 
-Writes encoder.onnx, decoder.onnx, gq_select.onnx, codebook.safetensors and
-manifest.json (every file's sha256, the codebook's generator, seed and digest,
+Writes encoder.onnx, decoder.onnx, gq_select.onnx, codebook.safetensors, weights.safetensors (the torch
+weights, for `gqtok train --init-from`) and manifest.json (every file's sha256, the codebook's generator, seed and digest,
 the run's eval figures). Graph conventions (recorded in the manifest):
   encoder.onnx   image uint8 [B, H, W, 3] RGB (H, W multiples of f) -> mu, logvar float32 [B, C, H/f, W/f]
                  (the x / 127.5 - 1 normalization is inside the graph)
@@ -26,7 +26,7 @@ from gqtok.core import codebook as cb
 from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
 from gqtok.core.manifest import CodebookSpec, Manifest, file_sha256
 from gqtok.training.gq import SelectGraph
-from gqtok.training.train import load_run
+from gqtok.training.train import WEIGHTS, load_run
 
 OPSET = 18
 MAX_SIDE = 8192  # largest image side the dynamic axes promise to support
@@ -107,6 +107,12 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
         _export(SelectGraph(cfg.gq_beta), examples, out_dir / GQ_SELECT,
                 ["mu", "logvar", "codebook"], ["ids"], None)
 
+    # the torch weights the graphs were made from (the EMA ones when the run kept them), for fine-tuning:
+    # gqtok train --init-from MODEL_DIR
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS))
+    (out_dir / WEIGHTS).chmod(0o644)
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
     save_file({"codebook": codebook}, str(out_dir / CODEBOOK),
               metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
@@ -123,7 +129,7 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
                               sha256=cb.codebook_digest(codebook)),
         opset=OPSET,
         gq_select_rows=ROWS,
-        files={name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, GQ_SELECT, CODEBOOK)},
+        files={name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, GQ_SELECT, CODEBOOK, WEIGHTS)},
         eval=_eval_summary(run_dir, eval_json),
         training={"preset": config.get("preset"), "step": config.get("step"), "model": cfg.to_dict(),
                   "train": config.get("train"), "parameters": model.num_parameters()},

@@ -178,3 +178,58 @@ def test_random_resized_crops_see_wider_windows(small_photos):
     assert grad(b) > grad(a)
     with pytest.raises(ValueError, match="at least 1"):
         RandomCrops(photos[:1], 64, window_max=0.5)
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    from gqtok.training.train import TrainConfig
+
+    cfg = TrainConfig(steps=100, lr=1e-3, lr_schedule="cosine", warmup_steps=10, lr_final_ratio=0.1)
+    assert cfg.lr_at(0) == pytest.approx(1e-4) and cfg.lr_at(9) == pytest.approx(1e-3)
+    assert cfg.lr_at(10) == pytest.approx(1e-3) and cfg.lr_at(100) == pytest.approx(1e-4)
+    assert cfg.lr_at(55) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert TrainConfig(lr=3e-4).lr_at(12345) == 3e-4
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_ema_weights_are_saved_resumed_and_used(small_photos, tmp_path):
+    from gqtok.training.train import load_run
+
+    kw = dict(data=small_photos, preset="tiny", progress=False)
+    base = {"steps": 12, "image_every": 0, "ema_decay": 0.9}  # constant lr: a cosine one depends on `steps`
+    train(tmp_path / "straight", overrides=base, **kw)
+    train(tmp_path / "split", overrides={**base, "steps": 6}, **kw)
+    train(tmp_path / "split", overrides={"steps": 12}, resume=True, **kw)
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert any(k.startswith("ema.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    ema_model, _ = load_run(tmp_path / "straight")
+    raw_model, _ = load_run(tmp_path / "straight", ema=False)
+    name = next(k for k, v in raw_model.state_dict().items() if v.is_floating_point())
+    assert not torch.equal(ema_model.state_dict()[name], raw_model.state_dict()[name])
+    assert torch.equal(ema_model.state_dict()[name], a[f"ema.{name}"])
+
+
+def test_init_from_a_run_and_from_an_exported_model(tiny_run, tiny_model, small_photos, tmp_path):
+    """Fine-tuning starts from the source's weights: with lr 0, one step leaves them exactly as they were."""
+    from gqtok.training.train import load_run
+
+    source, _ = load_run(tiny_run)
+    for i, origin in enumerate((tiny_run, tiny_model)):
+        out = tmp_path / f"ft{i}"
+        train(out, small_photos, "default", {"steps": 1, "lr": 0.0, "image_every": 0, "init_from": str(origin)},
+              progress=False)
+        tuned, config = load_run(out)
+        assert config["model"] == json.loads(json.dumps(source.cfg.to_dict()))  # the source's model, not the preset's
+        assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in source.state_dict().items())
+    with pytest.raises(ValueError, match="model settings cannot change"):
+        train(tmp_path / "bad", small_photos, "tiny", {"init_from": str(tiny_run), "token_dim": 2}, progress=False)
+
+
+def test_init_from_a_model_without_weights_says_so(tmp_path):
+    from gqtok.core.models import find_model
+    from gqtok.training.train import load_weights
+
+    with pytest.raises(FileNotFoundError, match="without torch weights"):
+        load_weights(find_model())  # the embedded default model predates shipped weights
+    with pytest.raises(FileNotFoundError, match="neither a training run"):
+        load_weights(tmp_path)

@@ -44,7 +44,12 @@ class TrainConfig:
     crop: int = 128  # random square crop size
     # random resized crops: windows of side crop * U(1, crop_window_max), resized to crop; 1 = plain crops
     crop_window_max: float = 1.0
-    lr: float = 2e-4  # Adam learning rate
+    lr: float = 2e-4  # Adam learning rate (the peak, with a schedule)
+    lr_schedule: str = "constant"  # "constant", or "cosine": linear warm-up, then cosine down to lr * lr_final_ratio
+    warmup_steps: int = 0  # steps of linear warm-up from 0 to lr (cosine schedule)
+    lr_final_ratio: float = 0.1  # the cosine schedule ends at lr * this, at `steps`
+    ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999); 0 = off. Eval and export use it
+    init_from: str = ""  # a run directory or an exported model with weights.safetensors to start from (new runs)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     recon_loss: str = "l1"  # "l1" or "mse", mean over pixels in [-1, 1]
@@ -71,6 +76,19 @@ class TrainConfig:
             raise ValueError(f"kl_mode must be 'tdc' or 'fixed', got {self.kl_mode!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based); a function of the step alone, so resuming is exact."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.lr * (self.lr_final_ratio + (1 - self.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def build_configs(preset: str, overrides: dict | None = None) -> tuple[VAEConfig, TrainConfig]:
@@ -90,16 +108,42 @@ def build_configs(preset: str, overrides: dict | None = None) -> tuple[VAEConfig
     return VAEConfig(**model_kw), TrainConfig(**train_kw)
 
 
-def load_run(run_dir: Path, device: str = "cpu") -> tuple[GaussianVAE, dict]:
-    """Rebuild the model of a run directory from config.json + model.safetensors."""
+WEIGHTS = "weights.safetensors"  # the torch weights an exported model ships beside its ONNX files
+
+
+def load_weights(source: Path, device: str = "cpu", ema: bool = True) -> tuple[dict, dict]:
+    """(model config dict, model state dict) of a run directory (the EMA weights when it has them and `ema`) or of
+    an exported model directory that ships weights.safetensors."""
+    source = Path(source)
+    if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
+        config = json.loads((source / "config.json").read_text())["model"]
+        state = load_file(str(source / "model.safetensors"), device=device)
+        prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else "model."
+        return config, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if (source / "manifest.json").is_file():
+        manifest = json.loads((source / "manifest.json").read_text())
+        if WEIGHTS not in manifest.get("files", {}):
+            raise FileNotFoundError(f"{source} is an exported model without torch weights ({WEIGHTS}); it cannot be "
+                                    "fine-tuned. Models exported by this version ship them")
+        from gqtok.core.artifact import load_artifact
+
+        load_artifact(source)  # every digest, the weights' included
+        return manifest["training"]["model"], load_file(str(source / WEIGHTS), device=device)
+    raise FileNotFoundError(f"{source} is neither a training run (config.json, model.safetensors) nor an exported "
+                            "model (manifest.json)")
+
+
+def load_run(run_dir: Path, device: str = "cpu", ema: bool = True) -> tuple[GaussianVAE, dict]:
+    """Rebuild the model of a run directory from config.json + model.safetensors (its EMA weights when it kept
+    them and `ema`)."""
     run_dir = Path(run_dir)
     cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
     if not cfg_path.exists() or not weights.exists():
         raise FileNotFoundError(f"{run_dir} is not a training run (needs config.json and model.safetensors)")
     config = json.loads(cfg_path.read_text())
-    model = GaussianVAE(VAEConfig(**config["model"]))
-    state = load_file(str(weights), device=device)
-    model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+    model_config, state = load_weights(run_dir, device, ema)
+    model = GaussianVAE(VAEConfig(**model_config))
+    model.load_state_dict(state)
     return model.to(device).eval(), config
 
 
@@ -157,6 +201,12 @@ class Trainer:
             from gqtok.training.perceptual import DeepFeatureDistance
 
             self.perceptual = DeepFeatureDistance().to(self.device)
+        if train_cfg.init_from:
+            _, state = load_weights(Path(train_cfg.init_from), str(self.device))
+            self.model.load_state_dict(state)
+        # EMA of every floating-point entry of the state dict (weights and buffers), updated after each step
+        self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()}
+                    if train_cfg.ema_decay else None)
         self.step, self.ranks, self.interrupted = 0, [], False
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -178,6 +228,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         state.update({f"tdc.{k}": v.detach().cpu() for k, v in self.tdc.state_dict().items()})
+        if self.ema is not None:  # the EMA copy of every entry (non-float buffers as they are)
+            state.update({f"ema.{k}": (self.ema[k] if k in self.ema else v).detach().contiguous().cpu()
+                          for k, v in self.model.state_dict().items()})
         tmp = self.run_dir / "model.safetensors.tmp"
         save_file(state, str(tmp), metadata={"step": str(self.step)})
         os.replace(tmp, self.run_dir / "model.safetensors")  # never leave a half-written checkpoint
@@ -193,6 +246,9 @@ class Trainer:
         state = load_file(str(self.run_dir / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         self.tdc.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tdc.")})
+        if self.ema is not None:
+            saved = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+            self.ema = {k: saved.get(k, v).float().clone() for k, v in self.ema.items()}
         trainer = torch.load(self.run_dir / "trainer.pt", map_location=self.device, weights_only=False)
         self.opt.load_state_dict(trainer["optimizer"])
         self.step = trainer["step"]
@@ -225,7 +281,16 @@ class Trainer:
         loss.backward()
         if self.tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        lr = self.tcfg.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         self.opt.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    if k in self.ema:
+                        self.ema[k].mul_(self.tcfg.ema_decay).add_(v.float(), alpha=1 - self.tcfg.ema_decay)
+        logs["lr"] = lr
         if quantized is None:
             stats = self.tdc.statistics(kl_tok)  # all-reduced: every rank updates the same way
             logs.update(kl_mean=stats["mean"], kl_min=stats["min"], kl_max=stats["max"])
@@ -326,6 +391,13 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
         if (run_dir / "model.safetensors").exists():
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         model_cfg, train_cfg = build_configs(preset, overrides)
+        if train_cfg.init_from:  # fine-tuning: the model is the source's, whatever the preset says
+            source_cfg = VAEConfig(**load_weights(Path(train_cfg.init_from))[0])
+            changed = sorted(k for k in (overrides or {}) if k in source_cfg.to_dict())
+            if changed:
+                raise ValueError(f"--init-from takes the model of {train_cfg.init_from}; model settings cannot change "
+                                 f"({', '.join(changed)})")
+            model_cfg = source_cfg
     trainer = Trainer(run_dir, data, model_cfg, train_cfg, preset, progress=progress)
     try:
         if resume:
