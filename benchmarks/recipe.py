@@ -1,0 +1,168 @@
+"""Recipe study at a fixed CPU budget: which training choices buy PSNR per CPU-minute.
+
+    python benchmarks/recipe.py --minutes 12 --jobs 2 [--quick]
+
+Every arm trains the default preset for the same number of steps: the steps the baseline makes in MINUTES on one
+CPU thread, measured first (a short calibration run). Each arm runs on one thread, `--jobs` at a time, and its
+CPU time is measured and reported. Arms (each adds to the one before it, except the first two):
+  baseline        the embedded default model's recipe: endless-sky photos, lr 2e-4 constant, 128 px crops, batch 8
+  +photos         endless-sky and the Debian photos (gqtok data fetch --source debian-photos), weight 1 each
+  +cosine         lr 1e-3 peak, 5% warm-up, cosine to 10%
+  +ema            EMA of the weights, decay 0.99 (short runs: a longer horizon would lag)
+  +windows        random resized crops, windows up to 3x the crop side
+  +floor          TDC with lam >= 3e-6
+Each arm's GQ tokens are evaluated at 256x256 on the held-out photos of the Debian sources (none of them in the
+baseline's training) and on the 24 held-out endless-sky photos. Writes benchmarks/results/recipe.json, recipe.md
+and recipe.png (training PSNR against CPU-minutes). Runs are kept in runs/recipe/ and reused when finished.
+--quick: the tiny preset for a few steps, a few photos (< 60 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+COMMON = dict(precision="bf16", log_every=10, image_every=0, ckpt_every=100)
+
+
+def arms(endless: str, photos: str, steps: int) -> list[tuple[str, dict, list[str]]]:
+    both = [f"{endless}:1", f"{photos}:1"]
+    cosine = dict(lr=1e-3, lr_schedule="cosine", warmup_steps=max(1, steps // 20), lr_final_ratio=0.1)
+    ema = dict(cosine, ema_decay=0.99)
+    windows = dict(ema, crop_window_max=3.0)
+    return [("baseline", {}, [endless]), ("+photos", {}, both), ("+cosine", cosine, both), ("+ema", ema, both),
+            ("+windows", windows, both), ("+floor", dict(windows, tdc_lam_floor=3e-6), both)]
+
+
+def train_arm(job: dict) -> dict:
+    """One arm in its own process on one thread: train (or reuse a finished run), then evaluate."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    from gqtok.training.evaluate import evaluate_tokenizer, run_tokenizer
+    from gqtok.training.train import train
+
+    torch.set_num_threads(1)
+    run = Path(job["run"])
+    done = run / "recipe.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    start = time.process_time()
+    resume = (run / "model.safetensors").exists()
+    train(run, job["data"], preset=job["preset"], overrides=job["settings"], resume=resume, progress=False)
+    cpu_min = (time.process_time() - start) / 60
+    tokenize, detokenize, bits = run_tokenizer(run)
+    evals = {name: evaluate_tokenizer(tokenize, detokenize, paths, job["size"], bits, classic=False, progress=False)
+             for name, paths in job["eval"].items()}
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    result = {"arm": job["arm"], "settings": job["settings"], "data": job["data"], "steps": job["settings"]["steps"],
+              "cpu_minutes": cpu_min if not resume else None,
+              "eval": {k: {"images": v["images"], "psnr": v["tokens"]["psnr"], "ms_ssim": v["tokens"]["ms_ssim"]}
+                       for k, v in evals.items()},
+              "curve": [(r["step"], r["time_s"] / 60, r["psnr"]) for r in log]}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def calibrate(preset: str, data: str, seconds: float, out: Path) -> float:
+    """Steps per CPU-minute of the baseline on one thread."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    from gqtok.training.train import train
+
+    torch.set_num_threads(1)
+    start = time.process_time()
+    train(out, [data], preset=preset, overrides=dict(COMMON, steps=10**9, time_limit_min=seconds / 60),
+          progress=False)
+    steps = json.loads((out / "config.json").read_text())["step"]
+    return steps / ((time.process_time() - start) / 60)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        steps, minutes, psnr = zip(*r["curve"])
+        ax.plot(minutes, psnr, label=r["arm"])
+    ax.set_xlabel("minutes of training (one thread, wall clock)")
+    ax.set_ylabel("training-crop PSNR (dB)")
+    ax.set_title("Recipe study: training PSNR against time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Budget: {result['steps']} steps per arm ({result['minutes']:g} baseline CPU-minutes on one thread), "
+             f"evaluated at {result['size'][0]}x{result['size'][1]}.", "",
+             "| arm | CPU-minutes | unseen Debian sources PSNR | endless-sky held-out PSNR | MS-SSIM (Debian) |",
+             "| --- | --- | --- | --- | --- |"]
+    def f(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    for r in result["arms"]:
+        e = r["eval"]
+        lines.append(f"| {r['arm']} | {f(r['cpu_minutes'], '.1f')} | {f(e['debian']['psnr'], '.2f')} | "
+                     f"{f(e['endless-sky']['psnr'], '.2f')} | {f(e['debian']['ms_ssim'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=12.0, help="baseline CPU-minutes that set every arm's steps")
+    ap.add_argument("--jobs", type=int, default=2, help="arms trained at once, one thread each (default 2)")
+    ap.add_argument("--endless", default=str(REPO / "data" / "endless-sky"))
+    ap.add_argument("--photos", default=str(REPO / "data" / "photos"), help="gqtok data fetch --source debian-photos")
+    ap.add_argument("--runs", default=str(REPO / "runs" / "recipe"))
+    ap.add_argument("--size", type=int, nargs=2, default=[256, 256])
+    ap.add_argument("--quick", action="store_true", help="tiny preset, a few steps and photos (< 60 s)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/recipe[_quick].json)")
+    args = ap.parse_args(argv)
+
+    from gqtok.photos import list_images, split_heldout
+
+    preset = "tiny" if args.quick else "default"
+    runs = Path(args.runs) / ("quick" if args.quick else "full")
+    runs.mkdir(parents=True, exist_ok=True)
+    calibration = runs / "calibration.json"
+    if calibration.exists():
+        rate = json.loads(calibration.read_text())["steps_per_cpu_minute"]
+    else:
+        rate = calibrate(preset, args.endless, 5 if args.quick else 60, runs / "calibration")
+        calibration.write_text(json.dumps({"steps_per_cpu_minute": rate}))
+    minutes = 0.1 if args.quick else args.minutes
+    steps = max(4, int(rate * minutes))
+    limit = 3 if args.quick else None
+    evals = {"debian": [str(p) for p in split_heldout(list_images(args.photos))[1][:limit]],
+             "endless-sky": [str(p) for p in split_heldout(list_images(args.endless))[1][:limit]]}
+    jobs = [{"arm": name, "run": str(runs / name.strip("+")), "preset": preset, "data": data,
+             "settings": dict(COMMON, **settings, steps=steps), "size": tuple(args.size), "eval": evals}
+            for name, settings, data in arms(args.endless, args.photos, steps)]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(train_arm, jobs))
+    result = {"preset": preset, "steps": steps, "minutes": minutes, "steps_per_cpu_minute": rate,
+              "size": list(args.size), "eval_images": {k: len(v) for k, v in evals.items()}, "arms": results}
+    out = Path(args.out or RESULTS / ("recipe_quick.json" if args.quick else "recipe.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(results, out.with_suffix(".png"))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
