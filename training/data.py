@@ -43,14 +43,10 @@ def fetch_default_photos(dest: Path = DEFAULT_DATA_DIR, variant: str = "high-dpi
     marker = dest / "SOURCE.json"
     if marker.exists() and not force and json.loads(marker.read_text()).get("package") == package:
         return dest
+    from gqtok.training.sources import download
+
     with tempfile.TemporaryDirectory() as tmp:
-        if subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True).returncode != 0:
-            # A fresh machine has no package lists yet.
-            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-            proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"apt-get download {package} failed: {proc.stderr.strip()}")
-        deb = next(Path(tmp).glob(f"{package}_*.deb"))
+        deb = download(package, Path(tmp))  # a fresh machine has no package lists: it runs apt-get update first
         subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True)
         photos = sorted((Path(tmp) / "x" / inner).glob("*.jpg"))
         dest.mkdir(parents=True, exist_ok=True)

@@ -232,7 +232,7 @@ def unique_name(dest: Path, package: str, path: str, taken: set[str]) -> str:
 
 # -- fetching ----------------------------------------------------------------------------------------------------
 def download(package: str, into: Path) -> Path:
-    """apt-get download (after apt-get update when the lists are missing) -> the .deb."""
+    """apt-get download into `into` (after apt-get update when the lists are missing) -> the .deb. Never installs."""
     def run():
         return subprocess.run(["apt-get", "download", package], cwd=into, capture_output=True, text=True)
 
