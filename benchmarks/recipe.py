@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
               "size": list(args.size), "eval_images": {k: len(v) for k, v in evals.items()}, "arms": results}
     out = Path(args.out or RESULTS / ("recipe_quick.json" if args.quick else "recipe.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(result, indent=1).replace(str(REPO) + os.sep, ""))  # repo-relative paths
     out.with_suffix(".md").write_text(markdown(result))
     plot(results, out.with_suffix(".png"))
     print(markdown(result))

@@ -67,11 +67,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 async def image_payloads(request: Request, body: bytes,
-                         settings: ServiceSettings) -> tuple[list[bytes], TokenizeRequest | None]:
-    """Encoded images from a raw, multipart or JSON body, plus the JSON body's options (None otherwise)."""
+                         settings: ServiceSettings) -> tuple[list[bytes], TokenizeRequest]:
+    """Encoded images from a raw, multipart or JSON body, plus the JSON body's options (none set otherwise:
+    raw and multipart bodies take theirs from the query)."""
     kind = media_type(request)
+    no_options = TokenizeRequest(images=[])
     if kind in MEDIA_TYPES:
-        return [body], None
+        return [body], no_options
     if kind == "multipart/form-data":
         try:
             form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=16)
@@ -81,7 +83,7 @@ async def image_payloads(request: Request, body: bytes,
         files = [p for p in parts if hasattr(p, "read")]
         if len(files) != len(parts):
             raise errors.InvalidRequest("multipart 'image' parts must be files")
-        return [await p.read() for p in files], None
+        return [await p.read() for p in files], no_options
     if kind == "application/json":
         req = parse_json(body, TokenizeRequest)
         out = []

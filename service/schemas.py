@@ -15,7 +15,6 @@ NPY = "application/x-npy"
 PNG = "image/png"
 COMPRESSED = "application/x-gqtok"  # what /v1/compress answers; /v1/decompress also takes application/octet-stream
 OCTET = "application/octet-stream"
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 
 class Fit(str, Enum):

@@ -65,12 +65,20 @@ def _flag_type(annotation):
     return annotation, None
 
 
+def flags() -> list[tuple[str, str, object, object]]:
+    """(field name, flag, field, default as shown to people) for every ServiceSettings field: what the serve
+    flags and the configuration table in docs/service.md are made from."""
+    out = []
+    for name, field in ServiceSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "off" if default is None else ", ".join(map(str, default)) if isinstance(default, list) else default
+        out.append((name, "--model" if name == "models" else f"--{name.replace('_', '-')}", field, shown))
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser, dest_prefix: str = "cfg_") -> None:
     """One flag per ServiceSettings field; unset flags stay None, so environment variables and defaults apply."""
-    for name, field in ServiceSettings.model_fields.items():
-        flag = "--model" if name == "models" else f"--{name.replace('_', '-')}"
-        default = field.get_default(call_default_factory=True)
-        shown = "off" if default is None else ",".join(map(str, default)) if isinstance(default, list) else default
+    for name, flag, field, shown in flags():
         help_text = f"{field.description} Env GQTOK_{name.upper()}; default {shown}."
         if typing.get_origin(field.annotation) is list:
             parser.add_argument(flag, dest=dest_prefix + name, action="append", metavar="DIR_OR_NAME", help=help_text)

@@ -35,7 +35,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
     settings = state.settings
     body = await read_body(request, settings.max_body_bytes)
     payloads, options = await image_payloads(request, body, settings)
-    served = state.model((options.model if options else None) or model)
+    served = state.model(options.model or model)
     if len(payloads) != 1:
         raise errors.InvalidRequest(f"send exactly one image to compress, got {len(payloads)}")
     name = prior.value if prior else served.compressor.default_prior

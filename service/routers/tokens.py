@@ -11,16 +11,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from gqtok.service import errors
-from gqtok.service.images import decode_image, png_bytes, fit_image
+from gqtok.service.images import FORMATS, decode_image, fit_image, png_bytes
 from gqtok.service.requests import image_payloads, media_type, npy_bytes, parse_json, parse_tokens, read_body, wants_npy
-from gqtok.service.schemas import (IMAGE_TYPES, NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
+from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
                                    MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
 from gqtok.service.schemas import errors as error_responses
 from gqtok.service.state import ServiceState, get_state, timing_headers
 
 router = APIRouter(prefix="/v1", tags=["tokens"])
 
-IMAGE_BODY = request_body({**{m: None for m in IMAGE_TYPES}, "multipart/form-data": MultipartImages,
+IMAGE_BODY = request_body({**{m: None for m in FORMATS.values()}, "multipart/form-data": MultipartImages,
                            "application/json": TokenizeRequest})
 TIMING = {"x-queue-time": {"description": "ms queued", "schema": {"type": "string"}},
           "x-inference-time": {"description": "ms of the inference call", "schema": {"type": "string"}}}
@@ -38,7 +38,6 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
     settings = state.settings
     body = await read_body(request, settings.max_body_bytes)
     payloads, options = await image_payloads(request, body, settings)
-    options = options or TokenizeRequest(images=[])
     served = state.model(options.model or model)
     mode = (options.fit or options.resize or fit or resize or Fit.pad).value
     if not payloads:
