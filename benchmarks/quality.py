@@ -38,9 +38,10 @@ RESULTS = REPO / "benchmarks" / "results"
 
 # The shared architecture: the default preset's shape without attention, trained on 64x64 crops in
 # bf16 so that a CPU gets a few hundred steps per method in minutes.
-COMPARE = dict(downsample=8, base_channels=32, channel_mult=(1, 2, 2, 4), blocks_per_level=1, attention=False,
-               groups=16, crop=64, batch_size=8, lr=2e-4, precision="bf16", log_every=25, image_every=0,
-               ckpt_every=0, steps=10**9)
+# (first default model's network and schedule, pinned: the default preset has since changed)
+COMPARE = dict(downsample=8, patch=1, base_channels=32, channel_mult=(1, 2, 2, 4), blocks_per_level=1, attention=False,
+               groups=16, crop=64, batch_size=8, lr=2e-4, lr_schedule="constant", ema_decay=0.0, crop_window_max=1.0,
+               precision="bf16", log_every=25, image_every=0, ckpt_every=0, steps=10**9)
 QUICK = dict(COMPARE, base_channels=16, channel_mult=(1, 1, 2, 2), groups=8, crop=32, batch_size=4)
 BASE = dict(latent_channels=16, token_dim=16, codebook_bits=16)
 KL_WEIGHTS = (1e-6, 1e-5, 1e-4)

@@ -67,13 +67,7 @@ def collect_photos(specs: list[str], split: str) -> list[Path]:
     the held-out photos of gqtok.photos.split_heldout, 'all' keeps every one."""
     from gqtok.photos import list_images, split_heldout
 
-    paths: list[Path] = []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_file():
-            paths += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
-        else:
-            paths += list_images(p)
+    paths = [p for spec in specs for p in list_images(spec)]
     if split == "all":
         return paths
     held = split_heldout(paths)[1]
@@ -81,6 +75,20 @@ def collect_photos(specs: list[str], split: str) -> list[Path]:
         raise ValueError(f"none of the {len(paths)} photos in {', '.join(specs)} is in the held-out split; "
                          "pass --split all to evaluate every one (e.g. on your own photos)")
     return held
+
+
+def cmd_data_list(args) -> None:
+    from gqtok.photos import list_images, source_of, split_heldout
+
+    paths = [p for spec in args.photos for p in list_images(spec)]
+    known = {source_of(p) for p in paths}
+    unknown = sorted(set(args.exclude_source) - known)
+    if unknown:
+        raise SystemExit(f"--exclude-source {', '.join(unknown)}: no such source among {', '.join(sorted(known))}")
+    paths = [p for p in paths if source_of(p) not in args.exclude_source]
+    if args.split != "all":
+        paths = split_heldout(paths)[0 if args.split == "train" else 1]
+    print("\n".join(str(p.resolve()) for p in paths))
 
 
 def tokenizer_for(target: str, device: str):
@@ -280,7 +288,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gqtok", description="Gaussian Quant image tokenizer: train, evaluate, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="fetch the default photo set").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="fetch photo sets; list photos").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="download real photos from Debian packages into data/ (never installs them)")
     fetch.add_argument("--source", choices=["endless-sky", "debian-photos"], default="endless-sky",
                        help="endless-sky: the default training set (273 photos); debian-photos: the photographs "
@@ -297,11 +305,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="endless-sky only: download again even if present")
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(func=cmd_data_fetch)
+    listing = data.add_parser("list", help="print photo paths, one per line: a list file for --data and --photos")
+    listing.add_argument("photos", nargs="+", metavar="DIR_OR_LIST", help="folders (searched recursively) or lists")
+    listing.add_argument("--exclude-source", action="append", default=[], metavar="SOURCE",
+                         help="leave out a source: a fetched package's name, or a folder's name (repeatable)")
+    listing.add_argument("--split", choices=["all", "train", "heldout"], default="all",
+                         help="all photos (default), or one side of the fixed held-out split")
+    listing.set_defaults(func=cmd_data_list)
 
     tr = sub.add_parser("train", help="train a Gaussian VAE with TDC")
     tr.add_argument("--preset", default="default", help="tiny or default (default: default)")
     tr.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
-                    help="folder of training photos, repeat for several; WEIGHT is the folder's share of the crops "
+                    help="folder of training photos or a text file listing them (one path per line), repeat for several; WEIGHT is the folder's share of the crops "
                          "(default 1 each); held-out photos are skipped (default data/endless-sky)")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out (training settings may change)")

@@ -143,18 +143,22 @@ def test_missing_file_and_missing_manifest(tiny_model, tmp_path):
         load_artifact(tmp_path)
 
 
-def test_attention_model_exports_and_matches(tmp_path):
-    """The default preset has attention at the lowest resolution; its export must work and agree."""
+@pytest.mark.parametrize("network", [dict(channel_mult=(1, 1, 2, 2), attention=True),
+                                     dict(patch=2, channel_mult=(1, 2, 2), attention=False),
+                                     dict(encoder="effnet-lite0", patch=2, channel_mult=(1, 2, 2))],
+                         ids=["attention", "unshuffle-stem", "effnet-encoder"])
+def test_network_variants_export_and_match(tmp_path, network):
+    """The default preset's attention, the pixel-unshuffle stem / pixel-shuffle head and the EfficientNet-Lite0
+    encoder must export and agree with torch, encoder and decoder, at a size that is not square."""
     from safetensors.torch import save_file
 
     from gqtok.export.exporter import export_run
     from gqtok.training.model import GaussianVAE, VAEConfig
 
     torch.manual_seed(0)
-    cfg = VAEConfig(latent_channels=8, token_dim=8, codebook_bits=6, base_channels=8, channel_mult=(1, 1, 2, 2),
-                    attention=True, groups=4)
+    cfg = VAEConfig(latent_channels=8, token_dim=8, codebook_bits=6, base_channels=8, groups=4, **network)
     model = GaussianVAE(cfg).eval()
-    run = tmp_path / "attn"
+    run = tmp_path / "run"
     run.mkdir()
     save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
     (run / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
@@ -164,4 +168,6 @@ def test_attention_model_exports_and_matches(tmp_path):
     mu, _ = rt.encode(img)
     with torch.no_grad():
         mu_t, _ = model.encoder(photo_data.to_model_input(img))
+        pixels_t = ((model.decoder(mu_t) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # the exported decoder's [0, 1] NHWC
     assert np.abs(mu - mu_t.numpy()).max() < 1e-4
+    assert np.abs(rt.decode(mu_t.numpy()) - pixels_t.numpy()).max() < 1e-4

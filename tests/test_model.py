@@ -20,12 +20,27 @@ def test_shapes_for_any_multiple_of_f(f, mult, attention, hw):
     assert logvar.min() >= -30 and logvar.max() <= 20
 
 
+@pytest.mark.parametrize("network", [dict(patch=2, channel_mult=(1, 2, 2)), dict(patch=4, channel_mult=(1, 2)),
+                                     dict(encoder="effnet-lite0", channel_mult=(1, 1, 2, 2)),
+                                     dict(encoder="effnet-lite0", downsample=16, patch=2, channel_mult=(1, 1, 2, 2))])
+def test_unshuffle_stem_and_effnet_encoder_keep_the_grid(network):
+    cfg = VAEConfig(latent_channels=8, token_dim=4, codebook_bits=8, base_channels=8, groups=4, **network)
+    model = GaussianVAE(cfg).eval()
+    x = torch.rand(1, 3, 48, 80) * 2 - 1
+    recon, mu, _, _ = model(x, sample=False)
+    f = cfg.downsample
+    assert mu.shape == (1, 8, 48 // f, 80 // f) and recon.shape == x.shape
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(downsample=4), "downsample"),
     (dict(latent_channels=16, token_dim=5), "multiple"),
     (dict(channel_mult=(1, 2)), "channel_mult"),
     (dict(codebook_bits=0), "codebook_bits"),
     (dict(base_channels=20, groups=16), "groups"),
+    (dict(patch=2), "log2\\(f/p\\) \\+ 1 = 3"),
+    (dict(patch=3, channel_mult=(1, 2)), "patch"),
+    (dict(encoder="vit"), "encoder"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

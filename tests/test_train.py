@@ -165,6 +165,25 @@ def test_several_folders_share_the_crops_by_weight(small_photos, tmp_path):
     assert training_photos(str(small_photos))[1] is None  # one folder: uniform, as before
 
 
+def test_a_list_file_is_a_source(small_photos, tmp_path):
+    """A text file of paths (relative to the list's folder, # comments) trains like a folder, weight and all."""
+    from gqtok.training.data import training_photos
+
+    from gqtok.photos import HELDOUT
+
+    paths = [p for p in sorted(small_photos.glob("*.jpg")) if p.stem not in HELDOUT]
+    listing = tmp_path / "lists" / "mine.txt"
+    listing.parent.mkdir()
+    listing.write_text("# three of them\n" + "\n".join(f"../{p.parent.name}/{p.name}" for p in paths[:3]) + "\n\n")
+    (tmp_path / small_photos.name).symlink_to(small_photos.resolve())
+    photos, weights = training_photos([f"{listing}:2", str(small_photos)])
+    assert [p.name for p in photos[:3]] == [p.name for p in paths[:3]]
+    assert weights[:3].sum() == pytest.approx(2 / 3)
+    listing.write_text("../nowhere.jpg\n")
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        training_photos(str(listing))
+
+
 def test_random_resized_crops_see_wider_windows(small_photos):
     from gqtok.training.data import RandomCrops, training_photos
 
@@ -207,6 +226,21 @@ def test_ema_weights_are_saved_resumed_and_used(small_photos, tmp_path):
     name = next(k for k, v in raw_model.state_dict().items() if v.is_floating_point())
     assert not torch.equal(ema_model.state_dict()[name], raw_model.state_dict()[name])
     assert torch.equal(ema_model.state_dict()[name], a[f"ema.{name}"])
+
+
+def test_effnet_encoder_starts_from_imagenet_and_resumes_with_ema(small_photos, tmp_path):
+    """A new run's trunk holds the ImageNet weights (lr 0: exactly); its BatchNorm counters save beside their EMA
+    copies (safetensors refuses shared tensors) and the run resumes."""
+    from gqtok.training.effnet import imagenet_state
+
+    kw = dict(data=small_photos, preset="tiny", progress=False)
+    settings = {"encoder": "effnet-lite0", "steps": 2, "lr": 0.0, "image_every": 0, "ema_decay": 0.9}
+    train(tmp_path / "eff", overrides=settings, **kw)
+    train(tmp_path / "eff", overrides={"steps": 3}, resume=True, **kw)
+    saved = load_file(str(tmp_path / "eff" / "model.safetensors"))
+    stem = imagenet_state()["_conv_stem.weight"]
+    assert torch.equal(saved["model.encoder.trunk.conv_stem.weight"], stem)
+    assert torch.allclose(saved["ema.encoder.trunk.conv_stem.weight"], stem, atol=1e-6)  # 0.9 x + 0.1 x rounds
 
 
 def test_init_from_a_run_and_from_an_exported_model(tiny_run, tiny_model, small_photos, tmp_path):

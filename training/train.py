@@ -204,6 +204,8 @@ class Trainer:
         if train_cfg.init_from:
             _, state = load_weights(Path(train_cfg.init_from), str(self.device))
             self.model.load_state_dict(state)
+        elif model_cfg.encoder == "effnet-lite0":  # a resumed run then loads its own weights over these
+            self.model.encoder.trunk.load_imagenet()
         # EMA of every floating-point entry of the state dict (weights and buffers), updated after each step
         self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()}
                     if train_cfg.ema_decay else None)
@@ -228,8 +230,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         state.update({f"tdc.{k}": v.detach().cpu() for k, v in self.tdc.state_dict().items()})
-        if self.ema is not None:  # the EMA copy of every entry (non-float buffers as they are)
-            state.update({f"ema.{k}": (self.ema[k] if k in self.ema else v).detach().contiguous().cpu()
+        if self.ema is not None:  # the EMA copy of every entry (non-float buffers as they are, copied: safetensors
+            # refuses two names for one tensor, e.g. BatchNorm's num_batches_tracked)
+            state.update({f"ema.{k}": (self.ema[k] if k in self.ema else v.clone()).detach().contiguous().cpu()
                           for k, v in self.model.state_dict().items()})
         tmp = self.run_dir / "model.safetensors.tmp"
         save_file(state, str(tmp), metadata={"step": str(self.step)})
