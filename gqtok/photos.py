@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -25,13 +25,24 @@ HELDOUT = (
 HELDOUT_SIZE = (512, 768)  # (H, W) of the evaluation crops
 
 
-def list_images(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist (for the default set run: gqtok data fetch)")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def list_images(source: Path) -> list[Path]:
+    """The images of a folder (searched recursively, sorted), or of a text file listing one path per line
+    (relative paths are relative to the list's folder; blank lines and lines starting with # are skipped)."""
+    source = Path(source)
+    if source.is_file():
+        lines = [line.strip() for line in source.read_text().splitlines()]
+        paths = [source.parent / line for line in lines if line and not line.startswith("#")]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} files listed in {source} do not exist, e.g. {missing[0]}")
+        if not paths:
+            raise FileNotFoundError(f"the list {source} names no images")
+        return paths
+    if not source.is_dir():
+        raise FileNotFoundError(f"image folder {source} does not exist (for the default set run: gqtok data fetch)")
+    paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {source}")
     return paths
 
 
@@ -70,9 +81,51 @@ def split_heldout(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return [p for p in paths if p not in held], [p for p in paths if p in held]
 
 
-def load_rgb(path: Path) -> np.ndarray:
+ALPHA_MODES = ("composite", "refuse")
+
+
+class TransparentImage(ValueError):
+    """An image with transparent pixels, read with alpha="refuse"."""
+
+
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, as most viewers show them
+
+
+def to_rgb(im: Image.Image, alpha: str = "composite", name: str = "image") -> np.ndarray:
+    """A decoded PIL image -> uint8 [H, W, 3] RGB, the one conversion every reader uses (server, CLI, training,
+    evaluation), so that one file gives one array everywhere:
+    - EXIF orientation applied (a phone photo comes out upright, its size as displayed);
+    - 16-bit and 32-bit integer grayscale scaled to 8 bits (65535 -> 255), not clipped; float images in [0, 1];
+    - alpha (RGBA, LA, a palette with transparency) composited on ALPHA_BACKGROUND, or with alpha="refuse" a
+      TransparentImage when any pixel is not opaque;
+    - grayscale, palette and CMYK converted as Pillow does."""
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2.0**31 - 1
+        return np.repeat(np.round(np.clip(values / top, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        return np.repeat(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(im.convert("RGBA"))
+        opacity = rgba[..., 3:4].astype(np.float32) / 255
+        if opacity.min(initial=1.0) < 1.0 and alpha == "refuse":
+            raise TransparentImage(f"{name} has transparent pixels; send an opaque image (or let the server composite "
+                             f"them on white)")
+        background = np.asarray(ALPHA_BACKGROUND, dtype=np.float32)
+        return np.round(rgba[..., :3] * opacity + background * (1 - opacity)).astype(np.uint8)
+    return np.asarray(im.convert("RGB"))
+
+
+def load_rgb(path: Path, alpha: str = "composite") -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] RGB (to_rgb)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return to_rgb(im, alpha, name=str(path))
 
 
 def center_crop(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:

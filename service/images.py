@@ -13,14 +13,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gqtok.core import layout
+from gqtok.photos import TransparentImage, to_rgb
 from gqtok.service.errors import ImageTooLarge, InvalidImage
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MEDIA_TYPES = set(FORMATS.values()) | {"image/jpg"}
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
-    """Encoded PNG/JPEG/WebP -> uint8 [H, W, 3] RGB (first frame of an animation)."""
+def decode_image(data: bytes, max_pixels: int, name: str = "image", alpha: str = "composite") -> np.ndarray:
+    """Encoded PNG/JPEG/WebP -> uint8 [H, W, 3] RGB (first frame of an animation), converted by
+    gqtok.photos.to_rgb: EXIF orientation applied, 16-bit scaled to 8, alpha composited on white (or refused)."""
     if not data:
         raise InvalidImage(f"{name} is empty")
     try:
@@ -41,7 +43,9 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return np.asarray(im.convert("RGB"))
+            return to_rgb(im, alpha, name)
+    except TransparentImage as e:
+        raise InvalidImage(str(e)) from None
     except Exception as e:  # truncated or corrupt data fails here, inside the decoder
         raise InvalidImage(f"{name} could not be decoded (truncated or corrupt): {e}") from None
 

@@ -43,6 +43,8 @@ class ServiceSettings(BaseSettings):
         "Pixels per image, read from the header before decoding; past it, 413."))
     max_batch_pixels: int = Field(8 * 256 * 256, ge=64, description=(
         "Image pixels per inference call; an image bigger than this runs alone."))
+    alpha: Literal["composite", "refuse"] = Field("composite", description=(
+        "Images with transparency: composite them on white, or refuse them with 422 invalid_image."))
     max_concurrent_coding: int = Field(2, ge=1, description=(
         "Compress/decompress requests entropy-coding at once (the context prior holds a core for about 2 s per "
         "768x512 image)."))

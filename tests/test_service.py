@@ -222,6 +222,41 @@ def test_bad_images(live_server, photos):
     assert_error(httpx.post(f"{live_server}/v1/tokenize", files=files, headers={"accept": NPY}), 406, "not_acceptable")
 
 
+def test_real_inputs_give_the_tokens_of_their_8_bit_rgb_images(live_server, tiny_model, start_server, photos):
+    """A 16-bit grayscale PNG, an EXIF-rotated JPEG and an RGBA PNG are tokenized as the 8-bit RGB image they
+    show (gqtok.photos.to_rgb), not clipped, sideways or with alpha dropped; --alpha refuse refuses the last."""
+    def raw(data):
+        r = httpx.post(f"{live_server}/v1/tokenize", content=data, headers={"content-type": "image/png",
+                                                                              "accept": NPY}, timeout=60)
+        assert r.status_code == 200, r.text
+        return load_npy(r.content)
+
+    gray = photos[2][..., 1]
+    deep = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(deep, format="PNG")
+    assert np.array_equal(raw(deep.getvalue()), tokenize_npy(live_server, np.repeat(gray[..., None], 3, axis=2)))
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned 90 degrees clockwise
+    jpeg, plain = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photos[3]).save(jpeg, format="JPEG", quality=95, exif=exif.tobytes())
+    Image.fromarray(photos[3]).save(plain, format="JPEG", quality=95)
+    upright = np.ascontiguousarray(np.rot90(np.asarray(Image.open(plain).convert("RGB")), -1))
+    turned = raw(jpeg.getvalue())
+    assert turned.shape[-2:] == (96 // 8, 64 // 8)
+    assert np.array_equal(turned, tokenize_npy(live_server, upright))
+
+    alpha = np.full(photos[4].shape[:2], 255, np.uint8)
+    alpha[:, :48] = 0
+    rgba = png(np.dstack([photos[4], alpha]))
+    on_white = photos[4].copy()
+    on_white[:, :48] = 255
+    assert np.array_equal(raw(rgba), tokenize_npy(live_server, on_white))
+    strict = start_server([tiny_model], "--alpha", "refuse")
+    r = httpx.post(f"{strict.url}/v1/tokenize", content=rgba, headers={"content-type": "image/png"}, timeout=60)
+    assert_error(r, 422, "invalid_image", "transparent pixels")
+
+
 def test_decompression_bomb_is_refused_before_decoding(live_server):
     # 6000 x 6000 black pixels compress to a few kB; the header alone is enough to refuse it
     bomb = io.BytesIO()

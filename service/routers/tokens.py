@@ -51,7 +51,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         out = []
         for i, data in enumerate(payloads):
             name = "image" if len(payloads) == 1 else f"image {i}"
-            img = decode_image(data, settings.max_image_pixels, name)
+            img = decode_image(data, settings.max_image_pixels, name, settings.alpha)
             out.append((img.shape[:2], fit_image(img, f, mode, name)))
         return out
 
