@@ -13,6 +13,8 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
+
 
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -179,15 +181,26 @@ def cmd_priors_fit(args) -> None:
     print(json.dumps(info, indent=1))
 
 
-def _read_image(path: Path):
-    from PIL import UnidentifiedImageError
+def _read_image(path: Path, max_pixels: int):
+    """An image file -> uint8 RGB (gqtok.photos.to_rgb), its size checked from the header before decoding."""
+    from PIL import Image, UnidentifiedImageError
 
-    from gqtok.photos import load_rgb
+    from gqtok.photos import to_rgb
 
     try:
-        return load_rgb(path)
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"{path} is {w}x{h} = {w * h} pixels; the limit is {max_pixels} (--max-pixels)")
+            return to_rgb(im, name=str(path))
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image: {e}") from None
+
+
+def _output_path(path: Path, force: bool) -> Path:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    return path
 
 
 def cmd_compress(args) -> None:
@@ -198,12 +211,12 @@ def cmd_compress(args) -> None:
     from gqtok.core.models import find_model
     from gqtok.service.compressor import ImageCompressor
 
-    image = _read_image(Path(args.image))
+    out = _output_path(Path(args.output or Path(args.image).with_suffix(".gqt")), args.force)
+    image = _read_image(Path(args.image), args.max_pixels)
     compressor = ImageCompressor(load_artifact(find_model(args.model)), device=args.device)
     start = time.perf_counter()
     data = compressor.compress(image, args.prior)
     seconds = time.perf_counter() - start
-    out = Path(args.output or Path(args.image).with_suffix(".gqt"))
     out.write_bytes(data)
     header = read_header(data)
     h, w = image.shape[:2]
@@ -223,9 +236,7 @@ def cmd_decompress(args) -> None:
 
     data = Path(args.input).read_bytes()
     header = read_header(data)
-    out = Path(args.output or Path(args.input).with_suffix(".png"))
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    out = _output_path(Path(args.output or Path(args.input).with_suffix(".png")), args.force)
     if args.model:
         artifacts = [load_artifact(find_model(m)) for m in args.model]
         match = [a for a in artifacts if a.manifest.model_id == header.model_id]
@@ -235,7 +246,7 @@ def cmd_decompress(args) -> None:
         artifact = match[0]
     else:  # the model the header names, on the model search path
         artifact = load_artifact(find_model(header.model_id))
-    image, _ = ImageCompressor(artifact, device=args.device).decompress(data)
+    image, _ = ImageCompressor(artifact, device=args.device).decompress(data, args.max_pixels)
     Image.fromarray(image).save(out)
     print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior,
                       "image_size": list(image.shape[:2])}))
@@ -382,6 +393,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     cp.add_argument("--prior", choices=["uniform", "frequency", "context"],
                     help="entropy model of the tokens (default: the strongest the model has)")
     cp.add_argument("--device", default="cpu", help="onnxruntime device: cpu (default), cuda or auto")
+    cp.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    cp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                    help="refuse larger images, read from the header before decoding (default %(default)s, the "
+                         "server's --max-image-pixels): memory grows with pixels")
     cp.set_defaults(func=cmd_compress)
 
     dc = sub.add_parser("decompress", help="compressed file -> image (the header names the model)")
@@ -392,6 +407,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                          "the header names, found on the model search path)")
     dc.add_argument("--force", action="store_true", help="overwrite the output image if it exists")
     dc.add_argument("--device", default="cpu")
+    dc.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                    help="refuse streams that decode to more pixels, read from the header (default %(default)s)")
     dc.set_defaults(func=cmd_decompress)
 
     gen = sub.add_parser("generator", help="the downstream autoregressive generator over the tokenizer's tokens"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from gqtok.core.bitstream import Header, TokenCompressor
-from gqtok.core.layout import fit_to_grid
+from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS, fit_to_grid
 from gqtok.service.runtime import TokenizerRuntime
 
 
@@ -33,7 +33,7 @@ class ImageCompressor:
         ids = self.runtime.tokenize(padded[None])[0]
         return self.tokens.compress(ids, image.shape[:2], prior)
 
-    def decompress(self, data: bytes) -> tuple[np.ndarray, Header]:
-        ids, header = self.tokens.decompress(data)
+    def decompress(self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, Header]:
+        ids, header = self.tokens.decompress(data, max_pixels)
         h, w = header.image_size
         return self.runtime.detokenize(ids[None])[0, :h, :w], header

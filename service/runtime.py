@@ -61,6 +61,10 @@ class TokenizerRuntime:
         # Idle pool threads sleep instead of spinning: spinning threads took the cores from the GQ selection
         # and the other sessions (tokenize at batch 1: 187 ms per image spinning, 139 ms not).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No CPU arena: with it, rounds of 1440x720 tokenize + detokenize of the first default model grew past
+        # 8 GB resident until the kernel killed the process; without it, 3.0 GB at the peak and 270 MiB after each
+        # round (one process, 4 rounds, 2 threads; docs/service.md, memory).
+        opts.enable_cpu_mem_arena = False
         self.encoder = ort.InferenceSession(str(artifact.path(ENCODER)), opts, providers=self.providers)
         self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
         if selector not in self.SELECTORS:
@@ -68,7 +72,9 @@ class TokenizerRuntime:
         if selector == "auto":
             selector = "onnx" if self.encoder.get_providers()[0] == "CUDAExecutionProvider" else "ort-matmul"
         self.selector = selector
-        self.gq_select = ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)
+        # gq_select.onnx is checked by load_artifact either way; a session only where it runs (no idle thread pool)
+        self.gq_select = (ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)
+                          if selector == "onnx" else None)
         self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta)
         if selector == "ort-matmul":
             scores = ort.InferenceSession(matmul_graph(), opts, providers=["CPUExecutionProvider"])

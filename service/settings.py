@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
+
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GQTOK_", env_nested_delimiter="__")
@@ -39,7 +41,7 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Request body limit in bytes; past it, 413.")
     # Memory: on the CPU provider the default model's decoder held about 3.3 KB per pixel of a batch (onnxruntime's
     # arena after a batch of 8 at 256x256: 2.2 GiB), so the next two bound the working memory to a few GiB.
-    max_image_pixels: int = Field(1024 * 1024, ge=64, description=(
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=64, description=(
         "Pixels per image, read from the header before decoding; past it, 413."))
     max_batch_pixels: int = Field(8 * 256 * 256, ge=64, description=(
         "Image pixels per inference call; an image bigger than this runs alone."))

@@ -171,3 +171,33 @@ def test_cli_compress_and_decompress(tiny_model, photo, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["decompress", str(tmp_path / "p.gqt"), "--model", "models/default"])
     assert "made by model 'tiny'" in capsys.readouterr().err
+
+
+def test_cli_and_library_refuse_what_they_cannot_hold(tiny_model, photo, tmp_path, capsys):
+    """The CLI caps pixels as the server does, before decoding; a crafted header naming a huge image is refused
+    by the library before anything is allocated; no existing file is overwritten without --force."""
+    from PIL import Image
+
+    from gqtok.cli import main
+
+    src = tmp_path / "photo.png"
+    Image.fromarray(photo).save(src)
+    out = tmp_path / "p.gqt"
+    out.write_bytes(b"keep me")
+    with pytest.raises(SystemExit):
+        main(["compress", str(src), "-o", str(out), "--model", str(tiny_model)])
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    with pytest.raises(SystemExit):
+        main(["compress", str(src), "-o", str(out), "--model", str(tiny_model), "--force", "--max-pixels", "1000"])
+    assert "301x203 = 61103 pixels; the limit is 1000" in capsys.readouterr().err
+    main(["compress", str(src), "-o", str(out), "--model", str(tiny_model), "--force"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["decompress", str(out), "--model", str(tiny_model), "--max-pixels", "1000", "-o", str(tmp_path / "b.png")])
+    assert "the limit is 1000" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+
+    codec = ImageCompressor(load_artifact(tiny_model))
+    header, payload = Header.unpack(out.read_bytes())
+    huge = dataclasses.replace(header, image_size=(65000, 65000), grid=(header.grid[0], 8125, 8125))
+    with pytest.raises(BitstreamError, match="4225000000 pixels; the limit is 1048576"):
+        codec.decompress(huge.pack() + payload)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gqtok.core.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, neighbour_features, wavefront
+from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 MAGIC = b"GQTK"
 FORMAT_VERSION = 1
@@ -222,9 +223,14 @@ class TokenCompressor:
         if header.payload_length % 4:
             raise BitstreamError("payload length is not a whole number of 32-bit words")
 
-    def decompress(self, data: bytes) -> tuple[np.ndarray, Header]:
-        """bytes -> (int64 [T, h, w], header). BitstreamError on anything wrong, before or after decoding."""
+    def decompress(self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, Header]:
+        """bytes -> (int64 [T, h, w], header). BitstreamError on anything wrong, before or after decoding; a
+        header naming more than `max_pixels` image pixels is refused before anything is allocated."""
         header, payload = Header.unpack(data)
+        hh, ww = header.image_size
+        if hh * ww > max_pixels:
+            raise BitstreamError(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is {max_pixels} "
+                                 "(raise max_pixels to decode it)")
         self.check(header)
         words = np.frombuffer(payload, dtype="<u4")
         try:

@@ -69,6 +69,9 @@ def sequences_to_grids(seqs: np.ndarray, tokens_per_position: int, grid: tuple[i
 
 # -- fitting an image to the grid -------------------------------------------------------------------------------
 FIT_MODES = ("pad", "crop", "exact")
+# Pixels per image that the server (--max-image-pixels), the CLI (--max-pixels) and the bitstream decoder accept
+# by default: the working memory of a request grows with its pixels (docs/service.md, memory)
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024
 
 
 def padded_size(h: int, w: int, f: int) -> tuple[int, int]:

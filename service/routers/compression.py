@@ -77,7 +77,7 @@ async def decompress(request: Request, state: ServiceState = Depends(get_state))
         raise errors.ImageTooLarge(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is "
                                    f"{settings.max_image_pixels}")
     start = time.perf_counter()
-    ids, _ = await state.run_coding(served.compressor.decompress, body)
+    ids, _ = await state.run_coding(served.compressor.decompress, body, settings.max_image_pixels)
     coding_ms = 1e3 * (time.perf_counter() - start)
     (image,), timing = await state.run_items(served.detokenize, [(ids.shape, ids)])
     image = image[:hh, :ww]
