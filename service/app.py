@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -40,7 +41,8 @@ DOCS_ASSETS = "/docs/static"  # Swagger UI's JavaScript and CSS, served from the
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
-    state = ServiceState(settings, ServiceMetrics(), asyncio.Semaphore(settings.max_concurrent_coding))
+    state = ServiceState(settings, ServiceMetrics(), asyncio.Semaphore(settings.max_concurrent_coding),
+                         ThreadPoolExecutor(settings.max_concurrent_coding, thread_name_prefix="coding"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,11 +55,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             model.detokenize.start()
         for model in loaded.values():
             await run_in_threadpool(warm_up, model)
-        state.metrics.set_ready(True)
+        state.metrics.ready.set_function(lambda: float(all(m.ready for m in state.models.values())))
         yield
         for model in loaded.values():
             await model.tokenize.stop()
             await model.detokenize.stop()
+        state.coding_pool.shutdown(wait=True)
 
     app = FastAPIOffline(title="gqtok", version=gqtok.__version__, lifespan=lifespan, redoc_url=None,
                          static_url=DOCS_ASSETS,
@@ -91,9 +94,16 @@ def install_gatekeeper(app: FastAPI, state: ServiceState) -> None:
                 return refuse(errors.Unauthorized("missing or wrong API key (Authorization: Bearer KEY)"), "unauthorized")
         if state.draining and not health:
             return refuse(errors.ShuttingDown("server is shutting down", headers={"Retry-After": "1"}), "draining")
+        if state.inflight >= settings.max_concurrent_requests and not health:  # admission before any work
+            return refuse(errors.TooManyRequests(f"{state.inflight} requests in flight, the limit is "
+                                                 f"{settings.max_concurrent_requests}; retry later",
+                                                 headers={"Retry-After": "1"}), "overloaded")
         state.inflight += 1
         try:
             response = await call_next(request)
+        except Exception:  # answered 500 by the outermost handler (errors.py); counted here all the same
+            metrics.count_request(getattr(request.scope.get("route"), "path", "unmatched"), 500)
+            raise
         finally:
             state.inflight -= 1
         route = request.scope.get("route")

@@ -10,6 +10,11 @@ the event loop never blocks; while it runs, the next batch gathers. The queue
 is bounded: past `max_queue` waiting items, `submit` raises QueueFull (429).
 A batch that raises is run again item by item, so that only the items that fail
 on their own get an error (500 inference_failed); the server stays up.
+
+Health: after FAILURES_UNTIL_UNHEALTHY inference calls in a row fail on their own (a sticky runtime fault,
+not one bad input), the batcher is unhealthy: its waiting items fail at once (503 not_ready), the model reports
+not ready, and every PROBE_INTERVAL_S the worker runs `probe` (a tiny inference); the first that succeeds
+makes it healthy again.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gqtok.service.errors import InferenceFailed, QueueFull
+from gqtok.service.errors import InferenceFailed, NotReady, QueueFull
 
 log = logging.getLogger("gqtok.batcher")
+FAILURES_UNTIL_UNHEALTHY = 3
+PROBE_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -52,8 +59,10 @@ def fail(item: _Item, e: Exception) -> None:
 class Batcher:
     def __init__(self, name: str, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
                  max_delay_s: float, max_queue: int, on_batch: Callable[[Timing], None] | None = None,
-                 max_batch_pixels: int | None = None, pixels_of: Callable[[tuple], int] | None = None):
-        self.name, self.run_batch = name, run_batch
+                 max_batch_pixels: int | None = None, pixels_of: Callable[[tuple], int] | None = None,
+                 probe: Callable[[], object] | None = None):
+        self.name, self.run_batch, self.probe = name, run_batch, probe
+        self.failures = 0  # inference calls in a row that failed on their own
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.max_batch_pixels, self.pixels_of = max_batch_pixels, pixels_of  # pixels_of(key): pixels of one item
         self.on_batch = on_batch
@@ -65,6 +74,35 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self.pending)
+
+    @property
+    def healthy(self) -> bool:
+        return self.failures < FAILURES_UNTIL_UNHEALTHY
+
+    def _record(self, ok: bool) -> None:
+        if ok:
+            if not self.healthy:
+                log.warning("%s recovered", self.name)
+            self.failures = 0
+        else:
+            self.failures += 1
+            if self.failures == FAILURES_UNTIL_UNHEALTHY:
+                log.error("%s: %d inference calls in a row failed; not ready until a probe succeeds",
+                          self.name, self.failures)
+
+    async def _probe_until_healthy(self, loop) -> None:
+        while not self.healthy:
+            for item in self.pending:
+                if not item.future.done():
+                    item.future.set_exception(NotReady(f"{self.name} is failing; retry later",
+                                                       headers={"Retry-After": "1"}))
+            self.pending.clear()
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                await loop.run_in_executor(self.executor, self.probe)
+                self._record(True)
+            except Exception as e:
+                log.warning("%s probe failed: %s: %s", self.name, type(e).__name__, e)
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -110,6 +148,8 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if not self.healthy and self.probe is not None:
+                await self._probe_until_healthy(loop)
             self.pending = [it for it in self.pending if not it.cancelled]
             if not self.pending:
                 self._wakeup.clear()
@@ -132,9 +172,11 @@ class Batcher:
             start = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self.executor, self.run_batch, np.stack([it.payload for it in batch]))
+                self._record(True)
             except Exception as e:
                 log.exception("%s batch of %d failed", self.name, len(batch))
                 if len(batch) == 1:
+                    self._record(False)
                     fail(batch[0], e)
                     continue
                 # One bad item must not fail its neighbours: run the batch again one item at a time, so
@@ -143,7 +185,9 @@ class Batcher:
                 for it in batch:
                     try:
                         out.append((await loop.run_in_executor(self.executor, self.run_batch, it.payload[None]))[0])
+                        self._record(True)
                     except Exception as e_item:
+                        self._record(False)
                         fail(it, e_item)
                         out.append(None)
             timing_end = time.perf_counter()

@@ -59,6 +59,10 @@ class QueueFull(ServiceError):
     status, error_type = 429, "queue_full"
 
 
+class TooManyRequests(ServiceError):
+    status, error_type = 429, "too_many_requests"
+
+
 class InferenceFailed(ServiceError):
     status, error_type = 500, "inference_failed"
 

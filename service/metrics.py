@@ -20,7 +20,7 @@ class ServiceMetrics:
         self.batch_size = Histogram("gqtok_batch_size", "Items per inference batch", ["model", "direction"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("gqtok_queue_depth", "Items waiting", ["model", "direction"], registry=r)
-        self.ready = Gauge("gqtok_ready", "1 when every model is loaded and warmed up", registry=r)
+        self.ready = Gauge("gqtok_ready", "1 when every model is loaded, warmed up and not failing", registry=r)
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -34,6 +34,3 @@ class ServiceMetrics:
 
     def set_queue_depth(self, model: str, direction: str, depth: int) -> None:
         self.queue_depth.labels(model, direction).set(depth)
-
-    def set_ready(self, ready: bool) -> None:
-        self.ready.set(1 if ready else 0)

@@ -26,11 +26,23 @@ class ServedModel:
     detokenize: Batcher
     compressor: TokenCompressor
     prior_bits: dict  # prior -> held-out bits per token, as recorded when the priors were fitted
-    ready: bool = False
+    warmed: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Warmed up, and neither batcher failing (service/batcher.py, health)."""
+        return self.warmed and self.tokenize.healthy and self.detokenize.healthy
 
     @property
     def manifest(self):
         return self.runtime.manifest
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers naming what answered, so that a cache can notice a re-exported model."""
+        m = self.manifest
+        return {"x-gqtok-model": m.model_id, "x-gqtok-model-version": m.model_version,
+                "x-gqtok-codebook-sha256": m.codebook.sha256}
 
     @property
     def token_dtype(self):
@@ -54,12 +66,15 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
         common = dict(max_batch_size=settings.max_batch_size, max_delay_s=settings.max_queue_delay_ms / 1e3,
                       max_queue=settings.max_queue_size, max_batch_pixels=settings.max_batch_pixels)
         f = artifact.manifest.downsample
+        image, grid = np.zeros((1, 2 * f, 2 * f, 3), np.uint8), np.zeros((1, artifact.manifest.tokens_per_position, 2, 2), np.int64)
         models[mid] = ServedModel(
             runtime=rt,
             tokenize=Batcher(f"{mid}/tokenize", rt.tokenize, on_batch=observe("tokenize"),
-                             pixels_of=lambda key: key[0] * key[1], **common),  # key: image shape (H, W, 3)
+                             pixels_of=lambda key: key[0] * key[1], probe=lambda rt=rt: rt.tokenize(image),
+                             **common),  # key: image shape (H, W, 3)
             detokenize=Batcher(f"{mid}/detokenize", rt.detokenize, on_batch=observe("detokenize"),
-                               pixels_of=lambda key, f=f: key[1] * key[2] * f * f, **common),  # key: (T, h, w)
+                               pixels_of=lambda key, f=f: key[1] * key[2] * f * f,
+                               probe=lambda rt=rt: rt.detokenize(grid), **common),  # key: (T, h, w)
             compressor=TokenCompressor(artifact),
             prior_bits=fit_record(artifact).get("heldout_bits_per_token", {}),
         )
@@ -72,4 +87,4 @@ def warm_up(model: ServedModel) -> None:
     f = model.manifest.downsample
     ids = model.runtime.tokenize(np.zeros((1, 2 * f, 2 * f, 3), np.uint8))
     model.runtime.detokenize(ids)
-    model.ready = True
+    model.warmed = True

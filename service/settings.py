@@ -37,6 +37,8 @@ class ServiceSettings(BaseSettings):
         "How long a batch waits for company. 0: a batch is whatever queued while the previous one ran, all a CPU "
         "needs (batch 1 runs as fast per image as batch 8); a GPU gains from 2-5 ms."))
     max_queue_size: int = Field(256, ge=1, description="Waiting items per model and direction; past it, 429.")
+    max_concurrent_requests: int = Field(64, ge=1, description=(
+        "Requests in flight at once (health probes aside); past it, 429 before the body is read."))
     max_images_per_request: int = Field(32, ge=1, description="Images or grids in one request; past it, 400.")
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Request body limit in bytes; past it, 413.")
     # Memory: on the CPU provider the default model's decoder held about 3.3 KB per pixel of a batch (onnxruntime's

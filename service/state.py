@@ -4,11 +4,11 @@ a model's batcher under the request timeout, entropy coding under its concurrenc
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from gqtok.core.bitstream import BitstreamError
 from gqtok.service import errors
@@ -22,7 +22,8 @@ from gqtok.service.settings import ServiceSettings
 class ServiceState:
     settings: ServiceSettings
     metrics: ServiceMetrics
-    coding: asyncio.Semaphore  # entropy coding holds a core per request
+    coding: asyncio.Semaphore  # entropy coding holds a core per request: max_concurrent_coding slots
+    coding_pool: ThreadPoolExecutor  # as many threads as slots
     models: dict[str, ServedModel] = field(default_factory=dict)
     default: str | None = None
     draining: bool = False
@@ -70,17 +71,22 @@ class ServiceState:
         return [out for out, _ in done], timing
 
     async def run_coding(self, fn, *args):
-        """Entropy coding in a worker thread, at most max_concurrent_coding at once, under the request timeout."""
-        async def guarded():
-            async with self.coding:
-                return await run_in_threadpool(fn, *args)
-
+        """Entropy coding on the coding pool, at most max_concurrent_coding at once, under the request timeout.
+        A slot is freed when its work ends, not when a request stops waiting for it: a timed-out request's
+        coding still holds a core until it finishes, so it still counts."""
         timeout = self.settings.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout
+        too_long = errors.RequestTimeout(f"entropy coding took longer than {timeout:g} s", headers={"Retry-After": "1"})
         try:
-            return await asyncio.wait_for(guarded(), timeout)
+            await asyncio.wait_for(self.coding.acquire(), timeout)
         except TimeoutError:
-            raise errors.RequestTimeout(f"entropy coding took longer than {timeout:g} s",
-                                        headers={"Retry-After": "1"}) from None
+            raise too_long from None
+        work = asyncio.get_running_loop().run_in_executor(self.coding_pool, fn, *args)
+        work.add_done_callback(lambda _: self.coding.release())
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            raise too_long from None
         except BitstreamError as e:
             raise errors.InvalidBitstream(str(e)) from None
 
@@ -90,5 +96,6 @@ def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def timing_headers(t: Timing) -> dict[str, str]:
-    return {"x-queue-time": f"{1e3 * t.queue_s:.3f}", "x-inference-time": f"{1e3 * t.inference_s:.3f}"}
+def response_headers(served: ServedModel, t: Timing) -> dict[str, str]:
+    """What answered (model id, version, codebook digest) and how long it queued and ran (ms)."""
+    return served.headers | {"x-queue-time": f"{1e3 * t.queue_s:.3f}", "x-inference-time": f"{1e3 * t.inference_s:.3f}"}

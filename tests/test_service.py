@@ -416,6 +416,72 @@ def test_a_failing_batch_fails_only_the_bad_request(tiny_model, photos):
         server.stop()
 
 
+def test_a_persistent_failure_drops_readiness_until_a_probe_succeeds(tiny_model, photos):
+    """A sticky runtime fault (every call fails): after 3 failed calls /health/ready answers 503, requests get
+    503 not_ready at once, gqtok_ready is 0; once the runtime works again a probe brings readiness back."""
+    server = InProcessServer(tiny_model, max_batch_size=1)
+    try:
+        batcher = server.app.state.service.models["tiny"].tokenize
+        run_batch, probe = batcher.run_batch, batcher.probe
+
+        def broken(*_):
+            raise RuntimeError("simulated CUDA error: the device is lost")
+
+        batcher.run_batch = batcher.probe = broken
+        post = lambda: httpx.post(f"{server.url}/v1/tokenize", content=png(photos[0]), timeout=30,  # noqa: E731
+                                  headers={"content-type": "image/png"})
+        for _ in range(3):
+            assert_error(post(), 500, "inference_failed", "device is lost")
+        ready = httpx.get(f"{server.url}/health/ready")
+        assert ready.status_code == 503 and ready.json()["models"] == {"tiny": False}
+        assert_error(post(), 503, "not_ready")
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "gqtok_ready 0.0" in metrics
+        assert 'gqtok_requests_total{route="/v1/tokenize",status="500"} 3.0' in metrics
+        batcher.run_batch, batcher.probe = run_batch, probe  # the device comes back
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "readiness did not come back"
+            time.sleep(0.1)
+        assert post().status_code == 200 and "gqtok_ready 1.0" in httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+
+
+def test_unexpected_errors_are_counted_and_requests_past_the_limit_refused(tiny_model, photos):
+    """A 500 from an unexpected exception reaches gqtok_requests_total; past max_concurrent_requests a request
+    is refused 429 before its body is read, while /health/live keeps answering."""
+    server = InProcessServer(tiny_model, max_concurrent_requests=2, max_batch_size=1)
+    try:
+        served = server.app.state.service.models["tiny"]
+        compress = served.compressor.compress
+        served.compressor.compress = lambda *a: 1 / 0
+        r = httpx.post(f"{server.url}/v1/compress", content=png(photos[0]), headers={"content-type": "image/png"})
+        assert r.status_code == 500
+        served.compressor.compress = compress
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'gqtok_requests_total{route="/v1/compress",status="500"} 1.0' in metrics
+
+        run_batch = served.tokenize.run_batch
+        served.tokenize.run_batch = lambda images: (time.sleep(1.0), run_batch(images))[1]
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(httpx.post, f"{server.url}/v1/tokenize", content=png(photos[i]), timeout=30,
+                                   headers={"content-type": "image/png"}) for i in range(6)]
+            time.sleep(0.3)
+            live = httpx.get(f"{server.url}/health/live", timeout=5)
+            codes = sorted(f.result().status_code for f in futures)
+        assert live.status_code == 200
+        assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+        refused = next(f.result() for f in futures if f.result().status_code == 429)
+        assert_error(refused, 429, "too_many_requests", "the limit is 2")
+        ok = next(f.result() for f in futures if f.result().status_code == 200)
+        m = served.manifest
+        assert ok.headers["x-gqtok-model"] == "tiny" and ok.headers["x-gqtok-model-version"] == m.model_version
+        assert ok.headers["x-gqtok-codebook-sha256"] == m.codebook.sha256
+    finally:
+        server.stop()
+
+
 def record_batch_sizes(batcher, label: str, sizes: list) -> None:
     run = batcher.run_batch
 

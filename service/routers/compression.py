@@ -14,10 +14,10 @@ from gqtok.core.bitstream import BitstreamError, Header
 from gqtok.service import errors
 from gqtok.service.images import decode_image, png_bytes, fit_image
 from gqtok.service.requests import image_payloads, media_type, npy_bytes, read_body, wants_npy
-from gqtok.service.routers.tokens import IMAGE_BODY, TIMING
+from gqtok.service.routers.tokens import IMAGE_BODY, RESPONSE_HEADERS
 from gqtok.service.schemas import COMPRESSED, NPY, OCTET, PNG, PriorName, binary, request_body
 from gqtok.service.schemas import errors as error_responses
-from gqtok.service.state import ServiceState, get_state, timing_headers
+from gqtok.service.state import ServiceState, get_state, response_headers
 
 router = APIRouter(prefix="/v1", tags=["compression"])
 
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1", tags=["compression"])
 @router.post("/compress", summary="Image -> compressed bitstream (application/x-gqtok)", openapi_extra=IMAGE_BODY,
              response_class=Response,
              responses={200: {**binary(COMPRESSED, description="The compressed image (docs/compression.md)"),
-                              "headers": {**TIMING, "x-gqtok-bits-per-pixel": {"schema": {"type": "string"}},
+                              "headers": {**RESPONSE_HEADERS, "x-gqtok-bits-per-pixel": {"schema": {"type": "string"}},
                                           "x-gqtok-prior": {"schema": {"type": "string"}},
                                           "x-coding-time": {"schema": {"type": "string"}}}},
                         **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503)})
@@ -47,7 +47,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
     (ids,), timing = await state.run_items(served.tokenize, [(padded.shape, padded)])
     start = time.perf_counter()
     data = await state.run_coding(served.compressor.compress, ids, img.shape[:2], name)
-    headers = timing_headers(timing) | {
+    headers = response_headers(served, timing) | {
         "x-coding-time": f"{1e3 * (time.perf_counter() - start):.3f}", "x-gqtok-prior": name,
         "x-gqtok-bits-per-pixel": f"{8 * len(data) / (img.shape[0] * img.shape[1]):.6f}"}
     return Response(data, media_type=COMPRESSED, headers=headers)
@@ -57,7 +57,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
              openapi_extra=request_body({COMPRESSED: None, OCTET: None}), response_class=Response,
              responses={200: {**binary(PNG, NPY, description="The image (uint8 [H, W, 3] npy with Accept: "
                                                              "application/x-npy), at its original size"),
-                              "headers": TIMING},
+                              "headers": RESPONSE_HEADERS},
                         **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503)})
 async def decompress(request: Request, state: ServiceState = Depends(get_state)):
     """The model is the one the stream's header names (it must be loaded)."""
@@ -81,7 +81,7 @@ async def decompress(request: Request, state: ServiceState = Depends(get_state))
     coding_ms = 1e3 * (time.perf_counter() - start)
     (image,), timing = await state.run_items(served.detokenize, [(ids.shape, ids)])
     image = image[:hh, :ww]
-    headers = timing_headers(timing) | {"x-coding-time": f"{coding_ms:.3f}", "x-gqtok-model": header.model_id}
+    headers = response_headers(served, timing) | {"x-coding-time": f"{coding_ms:.3f}"}
     if wants_npy(request):
         return Response(npy_bytes(image), media_type=NPY, headers=headers)
     return Response(await run_in_threadpool(png_bytes, image), media_type=PNG, headers=headers)

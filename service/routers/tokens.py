@@ -16,18 +16,22 @@ from gqtok.service.requests import image_payloads, media_type, npy_bytes, parse_
 from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
                                    MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
 from gqtok.service.schemas import errors as error_responses
-from gqtok.service.state import ServiceState, get_state, timing_headers
+from gqtok.service.state import ServiceState, get_state, response_headers
 
 router = APIRouter(prefix="/v1", tags=["tokens"])
 
 IMAGE_BODY = request_body({**{m: None for m in FORMATS.values()}, "multipart/form-data": MultipartImages,
                            "application/json": TokenizeRequest})
-TIMING = {"x-queue-time": {"description": "ms queued", "schema": {"type": "string"}},
-          "x-inference-time": {"description": "ms of the inference call", "schema": {"type": "string"}}}
+RESPONSE_HEADERS = {  # state.response_headers
+    "x-gqtok-model": {"description": "id of the model that answered", "schema": {"type": "string"}},
+    "x-gqtok-model-version": {"description": "its version", "schema": {"type": "string"}},
+    "x-gqtok-codebook-sha256": {"description": "its codebook's digest", "schema": {"type": "string"}},
+    "x-queue-time": {"description": "ms queued", "schema": {"type": "string"}},
+    "x-inference-time": {"description": "ms of the inference call", "schema": {"type": "string"}}}
 
 
 @router.post("/tokenize", summary="Images -> token grids", openapi_extra=IMAGE_BODY, response_model=TokenizeResponse,
-             responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}, "headers": TIMING,
+             responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}, "headers": RESPONSE_HEADERS,
                               "description": "JSON grids, or with Accept: application/x-npy one array "
                                              "(batch, T, h, w), uint16 when K <= 65536, else int32"},
                         **error_responses(400, 401, 404, 406, 413, 415, 422, 429, 500, 503)})
@@ -60,7 +64,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         raise errors.NotAcceptable("images of different sizes cannot share one npy array; "
                                    "send them separately or ask for JSON")
     grids, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images])
-    headers = timing_headers(timing)
+    headers = response_headers(served, timing)
     if wants_npy(request):
         return Response(npy_bytes(np.stack(grids).astype(served.token_dtype)), media_type=NPY, headers=headers)
     t = served.manifest.tokens_per_position
@@ -78,7 +82,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
              openapi_extra=request_body({"application/json": DetokenizeRequest, NPY: None}),
              responses={200: {**binary(PNG, NPY, json_model=DetokenizeResponse, description=(
                  "One grid: image/png; several: JSON of base64 PNGs; with Accept: application/x-npy: uint8 "
-                 "(batch, H, W, 3)")), "headers": TIMING},
+                 "(batch, H, W, 3)")), "headers": RESPONSE_HEADERS},
                         **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503)})
 async def detokenize(request: Request, state: ServiceState = Depends(get_state),
                      model: str | None = Query(None, description="Model id (default: the server's default)"),
@@ -112,7 +116,7 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
     images, timing = await state.run_items(served.detokenize, [(g.shape, g) for g in grids])
     if size is not None:
         images = [img[: size[0], : size[1]] for img in images]
-    headers = timing_headers(timing)
+    headers = response_headers(served, timing)
     if wants_npy(request):
         return Response(npy_bytes(np.stack(images)), media_type=NPY, headers=headers)
     pngs = await run_in_threadpool(lambda: [png_bytes(img) for img in images])
