@@ -38,13 +38,14 @@ class TokenizerClient:
     # base_url: the service root. api_key: sent as "Authorization: Bearer KEY" (None: no header).
     # model: model id for every request (None: the server's default). timeout: seconds per HTTP attempt.
     # retries / backoff / max_backoff: on 429, 503 and connection errors retry up to `retries` times,
-    # waiting backoff * 2**attempt seconds capped at max_backoff (or Retry-After when longer), plus jitter.
+    # waiting backoff * 2**attempt seconds capped at max_backoff (or Retry-After when longer), plus jitter; a 503
+    # timeout only with retry_timeouts=True (the server may still be working on the first attempt).
     # transport: an httpx transport, e.g. httpx.MockTransport in tests (None: real network).
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  model: str | None = None, timeout: float = 60.0, retries: int = 5, backoff: float = 0.2,
-                 max_backoff: float = 5.0, transport: httpx.BaseTransport | None = None):
+                 max_backoff: float = 5.0, retry_timeouts: bool = False, transport: httpx.BaseTransport | None = None):
         self.model = model
-        self.policy = RetryPolicy(retries, backoff, max_backoff)
+        self.policy = RetryPolicy(retries, backoff, max_backoff, retry_timeouts=retry_timeouts)
         self._http = httpx.Client(**_client_kwargs(base_url, api_key, timeout, transport))
 
     def _call(self, call: _Call):
@@ -122,9 +123,9 @@ class AsyncTokenizerClient:
     # Arguments as for TokenizerClient; transport must be an async one (httpx.MockTransport is both).
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  model: str | None = None, timeout: float = 60.0, retries: int = 5, backoff: float = 0.2,
-                 max_backoff: float = 5.0, transport: httpx.AsyncBaseTransport | None = None):
+                 max_backoff: float = 5.0, retry_timeouts: bool = False, transport: httpx.AsyncBaseTransport | None = None):
         self.model = model
-        self.policy = RetryPolicy(retries, backoff, max_backoff)
+        self.policy = RetryPolicy(retries, backoff, max_backoff, retry_timeouts=retry_timeouts)
         self._http = httpx.AsyncClient(**_client_kwargs(base_url, api_key, timeout, transport))
 
     async def _call(self, call: _Call):

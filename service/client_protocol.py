@@ -25,8 +25,10 @@ NPY = "application/x-npy"
 COMPRESSED = "application/x-gqtok"
 FIT_MODES = ("pad", "crop", "exact")
 
-# 429 (queue full) and 503 (warming up, draining, request timed out) are the server asking us to come
-# back later, usually with Retry-After; every other error is an answer about this request and is final.
+# 429 (queue full, too many requests) and 503 (warming up, draining, failing) are the server asking us to come
+# back later, usually with Retry-After; every other error is an answer about this request and is final. A 503
+# `timeout` is final by default: the server was too busy for this request, and sending it again adds work that
+# the server cannot cancel (RetryPolicy(retry_timeouts=True) retries it anyway).
 RETRY_STATUSES = frozenset({429, 503})
 # Failures to reach the server or to get an answer at all (connection refused or reset, a keep-alive
 # connection closed under us). Read timeouts are not retried: the server may still be working on it.
@@ -260,6 +262,7 @@ class RetryPolicy:
     backoff: float = 0.2  # first wait, doubled each retry
     max_backoff: float = 5.0  # cap of the exponential wait
     max_retry_after: float = 60.0  # cap of a server's Retry-After, so a bad header cannot hang us
+    retry_timeouts: bool = False  # also retry a 503 timeout (the server ran out of time for this request)
 
     def delay(self, attempt: int, response: httpx.Response | None, error: Exception | None) -> float | None:
         """Seconds to wait before retrying after `attempt` (0-based), or None when this outcome is final."""
@@ -270,11 +273,20 @@ class RetryPolicy:
                 return None
             asked = 0.0
         elif response.status_code in RETRY_STATUSES:
+            if not self.retry_timeouts and _error_type(response) == "timeout":
+                return None
             asked = min(_retry_after(response.headers.get("retry-after")) or 0.0, self.max_retry_after)
         else:
             return None
         wait = max(min(self.backoff * 2**attempt, self.max_backoff), asked)
         return wait + random.uniform(0, 0.1 * wait + 0.01)  # jitter: concurrent clients do not return in step
+
+
+def _error_type(response: httpx.Response) -> str | None:
+    try:
+        return response.json().get("error_type")
+    except Exception:
+        return None
 
 
 def _client_kwargs(base_url: str, api_key: str | None, timeout: float, transport) -> dict:

@@ -98,6 +98,14 @@ async def image_payloads(request: Request, body: bytes,
         "multipart/form-data or application/json")
 
 
+def json_tokens_limit(models, max_pixels: int, max_grids: int) -> int:
+    """The most bytes a JSON body of token grids can need within the limits (each token at most 10 digits and a
+    comma and space, plus brackets, model name and options): a larger body is refused before it is parsed, so a
+    huge JSON body never becomes millions of Python objects."""
+    per_grid = max(m.manifest.tokens_per_position * -(-max_pixels // m.manifest.downsample**2) for m in models)
+    return max_grids * per_grid * 12 + 64 * 1024
+
+
 def parse_tokens(tokens, model: ServedModel, max_pixels: int, max_grids: int) -> tuple[np.ndarray, bool]:
     """JSON lists or an npy array -> int64 [B, T, h, w] plus whether one grid was sent."""
     m = model.manifest

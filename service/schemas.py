@@ -52,9 +52,11 @@ ERROR_KINDS = {  # status -> what it means here (the error_type values it carrie
     413: "payload_too_large / image_too_large: past max_body_bytes, max_image_pixels or the queue",
     415: "unsupported_media_type: a content type the route does not take",
     422: "invalid_image / invalid_tokens / invalid_bitstream: well-formed but unusable content",
-    429: "queue_full: the model's queue is full; retry after Retry-After",
+    429: ("queue_full: the model's queue is full; too_many_requests: max_concurrent_requests are in flight; "
+          "retry after Retry-After"),
     500: "inference_failed / internal_error",
-    503: "not_ready / timeout / shutting_down; retry after Retry-After",
+    503: ("not_ready (warming up, or failing until a probe succeeds) / timeout / shutting_down; retry after "
+          "Retry-After (a timeout is better not retried: the server may still be working on it)"),
 }
 
 

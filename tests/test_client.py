@@ -116,6 +116,18 @@ def test_other_errors_are_not_retried(slept, status, error_type):
     assert (e.value.status, e.value.error_type) == (status, error_type) and len(script.requests) == 1
 
 
+def test_a_503_timeout_is_final_unless_asked(slept):
+    """The server ran out of time for this request: sending it again would add work it cannot cancel."""
+    script = Script(error(503, "timeout", "request took longer than 60 s", **{"retry-after": "1"}), ok_tokens)
+    with mock_client(script) as c, pytest.raises(TokenizerError) as e:
+        c.tokenize(IMG)
+    assert e.value.error_type == "timeout" and len(script.requests) == 1 and slept == []
+    script = Script(error(503, "timeout", **{"retry-after": "1"}), ok_tokens)
+    with mock_client(script, retry_timeouts=True) as c:
+        assert c.tokenize(IMG).shape == TOKENS.shape
+    assert len(script.requests) == 2
+
+
 def test_retries_exhausted_raise_the_last_429(slept):
     script = Script(error(429, "queue_full", "queue is full", **{"retry-after": "2"}))
     with mock_client(script, retries=3) as c, pytest.raises(TokenizerError) as e:

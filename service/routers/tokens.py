@@ -12,7 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from gqtok.service import errors
 from gqtok.service.images import FORMATS, decode_image, fit_image, png_bytes
-from gqtok.service.requests import image_payloads, media_type, npy_bytes, parse_json, parse_tokens, read_body, wants_npy
+from gqtok.service.requests import (image_payloads, json_tokens_limit, media_type, npy_bytes, parse_json, parse_tokens,
+                                    read_body, wants_npy)
 from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
                                    MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
 from gqtok.service.schemas import errors as error_responses
@@ -50,6 +51,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         raise errors.InvalidRequest(f"{len(payloads)} images in one request; the limit is "
                                     f"{settings.max_images_per_request}")
     f = served.manifest.downsample
+    served.tokenize.check_room(len(payloads))  # a full queue refuses before any image is decoded
 
     def decode_all():  # off the event loop: decoding can take milliseconds per image
         out = []
@@ -98,14 +100,20 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
         except Exception:
             raise errors.InvalidTokens("body is not a valid .npy array") from None
     elif kind == "application/json":
-        req = parse_json(body, DetokenizeRequest)
+        limit = json_tokens_limit(state.models.values(), settings.max_image_pixels, settings.max_images_per_request)
+        if len(body) > limit:
+            raise errors.PayloadTooLarge(f"a JSON token body of {len(body)} bytes is more than {limit}, the most that "
+                                         f"{settings.max_images_per_request} grids of up to "
+                                         f"{settings.max_image_pixels} pixels need; send npy for large batches")
+        req = await run_in_threadpool(parse_json, body, DetokenizeRequest)  # off the event loop
         tokens, model = req.tokens, req.model or model
         size = req.image_size if req.image_size is not None else size
     else:
         raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "
                                           f"send application/json or {NPY}")
     served = state.model(model)
-    grids, single = parse_tokens(tokens, served, settings.max_image_pixels, settings.max_images_per_request)
+    grids, single = await run_in_threadpool(parse_tokens, tokens, served, settings.max_image_pixels,
+                                            settings.max_images_per_request)
     f = served.manifest.downsample
     if size is not None:
         if min(size) < 1:
