@@ -322,6 +322,15 @@ def test_body_limit(tiny_model, start_server, photos):
     r = httpx.post(f"{server.url}/v1/tokenize", content=chunks(), headers={"content-type": "image/png"})
     assert_error(r, 413, "payload_too_large")
 
+    # JSON token grids: refused past what 2 grids of 4096 pixels can need (2 tokens of up to 12 bytes per 8x8
+    # cell, plus 64 KiB), before they are read into Python objects, though far under --max-body-bytes
+    small = start_server([tiny_model], "--max-image-pixels", "4096", "--max-images-per-request", "2")
+    limit = 2 * 2 * (4096 // 64) * 12 + 64 * 1024
+    big = {"tokens": [[[1] * 400] * 400] * 2}
+    r = httpx.post(f"{small.url}/v1/detokenize", json=big, timeout=30)
+    assert_error(r, 413, "payload_too_large", f"the limit is {limit}")
+    assert httpx.post(f"{small.url}/v1/detokenize", json={"tokens": [[[1, 2]], [[3, 4]]]}).status_code == 200
+
 
 def test_queue_full_gives_429_and_nothing_is_lost(tiny_model, start_server, photos):
     server = start_server([tiny_model], "--max-queue-size", "4", "--max-batch-size", "2",

@@ -91,8 +91,12 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
                      image_size: str | None = Query(None, pattern=r"^\d+,\d+$",
                                                     description="H,W to crop the images to (for npy bodies)")):
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes)
     kind = media_type(request)
+    # JSON token grids past what the limits can need are refused unread (413), so a huge body never becomes
+    # millions of Python objects
+    json_limit = json_tokens_limit(state.models.values(), settings.max_image_pixels, settings.max_images_per_request)
+    body = await read_body(request, min(settings.max_body_bytes, json_limit) if kind == "application/json"
+                           else settings.max_body_bytes)
     size = [int(v) for v in image_size.split(",")] if image_size is not None else None
     if kind == NPY:
         try:
@@ -100,11 +104,6 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
         except Exception:
             raise errors.InvalidTokens("body is not a valid .npy array") from None
     elif kind == "application/json":
-        limit = json_tokens_limit(state.models.values(), settings.max_image_pixels, settings.max_images_per_request)
-        if len(body) > limit:
-            raise errors.PayloadTooLarge(f"a JSON token body of {len(body)} bytes is more than {limit}, the most that "
-                                         f"{settings.max_images_per_request} grids of up to "
-                                         f"{settings.max_image_pixels} pixels need; send npy for large batches")
         req = await run_in_threadpool(parse_json, body, DetokenizeRequest)  # off the event loop
         tokens, model = req.tokens, req.model or model
         size = req.image_size if req.image_size is not None else size
