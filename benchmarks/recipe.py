@@ -18,7 +18,8 @@ time, and its CPU time is measured and reported. Arms (each adds to +floor's rec
   +unshuffle-deep the same widths as +unshuffle, two ResNet blocks per level
   +mse            +unshuffle trained on MSE instead of L1 (the loss PSNR measures)
   +effnet         +unshuffle with EfficientNet-Lite0's first stages (ImageNet weights) as the encoder's start
-  +effnet+mse     both (the default preset's recipe)
+  +effnet+mse     both
+  -attention      +effnet+mse without the self-attention at the lowest level (the default preset's recipe)
 Each arm's GQ tokens are evaluated at 256x256 on the held-out photos of the Debian sources (none of them in the
 baseline's training) and on the 24 held-out endless-sky photos. Writes benchmarks/results/recipe.json, recipe.md
 and recipe.png (training PSNR against CPU-minutes). Runs are kept in runs/recipe/ and reused when finished.
@@ -44,8 +45,8 @@ COMMON = dict(precision="fp32", log_every=10, image_every=0, ckpt_every=100)
 
 # The first default model's recipe, spelled out so that the study keeps its meaning whatever the preset becomes
 # (the preset now holds the recipe this study chose)
-BASELINE = dict(patch=1, channel_mult=(1, 2, 2, 4), encoder="resnet", lr=2e-4, lr_schedule="constant", warmup_steps=0,
-                ema_decay=0.0, crop_window_max=1.0, recon_loss="l1", tdc_lam_floor=0.0)
+BASELINE = dict(patch=1, attention=True, channel_mult=(1, 2, 2, 4), encoder="resnet", lr=2e-4, lr_schedule="constant",
+                warmup_steps=0, ema_decay=0.0, crop_window_max=1.0, recon_loss="l1", tdc_lam_floor=0.0)
 
 
 def arms(endless: str, photos: str, steps: int) -> list[tuple[str, dict, list[str]]]:
@@ -61,7 +62,8 @@ def arms(endless: str, photos: str, steps: int) -> list[tuple[str, dict, list[st
             ("+unshuffle-deep", dict(unshuffle, blocks_per_level=2), both),
             ("+mse", dict(unshuffle, recon_loss="mse"), both),
             ("+effnet", dict(unshuffle, encoder="effnet-lite0"), both),
-            ("+effnet+mse", dict(unshuffle, encoder="effnet-lite0", recon_loss="mse"), both)]
+            ("+effnet+mse", dict(unshuffle, encoder="effnet-lite0", recon_loss="mse"), both),
+            ("-attention", dict(unshuffle, encoder="effnet-lite0", recon_loss="mse", attention=False), both)]
 
 
 NETWORK = ("encoder", "patch", "base_channels", "channel_mult", "blocks_per_level", "attention")

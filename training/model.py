@@ -244,12 +244,14 @@ PRESETS: dict[str, dict] = {
     # The paper's headline rate: f=8, C=16, d=16, K=2^16 -> one token per 8x8 patch, 0.25 bpp.
     # The recipe the recipe study chose on 2 CPU cores (docs/results.md): EfficientNet-Lite0's ImageNet stages as
     # the encoder's start and a pixel-shuffle head (about 2x the steps per CPU-minute of full-resolution levels),
-    # MSE, lr 1e-3 with warm-up and cosine decay, EMA of the weights, random resized crops. Width is sized so that
-    # hours of CPU training get somewhere; raise it on a GPU.
+    # MSE, lr 1e-3 with warm-up and cosine decay, EMA of the weights, random resized crops. No attention: its
+    # memory grows with the square of the pixels (a 1 MP image: a 1 GB score matrix in each of encoder and
+    # decoder), and without it a token depends only on the pixels around it. Width is sized so that hours of CPU
+    # training get somewhere; raise it on a GPU.
     "default": dict(
         model=dict(
             downsample=8, latent_channels=16, token_dim=16, codebook_bits=16, encoder="effnet-lite0", patch=2,
-            base_channels=32, channel_mult=(2, 2, 4), blocks_per_level=1, attention=True, groups=16,
+            base_channels=32, channel_mult=(2, 2, 4), blocks_per_level=1, attention=False, groups=16,
         ),
         train=dict(crop=128, batch_size=8, steps=18_000, lr=1e-3, lr_schedule="cosine", warmup_steps=500,
                    lr_final_ratio=0.1, ema_decay=0.999, crop_window_max=3.0, recon_loss="mse"),
