@@ -13,6 +13,7 @@ give a token the same id whatever else is in its batch.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -36,11 +37,32 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+_shared_threads: int | None = None  # the process-wide intra-op pool's size, once share_threads made it
+_sessions_made = False
+
+
+def share_threads(threads: int) -> bool:
+    """Make every onnxruntime session of this process share one intra-op thread pool of `threads` threads (0:
+    one per core) instead of a pool each: the server holds an encoder, a decoder and a score MatMul per model,
+    and their pools together ran several times as many threads as cores. Must come before the first session;
+    False (sessions keep their own pools) when one exists already."""
+    global _shared_threads
+    if _shared_threads is not None:
+        return True
+    if _sessions_made:
+        log.warning("onnxruntime sessions exist already: each keeps its own thread pool")
+        return False
+    ort.set_global_thread_pool_sizes(threads or (os.cpu_count() or 1), 1)
+    _shared_threads = threads
+    return True
+
+
 class TokenizerRuntime:
     """Sessions for one artifact.
 
     device:   "auto", "cpu" or "cuda" (see choose_providers)
-    threads:  intra-op threads per session; 0 lets onnxruntime choose
+    threads:  intra-op threads per session; 0 lets onnxruntime choose (ignored after share_threads: the shared
+              pool serves every session)
     selector: "onnx" (gq_select.onnx), "numpy" (gqtok/core/select.py), "ort-matmul" (gqtok/core/select.py with the
               score products in onnxruntime), or "auto": "ort-matmul" on the CPU provider, "onnx" on CUDA (so
               the scores stay on the GPU). Why ort-matmul on CPU: onnxruntime's MatMul ran the
@@ -54,9 +76,14 @@ class TokenizerRuntime:
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "auto"):
         self.artifact, self.manifest = artifact, artifact.manifest
         self.providers = choose_providers(device)
+        global _sessions_made
+        _sessions_made = True
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+        if _shared_threads is not None:
+            opts.use_per_session_threads = False
+        else:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Idle pool threads sleep instead of spinning: spinning threads took the cores from the GQ selection
         # and the other sessions (tokenize at batch 1: 187 ms per image spinning, 139 ms not).

@@ -28,7 +28,8 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
         "onnxruntime provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU."))
-    threads: int = Field(0, ge=0, description="Intra-op threads per onnxruntime session; 0 lets onnxruntime decide.")
+    threads: int = Field(0, ge=0, description=(
+        "Threads of the one onnxruntime pool that every model's sessions share; 0: one per core."))
     selector: Literal["auto", "onnx", "numpy", "ort-matmul"] = Field("auto", description=(
         "Where GQ selection runs: auto is ort-matmul (numpy argmax over onnxruntime's MatMul) on the CPU and "
         "gq_select.onnx on CUDA."))

@@ -171,3 +171,29 @@ def test_network_variants_export_and_match(tmp_path, network):
         pixels_t = ((model.decoder(mu_t) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # the exported decoder's [0, 1] NHWC
     assert np.abs(mu - mu_t.numpy()).max() < 1e-4
     assert np.abs(rt.decode(mu_t.numpy()) - pixels_t.numpy()).max() < 1e-4
+
+
+def test_sessions_share_one_thread_pool(tiny_model):
+    """After share_threads, more models add no intra-op threads (in a fresh process: the pool is process-wide)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os
+from gqtok.core.artifact import load_artifact
+from gqtok.service.runtime import TokenizerRuntime, share_threads
+import numpy as np
+count = lambda: len(os.listdir("/proc/self/task"))
+shared = share_threads(3)
+runtimes = [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu")]
+runtimes[0].tokenize(np.zeros((1, 16, 16, 3), np.uint8))
+one = count()
+runtimes += [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu") for _ in range(3)]
+for rt in runtimes:
+    rt.detokenize(rt.tokenize(np.zeros((1, 16, 16, 3), np.uint8)))
+print(shared, one, count(), runtimes[0].gq_select)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    shared, one, four, gq_select = out.stdout.split()
+    assert shared == "True" and int(four) == int(one), out.stdout  # three more models, not one thread more
+    assert gq_select == "None"  # the CPU default (ort-matmul) opens no gq_select session
