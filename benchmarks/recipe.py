@@ -19,7 +19,7 @@ time, and its CPU time is measured and reported. Arms (each adds to +floor's rec
   +mse            +unshuffle trained on MSE instead of L1 (the loss PSNR measures)
   +effnet         +unshuffle with EfficientNet-Lite0's first stages (ImageNet weights) as the encoder's start
   +effnet+mse     both
-  -attention      +effnet+mse without the self-attention at the lowest level (the default preset's recipe)
+  no-attention    +effnet+mse without the self-attention at the lowest level (the default preset's recipe)
 Each arm's GQ tokens are evaluated at 256x256 on the held-out photos of the Debian sources (none of them in the
 baseline's training) and on the 24 held-out endless-sky photos. Writes benchmarks/results/recipe.json, recipe.md
 and recipe.png (training PSNR against CPU-minutes). Runs are kept in runs/recipe/ and reused when finished.
@@ -63,7 +63,7 @@ def arms(endless: str, photos: str, steps: int) -> list[tuple[str, dict, list[st
             ("+mse", dict(unshuffle, recon_loss="mse"), both),
             ("+effnet", dict(unshuffle, encoder="effnet-lite0"), both),
             ("+effnet+mse", dict(unshuffle, encoder="effnet-lite0", recon_loss="mse"), both),
-            ("-attention", dict(unshuffle, encoder="effnet-lite0", recon_loss="mse", attention=False), both)]
+            ("no-attention", dict(unshuffle, encoder="effnet-lite0", recon_loss="mse", attention=False), both)]
 
 
 NETWORK = ("encoder", "patch", "base_channels", "channel_mult", "blocks_per_level", "attention")

@@ -109,17 +109,27 @@ class DetokenizeRequest(_Request):
 
 # -- responses ---------------------------------------------------------------------------------------------------
 class TokenGrid(BaseModel):
+    status: int = Field(200, description="200: this image was tokenized.")
     tokens: list = Field(description="[h, w] ids when T = 1, else [T, h, w].")
     grid_size: list[int] = Field(description="[h, w].")
     tokens_per_position: int
-    original_size: list[int] = Field(description="[H, W] of the image as sent.")
+    original_size: list[int] = Field(description="[H, W] of the image as displayed (EXIF orientation applied).")
     padded_size: list[int] = Field(description="[H, W] after fit: what the grid decodes to.")
+
+
+class ItemError(BaseModel):
+    """One image of several that could not be tokenized; the others were."""
+    status: int = Field(description="The status this image alone would have had (413, 422).")
+    error: str
+    error_type: str
 
 
 class TokenizeResponse(BaseModel):
     model: str
     fit: Fit
-    results: list[TokenGrid]
+    results: list[TokenGrid | ItemError] = Field(description=(
+        "One per image, in order. With several images a bad one gets an ItemError and fails only itself; a "
+        "single image's error is the request's."))
 
 
 class DetokenizeResponse(BaseModel):

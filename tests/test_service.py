@@ -257,6 +257,24 @@ def test_real_inputs_give_the_tokens_of_their_8_bit_rgb_images(live_server, tiny
     assert_error(r, 422, "invalid_image", "transparent pixels")
 
 
+def test_one_bad_image_among_several_fails_only_itself(live_server, photos):
+    """JSON answers carry a status per image; npy answers (one array) fail whole, and carry the sizes in headers."""
+    files = [("image", ("a.png", png(photos[0]), "image/png")), ("image", ("b.png", b"not an image", "image/png")),
+             ("image", ("c.png", png(photos[1][:40, :56]), "image/png"))]
+    r = httpx.post(f"{live_server}/v1/tokenize", files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    first, bad, last = r.json()["results"]
+    assert bad == {"status": 422, "error": "image 1 is not a PNG, JPEG or WebP image", "error_type": "invalid_image"}
+    assert first["status"] == last["status"] == 200
+    assert np.array_equal(np.asarray(first["tokens"]), tokenize_npy(live_server, photos[0])[0])
+    assert last["original_size"] == [40, 56] and np.array_equal(np.asarray(last["tokens"]),
+                                                                 tokenize_npy(live_server, photos[1][:40, :56])[0])
+    r = httpx.post(f"{live_server}/v1/tokenize", files=files[:2], headers={"accept": NPY}, timeout=60)
+    assert_error(r, 422, "invalid_image", "image 1")
+    r = httpx.post(f"{live_server}/v1/tokenize", files=[files[0], files[0]], headers={"accept": NPY}, timeout=60)
+    assert r.headers["x-gqtok-original-size"] == "64,96;64,96" and r.headers["x-gqtok-padded-size"] == "64,96;64,96"
+
+
 def test_decompression_bomb_is_refused_before_decoding(live_server):
     # 6000 x 6000 black pixels compress to a few kB; the header alone is enough to refuse it
     bomb = io.BytesIO()

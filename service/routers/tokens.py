@@ -17,6 +17,7 @@ from gqtok.service.requests import (image_payloads, json_tokens_limit, media_typ
 from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
                                    MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
 from gqtok.service.schemas import errors as error_responses
+from gqtok.service.batcher import Timing
 from gqtok.service.state import ServiceState, get_state, response_headers
 
 router = APIRouter(prefix="/v1", tags=["tokens"])
@@ -31,8 +32,16 @@ RESPONSE_HEADERS = {  # state.response_headers
     "x-inference-time": {"description": "ms of the inference call", "schema": {"type": "string"}}}
 
 
+NPY_SIZES = {  # the sizes a JSON answer gives per image, for an npy answer
+    "x-gqtok-original-size": {"description": "npy answers: H,W of each image as displayed, ';'-separated",
+                              "schema": {"type": "string"}},
+    "x-gqtok-padded-size": {"description": "npy answers: H,W of each image after fit, ';'-separated",
+                            "schema": {"type": "string"}}}
+
+
 @router.post("/tokenize", summary="Images -> token grids", openapi_extra=IMAGE_BODY, response_model=TokenizeResponse,
-             responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}, "headers": RESPONSE_HEADERS,
+             responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}},
+                              "headers": RESPONSE_HEADERS | NPY_SIZES,
                               "description": "JSON grids, or with Accept: application/x-npy one array "
                                              "(batch, T, h, w), uint16 when K <= 65536, else int32"},
                         **error_responses(400, 401, 404, 406, 413, 415, 422, 429, 500, 503)})
@@ -57,26 +66,38 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         out = []
         for i, data in enumerate(payloads):
             name = "image" if len(payloads) == 1 else f"image {i}"
-            img = decode_image(data, settings.max_image_pixels, name, settings.alpha)
-            out.append((img.shape[:2], fit_image(img, f, mode, name)))
+            try:
+                img = decode_image(data, settings.max_image_pixels, name, settings.alpha)
+                out.append((img.shape[:2], fit_image(img, f, mode, name)))
+            except errors.ServiceError as e:
+                out.append(e)
         return out
 
-    images = await run_in_threadpool(decode_all)
-    if wants_npy(request) and len({img.shape for _, img in images}) > 1:
+    decoded = await run_in_threadpool(decode_all)
+    failed = [d for d in decoded if isinstance(d, errors.ServiceError)]
+    npy = wants_npy(request)
+    if failed and (npy or len(decoded) == 1):  # one image, or one array: its error is the request's
+        raise failed[0]
+    images = [d for d in decoded if not isinstance(d, errors.ServiceError)]
+    if npy and len({img.shape for _, img in images}) > 1:
         raise errors.NotAcceptable("images of different sizes cannot share one npy array; "
                                    "send them separately or ask for JSON")
-    grids, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images])
+    grids, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images]) if images \
+        else ([], Timing())
     headers = response_headers(served, timing)
-    if wants_npy(request):
+    if npy:
+        headers |= {"x-gqtok-original-size": ";".join(f"{h},{w}" for (h, w), _ in images),
+                    "x-gqtok-padded-size": ";".join(f"{img.shape[0]},{img.shape[1]}" for _, img in images)}
         return Response(npy_bytes(np.stack(grids).astype(served.token_dtype)), media_type=NPY, headers=headers)
     t = served.manifest.tokens_per_position
-    results = [{
-        "tokens": (g[0] if t == 1 else g).tolist(),
-        "grid_size": list(g.shape[1:]),
-        "tokens_per_position": t,
-        "original_size": list(orig),
-        "padded_size": list(img.shape[:2]),
-    } for g, (orig, img) in zip(grids, images)]
+    results, done = [], iter(zip(grids, images))
+    for d in decoded:
+        if isinstance(d, errors.ServiceError):
+            results.append({"status": d.status, **d.body()})
+            continue
+        g, (orig, img) = next(done)
+        results.append({"status": 200, "tokens": (g[0] if t == 1 else g).tolist(), "grid_size": list(g.shape[1:]),
+                        "tokens_per_position": t, "original_size": list(orig), "padded_size": list(img.shape[:2])})
     return JSONResponse({"model": served.manifest.model_id, "fit": mode, "results": results}, headers=headers)
 
 
