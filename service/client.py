@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from gqtok.service.client_protocol import (RetryPolicy, TokenizerError, _Call, _client_kwargs, _compress_call,
-                                           _decompress_call, _detokenize_call, _get, _outcome, _parse_npy,
-                                           _tokenize_call)
+from gqtok.service.client_protocol import (RetryPolicy, TokenizerError, _as_list, _Call, _client_kwargs, _compress_call,
+                                           _decompress_call, _detokenize_call, _get, _many_results, _outcome,
+                                           _parse_npy, _tokenize_call)
 
 __all__ = ["TokenizerClient", "AsyncTokenizerClient", "TokenizerError", "RetryPolicy"]
 
@@ -46,6 +46,7 @@ class TokenizerClient:
                  max_backoff: float = 5.0, retry_timeouts: bool = False, transport: httpx.BaseTransport | None = None):
         self.model = model
         self.policy = RetryPolicy(retries, backoff, max_backoff, retry_timeouts=retry_timeouts)
+        self._limit: int | None = None  # the server's max_images_per_request
         self._http = httpx.Client(**_client_kwargs(base_url, api_key, timeout, transport))
 
     def _call(self, call: _Call):
@@ -66,6 +67,23 @@ class TokenizerClient:
         """Images (one or a list) -> token ids [batch, t, h, w] (uint16 when K <= 65536, else int32).
         All images must give the same grid size; for mixed sizes use tokenize_json."""
         return self._call(_tokenize_call(images, fit, model or self.model, npy=True))
+
+    def tokenize_many(self, images, *, fit: str = "pad", model: str | None = None) -> list:
+        """Any number of images of any sizes -> one result per image, in order: its token ids, int64 [t, h, w],
+        or the TokenizerError that this image alone met. Sent in requests
+        of at most the server's max_images_per_request (read once from /info); a request-level error (server
+        down, queue full after the retries) still raises."""
+        limit = self._images_per_request()
+        results: list = []
+        items = _as_list(images)
+        for start in range(0, len(items), limit):
+            results += _many_results(self.tokenize_json(items[start:start + limit], fit=fit, model=model))
+        return results
+
+    def _images_per_request(self) -> int:
+        if self._limit is None:
+            self._limit = int(self.info()["limits"]["max_images_per_request"])
+        return self._limit
 
     def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None) -> dict:
         """Images -> the server's JSON answer: {"model", "results": [{"tokens", "grid_size", ...}]}."""
@@ -123,9 +141,11 @@ class AsyncTokenizerClient:
     # Arguments as for TokenizerClient; transport must be an async one (httpx.MockTransport is both).
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  model: str | None = None, timeout: float = 60.0, retries: int = 5, backoff: float = 0.2,
-                 max_backoff: float = 5.0, retry_timeouts: bool = False, transport: httpx.AsyncBaseTransport | None = None):
+                 max_backoff: float = 5.0, retry_timeouts: bool = False,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.model = model
         self.policy = RetryPolicy(retries, backoff, max_backoff, retry_timeouts=retry_timeouts)
+        self._limit: int | None = None
         self._http = httpx.AsyncClient(**_client_kwargs(base_url, api_key, timeout, transport))
 
     async def _call(self, call: _Call):
@@ -145,6 +165,16 @@ class AsyncTokenizerClient:
     async def tokenize(self, images, *, fit: str = "pad", model: str | None = None) -> np.ndarray:
         """Images (one or a list) -> token ids [batch, t, h, w]; see TokenizerClient.tokenize."""
         return await self._call(_tokenize_call(images, fit, model or self.model, npy=True))
+
+    async def tokenize_many(self, images, *, fit: str = "pad", model: str | None = None) -> list:
+        """Per image its token ids or its TokenizerError; see TokenizerClient.tokenize_many. The chunks go
+        concurrently."""
+        if self._limit is None:
+            self._limit = int((await self.info())["limits"]["max_images_per_request"])
+        items = _as_list(images)
+        answers = await asyncio.gather(*(self.tokenize_json(items[i:i + self._limit], fit=fit, model=model)
+                                         for i in range(0, len(items), self._limit)))
+        return [r for a in answers for r in _many_results(a)]
 
     async def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None) -> dict:
         return await self._call(_tokenize_call(images, fit, model or self.model, npy=False))

@@ -34,7 +34,9 @@ RETRY_STATUSES = frozenset({429, 503})
 # connection closed under us). Read timeouts are not retried: the server may still be working on it.
 RETRY_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
 
-ImageLike = Any  # PIL.Image.Image | np.ndarray (uint8 HxWx3) | bytes (an encoded file) | str | Path (a file)
+# PIL.Image.Image | np.ndarray or torch tensor (uint8 0-255 or float 0-1; HxWx3, HxW or 3xHxW) | bytes (an encoded
+# file) | str | Path (a file)
+ImageLike = Any
 
 
 class TokenizerError(Exception):
@@ -80,9 +82,17 @@ def image_file(image: ImageLike) -> tuple[bytes, str]:
         return data, _sniff(data) or "image/png"
     if isinstance(image, Image.Image):
         return _png(image), "image/png"
+    if type(image).__module__.startswith("torch"):  # a torch tensor, without importing torch here
+        image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
+        if image.dtype.kind == "f":  # floats are taken as values in [0, 1]
+            if not np.isfinite(image).all() or image.min(initial=0) < 0 or image.max(initial=0) > 1:
+                raise ValueError("float image arrays must hold values in [0, 1]")
+            image = np.round(image * 255).astype(np.uint8)
         if image.dtype != np.uint8:
-            raise TypeError(f"image arrays must be uint8 (got {image.dtype}); scale and cast them first")
+            raise TypeError(f"image arrays must be uint8 or float in [0, 1] (got {image.dtype})")
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+            image = image.transpose(1, 2, 0)  # channels first (CHW, as torch keeps images) -> HWC
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
@@ -93,10 +103,10 @@ def image_file(image: ImageLike) -> tuple[bytes, str]:
 
 
 def _as_list(images) -> list:
-    """One image or several -> a list (a 4-D uint8 array is a batch)."""
+    """One image or several -> a list (a 4-D array or tensor is a batch)."""
     if isinstance(images, (list, tuple)):
         out = list(images)
-    elif isinstance(images, np.ndarray) and images.ndim == 4:
+    elif getattr(images, "ndim", 0) == 4 and not isinstance(images, (bytes, str)):
         out = list(images)
     else:
         out = [images]
@@ -216,6 +226,17 @@ def _parse_image(response: httpx.Response) -> Image.Image:
         raise TokenizerError(f"expected a uint8 image [H, W, 3], got {arr.dtype} {list(arr.shape)}",
                              status=response.status_code, error_type="bad_response")
     return Image.fromarray(arr)
+
+
+def _many_results(answer: dict) -> list:
+    """A JSON tokenize answer -> per image: int64 token ids [t, h, w], or the TokenizerError it met alone."""
+    out = []
+    for r in answer["results"]:
+        if r.get("status", 200) != 200:
+            out.append(TokenizerError(r["error"], status=r["status"], error_type=r["error_type"]))
+            continue
+        out.append(np.asarray(r["tokens"], dtype=np.int64).reshape(r["tokens_per_position"], *r["grid_size"]))
+    return out
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -373,6 +373,37 @@ def test_live_several_images_make_one_batch(live_server, photos, photos_dir, tmp
 
 
 @pytest.mark.slow
+def test_live_tokenize_many_chunks_mixes_sizes_and_isolates_bad_images(tiny_model, start_server, photos):
+    """Seven images, two sizes and one broken file, against a server that takes 3 per request: per image its
+    tokens (the same as alone) or its own error, from 3 requests; float, channels-first and torch inputs give the
+    tokens of the uint8 image."""
+    import torch
+
+    server = start_server([tiny_model], "--max-images-per-request", "3")
+    images = [photos[0], photos[1][:40, :56], b"not an image", photos[2], photos[3][:32], photos[1], photos[0][::-1]]
+    with TokenizerClient(server.url) as c:
+        results = c.tokenize_many(images)
+        async_results = asyncio.run(_tokenize_many_async(server.url, images))
+        alone = [c.tokenize(x)[0] if not isinstance(x, bytes) else None for x in images]
+        float_chw = c.tokenize(photos[0].transpose(2, 0, 1).astype(np.float32) / 255)
+        tensor = c.tokenize(torch.from_numpy(photos[0].copy()))
+    assert len(results) == 7 and isinstance(results[2], TokenizerError)
+    assert results[2].status == 422 and results[2].error_type == "invalid_image" and "image 2" in results[2].message
+    for got, want in zip(results, alone):
+        if want is not None:
+            assert got.dtype == np.int64 and np.array_equal(got, want)
+    assert all(np.array_equal(a, b) for a, b in zip(async_results, results) if not isinstance(b, TokenizerError))
+    assert np.array_equal(float_chw[0], alone[0]) and np.array_equal(tensor[0], alone[0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        c.tokenize(photos[0].astype(np.float32))
+
+
+async def _tokenize_many_async(url, images):
+    async with AsyncTokenizerClient(url) as c:
+        return await c.tokenize_many(images)
+
+
+@pytest.mark.slow
 def test_live_async_client_gives_the_same_tokens(live_server, photos):
     with TokenizerClient(live_server) as c:
         expected = c.tokenize(photos)
