@@ -104,3 +104,18 @@ def test_recipe_study_trains_every_arm_for_the_same_steps(small_photos, tmp_path
     assert (tmp_path / "recipe.md").read_text().count("\n|") >= 7 and (tmp_path / "recipe.png").stat().st_size > 0
     again = recipe.main(args)
     assert [a["cpu_minutes"] for a in again["arms"]] == [a["cpu_minutes"] for a in result["arms"]]
+
+
+def test_flood_refuses_fast_answers_right_and_stays_live(tiny_model, tmp_path):
+    """64 tokenize requests at once against a queue of 8, and an 8 MiB JSON token body: every status is 200 or 429,
+    every 200 carries the image's own tokens, the JSON body is refused unparsed, /health/live never fails.
+    (Its latencies are the benchmark's to report, not a test's to time.)"""
+    from benchmarks import flood
+
+    result = flood.main(["--model", str(tiny_model), "--quick", "--out", str(tmp_path / "flood.json")])
+    assert set(result["statuses"]) <= {"200", "429"} and result["statuses"].get("429", 0) > 0, result["statuses"]
+    assert result["answered_wrong"] == 0 and result["answered_right"] == result["statuses"].get("200", 0) > 0
+    # refused either way before it is parsed: 413 (past what the limits need) or 429 (past the requests in flight)
+    assert set(result["json_bodies"]["statuses"]) <= {413, 429}, result["json_bodies"]
+    assert result["health_live"]["failures"] == {} and result["health_live"]["probes"] > 0
+    assert result["server_exit_code"] == 0

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from gqtok.service import errors
-from gqtok.service.images import FORMATS, decode_image, fit_image, png_bytes
+from gqtok.service.images import FORMATS, MEDIA_TYPES, decode_image, fit_image, png_bytes
 from gqtok.service.requests import (image_payloads, json_tokens_limit, media_type, npy_bytes, parse_json, parse_tokens,
                                     read_body, wants_npy)
 from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
@@ -50,6 +50,9 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
                    fit: Fit | None = Query(None, description="How sides become multiples of f (default pad)"),
                    resize: Fit | None = Query(None, deprecated=True, description="Deprecated name of fit")):
     settings = state.settings
+    queue_of = model or state.default
+    if media_type(request) in MEDIA_TYPES and queue_of in state.models:  # one raw image: a full queue refuses it
+        state.models[queue_of].tokenize.check_room(1)                    # before its body is read
     body = await read_body(request, settings.max_body_bytes)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)

@@ -1,0 +1,149 @@
+"""Flood: far more concurrent requests than the server admits; refusals must be fast, the rest right, health live.
+
+    python benchmarks/flood.py [--model DIR] [--requests 256] [--queue 8] [--json-bodies 4] [--quick]
+
+A real `gqtok serve` with a small queue (`--max-queue-size`, default 8) gets `--requests` tokenize requests at
+once (256x256 photo crops, one connection each), while `--json-bodies` senders post JSON token bodies just under
+the 32 MiB body limit to /v1/detokenize, and a prober asks /health/live every 10 ms throughout. Reported:
+statuses, the latency of the refusals (429) and of the answers (200), every 200 checked against the tokens the
+server gave for that image before the flood, the 413s of the JSON bodies, and /health/live's latency (median and
+99th percentile). Targets (issue 16): 429s in a median under 50 ms, /health/live's p99 under 100 ms. Writes
+benchmarks/results/flood.json (--quick: 64 requests, one 8 MiB JSON body, flood_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.service import png_bytes, start_server, test_images  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+NPY = "application/x-npy"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1e3, 2) if values else None  # ms
+
+
+def json_tokens_body(nbytes: int) -> bytes:
+    """A JSON detokenize body of about `nbytes`: one huge grid of token ids."""
+    row = "[" + ", ".join(["1234"] * 1000) + "]"
+    rows = max(1, nbytes // (len(row) + 2))
+    return ('{"tokens": [' + ", ".join([row] * rows) + "]}").encode()
+
+
+async def flood(url: str, images: list[bytes], expected: list[np.ndarray], requests: int, json_bodies: int,
+                json_bytes: int) -> dict:
+    limits = httpx.Limits(max_connections=requests + json_bodies + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        stop = asyncio.Event()
+        live: list[float] = []
+        live_failures = Counter()
+
+        async def probe():
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    r = await client.get("/health/live", timeout=5)
+                    live.append(time.perf_counter() - start)
+                    if r.status_code != 200:
+                        live_failures[r.status_code] += 1
+                except httpx.HTTPError as e:
+                    live_failures[type(e).__name__] += 1
+                await asyncio.sleep(0.01)
+
+        async def tokenize(i: int):
+            k = i % len(images)
+            start = time.perf_counter()
+            r = await client.post("/v1/tokenize", content=images[k], headers={"content-type": "image/png",
+                                                                               "accept": NPY})
+            seconds = time.perf_counter() - start
+            right = None
+            if r.status_code == 200:
+                right = bool(np.array_equal(np.load(io.BytesIO(r.content), allow_pickle=False), expected[k]))
+            return r.status_code, seconds, right, r.json().get("error_type") if r.status_code != 200 else None
+
+        big = json_tokens_body(json_bytes)
+
+        async def send_json():
+            start = time.perf_counter()
+            r = await client.post("/v1/detokenize", content=big, headers={"content-type": "application/json"})
+            return r.status_code, time.perf_counter() - start
+
+        prober = asyncio.create_task(probe())
+        await asyncio.sleep(0.2)  # a baseline of health answers before the flood
+        flood_start = time.perf_counter()
+        answers, json_answers = await asyncio.gather(
+            asyncio.gather(*(tokenize(i) for i in range(requests))),
+            asyncio.gather(*(send_json() for _ in range(json_bodies))))
+        flood_s = time.perf_counter() - flood_start
+        stop.set()
+        await prober
+    statuses = Counter(a[0] for a in answers)
+    refused = [a[1] for a in answers if a[0] == 429]
+    served = [a[1] for a in answers if a[0] == 200]
+    return {
+        "flood_seconds": round(flood_s, 2),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "refusals_by_type": dict(Counter(a[3] for a in answers if a[0] == 429)),
+        "refused_median_ms": percentile(refused, 50), "refused_p99_ms": percentile(refused, 99),
+        "answered_median_ms": percentile(served, 50), "answered_p99_ms": percentile(served, 99),
+        "answered_right": sum(1 for a in answers if a[2]), "answered_wrong": sum(1 for a in answers if a[2] is False),
+        "json_bodies": {"bytes": len(big), "statuses": dict(Counter(s for s, _ in json_answers)),
+                        "median_ms": percentile([t for _, t in json_answers], 50)},
+        "health_live": {"probes": len(live), "median_ms": percentile(live, 50), "p99_ms": percentile(live, 99),
+                        "max_ms": percentile(live, 100), "failures": dict(live_failures)},
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(REPO / "models" / "default"))
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--queue", type=int, default=8, help="the server's --max-queue-size")
+    ap.add_argument("--json-bodies", type=int, default=4, help="JSON token bodies sent during the flood")
+    ap.add_argument("--json-mib", type=float, default=31.5, help="size of each (under the 32 MiB body limit)")
+    ap.add_argument("--quick", action="store_true", help="64 requests, one 8 MiB JSON body (< 60 s)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/flood[_quick].json)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.requests, args.json_bodies, args.json_mib = 64, 1, 8.0
+    proc, url = start_server(Path(args.model), ["--max-queue-size", str(args.queue), "--max-batch-size", "8"])
+    try:
+        photos = test_images(4, size=256)
+        images = [png_bytes(p) for p in photos]
+        expected = []
+        for data in images:  # each image's tokens, alone, before the flood
+            r = httpx.post(f"{url}/v1/tokenize", content=data, headers={"content-type": "image/png", "accept": NPY},
+                           timeout=60)
+            r.raise_for_status()
+            expected.append(np.load(io.BytesIO(r.content), allow_pickle=False))
+        result = asyncio.run(flood(url, images, expected, args.requests, args.json_bodies, int(args.json_mib * 2**20)))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(60)
+    result = {"model": Path(args.model).name, "requests": args.requests, "queue": args.queue, **result,
+              "server_exit_code": exit_code,
+              "targets": {"refused_median_ms": 50, "health_live_p99_ms": 100}}
+    out = Path(args.out or RESULTS / ("flood_quick.json" if args.quick else "flood.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
