@@ -57,7 +57,7 @@ def test_resume_continues_exactly(small_photos, tmp_path):
     kw = dict(data=small_photos, preset="tiny", progress=False)
     train(tmp_path / "straight", overrides={"steps": 40, "image_every": 0}, **kw)
     train(tmp_path / "split", overrides={"steps": 20, "image_every": 0}, **kw)
-    mid = json.loads((tmp_path / "split" / "config.json").read_text())["tdc"]
+    mid, mid_cpu = (json.loads((tmp_path / "split" / "config.json").read_text())[k] for k in ("tdc", "cpu_seconds"))
     train(tmp_path / "split", overrides={"steps": 40}, resume=True, **kw)
 
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
@@ -67,6 +67,10 @@ def test_resume_continues_exactly(small_photos, tmp_path):
         assert torch.equal(a[k], b[k]), k
     # the scalars moved on from where the first half left them, not from their initial values
     assert b["tdc.lam"].item() != mid["lam"] and json.loads((tmp_path / "split" / "config.json").read_text())["step"] == 40
+    # CPU time adds up across the resume: the second half's log lines start from the first half's total
+    rows = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    after = [r["cpu_s"] for r in rows if r["step"] > 20]
+    assert after and min(after) >= mid_cpu > 0 and [r["cpu_s"] for r in rows] == sorted(r["cpu_s"] for r in rows)
 
 
 def test_resume_refuses_model_changes_and_overwrites(small_photos, tmp_path):

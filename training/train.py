@@ -4,7 +4,8 @@ A run directory holds:
   config.json          preset name, VAEConfig and TrainConfig (everything needed to rebuild the model)
   model.safetensors    model weights plus the TDC scalars (tdc.lam, tdc.lam_max, tdc.lam_min)
   trainer.pt           optimizer state, step and RNG states (for --resume)
-  log.jsonl            one line of metrics every `log_every` steps
+  log.jsonl            one line of metrics every `log_every` steps (time_s: wall seconds of this process; cpu_s: the
+                       run's CPU seconds, all threads, across resumes)
   samples/step_N.png   originals (top) over reconstructions (bottom), every `image_every` steps
 
 Data parallel: `torchrun --nproc_per_node N -m gqtok.cli train ...` (gloo on CPU,
@@ -210,6 +211,7 @@ class Trainer:
         self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()}
                     if train_cfg.ema_decay else None)
         self.step, self.ranks, self.interrupted = 0, [], False
+        self.cpu_start, self.cpu_before = time.process_time(), 0.0
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
@@ -242,10 +244,17 @@ class Trainer:
         os.replace(self.run_dir / "trainer.pt.tmp", self.run_dir / "trainer.pt")
         (self.run_dir / "config.json").write_text(json.dumps(
             {"preset": self.preset, "model": self.mcfg.to_dict(), "train": asdict(self.tcfg), "step": self.step,
-             "world_size": self.world, "tdc": self.tdc.scalars(), "ranks": self.ranks, "data": self.sources},
+             "world_size": self.world, "tdc": self.tdc.scalars(), "ranks": self.ranks, "data": self.sources,
+             "cpu_seconds": round(self.cpu_seconds(), 1)},
             indent=2))
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the run so far, every thread of this rank's process counted, across resumes (core-seconds:
+        one thread busy for a second is one)."""
+        return self.cpu_before + time.process_time() - self.cpu_start
+
     def load(self) -> None:
+        self.cpu_before = json.loads((self.run_dir / "config.json").read_text()).get("cpu_seconds", 0.0)
         state = load_file(str(self.run_dir / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         self.tdc.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tdc.")})
@@ -326,7 +335,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 bar.set_postfix(_bar_fields(last))
                 if log:
-                    log.write(json.dumps({"step": self.step, "time_s": round(time.monotonic() - start, 1), **last}) + "\n")
+                    log.write(json.dumps({"step": self.step, "time_s": round(time.monotonic() - start, 1),
+                                          "cpu_s": round(self.cpu_seconds(), 1), **last}) + "\n")
                     log.flush()
             if cfg.image_every and self.step % cfg.image_every == 0:
                 self.sample_grid()
