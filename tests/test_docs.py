@@ -24,12 +24,13 @@ def blocks(kind: str) -> list[tuple[str, int, str]]:
 
 
 def gqtok_commands(code: str) -> list[list[str]]:
-    """The argv of each gqtok command in a shell block (env prefixes, comments, `&`, `&&` and pipes stripped;
-    `torchrun ... -m gqtok.cli ARGS` counts as gqtok ARGS)."""
+    """The argv of each gqtok command in a shell block (env prefixes, comments, `&`, `&&`, pipes and redirections
+    stripped; `torchrun ... -m gqtok.cli ARGS` counts as gqtok ARGS)."""
     commands = []
     for line in code.replace("\\\n", " ").splitlines():
         line = line.split(" #")[0].strip()
         for part in re.split(r"&&|\|", line):
+            part = re.split(r"\s\d?>>?\s|\s<\s", part)[0]  # redirections are the shell's, not gqtok's
             words = shlex.split(part.strip().rstrip("&").strip())
             while words and re.match(r"^[A-Z_]+=", words[0]):
                 words = words[1:]
