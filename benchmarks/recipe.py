@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
     else:
         rate = calibrate(preset, args.endless, 5 if args.quick else 60, runs / "calibration")
         calibration.write_text(json.dumps({"steps_per_cpu_minute": rate}))
-    minutes = 0.1 if args.quick else args.minutes
+    minutes = 0.05 if args.quick else args.minutes
     steps = max(4, int(rate * minutes))
     limit = 3 if args.quick else None
     evals = {"debian": [str(p) for p in split_heldout(list_images(args.photos))[1][:limit]],

@@ -91,7 +91,7 @@ def image_file(image: ImageLike) -> tuple[bytes, str]:
             image = np.round(image * 255).astype(np.uint8)
         if image.dtype != np.uint8:
             raise TypeError(f"image arrays must be uint8 or float in [0, 1] (got {image.dtype})")
-        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] > 4:
             image = image.transpose(1, 2, 0)  # channels first (CHW, as torch keeps images) -> HWC
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]

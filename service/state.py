@@ -45,12 +45,17 @@ class ServiceState:
             raise errors.UnknownModel(f"unknown model {model_id!r}; loaded: {sorted(self.models)}")
         return self.models[model_id]
 
+    @staticmethod
+    def admit(batcher: Batcher, count: int) -> None:
+        """413 when `count` items could never fit the queue (not a reason to retry), 429 when they do not fit now."""
+        if count > batcher.max_queue:
+            raise errors.PayloadTooLarge(f"{count} items in one request; this server queues at most "
+                                         f"{batcher.max_queue} per model")
+        batcher.check_room(count)
+
     async def run_items(self, batcher: Batcher, items: list[tuple[tuple, np.ndarray]]) -> tuple[list[np.ndarray], Timing]:
         """Queue every item of one request, wait for all under the request timeout; worst timing of the lot."""
-        if len(items) > batcher.max_queue:  # would be refused forever: not a reason to retry
-            raise errors.PayloadTooLarge(f"{len(items)} items in one request; this server queues at most "
-                                         f"{batcher.max_queue} per model")
-        batcher.check_room(len(items))
+        self.admit(batcher, len(items))
         futures = [batcher.submit(key, payload) for key, payload in items]
         timeout = self.settings.request_timeout_s
         try:

@@ -248,8 +248,10 @@ def test_detokenize_with_image_size_asks_the_server_to_crop():
 def test_bad_input_is_refused_before_sending():
     script = Script(ok_tokens)
     with mock_client(script) as c:
-        with pytest.raises(TypeError, match="uint8"):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):  # floats are taken as 0-1; 0-255 floats are refused
             c.tokenize(IMG.astype(np.float32))
+        with pytest.raises(TypeError, match="uint8 or float"):
+            c.tokenize(IMG.astype(np.int32))
         with pytest.raises(ValueError, match="HxWx3"):
             c.tokenize(np.zeros((4, 4, 2), np.uint8))
         with pytest.raises(ValueError, match="no images"):

@@ -254,8 +254,8 @@ def test_init_from_a_run_and_from_an_exported_model(tiny_run, tiny_model, small_
     source, _ = load_run(tiny_run)
     for i, origin in enumerate((tiny_run, tiny_model)):
         out = tmp_path / f"ft{i}"
-        train(out, small_photos, "default", {"steps": 1, "lr": 0.0, "image_every": 0, "init_from": str(origin)},
-              progress=False)
+        train(out, small_photos, "default", {"steps": 1, "lr": 0.0, "image_every": 0, "ema_decay": 0.0,
+                                             "init_from": str(origin)}, progress=False)
         tuned, config = load_run(out)
         assert config["model"] == json.loads(json.dumps(source.cfg.to_dict()))  # the source's model, not the preset's
         assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in source.state_dict().items())

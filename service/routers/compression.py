@@ -42,7 +42,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
     if name not in served.compressor.priors:
         raise errors.InvalidRequest(f"model {served.manifest.model_id} has no {name!r} prior; "
                                     f"choose from {', '.join(served.compressor.priors)}")
-    served.tokenize.check_room(1)  # a full queue refuses before the image is decoded
+    state.admit(served.tokenize, 1)  # a full queue refuses before the image is decoded
     img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels, "image", settings.alpha)
     padded = fit_image(img, served.manifest.downsample, "pad")
     (ids,), timing = await state.run_items(served.tokenize, [(padded.shape, padded)])

@@ -52,7 +52,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
     settings = state.settings
     queue_of = model or state.default
     if media_type(request) in MEDIA_TYPES and queue_of in state.models:  # one raw image: a full queue refuses it
-        state.models[queue_of].tokenize.check_room(1)                    # before its body is read
+        state.admit(state.models[queue_of].tokenize, 1)                  # before its body is read
     body = await read_body(request, settings.max_body_bytes)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
@@ -63,7 +63,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         raise errors.InvalidRequest(f"{len(payloads)} images in one request; the limit is "
                                     f"{settings.max_images_per_request}")
     f = served.manifest.downsample
-    served.tokenize.check_room(len(payloads))  # a full queue refuses before any image is decoded
+    state.admit(served.tokenize, len(payloads))  # a full queue refuses before any image is decoded
 
     def decode_all():  # off the event loop: decoding can take milliseconds per image
         out = []
