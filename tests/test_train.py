@@ -232,6 +232,23 @@ def test_ema_weights_are_saved_resumed_and_used(small_photos, tmp_path):
     assert torch.equal(ema_model.state_dict()[name], a[f"ema.{name}"])
 
 
+def test_ema_decay_warms_up(small_photos, tmp_path):
+    """At 0.999 from the start the average would stay near the initial weights for thousands of steps; warmed up,
+    after 10 steps it is nearer the model than the initial weights are."""
+    from gqtok.training.model import GaussianVAE
+    from gqtok.training.train import build_configs, load_run
+
+    train(tmp_path / "run", small_photos, "tiny", {"steps": 10, "image_every": 0, "ema_decay": 0.999},
+          progress=False)
+    torch.manual_seed(0)  # the trainer's seed: the initial weights
+    init = GaussianVAE(build_configs("tiny")[0]).state_dict()
+    ema, _ = load_run(tmp_path / "run")
+    raw, _ = load_run(tmp_path / "run", ema=False)
+    name = "decoder.conv_out.weight"
+    to_raw = lambda w: (w - raw.state_dict()[name]).norm().item()  # noqa: E731
+    assert to_raw(ema.state_dict()[name]) < 0.5 * to_raw(init[name])
+
+
 def test_effnet_encoder_starts_from_imagenet_and_resumes_with_ema(small_photos, tmp_path):
     """A new run's trunk holds the ImageNet weights (lr 0: exactly); its BatchNorm counters save beside their EMA
     copies (safetensors refuses shared tensors) and the run resumes."""

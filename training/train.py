@@ -298,10 +298,13 @@ class Trainer:
             group["lr"] = lr
         self.opt.step()
         if self.ema is not None:
+            # warm-up of the decay: at 0.999 from step 0, after 1,350 steps a quarter of the average would still be
+            # the initial weights (0.999 ** 1350); (1 + t) / (10 + t) lets the early average follow the model
+            decay = min(self.tcfg.ema_decay, (1 + self.step) / (10 + self.step))
             with torch.no_grad():
                 for k, v in self.model.state_dict().items():
                     if k in self.ema:
-                        self.ema[k].mul_(self.tcfg.ema_decay).add_(v.float(), alpha=1 - self.tcfg.ema_decay)
+                        self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
         logs["lr"] = lr
         if quantized is None:
             stats = self.tdc.statistics(kl_tok)  # all-reduced: every rank updates the same way
