@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 GPU=.gpu
 UNSEEN=(kphotoalbum lxqt-themes plasma-workspace-wallpapers tuxpaint-data)  # as the CPU default model (docs/results.md)
 MINUTES=${MINUTES:-8}  # training time there; the schedule's steps are set from a short timed warm-up
+WORK=${WORK:-}  # scratch folder there for the package, the warm-up and the run (default: a fresh mktemp -d)
 
 prepare() {
   local py=${PYTHON:-.venv/bin/python}
@@ -43,22 +44,23 @@ EOF
 
 run() {
   : "${OUT:?run this on the device machine, where OUT is set}"
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . >/dev/null
-  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  local work=${WORK:-$(mktemp -d)}
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$work/site" . >/dev/null
+  export PYTHONPATH="$work/site" PYTHONUNBUFFERED=1
   local common=(--preset default --device cuda --precision bf16 --base-channels 48 --crop 256 --batch-size 64
                 --data "$GPU/photos/endless-sky:1" --data "$GPU/photos/debian:1" --image-every 0 --log-every 50)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   # a short warm-up sets the steps: the cosine schedule must end when the time does
-  python3 -m gqtok.cli train "${common[@]}" --out /tmp/warmup --steps 150 --ckpt-every 0 --lr-schedule constant
+  python3 -m gqtok.cli train "${common[@]}" --out "$work/warmup" --steps 150 --ckpt-every 0 --lr-schedule constant
   local rate
-  rate=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/warmup/log.jsonl')]; a,b=r[0],r[-1]; \
+  rate=$(python3 -c "import json; r=[json.loads(l) for l in open('$work/warmup/log.jsonl')]; a,b=r[0],r[-1]; \
 print((b['step']-a['step'])/(b['time_s']-a['time_s']))")
   local steps
   steps=$(python3 -c "print(int($rate * 60 * $MINUTES))")
   echo "steps per second $rate -> $steps steps in $MINUTES minutes" | tee -a "$OUT/gpu.txt"
-  python3 -m gqtok.cli train "${common[@]}" --out /tmp/run --steps "$steps" --warmup-steps $((steps / 20)) \
+  python3 -m gqtok.cli train "${common[@]}" --out "$work/run" --steps "$steps" --warmup-steps $((steps / 20)) \
     --ckpt-every 1000 --time-limit-min $((MINUTES + 1))
-  python3 - /tmp/run "$OUT" <<'EOF'
+  python3 - "$work/run" "$OUT" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
