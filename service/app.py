@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 import gqtok
 from gqtok.core.artifact import ArtifactError
-from gqtok.service import errors
+from gqtok.service import errors, memory
 from gqtok.service.metrics import ServiceMetrics
 from gqtok.service.routers import compression, health, models, tokens
 from gqtok.service.schemas import JSON_BODY_MODELS
@@ -55,6 +55,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             model.detokenize.start()
         for model in loaded.values():
             await run_in_threadpool(warm_up, model)
+        if settings.max_memory_mb:
+            await run_in_threadpool(apply_memory_budget, state)
         state.metrics.ready.set_function(lambda: float(all(m.ready for m in state.models.values())))
         yield
         for model in loaded.values():
@@ -72,6 +74,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     install_gatekeeper(app, state)
     app.openapi = lambda: openapi_schema(app)
     return app
+
+
+def apply_memory_budget(state: ServiceState) -> None:
+    """Measure the warmed-up models and lower the pixel limits to what the memory budget allows."""
+    settings = state.settings
+    state.memory = memory.plan(settings.max_memory_mb, {mid: m.runtime for mid, m in state.models.items()})
+    limits = state.memory.limits(settings.max_image_pixels, settings.max_batch_pixels)
+    state.settings = settings.model_copy(update=limits)
+    for model in state.models.values():
+        model.tokenize.max_batch_pixels = model.detokenize.max_batch_pixels = limits["max_batch_pixels"]
 
 
 def install_gatekeeper(app: FastAPI, state: ServiceState) -> None:

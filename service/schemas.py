@@ -189,6 +189,9 @@ class Info(BaseModel):
     threads: int
     auth: bool
     limits: dict[str, float | int]
+    memory: dict | None = Field(None, description=(
+        "With max_memory_mb: the memory model measured at start-up (resident MiB when ready; per model and "
+        "direction, fixed MiB and bytes per pixel of a batch) and batch_pixels, the limit it set."))
 
 
 JSON_BODY_MODELS = (TokenizeRequest, DetokenizeRequest, MultipartImages)  # added to the schema's components

@@ -48,6 +48,10 @@ class ServiceSettings(BaseSettings):
         "Pixels per image, read from the header before decoding; past it, 413."))
     max_batch_pixels: int = Field(8 * 256 * 256, ge=64, description=(
         "Image pixels per inference call; an image bigger than this runs alone."))
+    max_memory_mb: float = Field(0.0, ge=0, description=(
+        "Memory budget of the process in MiB (0: none, only the pixel limits above). Set, the server measures "
+        "its models at start-up and lowers max_batch_pixels and max_image_pixels so that every worker running "
+        "at once stays within it (docs/service.md, memory); in a container, about 85% of its memory limit."))
     alpha: Literal["composite", "refuse"] = Field("composite", description=(
         "Images with transparency: composite them on white, or refuse them with 422 invalid_image."))
     max_concurrent_coding: int = Field(2, ge=1, description=(

@@ -13,6 +13,7 @@ from fastapi import Request
 from gqtok.core.bitstream import BitstreamError
 from gqtok.service import errors
 from gqtok.service.batcher import Batcher, Timing
+from gqtok.service.memory import MemoryPlan
 from gqtok.service.metrics import ServiceMetrics
 from gqtok.service.served import ServedModel
 from gqtok.service.settings import ServiceSettings
@@ -26,6 +27,7 @@ class ServiceState:
     coding_pool: ThreadPoolExecutor  # as many threads as slots
     models: dict[str, ServedModel] = field(default_factory=dict)
     default: str | None = None
+    memory: MemoryPlan | None = None  # with max_memory_mb: the measured memory model and the limits it set
     draining: bool = False
     inflight: int = 0
 

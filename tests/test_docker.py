@@ -133,6 +133,8 @@ def test_compose_services(compose_config):
         assert "/health/ready" in " ".join(svc["healthcheck"]["test"])
         assert [p["target"] for p in svc["ports"]] == [int(env["GQTOK_PORT"])]
         assert "container_name" not in svc, "a fixed container name would break --scale"
+        # the server's memory budget sits inside the container's limit, with room for the interpreter
+        assert 0.7 * int(svc["mem_limit"]) <= float(env["GQTOK_MAX_MEMORY_MB"]) * 2**20 <= 0.9 * int(svc["mem_limit"])
     assert services["tokenizer-gpu"]["profiles"] == ["gpu"]
     devices = services["tokenizer-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
