@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from gqtok.service.client_protocol import (RetryPolicy, TokenizerError, _as_list, _Call, _client_kwargs, _compress_call,
-                                           _decompress_call, _detokenize_call, _get, _many_results, _outcome,
+                                           _decompress_call, _detokenize_call, _grid_chunks,
+                                           _check_output, _images_out, _several_grids, _get, _many_results, _outcome,
                                            _parse_npy, _tokenize_call)
 
 __all__ = ["TokenizerClient", "AsyncTokenizerClient", "TokenizerError", "RetryPolicy"]
@@ -89,10 +90,16 @@ class TokenizerClient:
         """Images -> the server's JSON answer: {"model", "results": [{"tokens", "grid_size", ...}]}."""
         return self._call(_tokenize_call(images, fit, model or self.model, npy=False))
 
-    def detokenize(self, tokens, *, image_size=None, model: str | None = None) -> list[Image.Image]:
-        """Token grids ([batch, t, h, w], [t, h, w], [h, w] or nested lists) -> RGB PIL images,
-        cropped by the server to image_size (H, W) when given."""
-        return self._call(_detokenize_call(tokens, image_size, model or self.model))
+    def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None):
+        """Token grids ([batch, t, h, w], [t, h, w], [h, w], a list of grids of any sizes, numpy arrays, torch
+        tensors or nested lists) -> images, cropped by the server to image_size (H, W) when given. output: "pil"
+        (list of RGB PIL images), "numpy" (uint8 [batch, H, W, 3]) or "torch" (float32 [batch, 3, H, W] in [0, 1]);
+        grids of several sizes go one request per size and come back as a list, in order. Batches longer than
+        the server's max_images_per_request (read once from /info) are split."""
+        _check_output(output)
+        chunks = _grid_chunks(tokens, self._images_per_request() if _several_grids(tokens) else 1)
+        answers = [self._call(_detokenize_call(grids, image_size, model or self.model)) for _, grids in chunks]
+        return _images_out(chunks, answers, output)
 
     def compress(self, image, *, prior: str | None = None, model: str | None = None) -> bytes:
         """One image -> the compressed bitstream (prior: uniform, frequency, context; default the strongest)."""
@@ -179,9 +186,15 @@ class AsyncTokenizerClient:
     async def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None) -> dict:
         return await self._call(_tokenize_call(images, fit, model or self.model, npy=False))
 
-    async def detokenize(self, tokens, *, image_size=None, model: str | None = None) -> list[Image.Image]:
-        """Token grids -> RGB PIL images; see TokenizerClient.detokenize."""
-        return await self._call(_detokenize_call(tokens, image_size, model or self.model))
+    async def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None):
+        """Token grids -> images; see TokenizerClient.detokenize. The requests go concurrently."""
+        _check_output(output)
+        if self._limit is None and _several_grids(tokens):
+            self._limit = int((await self.info())["limits"]["max_images_per_request"])
+        chunks = _grid_chunks(tokens, self._limit or 1)
+        answers = await asyncio.gather(*(self._call(_detokenize_call(grids, image_size, model or self.model))
+                                         for _, grids in chunks))
+        return _images_out(chunks, list(answers), output)
 
     async def compress(self, image, *, prior: str | None = None, model: str | None = None) -> bytes:
         return await self._call(_compress_call(image, prior, model or self.model))

@@ -212,12 +212,80 @@ def _parse_npy(response: httpx.Response) -> np.ndarray:
                              status=response.status_code, error_type="bad_response") from None
 
 
-def _parse_images(response: httpx.Response) -> list[Image.Image]:
+def _parse_images(response: httpx.Response) -> np.ndarray:
     arr = _parse_npy(response)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise TokenizerError(f"expected uint8 images [batch, H, W, 3], got {arr.dtype} {list(arr.shape)}",
                              status=response.status_code, error_type="bad_response")
-    return [Image.fromarray(a) for a in arr]
+    return arr
+
+
+# What detokenize returns: "pil" a list of RGB PIL images; "numpy" uint8 [batch, H, W, 3]; "torch" float32
+# [batch, 3, H, W] in [0, 1] (as torch models take images). Grids of several sizes give a list of [H, W, 3]
+# arrays or [3, H, W] tensors instead of one batch.
+IMAGE_OUTPUTS = ("pil", "numpy", "torch")
+
+
+def _check_output(output: str) -> None:
+    if output not in IMAGE_OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(IMAGE_OUTPUTS)}, got {output!r}")
+
+
+def _grid_list(tokens) -> list[np.ndarray] | None:
+    """Several token grids as a list of [t, h, w] arrays; None for one grid. A list of arrays or tensors is a list
+    of grids; nested Python lists are one array ([batch, t, h, w], [t, h, w] or [h, w]) unless ragged."""
+    if isinstance(tokens, (list, tuple)) and tokens and not isinstance(tokens[0], (list, tuple, int, np.integer)):
+        grids = [np.asarray(g) for g in tokens]  # numpy arrays, torch tensors
+    else:
+        try:
+            arr = np.asarray(tokens)
+        except ValueError:  # ragged nested lists: grids of several sizes
+            grids = [np.asarray(g) for g in tokens]
+        else:
+            return list(arr) if arr.ndim == 4 and len(arr) > 1 else None
+    grids = [g[None] if g.ndim == 2 else g for g in grids]  # [h, w] -> [1, h, w]
+    return grids if len(grids) > 1 else None
+
+
+def _several_grids(tokens) -> bool:
+    """More than one grid: the request may need splitting (so the server's limit is worth asking for)."""
+    return _grid_list(tokens) is not None
+
+
+def _grid_chunks(tokens, limit: int) -> list[tuple[list[int] | None, object]]:
+    """Token grids -> (their positions, a batch of one size) per request, each at most `limit` grids. A batch
+    that needs no splitting goes as it is (positions None)."""
+    grids = _grid_list(tokens)
+    if grids is None:
+        return [(None, tokens)]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grids):
+        by_shape.setdefault(g.shape, []).append(i)
+    return [(idx[i:i + limit], np.stack([grids[j] for j in idx[i:i + limit]]))
+            for idx in by_shape.values() for i in range(0, len(idx), limit)]
+
+
+def _images_out(chunks: list, answers: list[np.ndarray], output: str):
+    """The answers of _grid_chunks' requests, in the grids' order, as `output` asks."""
+    if len(answers) == 1 and chunks[0][0] is None:
+        images, one_size = answers[0], True
+    else:
+        slots: list = [None] * sum(len(idx) for idx, _ in chunks)
+        for (idx, _), answer in zip(chunks, answers):
+            for j, image in zip(idx, answer):
+                slots[j] = image
+        one_size = len({im.shape for im in slots}) == 1
+        images = np.stack(slots) if one_size else slots
+    if output == "pil":
+        return [Image.fromarray(a) for a in images]
+    if output == "numpy":
+        return images
+    import torch  # only asked for by output="torch"
+
+    def to_tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3))).float().div_(255)
+
+    return to_tensor(images) if one_size else [to_tensor(a) for a in images]
 
 
 def _parse_image(response: httpx.Response) -> Image.Image:

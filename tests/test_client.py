@@ -223,16 +223,75 @@ def test_tokenize_json_asks_for_json():
     assert script.requests[0].headers["accept"] == "application/json"
 
 
+def info(limit: int) -> httpx.Response:
+    return httpx.Response(200, json={"limits": {"max_images_per_request": limit}})
+
+
 def test_detokenize_sends_npy_and_reads_npy_back():
     images = np.random.default_rng(1).integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)
-    script = Script(httpx.Response(200, content=npy(images), headers={"content-type": NPY}))
+    script = Script(info(32), httpx.Response(200, content=npy(images), headers={"content-type": NPY}))
     with mock_client(script) as c:
         out = c.detokenize(np.concatenate([TOKENS, TOKENS]))
-    r = script.requests[0]
+    assert script.requests[0].url.path == "/info"  # more than one grid: the server's limit, asked once
+    r = script.requests[1]
     assert r.url.path == "/v1/detokenize" and r.headers["content-type"] == NPY and r.headers["accept"] == NPY
     sent = np.load(io.BytesIO(r.content))
     assert sent.shape == (2, 2, 2, 3) and sent.dtype == np.uint16
     assert [im.size for im in out] == [(24, 16)] * 2 and np.array_equal(np.asarray(out[1]), images[1])
+
+
+class FakeDecoder:
+    """A mock server whose /v1/detokenize answers each grid [t, h, w] with an h x w image filled with the grid's
+    first id, so that a test can tell which grid came back where."""
+
+    def __init__(self, limit: int):
+        self.limit, self.batches = limit, []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/info":
+            return info(self.limit)
+        grids = np.load(io.BytesIO(request.content))
+        assert len(grids) <= self.limit
+        self.batches.append(grids.shape)
+        out = np.stack([np.full((g.shape[1], g.shape[2], 3), g.flat[0] % 256, np.uint8) for g in grids])
+        return httpx.Response(200, content=npy(out), headers={"content-type": NPY})
+
+
+def test_detokenize_splits_by_size_and_limit_and_keeps_the_order():
+    grids = [np.full((1, 2 + i % 2, 3), i, np.uint16) for i in range(7)]  # two sizes, interleaved
+    server = FakeDecoder(limit=2)
+    with mock_client(server) as c:
+        out = c.detokenize(grids, output="numpy")
+    assert sorted(server.batches) == [(1, 1, 3, 3), (2, 1, 2, 3), (2, 1, 2, 3), (2, 1, 3, 3)]  # 4 + 3 grids, 2 a request
+    assert isinstance(out, list) and [a.shape for a in out] == [(2 + i % 2, 3, 3) for i in range(7)]
+    assert [int(a[0, 0, 0]) for a in out] == list(range(7))
+    with mock_client(FakeDecoder(limit=3)) as c:  # one size, longer than the limit: one batch back
+        same = c.detokenize(np.stack([np.full((1, 2, 3), i, np.uint16) for i in range(5)]), output="numpy")
+    assert same.shape == (5, 2, 3, 3) and same[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    with mock_client(FakeDecoder(limit=3)) as c:
+        with pytest.raises(ValueError, match="output must be one of pil, numpy, torch"):
+            c.detokenize(grids, output="cv2")
+
+
+def test_detokenize_returns_torch_tensors_channels_first():
+    torch = pytest.importorskip("torch")
+    with mock_client(FakeDecoder(limit=8)) as c:
+        batch = c.detokenize(torch.full((2, 1, 2, 3), 51, dtype=torch.int32), output="torch")
+        mixed = c.detokenize([torch.zeros(1, 2, 3, dtype=torch.int64), torch.zeros(1, 3, 3, dtype=torch.int64)],
+                             output="torch")
+    assert batch.dtype == torch.float32 and tuple(batch.shape) == (2, 3, 2, 3)
+    assert torch.allclose(batch, torch.full_like(batch, 51 / 255))
+    assert [tuple(t.shape) for t in mixed] == [(3, 2, 3), (3, 3, 3)]
+
+
+def test_async_detokenize_splits_the_same_way():
+    grids = [np.full((1, 2 + i % 2, 3), i, np.uint16) for i in range(5)]
+
+    async def run():
+        async with AsyncTokenizerClient("http://127.0.0.1:1", transport=httpx.MockTransport(FakeDecoder(2))) as c:
+            return await c.detokenize(grids, output="numpy")
+
+    assert [int(a[0, 0, 0]) for a in asyncio.run(run())] == list(range(5))
 
 
 def test_detokenize_with_image_size_asks_the_server_to_crop():
