@@ -210,7 +210,9 @@ def cmd_compress(args) -> None:
     from gqtok.core.bitstream import read_header
     from gqtok.core.models import find_model
     from gqtok.service.compressor import ImageCompressor
+    from gqtok.service.runtime import one_blas_thread
 
+    one_blas_thread()  # as the server does: the same context-prior probabilities
     out = _output_path(Path(args.output or Path(args.image).with_suffix(".gqt")), args.force)
     image = _read_image(Path(args.image), args.max_pixels)
     compressor = ImageCompressor(load_artifact(find_model(args.model)), device=args.device)
@@ -233,7 +235,9 @@ def cmd_decompress(args) -> None:
     from gqtok.core.bitstream import BitstreamError, read_header
     from gqtok.core.models import find_model
     from gqtok.service.compressor import ImageCompressor
+    from gqtok.service.runtime import one_blas_thread
 
+    one_blas_thread()
     data = Path(args.input).read_bytes()
     header = read_header(data)
     out = _output_path(Path(args.output or Path(args.input).with_suffix(".png")), args.force)

@@ -57,6 +57,16 @@ def share_threads(threads: int) -> bool:
     return True
 
 
+def one_blas_thread() -> None:
+    """numpy's BLAS (OpenBLAS) to one thread for the whole process. The server's parallelism is onnxruntime's
+    shared pool plus its coding slots (one core each); BLAS's own pool of one thread per core behind every slot
+    ran cores x slots threads. `gqtok compress` and `decompress` do the same, so that their context-prior
+    probabilities (float32 products through BLAS, whose sums depend on its thread count) are the server's."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
 class TokenizerRuntime:
     """Sessions for one artifact.
 

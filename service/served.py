@@ -13,7 +13,7 @@ from gqtok.core.models import find_model
 from gqtok.core.priors import fit_record
 from gqtok.service.batcher import Batcher
 from gqtok.service.metrics import ServiceMetrics
-from gqtok.service.runtime import TokenizerRuntime, share_threads
+from gqtok.service.runtime import TokenizerRuntime, one_blas_thread, share_threads
 from gqtok.service.settings import ServiceSettings
 
 log = logging.getLogger("gqtok.service")
@@ -53,6 +53,7 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
     """Find, load, verify and wrap every model; raises ArtifactError or FileNotFoundError naming what is wrong."""
     models: dict[str, ServedModel] = {}
     share_threads(settings.threads)  # one intra-op pool for every session of every model
+    one_blas_thread()
     for spec in settings.models:
         directory = find_model(spec)
         artifact = load_artifact(directory)

@@ -646,6 +646,26 @@ def test_compress_and_decompress_round_trip_over_http(live_server, tiny_model, p
     assert load_npy(d.content).shape == (59, 90, 3)
 
 
+def test_a_file_the_server_compressed_decompresses_in_the_cli(live_server, tiny_model, photos, tmp_path):
+    """Server and CLI run BLAS on one thread whatever the environment asks (service/runtime.py, one_blas_thread),
+    so the context prior's float32 probabilities, and so the decoded tokens, agree between them."""
+    import os
+    import subprocess
+    import sys
+
+    img = photos[5]
+    r = compress(live_server, img, prior="context")
+    assert r.status_code == 200, r.text
+    (tmp_path / "a.gqt").write_bytes(r.content)
+    served = httpx.post(f"{live_server}/v1/decompress", content=r.content,
+                        headers={"content-type": "application/x-gqtok", "accept": NPY}, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "gqtok.cli", "decompress", str(tmp_path / "a.gqt"), "-o",
+                          str(tmp_path / "a.png"), "--model", str(tiny_model)], capture_output=True, text=True,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), load_npy(served.content))
+
+
 def test_model_metadata_lists_priors_with_their_held_out_bits(live_server):
     priors = httpx.get(f"{live_server}/v1/models/tiny").json()["priors"]
     assert set(priors) == {"uniform", "frequency", "context"}
