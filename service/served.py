@@ -12,6 +12,7 @@ from gqtok.core.bitstream import TokenCompressor
 from gqtok.core.models import find_model
 from gqtok.core.priors import fit_record
 from gqtok.service.batcher import Batcher
+from gqtok.service.memory import returning_memory
 from gqtok.service.metrics import ServiceMetrics
 from gqtok.service.runtime import TokenizerRuntime, one_blas_thread, share_threads
 from gqtok.service.settings import ServiceSettings
@@ -71,10 +72,10 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
         image, grid = np.zeros((1, 2 * f, 2 * f, 3), np.uint8), np.zeros((1, artifact.manifest.tokens_per_position, 2, 2), np.int64)
         models[mid] = ServedModel(
             runtime=rt,
-            tokenize=Batcher(f"{mid}/tokenize", rt.tokenize, on_batch=observe("tokenize"),
+            tokenize=Batcher(f"{mid}/tokenize", returning_memory(rt.tokenize), on_batch=observe("tokenize"),
                              pixels_of=lambda key: key[0] * key[1], probe=lambda rt=rt: rt.tokenize(image),
                              **common),  # key: image shape (H, W, 3)
-            detokenize=Batcher(f"{mid}/detokenize", rt.detokenize, on_batch=observe("detokenize"),
+            detokenize=Batcher(f"{mid}/detokenize", returning_memory(rt.detokenize), on_batch=observe("detokenize"),
                                pixels_of=lambda key, f=f: key[1] * key[2] * f * f,
                                probe=lambda rt=rt: rt.detokenize(grid), **common),  # key: (T, h, w)
             compressor=TokenCompressor(artifact),

@@ -43,6 +43,21 @@ def test_serve_with_no_arguments_tokenizes_a_photo(start_server, photos_dir):
     assert 10 * np.log10(255**2 / np.mean((recon - img) ** 2)) > 15
 
 
+def test_ten_rounds_of_a_megapixel_photo_stay_under_2_gib_and_do_not_grow(start_server):
+    """The reliability target with default settings: ten rounds of tokenize + detokenize of a 1440x720 photo
+    (under the default 1 MP limit) peak under 2 GiB resident, and memory after the last round is not above memory
+    after the first by more than 10% (benchmarks/memory.py reports the same figures)."""
+    import sys
+
+    sys.path.insert(0, str(DEFAULT.parents[1]))
+    from benchmarks import memory
+
+    server = start_server([])
+    result = memory.rounds(server.url, server.proc.pid, memory.photo(720, 1440), 10)
+    assert result["peak_mib"] < 2048, result
+    assert result["last_over_first"] <= 1.10, result
+
+
 # -- behaviour pinned across refactors ----------------------------------------------------------------------------
 # tests/fixtures/behaviour_default_model.npz was recorded with the code before the package move (issue 14): two
 # crops of a held-out photo (96x128, and 72x100 which pads to 72x104), their tokens, their decoded pixels and their
