@@ -5,3 +5,13 @@ Everything under this package imports only numpy and pydantic, so the service
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `from gqtok import Tokenizer`: the in-process tokenizer (service/tokenizer.py), imported only when asked
+    # for, so that `import gqtok.core` stays numpy and pydantic only.
+    if name == "Tokenizer":
+        from gqtok.service.tokenizer import Tokenizer
+
+        return Tokenizer
+    raise AttributeError(f"module 'gqtok' has no attribute {name!r}")

@@ -7,6 +7,7 @@ benchmarks. It sits beside gqtok.core at the bottom of the layers and imports no
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,42 @@ def to_rgb(im: Image.Image, alpha: str = "composite", name: str = "image") -> np
         background = np.asarray(ALPHA_BACKGROUND, dtype=np.float32)
         return np.round(rgba[..., :3] * opacity + background * (1 - opacity)).astype(np.uint8)
     return np.asarray(im.convert("RGB"))
+
+
+def as_uint8_array(image) -> np.ndarray:
+    """An image array or torch tensor as uint8 HxW, HxWx3 or HxWx4: floats are values in [0, 1] (scaled by 255 and
+    rounded); channels first (CHW with 1 or 3 channels, as torch keeps images) becomes channels last."""
+    if type(image).__module__.startswith("torch"):  # a torch tensor, without importing torch here
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.dtype.kind == "f":
+        if not np.isfinite(image).all() or image.min(initial=0) < 0 or image.max(initial=0) > 1:
+            raise ValueError("float image arrays must hold values in [0, 1]")
+        image = np.round(image * 255).astype(np.uint8)
+    if image.dtype != np.uint8:
+        raise TypeError(f"image arrays must be uint8 or float in [0, 1] (got {image.dtype})")
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] > 4:
+        image = image.transpose(1, 2, 0)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise ValueError(f"image arrays must be HxWx3 (or HxW, HxWx4, 3xHxW); got shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def to_torch(images: np.ndarray):
+    """uint8 [..., H, W, 3] -> a float32 torch tensor [..., 3, H, W] in [0, 1], as torch models take images.
+    torch is imported only here, only when a caller asks for tensors: the service and the client run without it."""
+    torch = importlib.import_module("torch")
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(images, -1, -3))).float().div_(255)
+
+
+def as_rgb(image, alpha: str = "composite", name: str = "image") -> np.ndarray:
+    """A PIL image, an image array or a torch tensor (as_uint8_array) -> uint8 [H, W, 3] RGB by to_rgb."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image, alpha, name)
+    arr = as_uint8_array(image)
+    return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else to_rgb(Image.fromarray(arr), alpha, name)
 
 
 def load_rgb(path: Path, alpha: str = "composite") -> np.ndarray:

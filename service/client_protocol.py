@@ -21,6 +21,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from gqtok.photos import as_uint8_array, to_torch
+
 NPY = "application/x-npy"
 COMPRESSED = "application/x-gqtok"
 FIT_MODES = ("pad", "crop", "exact")
@@ -82,22 +84,8 @@ def image_file(image: ImageLike) -> tuple[bytes, str]:
         return data, _sniff(data) or "image/png"
     if isinstance(image, Image.Image):
         return _png(image), "image/png"
-    if type(image).__module__.startswith("torch"):  # a torch tensor, without importing torch here
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        if image.dtype.kind == "f":  # floats are taken as values in [0, 1]
-            if not np.isfinite(image).all() or image.min(initial=0) < 0 or image.max(initial=0) > 1:
-                raise ValueError("float image arrays must hold values in [0, 1]")
-            image = np.round(image * 255).astype(np.uint8)
-        if image.dtype != np.uint8:
-            raise TypeError(f"image arrays must be uint8 or float in [0, 1] (got {image.dtype})")
-        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] > 4:
-            image = image.transpose(1, 2, 0)  # channels first (CHW, as torch keeps images) -> HWC
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            raise ValueError(f"image arrays must be HxWx3 (or HxW, HxWx4); got shape {image.shape}")
-        return _png(Image.fromarray(np.ascontiguousarray(image))), "image/png"
+    if isinstance(image, np.ndarray) or type(image).__module__.startswith("torch"):
+        return _png(Image.fromarray(as_uint8_array(image))), "image/png"  # alpha kept: the server composites it
     raise TypeError(f"cannot send {type(image).__name__} as an image; "
                     "use a PIL image, a uint8 array, encoded bytes or a file path")
 
@@ -280,12 +268,7 @@ def _images_out(chunks: list, answers: list[np.ndarray], output: str):
         return [Image.fromarray(a) for a in images]
     if output == "numpy":
         return images
-    import torch  # only asked for by output="torch"
-
-    def to_tensor(a):
-        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3))).float().div_(255)
-
-    return to_tensor(images) if one_size else [to_tensor(a) for a in images]
+    return to_torch(images) if one_size else [to_torch(a) for a in images]
 
 
 def _parse_image(response: httpx.Response) -> Image.Image:
