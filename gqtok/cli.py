@@ -256,6 +256,56 @@ def cmd_decompress(args) -> None:
                       "image_size": list(image.shape[:2])}))
 
 
+def cmd_tokenize(args) -> None:
+    from gqtok.bulk.preprocess import Preprocess
+    from gqtok.bulk.shards import Job, list_inputs
+
+    pre = Preprocess(size=args.size, crop=args.crop, flip=args.flip, seed=args.seed, fit=args.fit)
+    job = Job(list_inputs(args.input), Path(args.out), pre, shard_size=args.shard_size, batch_size=args.batch_size,
+              alpha=args.alpha, max_pixels=args.max_pixels)
+    if args.engine == "ray":
+        from gqtok.bulk.ray_engine import run_ray
+
+        meta = run_ray(job, args.model, address=args.address, workers=args.workers, device=args.device,
+                       threads=args.threads, progress=not args.quiet)
+    else:
+        from gqtok.bulk.shards import run_local
+        from gqtok.core.artifact import load_artifact
+        from gqtok.core.models import find_model
+        from gqtok.service.runtime import TokenizerRuntime
+
+        runtime = TokenizerRuntime(load_artifact(find_model(args.model)), device=args.device, threads=args.threads)
+        meta = run_local(job, runtime, decode_workers=args.decode_workers, progress=not args.quiet)
+    print(json.dumps({"out": args.out, "grid": meta["grid"], "dtype": meta["dtype"], **meta["counts"],
+                      "shards": len(meta["shards"]), **meta.get("run", {})}))
+
+
+def cmd_detokenize(args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.models import find_model
+    from gqtok.core.shards import TokenShards
+    from gqtok.service.runtime import TokenizerRuntime
+
+    shards = TokenShards(args.tokens)
+    artifact = load_artifact(find_model(args.model or shards.meta["model"]["model_id"]))
+    shards.check_model(artifact.manifest)
+    runtime = TokenizerRuntime(artifact, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = range(min(args.limit, len(shards)) if args.limit else len(shards))
+    written = []
+    for start in range(0, len(rows), 8):
+        images = runtime.detokenize(shards.grids(start, min(start + 8, len(rows))).astype(np.int64))
+        for i, image in enumerate(images, start):
+            path = _output_path(out / f"row-{i:06d}.png", args.force)
+            Image.fromarray(image).save(path)
+            written.append(str(path))
+    print(json.dumps({"out": str(out), "images": len(written), "rows": len(shards)}))
+
+
 def cmd_generator_train(args) -> None:
     from gqtok.generator.train import train_generator
 
@@ -414,6 +464,48 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     dc.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                     help="refuse streams that decode to more pixels, read from the header (default %(default)s)")
     dc.set_defaults(func=cmd_decompress)
+
+    tk = sub.add_parser("tokenize", help="pre-tokenize a dataset: image files -> token shards (.npy), an index "
+                        "and meta.json (docs/pretokenize.md)")
+    tk.add_argument("input", nargs="+", help="folders (searched recursively) or text files listing image paths")
+    tk.add_argument("--out", required=True, help="output folder; run again to resume (finished shards are kept)")
+    tk.add_argument("--model", default="default", help="model directory or name (default: the default model)")
+    tk.add_argument("--size", type=int, default=256,
+                    help="shorter side resized to SIZE, then SIZE x SIZE crops (default %(default)s); 0: no resize, "
+                         "the image fitted by --fit (every file must then give the same grid)")
+    tk.add_argument("--crop", choices=["center", "random", "ten"], default="center",
+                    help="center (default), random (one seeded random crop per file) or ten (corners and centre, "
+                         "and their mirror images: ten rows per file)")
+    tk.add_argument("--flip", action="store_true", help="with --crop random: mirror half of the views (seeded)")
+    tk.add_argument("--seed", type=int, default=0, help="seed of the random crops and flips (default 0)")
+    tk.add_argument("--fit", choices=["pad", "crop", "exact"], default="pad",
+                    help="with --size 0: make sides multiples of f as the service does (default pad)")
+    tk.add_argument("--alpha", choices=["composite", "refuse"], default="composite",
+                    help="transparent images: composite on white (default) or record them as errors")
+    tk.add_argument("--max-pixels", type=int, default=64 * 2**20,
+                    help="files with more pixels are recorded as errors, not decoded (default %(default)s)")
+    tk.add_argument("--shard-size", type=int, default=1024, help="input files per shard (default %(default)s)")
+    tk.add_argument("--batch-size", type=int, default=16, help="images per inference call (default %(default)s)")
+    tk.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local (default: this process) or ray (Ray Data; pip install 'gqtok[ray]')")
+    tk.add_argument("--address", help="with --engine ray: the cluster to join (default: start a local one)")
+    tk.add_argument("--workers", type=int, default=0,
+                    help="with --engine ray: tokenizer actors (default: one per 2 CPUs of the cluster)")
+    tk.add_argument("--decode-workers", type=int, default=1,
+                    help="local engine: threads decoding files while the runtime tokenizes (default 1)")
+    tk.add_argument("--threads", type=int, default=0, help="onnxruntime threads per runtime (0: one per core)")
+    tk.add_argument("--device", default="cpu", help="onnxruntime device: cpu (default), cuda or auto")
+    tk.add_argument("--quiet", action="store_true", help="no progress bar")
+    tk.set_defaults(func=cmd_tokenize)
+
+    dt = sub.add_parser("detokenize", help="token shards -> PNG images, for spot checks")
+    dt.add_argument("tokens", help="a folder written by gqtok tokenize")
+    dt.add_argument("--out", required=True, help="folder for row-NNNNNN.png")
+    dt.add_argument("--limit", type=int, default=16, help="first N rows (default %(default)s; 0: all)")
+    dt.add_argument("--model", help="model directory or name (default: the one meta.json names)")
+    dt.add_argument("--device", default="cpu")
+    dt.add_argument("--force", action="store_true", help="overwrite existing images")
+    dt.set_defaults(func=cmd_detokenize)
 
     gen = sub.add_parser("generator", help="the downstream autoregressive generator over the tokenizer's tokens"
                          ).add_subparsers(dest="generator_command", required=True)

@@ -1,0 +1,78 @@
+"""What a file becomes before tokenizing: one or more uint8 RGB views, all of one size.
+
+    Preprocess(size=256)                      shorter side to 256, centre crop 256x256 (one view)
+    Preprocess(size=256, crop="random", flip=True, seed=1)   one random 256 crop of the resized photo, maybe flipped
+    Preprocess(size=256, crop="ten")          the five-crop (corners and centre) and their mirror images: ten views
+    Preprocess(size=0, fit="pad")             the image as it is, fitted to multiples of f as the service's fit=pad
+
+The random views come from a generator seeded by (seed, the file's path), so a file gets the same views whichever
+shard, engine or worker runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from gqtok.core.layout import FIT_MODES, fit_to_grid
+
+CROPS = ("center", "random", "ten")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int = 256  # shorter side resized to this (bicubic, up or down), then size x size crops; 0: no resize
+    crop: str = "center"  # center, random (one random crop per file) or ten (corners + centre, and their mirrors)
+    flip: bool = False  # with crop=random: mirror each view with probability 1/2
+    seed: int = 0  # for crop=random and flip
+    fit: str = "pad"  # with size=0: pad, crop or exact to multiples of f (the service's options)
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {self.fit!r}")
+        if self.size < 0:
+            raise ValueError(f"size must be 0 (no resize) or positive, got {self.size}")
+        if self.size == 0 and (self.crop != "center" or self.flip):
+            raise ValueError("crop=random/ten and flip need a size (the views are size x size crops)")
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    @property
+    def views_per_file(self) -> int:
+        return 10 if self.crop == "ten" else 1
+
+    def views(self, img: np.ndarray, key: str, f: int) -> list[np.ndarray]:
+        """uint8 [H, W, 3] -> its views; `key` (the file's path) seeds the random ones; f: the model's downsample."""
+        if self.size == 0:
+            return [fit_to_grid(img, f, self.fit, key)]
+        if self.size % f:
+            raise ValueError(f"size {self.size} is not a multiple of the model's f={f}")
+        img = resize_shorter(img, self.size)
+        h, w, s = img.shape[0], img.shape[1], self.size
+        if self.crop == "center":
+            return [img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]]
+        if self.crop == "ten":
+            corners = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
+            five = [img[t:t + s, x:x + s] for t, x in corners]
+            return five + [v[:, ::-1] for v in five]
+        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        view = img[top:top + s, left:left + s]
+        return [view[:, ::-1] if self.flip and rng.random() < 0.5 else view]
+
+
+def resize_shorter(img: np.ndarray, side: int) -> np.ndarray:
+    """Resize so that the shorter side is `side` (aspect kept, bicubic); unchanged when it already is."""
+    h, w = img.shape[:2]
+    if min(h, w) == side:
+        return img
+    scale = side / min(h, w)
+    size = (max(side, round(w * scale)), max(side, round(h * scale)))  # PIL takes (W, H)
+    return np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))

@@ -1,0 +1,208 @@
+"""One shard of a pre-tokenizing job, and the local engine that runs them all.
+
+The input files are sorted and cut into shards of `shard_size` files: shard k holds files k*S .. (k+1)*S-1, so a
+shard's content depends only on the input list, never on the engine or its workers. `tokenize_shard` decodes its
+files with the server's conversion (gqtok.photos.load_rgb: EXIF, bit depth, alpha), makes each file's views
+(Preprocess) and tokenizes them in batches (tokens do not depend on the batch); `write_shard` writes
+shard-k.npy (under a temporary name, then renamed) and then shard-k.jsonl, whose presence marks the shard done.
+`run_local` skips the done shards (resume: a shard cut off mid-way has no .jsonl and is redone), runs the rest,
+then `finish` writes index.jsonl and meta.json. The Ray engine (ray_engine.py) calls the same three functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gqtok import __version__
+from gqtok.bulk.preprocess import Preprocess
+from gqtok.core.layout import SEQUENCE_ORDER
+from gqtok.core.shards import INDEX, META, shard_name, token_dtype
+from gqtok.photos import list_images, load_rgb
+
+DEFAULT_SHARD_SIZE = 1024  # files per shard
+DEFAULT_MAX_PIXELS = 64 * 2**20  # larger files are recorded as errors, not decoded (memory)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a tokenizing job is: its inputs, preprocessing and output folder (the same for every engine)."""
+    paths: tuple[str, ...]
+    out: Path
+    preprocess: Preprocess
+    shard_size: int = DEFAULT_SHARD_SIZE
+    batch_size: int = 16
+    alpha: str = "composite"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def shards(self) -> int:
+        return (len(self.paths) + self.shard_size - 1) // self.shard_size
+
+    def shard_paths(self, k: int) -> tuple[str, ...]:
+        return self.paths[k * self.shard_size:(k + 1) * self.shard_size]
+
+    def done(self, k: int) -> bool:
+        return (self.out / f"{shard_name(k)}.jsonl").is_file() and (self.out / f"{shard_name(k)}.npy").is_file()
+
+
+def list_inputs(inputs: list[str | Path]) -> tuple[str, ...]:
+    """Folders (searched recursively) and text files listing paths -> every image path, sorted, without repeats."""
+    paths = sorted({str(p) for spec in inputs for p in list_images(Path(spec))})
+    if not paths:
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
+    return tuple(paths)
+
+
+def expected_grid(job: Job, manifest) -> tuple[int, int, int]:
+    """(t, h, w) of every row: from the crop size, or (size=0) from the first input file that decodes."""
+    f, t = manifest.downsample, manifest.tokens_per_position
+    if job.preprocess.size:
+        return (t, job.preprocess.size // f, job.preprocess.size // f)
+    for path in job.paths:
+        try:
+            view = job.preprocess.views(load_rgb(Path(path), job.alpha), path, f)[0]
+        except Exception:
+            continue
+        return (t, view.shape[0] // f, view.shape[1] // f)
+    raise ValueError("none of the input files decodes")
+
+
+def _views(path: str, job: Job, f: int) -> tuple[list[np.ndarray], dict]:
+    """A file's views and its index entry; a file that cannot be used gets status "error" and its reason."""
+    entry: dict = {"path": path}
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+        if w * h > job.max_pixels:
+            raise ValueError(f"{w}x{h} is more than max_pixels={job.max_pixels}")
+        img = load_rgb(Path(path), job.alpha)
+        entry["original_size"] = [int(img.shape[0]), int(img.shape[1])]
+        views = job.preprocess.views(img, path, f)
+    except Exception as e:  # unreadable, truncated, too large, transparent with alpha=refuse, ...
+        return [], entry | {"status": "error", "rows": 0, "error": f"{type(e).__name__}: {e}"}
+    return views, entry | {"status": "ok", "rows": len(views)}
+
+
+def tokenize_shard(job: Job, k: int, runtime, grid: tuple[int, int, int],
+                   decode_pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Shard k -> (tokens [rows, t, h, w] in the shards' dtype, one index entry per file)."""
+    f = runtime.manifest.downsample
+    paths = job.shard_paths(k)
+    decoded = (decode_pool.map(lambda p: _views(p, job, f), paths) if decode_pool
+               else (_views(p, job, f) for p in paths))
+    entries, pending, rows = [], [], []
+    size = (grid[1] * f, grid[2] * f)
+
+    def flush():
+        if pending:
+            rows.append(runtime.tokenize(np.stack(pending)))
+            pending.clear()
+
+    for views, entry in decoded:
+        if entry["status"] == "ok" and views[0].shape[:2] != size:
+            entry = entry | {"status": "error", "rows": 0, "error": f"its grid {views[0].shape[0] // f}x"
+                             f"{views[0].shape[1] // f} differs from the dataset's {grid[1]}x{grid[2]} "
+                             "(give a --size to resize and crop every file alike)"}
+            views = []
+        entries.append(entry)
+        for view in views:
+            pending.append(view)
+            if len(pending) == job.batch_size:
+                flush()
+    flush()
+    dtype = token_dtype(runtime.manifest.num_codes)
+    tokens = np.concatenate(rows).astype(dtype) if rows else np.zeros((0, *grid), dtype)
+    return tokens, entries
+
+
+def write_shard(job: Job, k: int, tokens: np.ndarray, entries: list[dict]) -> None:
+    """shard-k.npy, then shard-k.jsonl (the mark of a finished shard); each through a temporary name."""
+    name = shard_name(k)
+    tmp = job.out / f".{name}.npy.part"
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(tokens), allow_pickle=False)
+    os.replace(tmp, job.out / f"{name}.npy")
+    tmp = job.out / f".{name}.jsonl.part"
+    tmp.write_text("".join(json.dumps(e | {"shard": name}, sort_keys=True) + "\n" for e in entries))
+    os.replace(tmp, job.out / f"{name}.jsonl")
+
+
+def finish(job: Job, manifest, grid: tuple[int, int, int]) -> dict:
+    """index.jsonl (every shard's entries, in order) and meta.json, from the finished shards."""
+    shards, lines, counts = [], [], {"files": 0, "ok": 0, "failed": 0, "rows": 0}
+    for k in range(job.shards):
+        name = shard_name(k)
+        entries = [json.loads(line) for line in (job.out / f"{name}.jsonl").read_text().splitlines()]
+        rows = sum(e["rows"] for e in entries)
+        shards.append({"name": name, "rows": rows, "files": len(entries)})
+        lines += entries
+        counts["files"] += len(entries)
+        counts["ok"] += sum(e["status"] == "ok" for e in entries)
+        counts["rows"] += rows
+    counts["failed"] = counts["files"] - counts["ok"]
+    (job.out / INDEX).write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in lines))
+    meta = {
+        "gqtok_version": __version__,
+        "model": {"model_id": manifest.model_id, "model_version": manifest.model_version,
+                  "codebook_sha256": manifest.codebook.sha256},
+        "num_codes": manifest.num_codes, "tokens_per_position": manifest.tokens_per_position,
+        "downsample": manifest.downsample, "grid": list(grid), "dtype": token_dtype(manifest.num_codes).name,
+        "token_order": SEQUENCE_ORDER, "preprocess": job.preprocess.record(), "alpha": job.alpha,
+        "shard_size": job.shard_size, "counts": counts, "shards": shards,
+    }
+    (job.out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def prepare(job: Job, manifest) -> tuple[int, int, int]:
+    """Make the output folder; refuse one holding another job's shards; the grid of every row."""
+    job.out.mkdir(parents=True, exist_ok=True)
+    plan = job.out / "job.json"
+    record = {"inputs": len(job.paths), "first": job.paths[0], "last": job.paths[-1],
+              "preprocess": job.preprocess.record(), "shard_size": job.shard_size, "alpha": job.alpha,
+              "model": [manifest.model_id, manifest.model_version, manifest.codebook.sha256]}
+    if plan.is_file() and json.loads(plan.read_text()) != record:
+        raise ValueError(f"{job.out} holds shards of another job (inputs, preprocessing or model differ); "
+                         "use a new --out folder")
+    plan.write_text(json.dumps(record, indent=1) + "\n")
+    (job.out / META).unlink(missing_ok=True)  # meta.json marks a finished directory: not until finish()
+    return expected_grid(job, manifest)
+
+
+def run_local(job: Job, runtime, decode_workers: int = 1, progress: bool = True) -> dict:
+    """Every shard not done yet, in this process: a decode pool feeding the runtime."""
+    grid = prepare(job, runtime.manifest)
+    todo = [k for k in range(job.shards) if not job.done(k)]
+    bar = _progress(sum(len(job.shard_paths(k)) for k in todo), progress)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as pool:
+        for k in todo:
+            tokens, entries = tokenize_shard(job, k, runtime, grid, pool)
+            write_shard(job, k, tokens, entries)
+            bar.update(len(entries))
+    bar.close()
+    meta = finish(job, runtime.manifest, grid)
+    meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo),
+                   "seconds": round(time.perf_counter() - start, 3)}
+    return meta
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the serve extra may lack tqdm: no bar
+        enabled = False
+    if not enabled:
+        class Silent:
+            def update(self, n): pass
+            def close(self): pass
+        return Silent()
+    return tqdm(total=total, unit="file", desc="tokenize", smoothing=0.05)
