@@ -1,11 +1,16 @@
-"""Train the generator on token grids that the tokenizer service makes, over HTTP.
+"""Train the generator on token grids: pre-tokenized shards, or grids the tokenizer service makes over HTTP.
 
-    gqtok generator train --tokenizer-url http://127.0.0.1:8000 --out runs/generator
+    gqtok tokenize data/photos --out tokens --size 128            # once (docs/pretokenize.md)
+    gqtok generator train --tokens tokens --out runs/generator     # trains from the shards
+    gqtok generator train --out runs/generator                     # or: tokenize random crops over HTTP first
 
-It asks the server for the model's metadata and codebook, sends random crops of the training photos
-to POST /v1/tokenize (and centre crops of the held-out photos, for validation), caches the token
-grids in the run directory, trains, and writes config.json + model.safetensors. Validation loss is
-reported in bits per token, to compare with log2 K (what a token costs with no model at all).
+Either way it asks the server for the model's metadata and codebook. With --tokens it checks that the shards
+were made by the served model (id, version, codebook digest: gqtok.core.shards), takes the grid from them, and
+validates on the rows of held-out photos (gqtok.photos.split_heldout; the last 5% of rows when none are).
+Without, it sends random crops of the training photos to POST /v1/tokenize (and centre crops of the held-out
+photos, for validation) and caches the grids in the run directory, keyed by the model's id, version and codebook
+digest. It trains and writes config.json + model.safetensors. Validation loss is reported in bits per token, to
+compare with log2 K (what a token costs with no model at all).
 """
 
 from __future__ import annotations
@@ -69,6 +74,28 @@ def collect(client, data_dir: Path, pixel_size: tuple[int, int], cfg: GeneratorT
     return tokenize_via_service(client, crops, progress=progress), tokenize_via_service(client, val, progress=progress)
 
 
+def from_shards(tokens_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(training grids, validation grids) from a token directory made by the served model."""
+    from gqtok.core.shards import TokenShards
+    from gqtok.photos import split_heldout
+
+    shards = TokenShards(tokens_dir)
+    made_by = shards.meta["model"]
+    if (made_by["model_id"], made_by["model_version"], made_by["codebook_sha256"]) != (
+            meta["model_id"], meta["model_version"], meta["codebook"]["sha256"]):
+        raise ValueError(f"{tokens_dir} was tokenized by {made_by['model_id']} {made_by['model_version']}, the "
+                         f"server serves {meta['model_id']} {meta['model_version']}: tokenize the data again")
+    grids = shards.grids().astype(np.int64)
+    paths = [Path(shards.source(i)["path"]) for i in range(len(shards))]
+    held = {str(p) for p in split_heldout(sorted(set(paths)))[1]}
+    is_val = np.array([str(p) in held for p in paths], bool)
+    if not is_val.any():
+        is_val[-max(1, len(grids) // 20):] = True
+    if is_val.all():
+        raise ValueError(f"{tokens_dir} holds only held-out photos' rows: nothing to train on")
+    return grids[~is_val], grids[is_val]
+
+
 def bits_per_token(model: ARTransformer, seqs: torch.Tensor, batch: int = 64) -> float:
     model.eval()
     total = 0.0
@@ -83,7 +110,8 @@ def bits_per_token(model: ARTransformer, seqs: torch.Tensor, batch: int = 64) ->
 
 
 def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrides: dict | None = None,
-                    train_overrides: dict | None = None, api_key: str | None = None, progress: bool = True) -> dict:
+                    train_overrides: dict | None = None, api_key: str | None = None, progress: bool = True,
+                    tokens_dir: Path | None = None) -> dict:
     from tqdm import tqdm
 
     from gqtok.service.client import TokenizerClient
@@ -94,23 +122,33 @@ def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrid
     with TokenizerClient(tokenizer_url, api_key=api_key, timeout=300) as client:
         meta = client.model_info()
         codebook = client.codebook()
-        model_cfg = GeneratorConfig(**({"vocab_size": meta["num_codes"], "tokens_per_position": meta["tokens_per_position"]}
-                                       | (model_overrides or {})))
+        from_tokenizer = {"vocab_size": meta["num_codes"], "tokens_per_position": meta["tokens_per_position"]}
+        if tokens_dir is not None:
+            train_grids, val_grids = from_shards(Path(tokens_dir), meta)
+            from_tokenizer["grid"] = tuple(train_grids.shape[2:])
+            if "grid" in (model_overrides or {}) and tuple(model_overrides["grid"]) != from_tokenizer["grid"]:
+                raise ValueError(f"the shards hold {from_tokenizer['grid']} grids; --grid cannot change that")
+        model_cfg = GeneratorConfig(**(from_tokenizer | (model_overrides or {})))
         if model_cfg.vocab_size != meta["num_codes"] or model_cfg.tokens_per_position != meta["tokens_per_position"]:
             raise ValueError("vocab_size and tokens_per_position come from the tokenizer; do not override them")
         f = meta["downsample"]
         pixel_size = (model_cfg.grid[0] * f, model_cfg.grid[1] * f)
         cache = out / "tokens.npz"
-        key = {"tokenizer_model": meta["model_id"], "pixel_size": list(pixel_size), "crops_per_photo": cfg.crops_per_photo,
-               "max_photos": cfg.max_photos, "seed": cfg.seed}
-        cached = dict(np.load(cache)) if cache.exists() else {}
-        if cached and json.loads(str(cached["key"])) == key:
-            train_grids, val_grids = cached["train"], cached["val"]
+        made_by = {"tokenizer_model": meta["model_id"], "model_version": meta["model_version"],
+                   "codebook_sha256": meta["codebook"]["sha256"]}  # a re-exported model invalidates the cache
+        if tokens_dir is not None:  # the grids came from the shards above
+            key = made_by | {"tokens": str(tokens_dir)}
         else:
-            t0 = time.perf_counter()
-            train_grids, val_grids = collect(client, Path(data_dir), pixel_size, cfg, progress)
-            np.savez(cache, train=train_grids, val=val_grids, key=json.dumps(key))
-            key["tokenize_s"] = round(time.perf_counter() - t0, 1)
+            key = made_by | {"pixel_size": list(pixel_size), "crops_per_photo": cfg.crops_per_photo,
+                             "max_photos": cfg.max_photos, "seed": cfg.seed}
+            cached = dict(np.load(cache)) if cache.exists() else {}
+            if cached and json.loads(str(cached["key"])) == key:
+                train_grids, val_grids = cached["train"], cached["val"]
+            else:
+                t0 = time.perf_counter()
+                train_grids, val_grids = collect(client, Path(data_dir), pixel_size, cfg, progress)
+                np.savez(cache, train=train_grids, val=val_grids, key=json.dumps(key))
+                key["tokenize_s"] = round(time.perf_counter() - t0, 1)
 
     torch.manual_seed(cfg.seed)
     model = ARTransformer(model_cfg, codebook)

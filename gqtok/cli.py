@@ -312,7 +312,8 @@ def cmd_generator_train(args) -> None:
     model_kw = {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
     train_kw = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     summary = train_generator(Path(args.out), args.tokenizer_url, Path(args.data), model_kw, train_kw,
-                              api_key=args.api_key, progress=not args.quiet)
+                              api_key=args.api_key, progress=not args.quiet,
+                              tokens_dir=Path(args.tokens) if args.tokens else None)
     print(json.dumps({k: summary[k] for k in ("val_bits_per_token", "log2_k", "parameters", "train_sequences",
                                               "val_sequences")} | {"out": args.out}))
 
@@ -516,6 +517,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     gt = gen.add_parser("train", parents=[common], help="tokenize photos through the service, then train")
     gt.add_argument("--out", required=True, help="run directory")
     gt.add_argument("--data", default="data/endless-sky", help="photos (held-out ones validate)")
+    gt.add_argument("--tokens", help="train from these token shards (gqtok tokenize) instead of tokenizing --data "
+                                     "over HTTP; rows of held-out photos validate")
     gt.add_argument("--quiet", action="store_true")
     if argv[:2] == ["generator", "train"]:
         from gqtok.generator.model import GeneratorConfig

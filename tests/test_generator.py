@@ -100,3 +100,33 @@ def test_train_and_serve_against_a_live_tokenizer(live_server, small_photos, tmp
         assert info["val_bits_per_token"] == last and info["tokenizer"]["model"] == "tiny"
     finally:
         server.stop()
+
+
+def test_train_from_token_shards_checks_the_model(live_server, tiny_model, small_photos, tmp_path):
+    """`gqtok generator train --tokens DIR`: trains on pre-tokenized shards, validates on the held-out photos'
+    rows, and refuses shards that another model (or version) made."""
+    import json
+    import shutil
+
+    from gqtok.bulk.preprocess import Preprocess
+    from gqtok.bulk.shards import Job, list_inputs, run_local
+    from gqtok.generator.train import train_generator
+    from gqtok.service.tokenizer import Tokenizer
+
+    tokens = tmp_path / "tokens"
+    job = Job(list_inputs([small_photos]), tokens, Preprocess(size=32, crop="ten"), shard_size=8)
+    run_local(job, Tokenizer.load(str(tiny_model), device="cpu").runtime, progress=False)
+    summary = train_generator(tmp_path / "gen", live_server, small_photos, {"n_layer": 1, "n_embd": 32},
+                              {"steps": 10, "batch_size": 8, "eval_every": 10}, progress=False, tokens_dir=tokens)
+    assert tuple(summary["model"]["grid"]) == (4, 4)  # from the shards
+    assert summary["train_sequences"] == 12 * 10 and summary["val_sequences"] == 3 * 10  # ten views per photo
+    assert summary["val_bits_per_token"] is not None and summary["tokenizer"]["tokens"] == str(tokens)
+
+    stale = tmp_path / "stale"
+    shutil.copytree(tokens, stale)
+    meta = json.loads((stale / "meta.json").read_text())
+    meta["model"]["model_version"] = "an-older-export"
+    (stale / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="tokenize the data again"):
+        train_generator(tmp_path / "gen2", live_server, small_photos, {"n_layer": 1, "n_embd": 32},
+                        {"steps": 1}, progress=False, tokens_dir=stale)

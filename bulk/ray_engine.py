@@ -1,0 +1,75 @@
+"""The Ray engine: the local engine's shards, run by a pool of Ray Data actors (pip install 'gqtok[ray]').
+
+    gqtok tokenize DATA --out TOKENS --engine ray                      # a local Ray cluster on this machine
+    gqtok tokenize DATA --out TOKENS --engine ray --address HOST:6379  # join a running cluster
+
+The shards still to do become a Ray dataset of shard numbers; `map_batches` runs them on an actor pool, each
+actor holding one TokenizerRuntime (loaded once) and calling the same tokenize_shard and write_shard as the local
+engine, so the shards are byte-identical to its. On a cluster, every node needs the model directory at the same
+path and the output folder on a shared filesystem (every actor writes its shards there); the driver writes
+index.jsonl and meta.json when all are done.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gqtok.bulk.shards import Job, _progress, finish, prepare, tokenize_shard, write_shard
+from gqtok.core.artifact import load_artifact
+from gqtok.core.models import find_model
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # a local cluster moves shard numbers only: keep its object store small
+
+
+class ShardWorker:
+    """A Ray actor: one runtime, any number of shards."""
+
+    def __init__(self, job: Job, model_dir: str, grid: tuple[int, int, int], device: str, threads: int):
+        from gqtok.service.runtime import TokenizerRuntime
+
+        self.job, self.grid = job, grid
+        self.runtime = TokenizerRuntime(load_artifact(model_dir), device=device, threads=threads)
+
+    def __call__(self, batch: dict) -> dict:
+        files = []
+        for k in batch["shard"]:
+            tokens, entries = tokenize_shard(self.job, int(k), self.runtime, self.grid)
+            write_shard(self.job, int(k), tokens, entries)
+            files.append(len(entries))
+        return {"shard": batch["shard"], "files": files}
+
+
+def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, device: str = "cpu",
+            threads: int = 0, progress: bool = True) -> dict:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    model_dir = str(find_model(model).resolve())
+    manifest = load_artifact(model_dir).manifest
+    grid = prepare(job, manifest)
+    todo = [k for k in range(job.shards) if not job.done(k)]
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {} if address else {"object_store_memory": LOCAL_OBJECT_STORE_BYTES}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
+    try:
+        if todo:
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            actors = workers or max(1, cpus // 2)
+            per_actor = max(1, cpus // actors)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            bar = _progress(sum(len(job.shard_paths(k)) for k in todo), progress)
+            shards = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+            done = shards.map_batches(ShardWorker, batch_size=1, concurrency=actors, num_cpus=per_actor,
+                                      fn_constructor_kwargs={"job": job, "model_dir": model_dir, "grid": grid,
+                                                             "device": device, "threads": threads or per_actor})
+            for row in done.iter_rows():
+                bar.update(int(row["files"]))
+            bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+    meta = finish(job, manifest, grid)
+    meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo)}
+    return meta

@@ -1,0 +1,155 @@
+"""gqtok.bulk and gqtok.core.shards: pre-tokenizing a folder of real photos into shards, resuming, bad files,
+and the Ray engine writing the same bytes as the local one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gqtok.bulk.preprocess import Preprocess, resize_shorter
+from gqtok.bulk.shards import Job, list_inputs, run_local
+from gqtok.core.layout import grids_to_sequences
+from gqtok.core.shards import TokenShards
+from gqtok.photos import load_rgb
+from gqtok.service.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+def test_views_are_deterministic_per_file_and_the_right_size():
+    img = np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8)
+    assert resize_shorter(img, 64).shape == (64, 107, 3) and resize_shorter(img, 90) is img
+    (center,) = Preprocess(size=64).views(img, "a.jpg", 8)
+    assert np.array_equal(center, resize_shorter(img, 64)[:, 21:85])
+    ten = Preprocess(size=64, crop="ten").views(img, "a.jpg", 8)
+    assert len(ten) == 10 and all(v.shape == (64, 64, 3) for v in ten)
+    assert np.array_equal(ten[5], ten[0][:, ::-1])  # the mirror images follow the five crops
+    rand = Preprocess(size=64, crop="random", flip=True, seed=3)
+    assert np.array_equal(rand.views(img, "a.jpg", 8)[0], rand.views(img, "a.jpg", 8)[0])  # per file, not per call
+    others = {rand.views(img, f"{i}.jpg", 8)[0].tobytes() for i in range(8)}
+    assert len(others) > 1  # different files: different crops
+    (padded,) = Preprocess(size=0, fit="pad").views(img[:85], "a.jpg", 8)
+    assert padded.shape == (88, 152, 3)
+    with pytest.raises(ValueError, match="multiple of the model's f=8"):
+        Preprocess(size=60).views(img, "a.jpg", 8)
+    with pytest.raises(ValueError, match="need a size"):
+        Preprocess(size=0, crop="ten")
+
+
+@pytest.fixture(scope="module")
+def dataset(small_photos, tmp_path_factory) -> Path:
+    """The small photo set plus three files that cannot be tokenized, listed in a text file."""
+    bad = tmp_path_factory.mktemp("bad")
+    (bad / "not_an_image.png").write_bytes(b"hello")
+    good = next(p for p in sorted(small_photos.iterdir()))
+    (bad / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
+    Image.new("RGB", (1200, 1000)).save(bad / "huge.png")
+    listing = tmp_path_factory.mktemp("list") / "files.txt"
+    listing.write_text("\n".join(str(p) for p in [*sorted(small_photos.iterdir()), *sorted(bad.iterdir())]) + "\n")
+    return listing
+
+
+def tokenize_cli(*args, **kw) -> dict:
+    out = subprocess.run([sys.executable, "-m", "gqtok.cli", "tokenize", *map(str, args), "--quiet"],
+                         capture_output=True, text=True, timeout=600, **kw)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def directory_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def local_tokens(dataset, tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "local"
+    summary = tokenize_cli(dataset, "--out", out, "--model", tiny_model, "--size", "64", "--shard-size", "4",
+                           "--max-pixels", "1100000")
+    assert summary["files"] == 18 and summary["ok"] == 15 and summary["failed"] == 3 and summary["shards"] == 5
+    return out
+
+
+def test_shards_hold_the_tokenizers_tokens_in_order(local_tokens, tiny_model, dataset):
+    shards = TokenShards(local_tokens)
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    shards.check_model(tok.manifest)
+    assert len(shards) == 15 and shards.grid == (tok.manifest.tokens_per_position, 8, 8)
+    assert shards.meta["dtype"] == "uint16" and shards.meta["counts"]["rows"] == 15
+    pre = Preprocess(size=64)
+    good = [p for p in dataset.read_text().split() if "bad" not in Path(p).parent.name]
+    for i in (0, 6, 14):
+        path = good[i]
+        assert shards.source(i)["path"] == path
+        view = pre.views(load_rgb(Path(path)), path, 8)[0]
+        ids = tok.encode(view)
+        assert np.array_equal(shards.grids(i, i + 1), ids.astype(np.uint16))
+        assert np.array_equal(shards[i], grids_to_sequences(ids)[0])  # the canonical sequence order
+    assert np.array_equal(shards.grids(), np.stack([shards.grids(i, i + 1)[0] for i in range(15)]))
+
+
+def test_bad_files_are_recorded_with_their_reason(local_tokens):
+    entries = [json.loads(line) for line in (local_tokens / "index.jsonl").read_text().splitlines()]
+    errors = {Path(e["path"]).name: e["error"] for e in entries if e["status"] == "error"}
+    assert set(errors) == {"not_an_image.png", "truncated.jpg", "huge.png"}
+    assert "UnidentifiedImageError" in errors["not_an_image.png"] and "max_pixels" in errors["huge.png"]
+    assert "OSError" in errors["truncated.jpg"]
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_bytes(local_tokens, dataset, tiny_model, tmp_path):
+    out = tmp_path / "resumed"
+    args = [sys.executable, "-m", "gqtok.cli", "tokenize", str(dataset), "--out", str(out), "--model",
+            str(tiny_model), "--size", "64", "--shard-size", "4", "--max-pixels", "1100000", "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "shard-00001.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "meta.json").exists()  # not finished
+    (out / "shard-00003.npy").write_bytes(b"half a shard")  # as a kill between the rename and the .jsonl leaves it
+    summary = tokenize_cli(dataset, "--out", out, "--model", tiny_model, "--size", "64", "--shard-size", "4",
+                           "--max-pixels", "1100000")
+    assert summary["shards_skipped"] >= 2 and summary["shards_run"] + summary["shards_skipped"] == 5
+    assert directory_bytes(out) == directory_bytes(local_tokens)
+    bad = subprocess.run([sys.executable, "-m", "gqtok.cli", "tokenize", str(dataset), "--out", str(out), "--model",
+                          str(tiny_model), "--size", "128", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "holds shards of another job" in bad.stderr
+
+
+def test_the_ray_engine_writes_the_same_bytes(local_tokens, dataset, tiny_model, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    summary = tokenize_cli(dataset, "--out", out, "--model", tiny_model, "--size", "64", "--shard-size", "4",
+                           "--max-pixels", "1100000", "--engine", "ray", "--workers", "2")
+    assert summary["rows"] == 15
+    assert directory_bytes(out) == directory_bytes(local_tokens)
+
+
+def test_detokenize_writes_the_decoded_rows(local_tokens, tiny_model, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "gqtok.cli", "detokenize", str(local_tokens), "--out",
+                          str(tmp_path / "images"), "--limit", "3", "--model", str(tiny_model)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    images = tok.decode(TokenShards(local_tokens).grids(0, 3).astype(np.int64))
+    for i in range(3):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / f"row-{i:06d}.png")), images[i])
+
+
+def test_local_engine_in_process_matches_and_skips_finished_shards(local_tokens, dataset, tiny_model, tmp_path):
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    job = Job(list_inputs([dataset]), tmp_path / "inproc", Preprocess(size=64), shard_size=4, batch_size=3,
+              max_pixels=1_100_000)
+    first = run_local(job, tok.runtime, decode_workers=2, progress=False)
+    assert first["run"]["shards_run"] == 5
+    assert directory_bytes(job.out) == directory_bytes(local_tokens)  # batch size and decode threads change nothing
+    again = run_local(job, tok.runtime, progress=False)
+    assert again["run"] == {"shards_run": 0, "shards_skipped": 5, "seconds": again["run"]["seconds"]}
