@@ -122,3 +122,16 @@ def test_flood_refuses_fast_answers_right_and_stays_live(tiny_model, tmp_path):
     assert set(result["json_bodies"]["statuses"]) <= {413, 429}, result["json_bodies"]
     assert result["health_live"]["failures"] == {} and result["health_live"]["probes"] > 0
     assert result["server_exit_code"] == 0
+
+
+def test_bulk_benchmark_compares_the_local_engine_with_the_ceiling(tiny_model, small_photos, tmp_path):
+    from benchmarks import bulk
+
+    out = tmp_path / "bulk.json"
+    result = bulk.main(["--model", str(tiny_model), "--photos", str(small_photos), "--quick", "--no-ray",
+                        "--out", str(out)])
+    assert result["photos"] == 15 and result["ceiling_images_per_s"] > 0
+    local = result["local"]
+    assert local["over_ceiling"] == pytest.approx(local["images_per_s"] / result["ceiling_images_per_s"], abs=2e-3)
+    assert local["hours_per_million"] == pytest.approx(1e6 / local["images_per_s"] / 3600, abs=0.06)
+    assert json.loads(out.read_text())["local"] == local

@@ -1,0 +1,111 @@
+"""Bulk tokenization: `gqtok tokenize`'s two engines against the in-process runtime's ceiling, in one run.
+
+    python benchmarks/bulk.py [--model DIR] [--photos DIR] [--limit 240] [--size 256] [--quick]
+
+The same photos (real ones: data/endless-sky by default), shorter side to `--size` and a centre crop, go through:
+- ceiling: the runtime alone on views decoded beforehand (TokenizerRuntime.tokenize in batches of 16): what
+  tokenizing costs with decoding free;
+- local: the local engine (decode thread + runtime), all shards, from the files;
+- ray: the Ray engine on a local cluster started beforehand (its start-up is timed apart), from the files.
+Reported: images/s of each and the ratios to the ceiling (targets: local >= 0.9, ray >= 0.7), whether the two
+engines wrote the same bytes, and the hours 1 M images would take at each rate, and per machine added (assuming
+Ray scales linearly with machines, which this single-machine run does not measure). Writes
+benchmarks/results/bulk.json (--quick: 48 photos at 128, bulk_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def main(argv=None) -> dict:
+    from gqtok.bulk.preprocess import Preprocess
+    from gqtok.bulk.shards import Job, list_inputs, run_local
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.models import find_model
+    from gqtok.photos import load_rgb
+    from gqtok.service.runtime import TokenizerRuntime
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(REPO / "models" / "default"))
+    ap.add_argument("--photos", default=str(REPO / "data" / "endless-sky"))
+    ap.add_argument("--limit", type=int, default=240, help="photos to tokenize")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--shard-size", type=int, default=32)
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
+    ap.add_argument("--quick", action="store_true", help="48 photos at 128x128")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.limit, args.size, args.shard_size = 48, 128, 16
+    paths = list_inputs([args.photos])[: args.limit]
+    pre = Preprocess(size=args.size)
+    model_dir = find_model(args.model)
+    runtime = TokenizerRuntime(load_artifact(model_dir), device="cpu")
+    f = runtime.manifest.downsample
+    result = {"model": str(args.model), "photos": len(paths), "size": args.size, "cpus": os.cpu_count()}
+
+    t0 = time.perf_counter()
+    views = np.stack([pre.views(load_rgb(Path(p)), p, f)[0] for p in paths])
+    result["decode_images_per_s"] = round(len(paths) / (time.perf_counter() - t0), 2)
+    runtime.tokenize(views[:2])  # warm
+    t0 = time.perf_counter()
+    for i in range(0, len(views), 16):
+        runtime.tokenize(views[i:i + 16])
+    ceiling = len(views) / (time.perf_counter() - t0)
+    result["ceiling_images_per_s"] = round(ceiling, 2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Job(tuple(paths), Path(tmp) / "local", pre, shard_size=args.shard_size)
+        t0 = time.perf_counter()
+        run_local(job, runtime, progress=False)
+        local = len(paths) / (time.perf_counter() - t0)
+        result["local"] = {"images_per_s": round(local, 2), "over_ceiling": round(local / ceiling, 3)}
+        if not args.no_ray:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            import ray
+
+            from gqtok.bulk.ray_engine import LOCAL_OBJECT_STORE_BYTES, run_ray
+
+            t0 = time.perf_counter()
+            ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+            startup = time.perf_counter() - t0
+            try:
+                ray_job = Job(tuple(paths), Path(tmp) / "ray", pre, shard_size=args.shard_size)
+                t0 = time.perf_counter()
+                run_ray(ray_job, str(model_dir), progress=False)
+                rate = len(paths) / (time.perf_counter() - t0)
+            finally:
+                ray.shutdown()
+            same = all((job.out / p.name).read_bytes() == p.read_bytes() for p in sorted(ray_job.out.iterdir())
+                       if p.is_file())
+            result["ray"] = {"images_per_s": round(rate, 2), "over_ceiling": round(rate / ceiling, 3),
+                             "cluster_start_s": round(startup, 2), "same_bytes_as_local": same}
+    for name in ("local", "ray"):
+        if name in result:
+            result[name]["hours_per_million"] = round(1e6 / result[name]["images_per_s"] / 3600, 1)
+    if "ray" in result:
+        result["ray"]["hours_per_million_by_machines"] = {
+            n: round(result["ray"]["hours_per_million"] / n, 1) for n in (1, 2, 4, 8)}
+    print(json.dumps(result, indent=1))
+    out = args.out or RESULTS / ("bulk_quick.json" if args.quick else "bulk.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
