@@ -52,7 +52,7 @@ def test_python_example_runs(page, index, code, live_server, photos_dir, tmp_pat
     (tmp_path / "photo.jpg").write_bytes(next(photos_dir.glob("*.jpg")).read_bytes())
     script = tmp_path / "example.py"
     script.write_text(code.replace("http://127.0.0.1:8000", live_server))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "GQTOK_URL": live_server})
     assert proc.returncode == 0, f"{page} python block {index}:\n{proc.stderr[-2000:]}"
 
