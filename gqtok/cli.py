@@ -564,7 +564,7 @@ EXTRAS = {  # a module a command imports -> the extra that installs it
     "torch": "train", "safetensors": "train", "pytorch_msssim": "train", "efficientnet_lite_pytorch": "train",
     "onnxruntime": "serve", "fastapi": "serve", "uvicorn": "serve", "pydantic_settings": "serve",
     "prometheus_client": "serve", "httpx": "serve", "multipart": "serve", "onnx": "export", "onnxscript": "export",
-    "PIL": "serve", "tqdm": "train", "matplotlib": "train",
+    "PIL": "serve", "tqdm": "train", "matplotlib": "train", "ray": "ray", "threadpoolctl": "serve",
 }
 
 
