@@ -125,9 +125,10 @@ def cmd_eval(args) -> None:
 
         paths = collect_photos(args.photos or [args.data], args.split)[: args.limit]
         tokenize, detokenize, bits, name = tokenizer_for(args.target, args.device)
-        results = {f"{h}x{w}": evaluate_tokenizer(tokenize, detokenize, paths, (h, w), bits, name=name,
-                                                  classic=not args.no_classic, progress=not args.quiet)
-                   for h, w in sizes}
+        results = {f"{h}x{w}": evaluate_tokenizer(
+            tokenize, detokenize, paths, (h, w), bits, name=name, classic=not args.no_classic,
+            progress=not args.quiet, png_out=Path(args.png).with_suffix(f".{h}x{w}.jpg") if args.png else None)
+            for h, w in sizes}
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1))
@@ -407,7 +408,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["heldout", "all"], default="heldout",
                     help="heldout: only the held-out photos of every source (default); all: every photo given")
     ev.add_argument("--json", help="write the full results here")
-    ev.add_argument("--png", help="reconstruction grid of a run's detailed report (default: next to --json)")
+    ev.add_argument("--png", help="reconstruction grid: of a run's detailed report (default: next to --json); with "
+                    "--photos, PNG.HxW.jpg per size: the first photo of each source, original | tokens | JPEG")
     ev.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
                     help="centre-crop size; repeat for several (default 512 768). Smaller photos are skipped")
     ev.add_argument("--limit", type=int, help="evaluate only the first N photos")

@@ -32,7 +32,7 @@ def run_eval(capsys, *argv) -> dict:
 def test_own_folder_with_an_exported_model(tiny_model, own_photos, tmp_path, capsys):
     out = tmp_path / "eval.json"
     summary = run_eval(capsys, str(tiny_model), "--photos", str(own_photos), "--split", "all",
-                       "--size", "64", "96", "--size", "128", "128", "--json", str(out))
+                       "--size", "64", "96", "--size", "128", "128", "--json", str(out), "--png", str(tmp_path / "grid.png"))
     full = json.loads(out.read_text())
     assert set(summary) == set(full) == {"64x96", "128x128"}
     r = full["64x96"]
@@ -43,6 +43,8 @@ def test_own_folder_with_an_exported_model(tiny_model, own_photos, tmp_path, cap
         assert all(row[k]["bpp"] <= row["bpp"] or row[k]["quality"] == 1 for k in ("jpeg", "webp"))
     assert r["psnr_gap_to_jpeg"] == pytest.approx(r["tokens"]["psnr"] - r["jpeg"]["psnr"])
     assert list(r["per_source"]) == [own_photos.name] and r["per_source"][own_photos.name]["images"] == 4
+    with Image.open(tmp_path / "grid.64x96.jpg") as grid:  # one source: one row of original | tokens | JPEG
+        assert grid.size == (3 * 96, 64)
 
 
 def test_run_server_and_export_agree(tiny_run, tiny_model, live_server, own_photos, capsys):

@@ -209,15 +209,17 @@ def classic_at_bpp(img: np.ndarray, fmt: str, target_bpp: float) -> tuple[np.nda
 
 
 def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int, int], bits_per_token: float,
-                       name: str = "model", classic: bool = True, progress: bool = True) -> dict:
+                       name: str = "model", classic: bool = True, progress: bool = True,
+                       png_out: Path | None = None) -> dict:
     """Any tokenizer on any photos: centre crops of `size` (photos smaller than it are skipped, not upscaled),
     tokenize(uint8 [1, H, W, 3]) -> ids [1, T, h, w] and detokenize(ids) -> uint8 [1, H, W, 3] (an exported model's
     runtime, a server's client, a run's torch model), PSNR / SSIM / MS-SSIM of the tokens' reconstruction, and
-    JPEG and WebP at the same bpp on the same crops. Results overall and per source (gqtok.photos.source_of)."""
+    JPEG and WebP at the same bpp on the same crops. Results overall and per source (gqtok.photos.source_of).
+    png_out: a grid of the first photo of each source (up to 8): original | tokens | JPEG at the same bpp."""
     from tqdm import tqdm
 
     h, w = size
-    rows, skipped = [], []
+    rows, skipped, grid_rows = [], [], {}
     for path in tqdm(paths, desc=f"eval {name} {h}x{w}", disable=not progress, leave=False):
         img = photo_files.load_rgb(path)
         if img.shape[0] < h or img.shape[1] < w:
@@ -233,6 +235,8 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
             for fmt in ("JPEG", "WEBP"):
                 decoded, fbpp, q = classic_at_bpp(crop, fmt, bpp)
                 row[fmt.lower()] = image_metrics(crop, decoded) | {"bpp": fbpp, "quality": q}
+                if fmt == "JPEG" and png_out and row["source"] not in grid_rows and len(grid_rows) < 8:
+                    grid_rows[row["source"]] = np.concatenate([crop, recon, decoded], axis=1)
         rows.append(row)
     if not rows:
         raise ValueError(f"no photo of at least {h}x{w} among the {len(paths)} given")
@@ -247,6 +251,11 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
                 out[f"psnr_gap_to_{k}"] = out["tokens"]["psnr"] - out[k]["psnr"]
         return out
 
+    if png_out and grid_rows:
+        grid = np.concatenate([grid_rows[k] for k in sorted(grid_rows)], axis=0)
+        Path(png_out).parent.mkdir(parents=True, exist_ok=True)
+        scale = max(1, grid.shape[1] // 1536)  # at most ~1536 px wide
+        Image.fromarray(grid).resize((grid.shape[1] // scale, grid.shape[0] // scale), Image.LANCZOS).save(png_out)
     sources = sorted({r["source"] for r in rows})
     return {"model": name, "image_size": [h, w], "bits_per_token": bits_per_token, **summary(rows),
             "per_source": {s: summary([r for r in rows if r["source"] == s]) for s in sources},
