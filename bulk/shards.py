@@ -2,7 +2,7 @@
 
 The input files are sorted and cut into shards of `shard_size` files: shard k holds files k*S .. (k+1)*S-1, so a
 shard's content depends only on the input list, never on the engine or its workers. `tokenize_shard` decodes its
-files with the server's conversion (gqtok.photos.load_rgb: EXIF, bit depth, alpha), makes each file's views
+files with the server's conversion (gqtok.photos.to_rgb: EXIF, bit depth, alpha), makes each file's views
 (Preprocess) and tokenizes them in batches (tokens do not depend on the batch); `write_shard` writes
 shard-k.npy (under a temporary name, then renamed) and then shard-k.jsonl, whose presence marks the shard done.
 `run_local` skips the done shards (resume: a shard cut off mid-way has no .jsonl and is redone), runs the rest,
@@ -11,8 +11,10 @@ then `finish` writes index.jsonl and meta.json. The Ray engine (ray_engine.py) c
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from gqtok import __version__
 from gqtok.bulk.preprocess import Preprocess
 from gqtok.core.layout import SEQUENCE_ORDER
 from gqtok.core.shards import INDEX, META, shard_name, token_dtype
-from gqtok.photos import list_images, load_rgb
+from gqtok.photos import IMAGE_SUFFIXES, list_images, to_rgb
 
 DEFAULT_SHARD_SIZE = 1024  # files per shard
 DEFAULT_MAX_PIXELS = 64 * 2**20  # larger files are recorded as errors, not decoded (memory)
@@ -53,12 +55,38 @@ class Job:
         return (self.out / f"{shard_name(k)}.jsonl").is_file() and (self.out / f"{shard_name(k)}.npy").is_file()
 
 
+TAR_MEMBER = "::"  # "shard-000.tar::photos/0001.jpg": a member of a tar archive (WebDataset shards)
+
+
 def list_inputs(inputs: list[str | Path]) -> tuple[str, ...]:
-    """Folders (searched recursively) and text files listing paths -> every image path, sorted, without repeats."""
-    paths = sorted({str(p) for spec in inputs for p in list_images(Path(spec))})
+    """Folders (searched recursively), text files listing paths, and tar archives (WebDataset-style shards: their
+    image members, as ARCHIVE::MEMBER) -> every image, sorted, without repeats."""
+    paths = set()
+    for spec in map(Path, inputs):
+        if spec.is_file() and spec.suffix == ".tar":
+            with tarfile.open(spec) as tar:
+                paths |= {f"{spec}{TAR_MEMBER}{m.name}" for m in tar.getmembers()
+                          if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES}
+        else:
+            paths |= {str(p) for p in list_images(spec)}
     if not paths:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
-    return tuple(paths)
+    return tuple(sorted(paths))
+
+
+def _read_members(paths: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of every ARCHIVE::MEMBER among paths, each archive opened once."""
+    by_archive: dict[str, list[str]] = {}
+    for p in paths:
+        if TAR_MEMBER in p:
+            archive, member = p.split(TAR_MEMBER, 1)
+            by_archive.setdefault(archive, []).append(member)
+    out = {}
+    for archive, members in by_archive.items():
+        with tarfile.open(archive) as tar:
+            for member in members:
+                out[f"{archive}{TAR_MEMBER}{member}"] = tar.extractfile(member).read()
+    return out
 
 
 def expected_grid(job: Job, manifest) -> tuple[int, int, int]:
@@ -67,23 +95,22 @@ def expected_grid(job: Job, manifest) -> tuple[int, int, int]:
     if job.preprocess.size:
         return (t, job.preprocess.size // f, job.preprocess.size // f)
     for path in job.paths:
-        try:
-            view = job.preprocess.views(load_rgb(Path(path), job.alpha), path, f)[0]
-        except Exception:
-            continue
-        return (t, view.shape[0] // f, view.shape[1] // f)
+        views, _ = _views(path, job, f, _read_members((path,)).get(path))
+        if views:
+            return (t, views[0].shape[0] // f, views[0].shape[1] // f)
     raise ValueError("none of the input files decodes")
 
 
-def _views(path: str, job: Job, f: int) -> tuple[list[np.ndarray], dict]:
-    """A file's views and its index entry; a file that cannot be used gets status "error" and its reason."""
+def _views(path: str, job: Job, f: int, data: bytes | None = None) -> tuple[list[np.ndarray], dict]:
+    """A file's views and its index entry; a file that cannot be used gets status "error" and its reason. `data`:
+    the file's bytes when it is a tar member."""
     entry: dict = {"path": path}
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             w, h = im.size
-        if w * h > job.max_pixels:
-            raise ValueError(f"{w}x{h} is more than max_pixels={job.max_pixels}")
-        img = load_rgb(Path(path), job.alpha)
+            if w * h > job.max_pixels:  # from the header, before decoding
+                raise ValueError(f"{w}x{h} is more than max_pixels={job.max_pixels}")
+            img = to_rgb(im, job.alpha, path)
         entry["original_size"] = [int(img.shape[0]), int(img.shape[1])]
         views = job.preprocess.views(img, path, f)
     except Exception as e:  # unreadable, truncated, too large, transparent with alpha=refuse, ...
@@ -96,8 +123,9 @@ def tokenize_shard(job: Job, k: int, runtime, grid: tuple[int, int, int],
     """Shard k -> (tokens [rows, t, h, w] in the shards' dtype, one index entry per file)."""
     f = runtime.manifest.downsample
     paths = job.shard_paths(k)
-    decoded = (decode_pool.map(lambda p: _views(p, job, f), paths) if decode_pool
-               else (_views(p, job, f) for p in paths))
+    members = _read_members(paths)
+    decoded = (decode_pool.map(lambda p: _views(p, job, f, members.get(p)), paths) if decode_pool
+               else (_views(p, job, f, members.get(p)) for p in paths))
     entries, pending, rows = [], [], []
     size = (grid[1] * f, grid[2] * f)
 

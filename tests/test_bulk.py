@@ -153,3 +153,24 @@ def test_local_engine_in_process_matches_and_skips_finished_shards(local_tokens,
     assert directory_bytes(job.out) == directory_bytes(local_tokens)  # batch size and decode threads change nothing
     again = run_local(job, tok.runtime, progress=False)
     assert again["run"] == {"shards_run": 0, "shards_skipped": 5, "seconds": again["run"]["seconds"]}
+
+
+def test_tar_shards_give_the_folders_tokens(small_photos, tiny_model, tmp_path):
+    """WebDataset-style input: the image members of tar archives, read once per shard, as ARCHIVE::MEMBER."""
+    import tarfile
+
+    photos = sorted(small_photos.iterdir())[:6]
+    archive = tmp_path / "shard-000.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i, p in enumerate(photos):
+            tar.add(p.resolve(), arcname=f"{i:04d}.jpg")
+            (tmp_path / f"{i:04d}.cls").write_text("0")
+            tar.add(tmp_path / f"{i:04d}.cls", arcname=f"{i:04d}.cls")  # a label beside it: not an image
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    from_tar = Job(list_inputs([archive]), tmp_path / "tar", Preprocess(size=64), shard_size=4)
+    assert from_tar.paths[0] == f"{archive}::0000.jpg" and len(from_tar.paths) == 6
+    run_local(from_tar, tok.runtime, progress=False)
+    shards = TokenShards(from_tar.out)
+    expected = np.concatenate([tok.encode(Preprocess(size=64).views(load_rgb(p), str(p), 8)[0]) for p in photos])
+    assert np.array_equal(shards.grids().astype(np.int64), expected)
+    assert shards.source(5)["path"] == f"{archive}::0005.jpg"
