@@ -122,7 +122,7 @@ def measure_model(runtime) -> ModelMemory:
     for side in sides:
         image = np.full((1, side, side, 3), 127, np.uint8)
         grid = np.zeros((1, t, side // f, side // f), np.int64)
-        peaks["tokenize"].append(peak_above_now(lambda: runtime.tokenize(image)))
+        peaks["tokenize"].append(peak_above_now(lambda: runtime.tokenize_posterior(image)))  # what the queue runs
         peaks["detokenize"].append(peak_above_now(lambda: runtime.detokenize(grid)))
     pixels = tuple(side * side for side in sides)
     return ModelMemory(CallMemory.fit(pixels, tuple(peaks["tokenize"])),

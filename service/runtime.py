@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from gqtok.core import layout
 from gqtok.core.artifact import DECODER, ENCODER, GQ_SELECT, Artifact
-from gqtok.core.select import GaussianQuantizer, fixed_blocks
+from gqtok.core.select import GaussianQuantizer, fixed_blocks, kl_bits
 
 log = logging.getLogger("gqtok.runtime")
 
@@ -146,6 +146,16 @@ class TokenizerRuntime:
 
     def tokenize(self, images: np.ndarray) -> np.ndarray:
         return self.select(*self.encode(images))
+
+    def tokenize_posterior(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> float64 [B, 3, T, h, w]: token ids, each token's KL to N(0, I) in bits, and the
+        mean of its posterior sigmas (how sure the encoder is), from one encoder call. The server's tokenize
+        queue runs this, so that /v1/tokenize?posterior=true costs no second pass; ids are exact in float64."""
+        mu, logvar = self.encode(images)
+        d = self.manifest.token_dim
+        lv = layout.group(logvar, d)
+        return np.stack([self.select(mu, logvar).astype(np.float64), kl_bits(layout.group(mu, d), lv),
+                         np.exp(0.5 * lv.astype(np.float64)).mean(-1)], axis=1)
 
     def latent_from_ids(self, ids: np.ndarray) -> np.ndarray:
         """int [B, T, h, w] -> float32 latent [B, C, h, w]."""

@@ -94,6 +94,7 @@ class TokenizeRequest(_Request):
     model: StrictStr | None = Field(None, description="Model id; default: the server's default model.")
     fit: Fit | None = Field(None, description="How sides become multiples of f (default pad).")
     resize: Fit | None = Field(None, description="Deprecated name of fit.", json_schema_extra={"deprecated": True})
+    posterior: bool | None = Field(None, description="Also each token's kl_bits and sigma_mean (as the query option).")
 
 
 class MultipartImages(BaseModel):
@@ -115,6 +116,11 @@ class TokenGrid(BaseModel):
     tokens_per_position: int
     original_size: list[int] = Field(description="[H, W] of the image as displayed (EXIF orientation applied).")
     padded_size: list[int] = Field(description="[H, W] after fit: what the grid decodes to.")
+    kl_bits: list | None = Field(None, description=(
+        "posterior=true: each token's KL(posterior || N(0, I)) in bits, shaped like tokens (TDC holds it near "
+        "log2 K); a token far above it was costly to say, far below it says little."))
+    sigma_mean: list | None = Field(None, description=(
+        "posterior=true: the mean of each token's posterior standard deviations, shaped like tokens."))
 
 
 class ItemError(BaseModel):

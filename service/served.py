@@ -72,7 +72,8 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
         image, grid = np.zeros((1, 2 * f, 2 * f, 3), np.uint8), np.zeros((1, artifact.manifest.tokens_per_position, 2, 2), np.int64)
         models[mid] = ServedModel(
             runtime=rt,
-            tokenize=Batcher(f"{mid}/tokenize", returning_memory(rt.tokenize), on_batch=observe("tokenize"),
+            # tokenize answers float64 [3, T, h, w] per image: ids, KL bits, mean sigma (rt.tokenize_posterior)
+            tokenize=Batcher(f"{mid}/tokenize", returning_memory(rt.tokenize_posterior), on_batch=observe("tokenize"),
                              pixels_of=lambda key: key[0] * key[1], probe=lambda rt=rt: rt.tokenize(image),
                              **common),  # key: image shape (H, W, 3)
             detokenize=Batcher(f"{mid}/detokenize", returning_memory(rt.detokenize), on_batch=observe("detokenize"),

@@ -22,6 +22,7 @@ import numpy as np
 from gqtok.core import layout
 from gqtok.core.artifact import load_artifact
 from gqtok.core.models import find_model
+from gqtok.core.select import kl_bits
 from gqtok.photos import as_rgb, to_torch
 from gqtok.service.runtime import TokenizerRuntime
 
@@ -89,10 +90,8 @@ class Tokenizer:
 
     @staticmethod
     def kl_bits(mu, sigma) -> np.ndarray:
-        """KL(N(mu, sigma^2) || N(0, I)) per token in bits, summed over its d dimensions (the rate TDC holds near
-        log2 K)."""
-        mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-        return (0.5 * (mu**2 + sigma**2 - 1 - 2 * np.log(sigma))).sum(-1) / np.log(2)
+        """Each token's KL(N(mu, sigma^2) || N(0, I)) in bits (gqtok.core.select.kl_bits): [B, T, h, w]."""
+        return kl_bits(mu, 2 * np.log(np.asarray(sigma, np.float64)))
 
     def decode(self, ids, *, output: str = "numpy"):
         """Token ids [B, T, h, w] or [T, h, w] (numpy, torch or lists) -> uint8 [B, H, W, 3] ("numpy"), a list of

@@ -711,3 +711,28 @@ def test_bad_compress_and_decompress_requests(live_server, photos):
     for r, status, error_type, contains in cases:
         assert_error(r, status, error_type, contains)
     assert httpx.get(f"{url}/health/ready").status_code == 200
+
+
+def test_tokenize_can_answer_each_tokens_posterior(live_server, tiny_model, photos):
+    """posterior=true: each token's KL in bits and mean sigma beside its id, from the same encoder call, equal to
+    the in-process Tokenizer's; without it the answer is as before."""
+    from gqtok import Tokenizer
+
+    img = photos[1]
+    r = httpx.post(f"{live_server}/v1/tokenize", content=png(img), params={"posterior": "true"},
+                   headers={"content-type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    mu, sigma = tok.encode_posterior(img)
+    assert np.array_equal(np.array(result["tokens"]), tok.encode(img)[0].squeeze())
+    kl = np.array(result["kl_bits"])
+    assert kl.shape == np.array(result["tokens"]).shape
+    assert np.allclose(kl, tok.kl_bits(mu, sigma)[0].squeeze(), atol=2e-3)
+    assert np.allclose(np.array(result["sigma_mean"]), sigma.mean(-1)[0].squeeze(), rtol=1e-4, atol=1e-6)
+    plain = httpx.post(f"{live_server}/v1/tokenize", content=png(img), headers={"content-type": "image/png"},
+                       timeout=60).json()["results"][0]
+    assert "kl_bits" not in plain and plain["tokens"] == result["tokens"]
+    b64 = base64.b64encode(png(img)).decode()
+    js = httpx.post(f"{live_server}/v1/tokenize", json={"images": [b64], "posterior": True}, timeout=60)
+    assert js.json()["results"][0]["kl_bits"] == result["kl_bits"]

@@ -99,6 +99,13 @@ def select_from_features(
     return out
 
 
+def kl_bits(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """KL(N(mu, exp(logvar)) || N(0, I)) in bits over the last axis (a token's d dimensions): the token's rate, which
+    TDC trains to sit near log2 K (training/model.py's kl_bits_per_token, in torch, is the same sum)."""
+    mu, logvar = np.asarray(mu, np.float64), np.asarray(logvar, np.float64)
+    return 0.5 * (mu**2 + np.exp(logvar) - 1.0 - logvar).sum(-1) / np.log(2.0)
+
+
 class GaussianQuantizer:
     """Holds a codebook and its features; selects and looks up codewords.
 

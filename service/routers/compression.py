@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -45,7 +46,8 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
     state.admit(served.tokenize, 1)  # a full queue refuses before the image is decoded
     img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels, "image", settings.alpha)
     padded = fit_image(img, served.manifest.downsample, "pad")
-    (ids,), timing = await state.run_items(served.tokenize, [(padded.shape, padded)])
+    (answer,), timing = await state.run_items(served.tokenize, [(padded.shape, padded)])
+    ids = answer[0].astype(np.int64)  # tokenize_posterior's ids
     start = time.perf_counter()
     data = await state.run_coding(served.compressor.compress, ids, img.shape[:2], name)
     headers = response_headers(served, timing) | {

@@ -48,7 +48,10 @@ NPY_SIZES = {  # the sizes a JSON answer gives per image, for an npy answer
 async def tokenize(request: Request, state: ServiceState = Depends(get_state),
                    model: str | None = Query(None, description="Model id (default: the server's default)"),
                    fit: Fit | None = Query(None, description="How sides become multiples of f (default pad)"),
-                   resize: Fit | None = Query(None, deprecated=True, description="Deprecated name of fit")):
+                   resize: Fit | None = Query(None, deprecated=True, description="Deprecated name of fit"),
+                   posterior: bool = Query(False, description=(
+                       "JSON answers also give each token's KL to N(0, I) in bits (kl_bits) and the mean of its "
+                       "posterior sigmas (sigma_mean), grids like tokens"))):
     settings = state.settings
     queue_of = model or state.default
     if media_type(request) in MEDIA_TYPES and queue_of in state.models:  # one raw image: a full queue refuses it
@@ -85,22 +88,32 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
     if npy and len({img.shape for _, img in images}) > 1:
         raise errors.NotAcceptable("images of different sizes cannot share one npy array; "
                                    "send them separately or ask for JSON")
-    grids, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images]) if images \
+    answers, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images]) if images \
         else ([], Timing())
+    grids = [a[0].astype(np.int64) for a in answers]  # rt.tokenize_posterior: ids, KL bits, mean sigma
     headers = response_headers(served, timing)
     if npy:
         headers |= {"x-gqtok-original-size": ";".join(f"{h},{w}" for (h, w), _ in images),
                     "x-gqtok-padded-size": ";".join(f"{img.shape[0]},{img.shape[1]}" for _, img in images)}
         return Response(npy_bytes(np.stack(grids).astype(served.token_dtype)), media_type=NPY, headers=headers)
     t = served.manifest.tokens_per_position
-    results, done = [], iter(zip(grids, images))
+    want_posterior = posterior or bool(options.posterior)
+
+    def as_grid(a: np.ndarray, digits: int | None = None) -> list:
+        a = a[0] if t == 1 else a
+        return (np.round(a, digits) if digits is not None else a).tolist()
+
+    results, done = [], iter(zip(grids, answers, images))
     for d in decoded:
         if isinstance(d, errors.ServiceError):
             results.append({"status": d.status, **d.body()})
             continue
-        g, (orig, img) = next(done)
-        results.append({"status": 200, "tokens": (g[0] if t == 1 else g).tolist(), "grid_size": list(g.shape[1:]),
-                        "tokens_per_position": t, "original_size": list(orig), "padded_size": list(img.shape[:2])})
+        g, answer, (orig, img) = next(done)
+        result = {"status": 200, "tokens": as_grid(g), "grid_size": list(g.shape[1:]), "tokens_per_position": t,
+                  "original_size": list(orig), "padded_size": list(img.shape[:2])}
+        if want_posterior:
+            result |= {"kl_bits": as_grid(answer[1], 3), "sigma_mean": as_grid(answer[2], 6)}
+        results.append(result)
     return JSONResponse({"model": served.manifest.model_id, "fit": mode, "results": results}, headers=headers)
 
 
