@@ -27,8 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.service import write_result  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -105,9 +104,7 @@ def main(argv=None) -> dict:
         result["ray"]["hours_per_million_by_machines"] = {
             n: round(result["ray"]["hours_per_million"] / n, 1) for n in (1, 2, 4, 8)}
     print(json.dumps(result, indent=1))
-    out = args.out or RESULTS / ("bulk_quick.json" if args.quick else "bulk.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, "bulk", args.quick, args.out)
     return result
 
 

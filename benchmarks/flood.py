@@ -28,9 +28,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.service import png_bytes, start_server, test_images  # noqa: E402
+from benchmarks.service import png_bytes, start_server, test_images, write_result  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 NPY = "application/x-npy"
 
 
@@ -138,9 +137,7 @@ def main(argv=None) -> dict:
     result = {"model": Path(args.model).name, "requests": args.requests, "queue": args.queue, **result,
               "server_exit_code": exit_code,
               "targets": {"refused_median_ms": 50, "health_live_p99_ms": 100}}
-    out = Path(args.out or RESULTS / ("flood_quick.json" if args.quick else "flood.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_result(result, "flood", args.quick, args.out)
     print(json.dumps(result, indent=1))
     return result
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -28,9 +27,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.service import png_bytes, start_server, test_images  # noqa: E402
-
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.service import png_bytes, start_server, test_images, write_result  # noqa: E402
 NPY = "application/x-npy"
 MIB = 2**20
 
@@ -107,9 +104,7 @@ def main(argv=None) -> dict:
               + (f"  predicted peak {c['predicted_peak_mib']:.1f} MiB" if "predicted_peak_mib" in c else ""))
     default, budget = result["configs"]["default"], result["configs"]["budget"]
     result["budget_peak_over_default_peak"] = round(budget["peak_mib"] / default["peak_mib"], 3)
-    out = args.out or RESULTS / ("memory_quick.json" if args.quick else "memory.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, "memory", args.quick, args.out)
     return result
 
 

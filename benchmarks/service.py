@@ -63,6 +63,14 @@ def test_images(n: int, size: int = SIZE) -> list[np.ndarray]:
     return out
 
 
+def write_result(result: dict, name: str, quick: bool, out: Path | str | None = None) -> Path:
+    """Write a benchmark's result as JSON: `out`, else benchmarks/results/NAME.json (NAME_quick.json for --quick)."""
+    path = Path(out or RESULTS / f"{name}{'_quick' if quick else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
 def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
