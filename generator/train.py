@@ -16,6 +16,7 @@ compare with log2 K (what a token costs with no model at all).
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -192,7 +193,9 @@ def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrid
 def save_generator(run: Path, model: ARTransformer, summary: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(run) / "model.safetensors"))
+    weights = Path(run) / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    os.chmod(weights, 0o644)  # safetensors writes 0600: the generator container's user (uid 10001) must read it
     (Path(run) / "config.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 

@@ -79,6 +79,7 @@ def test_train_and_serve_against_a_live_tokenizer(live_server, small_photos, tmp
     assert last < 8.0 and last <= first  # it learned something about the tokens
     model, loaded = load_generator(run)
     assert loaded["val_bits_per_token"] == last and model.cfg.seq_len == 2 * 4 * 6
+    assert (run / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by a container's other user
 
     server = LiveServer([], "--tokenizer-url", live_server, command=["generator", "serve", str(run)])
     try:

@@ -27,6 +27,7 @@ def test_tiny_train_then_eval_writes_every_field(small_photos, tmp_path):
     run = tmp_path / "run"
     run_cli("train", "--preset", "tiny", "--data", str(small_photos), "--out", str(run), "--steps", "40", "--quiet")
     assert {"config.json", "model.safetensors", "trainer.pt", "log.jsonl"} <= {p.name for p in run.iterdir()}
+    assert (run / "model.safetensors").stat().st_mode & 0o044 == 0o044  # not safetensors' own 0600
     assert (run / "samples").is_dir() and any((run / "samples").glob("*.png"))
     out = tmp_path / "eval.json"
     run_cli("eval", str(run), "--data", str(small_photos), "--json", str(out), "--size", "192", "256", "--quiet")

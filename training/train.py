@@ -238,6 +238,7 @@ class Trainer:
                           for k, v in self.model.state_dict().items()})
         tmp = self.run_dir / "model.safetensors.tmp"
         save_file(state, str(tmp), metadata={"step": str(self.step)})
+        os.chmod(tmp, 0o644)  # safetensors writes 0600: a container's user (uid 10001) could not read it
         os.replace(tmp, self.run_dir / "model.safetensors")  # never leave a half-written checkpoint
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "data_rng": self.data.rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state()}, self.run_dir / "trainer.pt.tmp")
