@@ -67,7 +67,7 @@ def write_result(result: dict, name: str, quick: bool, out: Path | str | None = 
     """Write a benchmark's result as JSON: `out`, else benchmarks/results/NAME.json (NAME_quick.json for --quick)."""
     path = Path(out or RESULTS / f"{name}{'_quick' if quick else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps(result, indent=1).replace(str(REPO) + os.sep, "") + "\n")  # repo-relative paths
     return path
 
 
