@@ -254,7 +254,7 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
     if png_out and grid_rows:
         grid = np.concatenate([grid_rows[k] for k in sorted(grid_rows)], axis=0)
         Path(png_out).parent.mkdir(parents=True, exist_ok=True)
-        scale = max(1, grid.shape[1] // 1536)  # at most ~1536 px wide
+        scale = -(-grid.shape[1] // 1536)  # at most 1536 px wide
         Image.fromarray(grid).resize((grid.shape[1] // scale, grid.shape[0] // scale), Image.LANCZOS).save(png_out)
     sources = sorted({r["source"] for r in rows})
     return {"model": name, "image_size": [h, w], "bits_per_token": bits_per_token, **summary(rows),
