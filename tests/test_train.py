@@ -282,10 +282,18 @@ def test_init_from_a_run_and_from_an_exported_model(tiny_run, tiny_model, small_
 
 
 def test_init_from_a_model_without_weights_says_so(tmp_path):
+    import shutil
+
     from gqtok.core.models import find_model
     from gqtok.training.train import load_weights
 
+    load_weights(find_model())  # the embedded default model ships its weights
+    old = tmp_path / "exported-before-weights"
+    shutil.copytree(find_model(), old, ignore=shutil.ignore_patterns("weights.safetensors"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["files"]["weights.safetensors"]  # as models exported before weights were shipped
+    (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FileNotFoundError, match="without torch weights"):
-        load_weights(find_model())  # the embedded default model predates shipped weights
+        load_weights(old)
     with pytest.raises(FileNotFoundError, match="neither a training run"):
-        load_weights(tmp_path)
+        load_weights(tmp_path / "nothing-here")
