@@ -28,15 +28,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.service import png_bytes, start_server, test_images, write_result  # noqa: E402
+from gqtok.service.memory import status_kib  # noqa: E402
 NPY = "application/x-npy"
 MIB = 2**20
 
 
 def status_mib(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+    return status_kib(field, pid) / 1024
 
 
 def photo(height: int, width: int) -> np.ndarray:

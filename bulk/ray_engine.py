@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from gqtok.bulk.shards import Job, _progress, finish, prepare, tokenize_shard, write_shard
+from gqtok.bulk.shards import Job, finish, prepare, progress_bar, tokenize_shard, write_shard
 from gqtok.core.artifact import load_artifact
 from gqtok.core.models import find_model
 
@@ -59,7 +59,7 @@ def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, 
             per_actor = max(1, cpus // actors)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
-            bar = _progress(sum(len(job.shard_paths(k)) for k in todo), progress)
+            bar = progress_bar(sum(len(job.shard_paths(k)) for k in todo), progress)
             shards = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
             done = shards.map_batches(ShardWorker, batch_size=1, concurrency=actors, num_cpus=per_actor,
                                       fn_constructor_kwargs={"job": job, "model_dir": model_dir, "grid": grid,

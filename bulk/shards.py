@@ -209,7 +209,7 @@ def run_local(job: Job, runtime, decode_workers: int = 1, progress: bool = True)
     """Every shard not done yet, in this process: a decode pool feeding the runtime."""
     grid = prepare(job, runtime.manifest)
     todo = [k for k in range(job.shards) if not job.done(k)]
-    bar = _progress(sum(len(job.shard_paths(k)) for k in todo), progress)
+    bar = progress_bar(sum(len(job.shard_paths(k)) for k in todo), progress)
     start = time.perf_counter()
     with ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as pool:
         for k in todo:
@@ -223,14 +223,8 @@ def run_local(job: Job, runtime, decode_workers: int = 1, progress: bool = True)
     return meta
 
 
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the serve extra may lack tqdm: no bar
-        enabled = False
-    if not enabled:
-        class Silent:
-            def update(self, n): pass
-            def close(self): pass
-        return Silent()
-    return tqdm(total=total, unit="file", desc="tokenize", smoothing=0.05)
+def progress_bar(total: int, enabled: bool):
+    """Files done, files/s and ETA (tqdm, in the serve extra)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="tokenize", smoothing=0.05, disable=not enabled)

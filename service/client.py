@@ -22,7 +22,7 @@ from PIL import Image
 
 from gqtok.service.client_protocol import (RetryPolicy, TokenizerError, _as_list, _Call, _client_kwargs, _compress_call,
                                            _decompress_call, _detokenize_call, _grid_chunks,
-                                           _check_output, _images_out, _several_grids, _get, _many_results, _outcome,
+                                           _check_output, _grid_list, _images_out, _get, _many_results, _outcome,
                                            _parse_npy, _tokenize_call)
 
 __all__ = ["TokenizerClient", "AsyncTokenizerClient", "TokenizerError", "RetryPolicy"]
@@ -97,7 +97,8 @@ class TokenizerClient:
         grids of several sizes go one request per size and come back as a list, in order. Batches longer than
         the server's max_images_per_request (read once from /info) are split."""
         _check_output(output)
-        chunks = _grid_chunks(tokens, self._images_per_request() if _several_grids(tokens) else 1)
+        grids = _grid_list(tokens)
+        chunks = _grid_chunks(tokens, grids, self._images_per_request() if grids else 1)
         answers = [self._call(_detokenize_call(grids, image_size, model or self.model)) for _, grids in chunks]
         return _images_out(chunks, answers, output)
 
@@ -189,9 +190,10 @@ class AsyncTokenizerClient:
     async def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None):
         """Token grids -> images; see TokenizerClient.detokenize. The requests go concurrently."""
         _check_output(output)
-        if self._limit is None and _several_grids(tokens):
+        grids = _grid_list(tokens)
+        if self._limit is None and grids:
             self._limit = int((await self.info())["limits"]["max_images_per_request"])
-        chunks = _grid_chunks(tokens, self._limit or 1)
+        chunks = _grid_chunks(tokens, grids, self._limit or 1)
         answers = await asyncio.gather(*(self._call(_detokenize_call(grids, image_size, model or self.model))
                                          for _, grids in chunks))
         return _images_out(chunks, list(answers), output)

@@ -235,15 +235,9 @@ def _grid_list(tokens) -> list[np.ndarray] | None:
     return grids if len(grids) > 1 else None
 
 
-def _several_grids(tokens) -> bool:
-    """More than one grid: the request may need splitting (so the server's limit is worth asking for)."""
-    return _grid_list(tokens) is not None
-
-
-def _grid_chunks(tokens, limit: int) -> list[tuple[list[int] | None, object]]:
-    """Token grids -> (their positions, a batch of one size) per request, each at most `limit` grids. A batch
-    that needs no splitting goes as it is (positions None)."""
-    grids = _grid_list(tokens)
+def _grid_chunks(tokens, grids: list[np.ndarray] | None, limit: int) -> list[tuple[list[int] | None, object]]:
+    """Token grids (`grids`: _grid_list(tokens)) -> (their positions, a batch of one size) per request, each at most
+    `limit` grids. One grid goes as it is (positions None)."""
     if grids is None:
         return [(None, tokens)]
     by_shape: dict[tuple, list[int]] = {}

@@ -41,16 +41,17 @@ class MemoryMeasurementUnavailable(RuntimeError):
     pass
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_kib(field: str, pid: int | str = "self") -> int:
+    """A field of /proc/PID/status in KiB (VmRSS: resident now; VmHWM: the peak since the last reset)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise MemoryMeasurementUnavailable(f"/proc/self/status has no {field}")
+    raise MemoryMeasurementUnavailable(f"/proc/{pid}/status has no {field}")
 
 
 def resident_bytes() -> int:
     """This process's resident memory now (Linux)."""
-    return _status_kib("VmRSS") * 1024
+    return status_kib("VmRSS") * 1024
 
 
 def trim_heap() -> None:
@@ -84,7 +85,7 @@ def peak_above_now(fn) -> int:
         raise MemoryMeasurementUnavailable(f"cannot reset the peak resident size: {e}") from None
     before = resident_bytes()
     fn()
-    return max(0, _status_kib("VmHWM") * 1024 - before)
+    return max(0, status_kib("VmHWM") * 1024 - before)
 
 
 @dataclass

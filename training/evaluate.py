@@ -179,10 +179,17 @@ def evaluate(run_dir: Path, data_dir: Path, json_out: Path | None = None, png_ou
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))
     if png_out:
-        grid = np.concatenate(grid_rows[:6], axis=0)
-        Path(png_out).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).resize((grid.shape[1] // 2, grid.shape[0] // 2), Image.LANCZOS).save(png_out)
+        save_grid(grid_rows[:6], png_out, scale=2)
     return result
+
+
+def save_grid(rows: list[np.ndarray], path: Path, scale: int | None = None) -> None:
+    """Image rows stacked into one picture, shrunk by `scale` (default: the least that keeps it at most 1536 px
+    wide)."""
+    grid = np.concatenate(rows, axis=0)
+    scale = scale or -(-grid.shape[1] // 1536)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] // scale, grid.shape[0] // scale), Image.LANCZOS).save(path)
 
 
 # -- any tokenizer, any photos --------------------------------------------------------------------------------------
@@ -252,10 +259,7 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
         return out
 
     if png_out and grid_rows:
-        grid = np.concatenate([grid_rows[k] for k in sorted(grid_rows)], axis=0)
-        Path(png_out).parent.mkdir(parents=True, exist_ok=True)
-        scale = -(-grid.shape[1] // 1536)  # at most 1536 px wide
-        Image.fromarray(grid).resize((grid.shape[1] // scale, grid.shape[0] // scale), Image.LANCZOS).save(png_out)
+        save_grid([grid_rows[k] for k in sorted(grid_rows)], png_out)
     sources = sorted({r["source"] for r in rows})
     return {"model": name, "image_size": [h, w], "bits_per_token": bits_per_token, **summary(rows),
             "per_source": {s: summary([r for r in rows if r["source"] == s]) for s in sources},
