@@ -27,7 +27,7 @@ from gqtok import __version__
 from gqtok.bulk.preprocess import Preprocess
 from gqtok.core.layout import SEQUENCE_ORDER
 from gqtok.core.shards import INDEX, META, shard_name, token_dtype
-from gqtok.photos import IMAGE_SUFFIXES, list_images, to_rgb
+from gqtok.photos import IMAGE_SUFFIXES, displayed_size, list_images, to_rgb
 
 DEFAULT_SHARD_SIZE = 1024  # files per shard
 DEFAULT_MAX_PIXELS = 64 * 2**20  # larger files are recorded as errors, not decoded (memory)
@@ -95,13 +95,13 @@ def expected_grid(job: Job, manifest) -> tuple[int, int, int]:
     if job.preprocess.size:
         return (t, job.preprocess.size // f, job.preprocess.size // f)
     for path in job.paths:
-        views, _ = _views(path, job, f, _read_members((path,)).get(path))
+        views, _ = file_views(path, job, f, _read_members((path,)).get(path))
         if views:
             return (t, views[0].shape[0] // f, views[0].shape[1] // f)
     raise ValueError("none of the input files decodes")
 
 
-def _views(path: str, job: Job, f: int, data: bytes | None = None) -> tuple[list[np.ndarray], dict]:
+def file_views(path: str, job: Job, f: int, data: bytes | None = None) -> tuple[list[np.ndarray], dict]:
     """A file's views and its index entry; a file that cannot be used gets status "error" and its reason. `data`:
     the file's bytes when it is a tar member."""
     entry: dict = {"path": path}
@@ -110,8 +110,10 @@ def _views(path: str, job: Job, f: int, data: bytes | None = None) -> tuple[list
             w, h = im.size
             if w * h > job.max_pixels:  # from the header, before decoding
                 raise ValueError(f"{w}x{h} is more than max_pixels={job.max_pixels}")
+            original_size = displayed_size(im)  # before prepare_decoding, which may scale the decoding down
+            job.preprocess.prepare_decoding(im)
             img = to_rgb(im, job.alpha, path)
-        entry["original_size"] = [int(img.shape[0]), int(img.shape[1])]
+        entry["original_size"] = list(original_size)
         views = job.preprocess.views(img, path, f)
     except Exception as e:  # unreadable, truncated, too large, transparent with alpha=refuse, ...
         return [], entry | {"status": "error", "rows": 0, "error": f"{type(e).__name__}: {e}"}
@@ -124,8 +126,8 @@ def tokenize_shard(job: Job, k: int, runtime, grid: tuple[int, int, int],
     f = runtime.manifest.downsample
     paths = job.shard_paths(k)
     members = _read_members(paths)
-    decoded = (decode_pool.map(lambda p: _views(p, job, f, members.get(p)), paths) if decode_pool
-               else (_views(p, job, f, members.get(p)) for p in paths))
+    decoded = (decode_pool.map(lambda p: file_views(p, job, f, members.get(p)), paths) if decode_pool
+               else (file_views(p, job, f, members.get(p)) for p in paths))
     entries, pending, rows = [], [], []
     size = (grid[1] * f, grid[2] * f)
 

@@ -261,7 +261,8 @@ def cmd_tokenize(args) -> None:
     from gqtok.bulk.preprocess import Preprocess
     from gqtok.bulk.shards import Job, list_inputs
 
-    pre = Preprocess(size=args.size, crop=args.crop, flip=args.flip, seed=args.seed, fit=args.fit)
+    pre = Preprocess(size=args.size, crop=args.crop, flip=args.flip, seed=args.seed, fit=args.fit,
+                     draft=not args.full_decode)
     job = Job(list_inputs(args.input), Path(args.out), pre, shard_size=args.shard_size, batch_size=args.batch_size,
               alpha=args.alpha, max_pixels=args.max_pixels)
     if args.engine == "ray":
@@ -483,6 +484,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     tk.add_argument("--seed", type=int, default=0, help="seed of the random crops and flips (default 0)")
     tk.add_argument("--fit", choices=["pad", "crop", "exact"], default="pad",
                     help="with --size 0: make sides multiples of f as the service does (default pad)")
+    tk.add_argument("--full-decode", action="store_true",
+                    help="decode JPEGs at full size before resizing (default: at the smallest 1/2, 1/4 or 1/8 scale "
+                         "still covering --size, libjpeg's DCT scaling: 2x faster on large photos, views within ~47 dB)")
     tk.add_argument("--alpha", choices=["composite", "refuse"], default="composite",
                     help="transparent images: composite on white (default) or record them as errors")
     tk.add_argument("--max-pixels", type=int, default=64 * 2**20,

@@ -89,7 +89,19 @@ class TransparentImage(ValueError):
     """An image with transparent pixels, read with alpha="refuse"."""
 
 
+ORIENTATION_TAG = 0x0112  # EXIF's Orientation
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, as most viewers show them
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1: upright; 5 to 8 turn the image by 90 degrees, swapping its sides)."""
+    return im.getexif().get(ORIENTATION_TAG, 1)
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(H, W) of an opened image as to_rgb returns it (EXIF orientation applied), read from its header."""
+    w, h = im.size
+    return (w, h) if exif_orientation(im) in (5, 6, 7, 8) else (h, w)
 
 
 def to_rgb(im: Image.Image, alpha: str = "composite", name: str = "image") -> np.ndarray:
@@ -102,7 +114,8 @@ def to_rgb(im: Image.Image, alpha: str = "composite", name: str = "image") -> np
     - grayscale, palette and CMYK converted as Pillow does."""
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
-    im = ImageOps.exif_transpose(im)
+    if exif_orientation(im) != 1:  # exif_transpose copies the image even when there is nothing to turn
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2.0**31 - 1

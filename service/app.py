@@ -19,11 +19,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
 
 import gqtok
 from gqtok.core.artifact import ArtifactError
@@ -31,6 +32,7 @@ from gqtok.service import errors, memory
 from gqtok.service.metrics import ServiceMetrics
 from gqtok.service.routers import compression, health, models, tokens
 from gqtok.service.schemas import JSON_BODY_MODELS
+from gqtok.service.runtime import set_thread_nice
 from gqtok.service.served import load_models, warm_up
 from gqtok.service.settings import ServiceSettings
 from gqtok.service.state import ServiceState
@@ -42,7 +44,8 @@ DOCS_ASSETS = "/docs/static"  # Swagger UI's JavaScript and CSS, served from the
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
     state = ServiceState(settings, ServiceMetrics(), asyncio.Semaphore(settings.max_concurrent_coding),
-                         ThreadPoolExecutor(settings.max_concurrent_coding, thread_name_prefix="coding"))
+                         ThreadPoolExecutor(settings.max_concurrent_coding, thread_name_prefix="coding",
+                                            initializer=set_thread_nice, initargs=(settings.inference_nice,)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,7 +74,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     errors.install_handlers(app, log)
     for router in (tokens.router, compression.router, models.router, health.router):
         app.include_router(router)
-    install_gatekeeper(app, state)
+    app.add_middleware(Gatekeeper, state=state)
     app.openapi = lambda: openapi_schema(app)
     return app
 
@@ -86,42 +89,65 @@ def apply_memory_budget(state: ServiceState) -> None:
         model.tokenize.max_batch_pixels = model.detokenize.max_batch_pixels = limits["max_batch_pixels"]
 
 
-def install_gatekeeper(app: FastAPI, state: ServiceState) -> None:
-    """Middleware: auth, draining, in-flight count, per-route metrics and x-total-time, in that order."""
-    settings, metrics = state.settings, state.metrics
-    api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+class Gatekeeper:
+    """Pure ASGI middleware, outermost but for Starlette's error handler: auth, draining, the in-flight limit
+    (admission before the body is read), then per-route metrics and x-total-time on every answer, 500s included.
+    Pure ASGI rather than @app.middleware("http"), which wraps every request in a task group and a body stream
+    of its own: under a flood of 256 requests its refusals queued for most of a second (benchmarks/flood.py)."""
 
-    def refuse(e: errors.ServiceError, route: str) -> JSONResponse:
-        metrics.count_request(route, e.status)
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    def __init__(self, app, state: ServiceState):
+        self.app, self.state = app, state
+        key = state.settings.api_key
+        self.api_key = key.get_secret_value().encode() if key else None
 
-    @app.middleware("http")
-    async def gatekeeper(request: Request, call_next):
-        start = time.perf_counter()
-        health = request.url.path.startswith("/health/")
-        if api_key is not None and not health:
-            given = request.headers.get("authorization", "")
+    def refusal(self, scope) -> tuple[errors.ServiceError, str] | None:
+        """Why this request is refused before any work, with the metrics label; None to admit it."""
+        state, settings = self.state, self.state.settings
+        if self.api_key is not None:
+            given = Headers(scope=scope).get("authorization", "")
             token = given[7:].encode() if given[:7].lower() == "bearer " else b""
-            if not hmac.compare_digest(token, api_key):  # constant time whatever the length of the guess
-                return refuse(errors.Unauthorized("missing or wrong API key (Authorization: Bearer KEY)"), "unauthorized")
-        if state.draining and not health:
-            return refuse(errors.ShuttingDown("server is shutting down", headers={"Retry-After": "1"}), "draining")
-        if state.inflight >= settings.max_concurrent_requests and not health:  # admission before any work
-            return refuse(errors.TooManyRequests(f"{state.inflight} requests in flight, the limit is "
-                                                 f"{settings.max_concurrent_requests}; retry later",
-                                                 headers={"Retry-After": "1"}), "overloaded")
-        state.inflight += 1
+            if not hmac.compare_digest(token, self.api_key):  # constant time whatever the length of the guess
+                return errors.Unauthorized("missing or wrong API key (Authorization: Bearer KEY)"), "unauthorized"
+        if state.draining:
+            return errors.ShuttingDown("server is shutting down", headers={"Retry-After": "1"}), "draining"
+        if state.inflight >= settings.max_concurrent_requests:
+            return errors.TooManyRequests(f"{state.inflight} requests in flight, the limit is "
+                                          f"{settings.max_concurrent_requests}; retry later",
+                                          headers={"Retry-After": "1"}), "overloaded"
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        metrics = self.state.metrics
+        refused = None if scope["path"].startswith("/health/") else self.refusal(scope)
+        if refused is not None:
+            e, label = refused
+            metrics.count_request(label, e.status)
+            return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
+        started = False  # counted when the answer starts, before the client can see it
+
+        async def send_timed(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message).append("x-total-time", f"{1e3 * (time.perf_counter() - start):.3f}")
+                metrics.count_request(route_of(scope), message["status"])
+            await send(message)
+
+        self.state.inflight += 1
         try:
-            response = await call_next(request)
-        except Exception:  # answered 500 by the outermost handler (errors.py); counted here all the same
-            metrics.count_request(getattr(request.scope.get("route"), "path", "unmatched"), 500)
-            raise
+            await self.app(scope, receive, send_timed)
         finally:
-            state.inflight -= 1
-        route = request.scope.get("route")
-        metrics.count_request(getattr(route, "path", "unmatched"), response.status_code)
-        response.headers["x-total-time"] = f"{1e3 * (time.perf_counter() - start):.3f}"
-        return response
+            self.state.inflight -= 1
+            if not started:  # raised before answering: Starlette's error handler answers 500
+                metrics.count_request(route_of(scope), 500)
+
+
+def route_of(scope) -> str:
+    """The metrics label of a request: its route's path template, once routing found one."""
+    return getattr(scope.get("route"), "path", "unmatched")
 
 
 def openapi_schema(app: FastAPI) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gqtok.service.errors import InferenceFailed, NotReady, QueueFull
+from gqtok.service.runtime import set_thread_nice
 
 log = logging.getLogger("gqtok.batcher")
 FAILURES_UNTIL_UNHEALTHY = 3
@@ -60,14 +61,17 @@ class Batcher:
     def __init__(self, name: str, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
                  max_delay_s: float, max_queue: int, on_batch: Callable[[Timing], None] | None = None,
                  max_batch_pixels: int | None = None, pixels_of: Callable[[tuple], int] | None = None,
-                 probe: Callable[[], object] | None = None):
+                 probe: Callable[[], object] | None = None, worker_nice: int = 0):
         self.name, self.run_batch, self.probe = name, run_batch, probe
         self.failures = 0  # inference calls in a row that failed on their own
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.max_batch_pixels, self.pixels_of = max_batch_pixels, pixels_of  # pixels_of(key): pixels of one item
         self.on_batch = on_batch
         self.pending: list[_Item] = []
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        # worker_nice: the worker thread's nice value (runtime.set_thread_nice); onnxruntime's calling thread
+        # computes too, so it runs at the pool's priority
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
+                                           initializer=set_thread_nice, initargs=(worker_nice,))
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 

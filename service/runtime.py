@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -41,20 +43,44 @@ _shared_threads: int | None = None  # the process-wide intra-op pool's size, onc
 _sessions_made = False
 
 
-def share_threads(threads: int) -> bool:
+def share_threads(threads: int, nice: int = 0) -> bool:
     """Make every onnxruntime session of this process share one intra-op thread pool of `threads` threads (0:
     one per core) instead of a pool each: the server holds an encoder, a decoder and a score MatMul per model,
     and their pools together ran several times as many threads as cores. Must come before the first session;
-    False (sessions keep their own pools) when one exists already."""
+    False (sessions keep their own pools) when one exists already. `nice`: the pool's threads run at that nice
+    value (see set_thread_nice)."""
     global _shared_threads
     if _shared_threads is not None:
         return True
     if _sessions_made:
         log.warning("onnxruntime sessions exist already: each keeps its own thread pool")
         return False
-    ort.set_global_thread_pool_sizes(threads or (os.cpu_count() or 1), 1)
+
+    def make_pool():
+        set_thread_nice(nice)
+        ort.set_global_thread_pool_sizes(threads or (os.cpu_count() or 1), 1)
+
+    # The pool's threads start inside set_global_thread_pool_sizes and inherit the calling thread's nice value,
+    # which a thread cannot lower again: so a short-lived thread makes them.
+    maker = threading.Thread(target=make_pool, name="ort-pool-maker")
+    maker.start()
+    maker.join()
     _shared_threads = threads
     return True
+
+
+def set_thread_nice(nice: int) -> None:
+    """Run the calling thread (and the threads it starts) at nice value `nice` (Linux; 0: leave it). The server
+    runs inference and entropy coding at a higher nice value than its event loop, so that under overload the
+    loop still admits, refuses and answers health probes at once instead of queueing behind inference for
+    the cores (benchmarks/flood.py)."""
+    if nice <= 0:
+        return
+    if sys.platform != "linux":  # elsewhere setpriority on a thread id is not per thread
+        log.info("thread priorities are set on Linux only; %s keeps its priority", threading.current_thread().name)
+        return
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
 
 
 def one_blas_thread() -> None:

@@ -53,7 +53,7 @@ class ServedModel:
 def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str, ServedModel]:
     """Find, load, verify and wrap every model; raises ArtifactError or FileNotFoundError naming what is wrong."""
     models: dict[str, ServedModel] = {}
-    share_threads(settings.threads)  # one intra-op pool for every session of every model
+    share_threads(settings.threads, settings.inference_nice)  # one intra-op pool for every session of every model
     one_blas_thread()
     for spec in settings.models:
         directory = find_model(spec)
@@ -67,7 +67,8 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
             return lambda t: metrics.observe_batch(mid, direction, t)
 
         common = dict(max_batch_size=settings.max_batch_size, max_delay_s=settings.max_queue_delay_ms / 1e3,
-                      max_queue=settings.max_queue_size, max_batch_pixels=settings.max_batch_pixels)
+                      max_queue=settings.max_queue_size, max_batch_pixels=settings.max_batch_pixels,
+                      worker_nice=settings.inference_nice)
         f = artifact.manifest.downsample
         image, grid = np.zeros((1, 2 * f, 2 * f, 3), np.uint8), np.zeros((1, artifact.manifest.tokens_per_position, 2, 2), np.int64)
         models[mid] = ServedModel(

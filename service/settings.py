@@ -30,6 +30,10 @@ class ServiceSettings(BaseSettings):
         "onnxruntime provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU."))
     threads: int = Field(0, ge=0, description=(
         "Threads of the one onnxruntime pool that every model's sessions share; 0: one per core."))
+    inference_nice: int = Field(10, ge=0, le=19, description=(
+        "Nice value of the threads that run inference and entropy coding (Linux; 0: the event loop's). Above 0, "
+        "the event loop that admits requests, refuses them (429) and answers /health keeps the cores it needs "
+        "under overload."))
     selector: Literal["auto", "onnx", "numpy", "ort-matmul"] = Field("auto", description=(
         "Where GQ selection runs: auto is ort-matmul (numpy argmax over onnxruntime's MatMul) on the CPU and "
         "gq_select.onnx on CUDA."))

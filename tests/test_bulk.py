@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from gqtok.bulk.preprocess import Preprocess, resize_shorter
-from gqtok.bulk.shards import Job, list_inputs, run_local
+from gqtok.bulk.shards import Job, file_views, list_inputs, run_local
 from gqtok.core.layout import grids_to_sequences
 from gqtok.core.shards import TokenShards
-from gqtok.photos import load_rgb
+from gqtok.photos import load_rgb, to_rgb
 from gqtok.service.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -42,6 +42,25 @@ def test_views_are_deterministic_per_file_and_the_right_size():
         Preprocess(size=60).views(img, "a.jpg", 8)
     with pytest.raises(ValueError, match="need a size"):
         Preprocess(size=0, crop="ten")
+
+
+def test_jpegs_decode_at_a_reduced_scale_close_to_a_full_decode(small_photos):
+    """draft=True (the default) decodes a JPEG at the smallest DCT scale that still covers the resize: its views
+    stay close to a full-size decode's; draft=False gives exactly the full decode's; the original size recorded
+    is the file's, not the reduced decode's."""
+    path = str(next(p for p in sorted(small_photos.iterdir()) if p.suffix == ".jpg"))
+    full_size = load_rgb(Path(path)).shape[:2]
+    assert min(full_size) >= 4 * 32  # a scale of 1/2 or less applies at size 32
+    drafted, entry = file_views(path, Job((path,), Path("unused"), Preprocess(size=32)), 8)
+    full, _ = file_views(path, Job((path,), Path("unused"), Preprocess(size=32, draft=False)), 8)
+    assert np.array_equal(full[0], Preprocess(size=32).views(load_rgb(Path(path)), path, 8)[0])
+    assert drafted[0].shape == full[0].shape == (32, 32, 3) and not np.array_equal(drafted[0], full[0])
+    mse = np.mean((drafted[0].astype(float) - full[0].astype(float)) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 30
+    assert entry["original_size"] == list(full_size)
+    with Image.open(path) as im:  # PNG and the like, and size 0 (no resize), decode at full size
+        Preprocess(size=0).prepare_decoding(im)
+        assert im.size == (full_size[1], full_size[0]) and to_rgb(im).shape[:2] == full_size
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +107,9 @@ def test_shards_hold_the_tokenizers_tokens_in_order(local_tokens, tiny_model, da
     for i in (0, 6, 14):
         path = good[i]
         assert shards.source(i)["path"] == path
-        view = pre.views(load_rgb(Path(path)), path, 8)[0]
+        with Image.open(path) as im:  # the engines' decoding: a JPEG at the smallest DCT scale covering size 64
+            pre.prepare_decoding(im)
+            view = pre.views(to_rgb(im), path, 8)[0]
         ids = tok.encode(view)
         assert np.array_equal(shards.grids(i, i + 1), ids.astype(np.uint16))
         assert np.array_equal(shards[i], grids_to_sequences(ids)[0])  # the canonical sequence order
@@ -171,6 +192,7 @@ def test_tar_shards_give_the_folders_tokens(small_photos, tiny_model, tmp_path):
     assert from_tar.paths[0] == f"{archive}::0000.jpg" and len(from_tar.paths) == 6
     run_local(from_tar, tok.runtime, progress=False)
     shards = TokenShards(from_tar.out)
-    expected = np.concatenate([tok.encode(Preprocess(size=64).views(load_rgb(p), str(p), 8)[0]) for p in photos])
-    assert np.array_equal(shards.grids().astype(np.int64), expected)
+    from_folder = Job(tuple(str(p) for p in photos), tmp_path / "folder", Preprocess(size=64), shard_size=4)
+    run_local(from_folder, tok.runtime, progress=False)
+    assert np.array_equal(shards.grids(), TokenShards(from_folder.out).grids())
     assert shards.source(5)["path"] == f"{archive}::0005.jpg"

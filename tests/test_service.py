@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -145,7 +147,9 @@ def test_detokenize_several_as_json_and_npy(live_server, photos):
     assert all(np.array_equal(arr[i], images[i]) for i in range(3))
 
 
-def test_models_codebook_info_metrics(live_server, tiny_model):
+def test_models_codebook_info_metrics(live_server, tiny_model, photos):
+    assert httpx.post(f"{live_server}/v1/tokenize", content=png(photos[0]),
+                      headers={"content-type": "image/png"}).status_code == 200
     models = httpx.get(f"{live_server}/v1/models").json()
     assert models["default"] == "tiny" and models["models"][0]["num_codes"] == 256
     meta = httpx.get(f"{live_server}/v1/models/tiny").json()
@@ -507,6 +511,21 @@ def test_unexpected_errors_are_counted_and_requests_past_the_limit_refused(tiny_
         assert ok.headers["x-gqtok-codebook-sha256"] == m.codebook.sha256
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
+def test_inference_runs_at_a_lower_priority_than_the_event_loop(tiny_model, start_server, photos):
+    """With the default --inference-nice 10, onnxruntime's pool and the inference worker run at nice 10 and the
+    event loop (uvicorn's main thread) at the process's own 0, so refusals and health probes never wait behind
+    inference for a core."""
+    server = start_server([tiny_model], "--threads", "2")
+    r = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
+    assert r.status_code == 200
+    tasks = Path(f"/proc/{server.proc.pid}/task")
+    nice = {int(t.name): int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in tasks.iterdir()}
+    assert nice[server.proc.pid] == 0
+    assert sum(v == 10 for v in nice.values()) >= 2, nice  # the pool's second thread and the tokenize worker
+    assert set(nice.values()) <= {0, 10}, nice
 
 
 def record_batch_sizes(batcher, label: str, sizes: list) -> None:
