@@ -4,7 +4,9 @@
 
 A real `gqtok serve` with a small queue (`--max-queue-size`, default 8) gets `--requests` tokenize requests at
 once (256x256 photo crops, one connection each), while `--json-bodies` senders post JSON token bodies just under
-the 32 MiB body limit to /v1/detokenize, and a prober asks /health/live every 10 ms throughout. Reported:
+the 32 MiB body limit to /v1/detokenize, and a prober asks /health/live every 10 ms throughout. The flood's
+requests are pre-built bytes written on raw sockets (latency: connection to status line), and the prober is a
+process of its own, so that neither measures the load generator's own backlog. Reported:
 statuses, the latency of the refusals (429) and of the answers (200), every 200 checked against the tokens the
 server gave for that image before the flood, the 413s of the JSON bodies, and /health/live's latency (median and
 99th percentile). Targets (issue 16): 429s in a median under 50 ms, /health/live's p99 under 100 ms. Writes
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import signal
 import sys
 import time
@@ -44,59 +47,105 @@ def json_tokens_body(nbytes: int) -> bytes:
     return ('{"tokens": [' + ", ".join([row] * rows) + "]}").encode()
 
 
+def request_bytes(path: str, body: bytes, content_type: str, accept: str = "application/json") -> bytes:
+    """A whole HTTP/1.1 request, built once: the flood writes it with one call, so the load generator adds
+    microseconds per request, not the milliseconds of an HTTP client library, and never queues its own requests."""
+    head = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: {content_type}\r\naccept: {accept}\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+async def send_raw(port: int, request: bytes) -> tuple[int | str, float, bytes]:
+    """(status or the connection error's name, seconds until the status line arrived, body)."""
+    start, stage = time.perf_counter(), "connect"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        stage = "send"
+        writer.write(request)
+        stage = "status"
+        status_line = await reader.readline()
+        seconds = time.perf_counter() - start
+        stage = "body"
+        rest = await reader.read()  # connection: close, so the answer ends at EOF
+        writer.close()
+    except (ConnectionError, OSError) as e:
+        return f"{type(e).__name__} at {stage}", time.perf_counter() - start, b""
+    if not status_line:
+        return "closed before the status line", time.perf_counter() - start, b""
+    head, _, body = rest.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = dechunk(body)
+    return int(status_line.split()[1]), seconds, body
+
+
+def dechunk(data: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while True:
+        j = data.index(b"\r\n", i)
+        n = int(data[i:j], 16)
+        if n == 0:
+            return bytes(out)
+        out += data[j + 2:j + 2 + n]
+        i = j + 2 + n + 2
+
+
+def probe_health(url: str, stop, out) -> None:
+    """In a process of its own (so that the flood's client work cannot delay it): GET /health/live every 10 ms
+    until `stop` is set; then put (latencies, failures) on `out`."""
+    live, failures = [], Counter()
+    with httpx.Client(base_url=url, timeout=5) as client:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                r = client.get("/health/live", headers={"connection": "close"})
+                live.append(time.perf_counter() - start)
+                if r.status_code != 200:
+                    failures[r.status_code] += 1
+            except httpx.HTTPError as e:
+                failures[type(e).__name__] += 1
+            time.sleep(0.01)
+    out.put((live, dict(failures)))
+
+
 async def flood(url: str, images: list[bytes], expected: list[np.ndarray], requests: int, json_bodies: int,
                 json_bytes: int) -> dict:
-    limits = httpx.Limits(max_connections=requests + json_bodies + 4, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        stop = asyncio.Event()
-        live: list[float] = []
-        live_failures = Counter()
+    port = int(url.rsplit(":", 1)[1])
+    tokenize_requests = [request_bytes("/v1/tokenize", data, "image/png", NPY) for data in images]
+    big = json_tokens_body(json_bytes)
+    ctx = multiprocessing.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    prober = ctx.Process(target=probe_health, args=(url, stop, out), daemon=True)
+    prober.start()
+    await asyncio.sleep(1.0)  # the prober's start-up, then a baseline of health answers before the flood
 
-        async def probe():
-            while not stop.is_set():
-                start = time.perf_counter()
-                try:
-                    r = await client.get("/health/live", timeout=5)
-                    live.append(time.perf_counter() - start)
-                    if r.status_code != 200:
-                        live_failures[r.status_code] += 1
-                except httpx.HTTPError as e:
-                    live_failures[type(e).__name__] += 1
-                await asyncio.sleep(0.01)
+    async def tokenize(i: int):
+        k = i % len(images)
+        status, seconds, body = await send_raw(port, tokenize_requests[k])
+        right = bool(np.array_equal(np.load(io.BytesIO(body), allow_pickle=False), expected[k])) if status == 200 else None
+        error_type = json.loads(body).get("error_type") if isinstance(status, int) and status != 200 else None
+        return status, seconds, right, error_type
 
-        async def tokenize(i: int):
-            k = i % len(images)
-            start = time.perf_counter()
-            r = await client.post("/v1/tokenize", content=images[k], headers={"content-type": "image/png",
-                                                                               "accept": NPY})
-            seconds = time.perf_counter() - start
-            right = None
-            if r.status_code == 200:
-                right = bool(np.array_equal(np.load(io.BytesIO(r.content), allow_pickle=False), expected[k]))
-            return r.status_code, seconds, right, r.json().get("error_type") if r.status_code != 200 else None
+    async def send_json(client):  # httpx: it copes with a server that answers before the body is all sent
+        start = time.perf_counter()
+        r = await client.post("/v1/detokenize", content=big, headers={"content-type": "application/json"})
+        return r.status_code, time.perf_counter() - start
 
-        big = json_tokens_body(json_bytes)
-
-        async def send_json():
-            start = time.perf_counter()
-            r = await client.post("/v1/detokenize", content=big, headers={"content-type": "application/json"})
-            return r.status_code, time.perf_counter() - start
-
-        prober = asyncio.create_task(probe())
-        await asyncio.sleep(0.2)  # a baseline of health answers before the flood
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         flood_start = time.perf_counter()
         answers, json_answers = await asyncio.gather(
             asyncio.gather(*(tokenize(i) for i in range(requests))),
-            asyncio.gather(*(send_json() for _ in range(json_bodies))))
+            asyncio.gather(*(send_json(client) for _ in range(json_bodies))))
         flood_s = time.perf_counter() - flood_start
-        stop.set()
-        await prober
+    await asyncio.sleep(0.2)
+    stop.set()
+    live, live_failures = await asyncio.to_thread(out.get, True, 60)
+    prober.join(10)
     statuses = Counter(a[0] for a in answers)
     refused = [a[1] for a in answers if a[0] == 429]
     served = [a[1] for a in answers if a[0] == 200]
     return {
         "flood_seconds": round(flood_s, 2),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
         "refusals_by_type": dict(Counter(a[3] for a in answers if a[0] == 429)),
         "refused_median_ms": percentile(refused, 50), "refused_p99_ms": percentile(refused, 99),
         "answered_median_ms": percentile(served, 50), "answered_p99_ms": percentile(served, 99),
@@ -104,7 +153,7 @@ async def flood(url: str, images: list[bytes], expected: list[np.ndarray], reque
         "json_bodies": {"bytes": len(big), "statuses": dict(Counter(s for s, _ in json_answers)),
                         "median_ms": percentile([t for _, t in json_answers], 50)},
         "health_live": {"probes": len(live), "median_ms": percentile(live, 50), "p99_ms": percentile(live, 99),
-                        "max_ms": percentile(live, 100), "failures": dict(live_failures)},
+                        "max_ms": percentile(live, 100), "failures": live_failures},
     }
 
 

@@ -13,8 +13,10 @@ index.jsonl and meta.json when all are done.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
-from gqtok.bulk.shards import Job, finish, prepare, progress_bar, tokenize_shard, write_shard
+from gqtok.bulk.shards import (Job, decode_ahead, decoded_files, finish, prepare, progress_bar, tokenize_shard,
+                               write_shard)
 from gqtok.core.artifact import load_artifact
 from gqtok.core.models import find_model
 
@@ -24,23 +26,27 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # a local cluster moves shard numbers on
 class ShardWorker:
     """A Ray actor: one runtime, any number of shards."""
 
-    def __init__(self, job: Job, model_dir: str, grid: tuple[int, int, int], device: str, threads: int):
+    def __init__(self, job: Job, model_dir: str, grid: tuple[int, int, int], device: str, threads: int,
+                 decode_workers: int = 1):
         from gqtok.service.runtime import TokenizerRuntime
 
         self.job, self.grid = job, grid
         self.runtime = TokenizerRuntime(load_artifact(model_dir), device=device, threads=threads)
+        self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")  # as the local engine's
 
     def __call__(self, batch: dict) -> dict:
         files = []
-        for k in batch["shard"]:
-            tokens, entries = tokenize_shard(self.job, int(k), self.runtime, self.grid)
-            write_shard(self.job, int(k), tokens, entries)
+        shards = [int(k) for k in batch["shard"]]
+        stream = decoded_files(self.job, shards, self.runtime.manifest.downsample, self.pool, decode_ahead(self.job))
+        for k in shards:
+            tokens, entries = tokenize_shard(self.job, k, self.runtime, self.grid, stream)
+            write_shard(self.job, k, tokens, entries)
             files.append(len(entries))
         return {"shard": batch["shard"], "files": files}
 
 
 def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, device: str = "cpu",
-            threads: int = 0, progress: bool = True) -> dict:
+            threads: int = 0, decode_workers: int = 1, progress: bool = True) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -63,7 +69,8 @@ def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, 
             shards = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
             done = shards.map_batches(ShardWorker, batch_size=1, concurrency=actors, num_cpus=per_actor,
                                       fn_constructor_kwargs={"job": job, "model_dir": model_dir, "grid": grid,
-                                                             "device": device, "threads": threads or per_actor})
+                                                             "device": device, "threads": threads or per_actor,
+                                                             "decode_workers": decode_workers})
             for row in done.iter_rows():
                 bar.update(int(row["files"]))
             bar.close()

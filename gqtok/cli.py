@@ -269,7 +269,7 @@ def cmd_tokenize(args) -> None:
         from gqtok.bulk.ray_engine import run_ray
 
         meta = run_ray(job, args.model, address=args.address, workers=args.workers, device=args.device,
-                       threads=args.threads, progress=not args.quiet)
+                       threads=args.threads, decode_workers=args.decode_workers, progress=not args.quiet)
     else:
         from gqtok.bulk.shards import run_local
         from gqtok.core.artifact import load_artifact
@@ -499,7 +499,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     tk.add_argument("--workers", type=int, default=0,
                     help="with --engine ray: tokenizer actors (default: one per 2 CPUs of the cluster)")
     tk.add_argument("--decode-workers", type=int, default=1,
-                    help="local engine: threads decoding files while the runtime tokenizes (default 1)")
+                    help="threads decoding files while the runtime tokenizes (per actor with --engine ray; default 1)")
     tk.add_argument("--threads", type=int, default=0, help="onnxruntime threads per runtime (0: one per core)")
     tk.add_argument("--device", default="cpu", help="onnxruntime device: cpu (default), cuda or auto")
     tk.add_argument("--quiet", action="store_true", help="no progress bar")

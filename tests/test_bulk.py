@@ -63,6 +63,25 @@ def test_jpegs_decode_at_a_reduced_scale_close_to_a_full_decode(small_photos):
         assert im.size == (full_size[1], full_size[0]) and to_rgb(im).shape[:2] == full_size
 
 
+def test_decoding_runs_ahead_across_shards_but_a_bounded_way(small_photos, monkeypatch):
+    """decoded_files keeps at most `ahead` files decoded beyond what the runtime took (memory is bounded, not a
+    shard's views), in the job's order across shard boundaries (the runtime never waits at a shard's start)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gqtok.bulk.shards as shards
+
+    started, real = [], shards.file_views
+    monkeypatch.setattr(shards, "file_views", lambda path, *a: (started.append(path), real(path, *a))[1])
+    job = Job(list_inputs([small_photos]), Path("unused"), Preprocess(size=32), shard_size=5, batch_size=2)
+    consumed = []
+    with ThreadPoolExecutor(2) as pool:
+        for views, entry in shards.decoded_files(job, [0, 1, 2], 8, pool, ahead=3):
+            consumed.append(entry["path"])
+            time.sleep(0.05)  # a slow runtime: the pool would run far ahead if nothing held it
+            assert len(started) <= len(consumed) + 3, (len(started), len(consumed))
+    assert consumed == list(job.paths) and sorted(started) == list(job.paths)
+
+
 @pytest.fixture(scope="module")
 def dataset(small_photos, tmp_path_factory) -> Path:
     """The small photo set plus three files that cannot be tokenized, listed in a text file."""
