@@ -591,6 +591,37 @@ def test_api_key(tiny_model, start_server, photos):
             assert r.status_code == 200, (method, path)
         else:
             assert_error(r, 401, "unauthorized")
+    # A refusal before the body is read still reaches a client that sends a large body: the server reads and drops
+    # the body first, then answers and closes cleanly (closing with unread bytes sends a reset, which can
+    # destroy the answer before the client reads it).
+    body = bytes(8 * 2**20)  # more than the loopback socket buffers hold
+    for _ in range(3):
+        status, rest = raw_post(server.port, "/v1/tokenize", body, "image/png")
+        assert status == 401 and b'"unauthorized"' in rest
+
+
+def raw_post(port: int, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    """POST on a raw socket, sending the body from a thread while the answer is read; (status, the rest). A
+    connection reset raises ConnectionResetError."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {content_type}\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+
+        def send():
+            try:
+                sock.sendall(head + body)
+            except OSError:  # the server stopped reading: the answer says why
+                pass
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        sender.join(30)
+    return int(answer.split(b" ", 2)[1]), answer
 
 
 # -- refusing bad artifacts, graceful shutdown ------------------------------------------------------------------
