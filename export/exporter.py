@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
-from safetensors.numpy import save_file
 
 from gqtok.core import codebook as cb
 from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
@@ -86,6 +87,27 @@ def _eval_summary(run_dir: Path, eval_json: Path | None) -> dict | None:
     return {k: full[k] for k in keys if k in full}
 
 
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
+
+
+def save_tensors_exactly(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on its contents: header keys sorted, tensors in name order.
+    safetensors' own writer puts the metadata map in no fixed order, so the same codebook got a new file digest
+    (and a new manifest entry) on every export. Mode 0644: a non-root server must read it."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        blobs.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    path.chmod(0o644)
+
+
 def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_version: str = "1",
                eval_json: Path | None = None) -> Manifest:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -114,9 +136,8 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     save_torch({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS))
     (out_dir / WEIGHTS).chmod(0o644)
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
-    save_file({"codebook": codebook}, str(out_dir / CODEBOOK),
-              metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
-    (out_dir / CODEBOOK).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
+    save_tensors_exactly({"codebook": codebook}, out_dir / CODEBOOK,
+                         metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
     manifest = Manifest(
         model_id=model_id or run_dir.name,
         model_version=model_version,

@@ -197,3 +197,24 @@ print(shared, one, count(), runtimes[0].gq_select)
     shared, one, four, gq_select = out.stdout.split()
     assert shared == "True" and int(four) == int(one), out.stdout  # three more models, not one thread more
     assert gq_select == "None"  # the CPU default (ort-matmul) opens no gq_select session
+
+
+def test_the_codebook_file_is_the_same_bytes_on_every_export(tmp_path):
+    """The codebook file's bytes (and so the manifest's digest) depend only on the codebook: safetensors' own
+    writer ordered the metadata differently from one export to the next. The library still reads it."""
+    from safetensors import safe_open
+
+    from gqtok.core import codebook as cb
+    from gqtok.export.exporter import save_tensors_exactly
+
+    codebook = cb.make_codebook(0, 256, 4)
+    digests = set()
+    for i in range(4):
+        path = tmp_path / f"codebook{i}.safetensors"
+        save_tensors_exactly({"codebook": codebook}, path, {"seed": "0", "generator": cb.GENERATOR_NAME})
+        digests.add(path.read_bytes())
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert len(digests) == 1
+    with safe_open(str(path), "np") as f:
+        assert np.array_equal(f.get_tensor("codebook"), codebook)
+        assert f.metadata() == {"generator": cb.GENERATOR_NAME, "seed": "0"}
