@@ -4,7 +4,7 @@
     gqtok tokenize DATA --out TOKENS --engine ray --address HOST:6379  # join a running cluster
 
 The shards still to do become a Ray dataset of shard numbers; `map_batches` runs them on an actor pool, each
-actor holding one TokenizerRuntime (loaded once) and calling the same tokenize_shard and write_shard as the local
+actor holding one TokenizerRuntime (loaded once) and running its shards through the same run_shards as the local
 engine, so the shards are byte-identical to its. On a cluster, every node needs the model directory at the same
 path and the output folder on a shared filesystem (every actor writes its shards there); the driver writes
 index.jsonl and meta.json when all are done.
@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from gqtok.bulk.shards import (Job, decode_ahead, decoded_files, finish, prepare, progress_bar, tokenize_shard,
-                               write_shard)
+from gqtok.bulk.shards import Job, finish, prepare, progress_bar, run_shards
 from gqtok.core.artifact import load_artifact
 from gqtok.core.models import find_model
 
@@ -35,14 +34,8 @@ class ShardWorker:
         self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")  # as the local engine's
 
     def __call__(self, batch: dict) -> dict:
-        files = []
         shards = [int(k) for k in batch["shard"]]
-        stream = decoded_files(self.job, shards, self.runtime.manifest.downsample, self.pool, decode_ahead(self.job))
-        for k in shards:
-            tokens, entries = tokenize_shard(self.job, k, self.runtime, self.grid, stream)
-            write_shard(self.job, k, tokens, entries)
-            files.append(len(entries))
-        return {"shard": batch["shard"], "files": files}
+        return {"shard": batch["shard"], "files": list(run_shards(self.job, shards, self.runtime, self.grid, self.pool))}
 
 
 def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, device: str = "cpu",

@@ -6,7 +6,7 @@ files with the server's conversion (gqtok.photos.to_rgb: EXIF, bit depth, alpha)
 (Preprocess) and tokenizes them in batches (tokens do not depend on the batch); `write_shard` writes
 shard-k.npy (under a temporary name, then renamed) and then shard-k.jsonl, whose presence marks the shard done.
 `run_local` skips the done shards (resume: a shard cut off mid-way has no .jsonl and is redone), runs the rest,
-then `finish` writes index.jsonl and meta.json. The Ray engine (ray_engine.py) calls the same three functions.
+then `finish` writes index.jsonl and meta.json. The Ray engine (ray_engine.py) calls the same functions.
 """
 
 from __future__ import annotations
@@ -238,16 +238,23 @@ def run_local(job: Job, runtime, decode_workers: int = 1, progress: bool = True)
     bar = progress_bar(sum(len(job.shard_paths(k)) for k in todo), progress)
     start = time.perf_counter()
     with ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as pool:
-        stream = decoded_files(job, todo, runtime.manifest.downsample, pool, decode_ahead(job))
-        for k in todo:
-            tokens, entries = tokenize_shard(job, k, runtime, grid, stream)
-            write_shard(job, k, tokens, entries)
-            bar.update(len(entries))
+        for files in run_shards(job, todo, runtime, grid, pool):
+            bar.update(files)
     bar.close()
     meta = finish(job, runtime.manifest, grid)
     meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo),
                    "seconds": round(time.perf_counter() - start, 3)}
     return meta
+
+
+def run_shards(job: Job, shards: list[int], runtime, grid: tuple[int, int, int], pool: ThreadPoolExecutor):
+    """Tokenize and write `shards` in order, the pool decoding ahead across them; yields each shard's file count.
+    Both engines run their shards through here (the local one all of them, a Ray actor the ones it is given)."""
+    stream = decoded_files(job, shards, runtime.manifest.downsample, pool, decode_ahead(job))
+    for k in shards:
+        tokens, entries = tokenize_shard(job, k, runtime, grid, stream)
+        write_shard(job, k, tokens, entries)
+        yield len(entries)
 
 
 def decode_ahead(job: Job) -> int:

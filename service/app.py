@@ -93,7 +93,7 @@ class Gatekeeper:
     """Pure ASGI middleware, outermost but for Starlette's error handler: auth, draining, the in-flight limit
     (admission before the body is read), then per-route metrics and x-total-time on every answer, 500s included.
     Pure ASGI rather than @app.middleware("http"), which wraps every request in a task group and a body stream
-    of its own: under a flood of 256 requests its refusals queued for most of a second (benchmarks/flood.py)."""
+    of its own: per-request work the event loop cannot spare under a flood (benchmarks/flood.py)."""
 
     def __init__(self, app, state: ServiceState):
         self.app, self.state = app, state
