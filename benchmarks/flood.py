@@ -2,7 +2,7 @@
 
     python benchmarks/flood.py [--model DIR] [--requests 256] [--queue 8] [--json-bodies 4] [--quick]
 
-A real `gqtok serve` with a small queue (`--max-queue-size`, default 8) gets `--requests` tokenize requests at
+A real `gqtok serve` with a small queue (`--max-queue-size`, default 8; `--max-images-per-request 8`) gets `--requests` tokenize requests at
 once (256x256 photo crops, one connection each), while `--json-bodies` senders post JSON token bodies just under
 the 32 MiB body limit to /v1/detokenize, and a prober asks /health/live every 10 ms throughout. The flood's
 requests are pre-built bytes written on raw sockets (latency: connection to status line), and the prober is a
@@ -38,6 +38,9 @@ NPY = "application/x-npy"
 
 def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 2) if values else None  # ms
+
+
+MAX_GRIDS = 8  # the server's --max-images-per-request (the flood's tokenize requests carry one image each)
 
 
 def json_tokens_body(nbytes: int) -> bytes:
@@ -156,7 +159,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.json_bodies, args.json_mib = 64, 1, 8.0
-    proc, url = start_server(Path(args.model), ["--max-queue-size", str(args.queue), "--max-batch-size", "8"])
+    # 8 grids per request at most: the JSON token bodies (8 MiB or more) are then past what the limits can need
+    # for any model (json_tokens_limit), so they are refused unparsed (413) whenever they get past admission
+    proc, url = start_server(Path(args.model), ["--max-queue-size", str(args.queue), "--max-batch-size", "8",
+                                                "--max-images-per-request", str(MAX_GRIDS)])
     try:
         photos = test_images(4, size=256)
         images = [png_bytes(p) for p in photos]

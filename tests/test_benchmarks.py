@@ -114,7 +114,15 @@ def test_flood_refuses_fast_answers_right_and_stays_live(tiny_model, tmp_path):
     every 200 carries the image's own tokens, the JSON body is refused unparsed, /health/live never fails.
     (Its latencies are the benchmark's to report, not a test's to time.)"""
     from benchmarks import flood
+    from gqtok.core.manifest import Manifest
+    from gqtok.service.requests import json_tokens_limit
+    from gqtok.service.settings import ServiceSettings
 
+    class Served:  # what json_tokens_limit reads of a served model
+        manifest = Manifest.read(tiny_model)
+
+    # the premise of the 413: the quick JSON body is past what the flood server's limits can need
+    assert json_tokens_limit([Served], ServiceSettings().max_image_pixels, flood.MAX_GRIDS) < 8 * 2**20
     result = flood.main(["--model", str(tiny_model), "--quick", "--out", str(tmp_path / "flood.json")])
     assert set(result["statuses"]) <= {"200", "429"} and result["statuses"].get("429", 0) > 0, result["statuses"]
     assert result["answered_wrong"] == 0 and result["answered_right"] == result["statuses"].get("200", 0) > 0
