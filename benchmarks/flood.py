@@ -2,14 +2,17 @@
 
     python benchmarks/flood.py [--model DIR] [--requests 256] [--queue 8] [--json-bodies 4] [--quick]
 
-A real `gqtok serve` with a small queue (`--max-queue-size`, default 8; `--max-images-per-request 8`) gets `--requests` tokenize requests at
-once (256x256 photo crops, one connection each), while `--json-bodies` senders post JSON token bodies just under
-the 32 MiB body limit to /v1/detokenize, and a prober asks /health/live every 10 ms throughout. The flood's
-requests are pre-built bytes written on raw sockets (latency: connection to status line), and the prober is a
-process of its own, so that neither measures the load generator's own backlog. Reported:
-statuses, the latency of the refusals (429) and of the answers (200), every 200 checked against the tokens the
-server gave for that image before the flood, the 413s of the JSON bodies, and /health/live's latency (median and
-99th percentile). Targets (issue 16): 429s in a median under 50 ms, /health/live's p99 under 100 ms. Writes
+A real `gqtok serve` with a small queue (`--max-queue-size`, default 8; at most 8 grids per request) gets
+`--requests` tokenize requests at once (256x256 photo crops, one connection each), while `--json-bodies` senders
+post JSON token bodies just under the 32 MiB body limit to /v1/detokenize, and a prober asks /health/live every
+10 ms throughout. The flood's requests are pre-built bytes written on raw sockets (latency: connection to status
+line); the JSON senders and the prober are processes of their own, so that no measurement includes the load
+generator's own backlog (all of it shares the machine's cores with the server). Reported: statuses, the latency
+of the refusals (429) and of the answers (200), every 200 checked against the tokens the server gave for that
+image before the flood, the statuses of the JSON bodies (refused unparsed: 413 or 429), and /health/live's
+latency (median and 99th percentile). Side by side, in the same run: the same flood against `bare_refuser`, plain
+uvicorn refusing everything with no work at all, the floor of any refusal on this machine; the ratio of the
+median refusals says what the service adds. Targets (issue 16): 429s in a median under 50 ms, /health/live's p99 under 100 ms. Writes
 benchmarks/results/flood.json (--quick: 64 requests, one 8 MiB JSON body, flood_quick.json).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import io
 import json
 import multiprocessing
@@ -38,6 +42,28 @@ NPY = "application/x-npy"
 
 def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 2) if values else None  # ms
+
+
+BARE_REFUSAL = json.dumps({"error": "queue is full", "error_type": "queue_full"}).encode()
+
+
+async def bare_refuser(scope, receive, send):
+    """The floor the flood is measured against: a bare ASGI app under the same uvicorn that refuses every request
+    (200 on /health/ready) with no routing, no state and no work, dropping bodies the way the service does
+    (answer first, then read and drop the rest up to 8 MiB)."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        return await send({"type": "lifespan.shutdown.complete"})
+    status = 200 if scope["path"] == "/health/ready" else 429
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(BARE_REFUSAL)).encode())]})
+    await send({"type": "http.response.body", "body": BARE_REFUSAL, "more_body": True})
+    declared = dict(scope["headers"]).get(b"content-length", b"0")
+    more = int(declared) > 0
+    while more and int(declared) <= 8 * 2**20:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.body", "body": b""})
 
 
 MAX_GRIDS = 8  # the server's --max-images-per-request (the flood's tokenize requests carry one image each)
@@ -97,16 +123,36 @@ def probe_health(url: str, stop, out) -> None:
     out.put((live, dict(failures)))
 
 
+def send_json_bodies(url: str, body: bytes, count: int, go, out) -> None:
+    """In a process of its own (its uploads would otherwise hold up the flood's own event loop and so its
+    measurements): once `go` is set, post `count` copies of the JSON token body at once, each from a thread;
+    put [(status, seconds)] on `out`."""
+    def post(_):
+        start = time.perf_counter()
+        try:  # httpx copes with a server that answers before the body is all sent
+            r = httpx.post(f"{url}/v1/detokenize", content=body, headers={"content-type": "application/json"},
+                           timeout=120)
+            return r.status_code, time.perf_counter() - start
+        except httpx.HTTPError as e:
+            return type(e).__name__, time.perf_counter() - start
+
+    go.wait()
+    with ThreadPoolExecutor(max(1, count)) as pool:
+        out.put(list(pool.map(post, range(count))))
+
+
 async def flood(url: str, images: list[bytes], expected: list[np.ndarray], requests: int, json_bodies: int,
                 json_bytes: int) -> dict:
     port = int(url.rsplit(":", 1)[1])
     tokenize_requests = [request_bytes("/v1/tokenize", data, "image/png", NPY) for data in images]
     big = json_tokens_body(json_bytes)
     ctx = multiprocessing.get_context("spawn")
-    stop, out = ctx.Event(), ctx.Queue()
+    stop, out, go, json_out = ctx.Event(), ctx.Queue(), ctx.Event(), ctx.Queue()
     prober = ctx.Process(target=probe_health, args=(url, stop, out), daemon=True)
+    json_sender = ctx.Process(target=send_json_bodies, args=(url, big, json_bodies, go, json_out), daemon=True)
     prober.start()
-    await asyncio.sleep(1.0)  # the prober's start-up, then a baseline of health answers before the flood
+    json_sender.start()
+    await asyncio.sleep(1.0)  # start-ups, then a baseline of health answers before the flood
 
     async def tokenize(i: int):
         k = i % len(images)
@@ -115,21 +161,16 @@ async def flood(url: str, images: list[bytes], expected: list[np.ndarray], reque
         error_type = json.loads(body).get("error_type") if isinstance(status, int) and status != 200 else None
         return status, seconds, right, error_type
 
-    async def send_json(client):  # httpx: it copes with a server that answers before the body is all sent
-        start = time.perf_counter()
-        r = await client.post("/v1/detokenize", content=big, headers={"content-type": "application/json"})
-        return r.status_code, time.perf_counter() - start
-
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        flood_start = time.perf_counter()
-        answers, json_answers = await asyncio.gather(
-            asyncio.gather(*(tokenize(i) for i in range(requests))),
-            asyncio.gather(*(send_json(client) for _ in range(json_bodies))))
-        flood_s = time.perf_counter() - flood_start
+    flood_start = time.perf_counter()
+    go.set()
+    answers = await asyncio.gather(*(tokenize(i) for i in range(requests)))
+    json_answers = await asyncio.to_thread(json_out.get, True, 120)
+    flood_s = time.perf_counter() - flood_start
     await asyncio.sleep(0.2)
     stop.set()
     live, live_failures = await asyncio.to_thread(out.get, True, 60)
     prober.join(10)
+    json_sender.join(10)
     statuses = Counter(a[0] for a in answers)
     refused = [a[1] for a in answers if a[0] == 429]
     served = [a[1] for a in answers if a[0] == 200]
@@ -176,7 +217,17 @@ def main(argv=None) -> dict:
     finally:
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(60)
+    # the same flood, with the same JSON bodies, against the floor: uvicorn refusing everything with no work
+    bare, bare_url = start_server(None, [], asgi_app="benchmarks.flood:bare_refuser")
+    try:
+        floor = asyncio.run(flood(bare_url, images, expected, args.requests, args.json_bodies,
+                                  int(args.json_mib * 2**20)))
+    finally:
+        bare.terminate()
+        bare.wait(60)
     result = {"model": Path(args.model).name, "requests": args.requests, "queue": args.queue, **result,
+              "bare_uvicorn": {k: floor[k] for k in ("statuses", "refused_median_ms", "refused_p99_ms")},
+              "refused_median_vs_bare": round(result["refused_median_ms"] / floor["refused_median_ms"], 2),
               "server_exit_code": exit_code,
               "targets": {"refused_median_ms": 50, "health_live_p99_ms": 100}}
     write_result(result, "flood", args.quick, args.out)

@@ -77,12 +77,15 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path | None, extra: list[str], asgi_app: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`gqtok serve --model MODEL EXTRA...` on a free port, or with `asgi_app` ("module:name") plain uvicorn
+    serving that app; (process, base URL) once /health/ready answers 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gqtok.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--log-level", "warning", *extra], cwd=REPO)
+    command = (["uvicorn", asgi_app, "--no-access-log"] if asgi_app else ["gqtok.cli", "serve", "--model", str(model)])
+    proc = subprocess.Popen([sys.executable, "-m", *command, "--port", str(port), "--log-level", "warning", *extra],
+                            cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

@@ -18,6 +18,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -29,6 +30,7 @@ from starlette.datastructures import Headers, MutableHeaders
 import gqtok
 from gqtok.core.artifact import ArtifactError
 from gqtok.service import errors, memory
+from gqtok.service.images import MEDIA_TYPES
 from gqtok.service.metrics import ServiceMetrics
 from gqtok.service.routers import compression, health, models, tokens
 from gqtok.service.schemas import JSON_BODY_MODELS
@@ -90,10 +92,11 @@ def apply_memory_budget(state: ServiceState) -> None:
 
 
 class Gatekeeper:
-    """Pure ASGI middleware, outermost but for Starlette's error handler: auth, draining, the in-flight limit
-    (admission before the body is read), then per-route metrics and x-total-time on every answer, 500s included.
-    Pure ASGI rather than @app.middleware("http"), which wraps every request in a task group and a body stream
-    of its own: per-request work the event loop cannot spare under a flood (benchmarks/flood.py)."""
+    """Pure ASGI middleware, outermost but for Starlette's error handler: auth, draining, the in-flight limit and,
+    for one raw image to /v1/tokenize, a full queue (admission before the body is read or a route runs), then
+    per-route metrics and x-total-time on every answer, 500s included. Pure ASGI rather than
+    @app.middleware("http"), which wraps every request in a task group and a body stream of its own: per-request
+    work the event loop cannot spare under a flood (benchmarks/flood.py)."""
 
     def __init__(self, app, state: ServiceState):
         self.app, self.state = app, state
@@ -114,6 +117,25 @@ class Gatekeeper:
             return errors.TooManyRequests(f"{state.inflight} requests in flight, the limit is "
                                           f"{settings.max_concurrent_requests}; retry later",
                                           headers={"Retry-After": "1"}), "overloaded"
+        return self.queue_refusal(scope)
+
+    def queue_refusal(self, scope) -> tuple[errors.ServiceError, str] | None:
+        """One raw image to /v1/tokenize (its count known from the headers) when its model's queue is full: the
+        refusal costs no routing, no body and no decode. Admitted, it holds a queue slot until its image is queued
+        (ServiceState.reserve). Other bodies are counted, and refused, by the route."""
+        if scope["path"] != "/v1/tokenize" or scope["method"] != "POST":
+            return None
+        kind = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
+        if kind not in MEDIA_TYPES:
+            return None
+        model = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model", [None])[-1]
+        served = self.state.models.get(model or self.state.default)
+        if served is None:
+            return None  # the route answers 404 for an unknown model
+        try:
+            self.state.reserve(scope, served.tokenize)
+        except errors.ServiceError as e:
+            return e, "/v1/tokenize"
         return None
 
     async def __call__(self, scope, receive, send):
@@ -126,45 +148,49 @@ class Gatekeeper:
         if refused is not None:
             e, label = refused
             metrics.count_request(label, e.status)
-            await body.drop_rest()
-            return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, body.receive, send)
+            response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return await response(scope, body.receive, body.answer_then_drop(send))
         started = False  # counted when the answer starts, before the client can see it
 
         async def send_timed(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if message["status"] >= 400:  # an early refusal (a full queue, a bad header): see RequestBody
-                    await body.drop_rest()
                 MutableHeaders(scope=message).append("x-total-time", f"{1e3 * (time.perf_counter() - start):.3f}")
                 metrics.count_request(route_of(scope), message["status"])
             await send(message)
 
         self.state.inflight += 1
         try:
-            await self.app(scope, body.receive, send_timed)
+            await self.app(scope, body.receive, body.answer_then_drop(send_timed))
         finally:
             self.state.inflight -= 1
+            self.state.unreserve(scope)  # a request that ended before queuing its image
             if not started:  # raised before answering: Starlette's error handler answers 500
                 metrics.count_request(route_of(scope), 500)
 
 
 class RequestBody:
     """A request's body stream, knowing whether the app read all of it. An answer given before the body is read
-    (a refusal) first reads and drops the rest, up to DROP_BYTES and for at most DROP_TIMEOUT_S: a server that
-    closes a connection with unread bytes makes the kernel send a reset, which can destroy the answer before the
-    client reads it (2 of 64 refusals in a flood, benchmarks/flood.py). Reading bytes is cheap; decoding and
-    parsing them is the work that admission spares. Bodies past DROP_BYTES (8 MiB: more than a PNG of the
-    largest image the default pixel limit admits) are cut off unread: dropping four 31.5 MiB bodies doubled the
-    median refusal time of a flood, and their clients may see a reset instead of the answer."""
+    (a refusal) is sent whole, and then the rest of the body is read and dropped, up to DROP_BYTES and for at
+    most DROP_TIMEOUT_S, before the connection closes: a server that closes a connection with unread bytes makes
+    the kernel send a reset, which can destroy the answer before the client reads it (2 of 64 refusals in a
+    flood, benchmarks/flood.py; all of them when nothing is read). Answering first means the client has its
+    refusal before the body's bytes have been carried (the median refusal of a flood halved). Reading bytes is
+    cheap; decoding and parsing them is the work that admission spares. Bodies past DROP_BYTES (8 MiB: more than a
+    PNG of the largest image the default pixel limit admits) are cut off unread: dropping four 31.5 MiB bodies
+    doubled the median refusal time of a flood, and their clients may see a reset instead of the answer."""
 
     DROP_TIMEOUT_S = 2.0
     DROP_BYTES = 8 * 2**20
 
     def __init__(self, scope, receive, limit: int):
         self.limit = min(limit, self.DROP_BYTES)
-        self._receive, self.done = receive, False
-        declared = Headers(scope=scope).get("content-length", "")
+        self._receive = receive
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        # HTTP/1.1: a request without content-length or transfer-encoding has no body (a GET): nothing to drop
+        self.done = declared in ("", "0") and "transfer-encoding" not in headers
         self.droppable = not (declared.isdigit() and int(declared) > self.limit)  # too big to be worth reading
 
     async def receive(self):
@@ -172,6 +198,17 @@ class RequestBody:
         if message["type"] != "http.request" or not message.get("more_body", False):
             self.done = True
         return message
+
+    def answer_then_drop(self, send):
+        """`send`, except that the last part of an answer given before the body was all read goes out with
+        more_body, the rest of the body is dropped, and only then does the answer end (and the connection close)."""
+        async def sender(message):
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and not self.done:
+                await send({**message, "more_body": True})
+                await self.drop_rest()
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+        return sender
 
     async def drop_rest(self) -> None:
         async def drop():

@@ -68,6 +68,7 @@ class Batcher:
         self.max_batch_pixels, self.pixels_of = max_batch_pixels, pixels_of  # pixels_of(key): pixels of one item
         self.on_batch = on_batch
         self.pending: list[_Item] = []
+        self.reserved = 0  # slots held by admitted requests whose items are not queued yet (ServiceState.reserve)
         # worker_nice: the worker thread's nice value (runtime.set_thread_nice); onnxruntime's calling thread
         # computes too, so it runs at the pool's priority
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
@@ -126,10 +127,11 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
     def check_room(self, count: int) -> None:
-        """Raise QueueFull unless `count` more items fit; requests check all their images before queuing any."""
-        if len(self.pending) + count > self.max_queue:
-            raise QueueFull(f"{self.name} queue is full ({len(self.pending)} of {self.max_queue} waiting); retry later",
-                            headers={"Retry-After": "1"})
+        """Raise QueueFull unless `count` more items fit beside those waiting and those reserved; requests check
+        all their images before queuing any."""
+        if len(self.pending) + self.reserved + count > self.max_queue:
+            raise QueueFull(f"{self.name} queue is full ({len(self.pending)} waiting, {self.reserved} reserved, of "
+                            f"{self.max_queue}); retry later", headers={"Retry-After": "1"})
 
     def submit(self, key: tuple, payload: np.ndarray) -> asyncio.Future:
         """Queue one item; the future resolves to (output row, Timing)."""

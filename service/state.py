@@ -19,6 +19,9 @@ from gqtok.service.served import ServedModel
 from gqtok.service.settings import ServiceSettings
 
 
+RESERVED = "gqtok.reserved"  # the scope key of a request's reserved queue slot: the Batcher
+
+
 @dataclass
 class ServiceState:
     settings: ServiceSettings
@@ -48,16 +51,34 @@ class ServiceState:
         return self.models[model_id]
 
     @staticmethod
-    def admit(batcher: Batcher, count: int) -> None:
-        """413 when `count` items could never fit the queue (not a reason to retry), 429 when they do not fit now."""
+    def admit(batcher: Batcher, count: int, scope: dict | None = None) -> None:
+        """413 when `count` items could never fit the queue (not a reason to retry), 429 when they do not fit now
+        (beside the slot this request reserved, if it did)."""
         if count > batcher.max_queue:
             raise errors.PayloadTooLarge(f"{count} items in one request; this server queues at most "
                                          f"{batcher.max_queue} per model")
-        batcher.check_room(count)
+        batcher.check_room(count - (scope is not None and scope.get(RESERVED) is batcher))
 
-    async def run_items(self, batcher: Batcher, items: list[tuple[tuple, np.ndarray]]) -> tuple[list[np.ndarray], Timing]:
-        """Queue every item of one request, wait for all under the request timeout; worst timing of the lot."""
-        self.admit(batcher, len(items))
+    def reserve(self, scope: dict, batcher: Batcher) -> None:
+        """Admit a one-item request at the door (app.Gatekeeper) and hold its queue slot while its body is read
+        and decoded, so that the requests behind it are refused at once rather than after their own reading."""
+        self.admit(batcher, 1)
+        batcher.reserved += 1
+        scope[RESERVED] = batcher
+
+    @staticmethod
+    def unreserve(scope: dict | None) -> None:
+        """Give back the request's reserved slot, if it holds one: when its items are queued, or when it ends."""
+        batcher = scope.pop(RESERVED, None) if scope is not None else None
+        if batcher is not None:
+            batcher.reserved -= 1
+
+    async def run_items(self, batcher: Batcher, items: list[tuple[tuple, np.ndarray]],
+                        scope: dict | None = None) -> tuple[list[np.ndarray], Timing]:
+        """Queue every item of one request (its reserved slot, if any, becomes one of them), wait for all under
+        the request timeout; worst timing of the lot."""
+        self.admit(batcher, len(items), scope)
+        self.unreserve(scope)
         futures = [batcher.submit(key, payload) for key, payload in items]
         timeout = self.settings.request_timeout_s
         try:

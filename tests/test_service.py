@@ -411,6 +411,48 @@ class InProcessServer:
         self.thread.join(30)
 
 
+def test_an_admitted_image_holds_its_queue_slot_while_its_body_arrives(tiny_model, photos):
+    """Queue of 2: two raw images whose bodies trickle in hold both slots, so a third is refused 429 queue_full at
+    once (the queue itself is still empty); the two get their own tokens, and every slot comes back, also from
+    a request that failed (a body that is not an image)."""
+    server = InProcessServer(tiny_model, max_queue_size=2)
+    try:
+        batcher = server.app.state.service.models["tiny"].tokenize
+        expected = [tokenize_npy(server.url, x) for x in photos[:2]]
+        sending = threading.Event()
+
+        def slow_body(data):
+            yield data[:100]
+            sending.wait(10)  # until the third request has had its answer
+            time.sleep(0.1)
+            yield data[100:]
+
+        def call(i):
+            return httpx.post(f"{server.url}/v1/tokenize", content=slow_body(png(photos[i])), timeout=60,
+                              headers={"content-type": "image/png", "accept": NPY})
+
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(call, i) for i in range(2)]
+            deadline = time.monotonic() + 10
+            while batcher.reserved < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.reserved == 2 and batcher.depth == 0
+            third = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[2]),
+                               headers={"content-type": "image/png"}, timeout=10)
+            sending.set()
+            answers = [f.result() for f in slow]
+        assert_error(third, 429, "queue_full", "2 reserved")
+        for i, r in enumerate(answers):
+            assert r.status_code == 200 and np.array_equal(load_npy(r.content), expected[i])
+        assert_error(httpx.post(f"{server.url}/v1/tokenize", content=b"not an image",
+                                headers={"content-type": "image/png"}), 422, "invalid_image")
+        assert batcher.reserved == 0
+        assert httpx.post(f"{server.url}/v1/tokenize", content=png(photos[2]),
+                          headers={"content-type": "image/png"}).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_a_failing_batch_fails_only_the_bad_request(tiny_model, photos):
     """One poisoned image in a batch of 8: its request gets 500 inference_failed, its 7 batch-mates
     their right tokens, and the server stays ready and keeps serving."""

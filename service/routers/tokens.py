@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from gqtok.service import errors
-from gqtok.service.images import FORMATS, MEDIA_TYPES, decode_image, fit_image, png_bytes
+from gqtok.service.images import FORMATS, decode_image, fit_image, png_bytes
 from gqtok.service.requests import (image_payloads, json_tokens_limit, media_type, npy_bytes, parse_json, parse_tokens,
                                     read_body, wants_npy)
 from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
@@ -52,10 +52,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
                    posterior: bool = Query(False, description=(
                        "JSON answers also give each token's KL to N(0, I) in bits (kl_bits) and the mean of its "
                        "posterior sigmas (sigma_mean), grids like tokens"))):
-    settings = state.settings
-    queue_of = model or state.default
-    if media_type(request) in MEDIA_TYPES and queue_of in state.models:  # one raw image: a full queue refuses it
-        state.admit(state.models[queue_of].tokenize, 1)                  # before its body is read
+    settings = state.settings  # one raw image meets a full queue in app.Gatekeeper, before its body is read
     body = await read_body(request, settings.max_body_bytes)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
@@ -66,7 +63,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         raise errors.InvalidRequest(f"{len(payloads)} images in one request; the limit is "
                                     f"{settings.max_images_per_request}")
     f = served.manifest.downsample
-    state.admit(served.tokenize, len(payloads))  # a full queue refuses before any image is decoded
+    state.admit(served.tokenize, len(payloads), request.scope)  # a full queue refuses before any decoding
 
     def decode_all():  # off the event loop: decoding can take milliseconds per image
         out = []
@@ -88,8 +85,8 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
     if npy and len({img.shape for _, img in images}) > 1:
         raise errors.NotAcceptable("images of different sizes cannot share one npy array; "
                                    "send them separately or ask for JSON")
-    answers, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images]) if images \
-        else ([], Timing())
+    answers, timing = await state.run_items(served.tokenize, [(img.shape, img) for _, img in images],
+                                            request.scope) if images else ([], Timing())
     grids = [a[0].astype(np.int64) for a in answers]  # rt.tokenize_posterior: ids, KL bits, mean sigma
     headers = response_headers(served, timing)
     if npy:
