@@ -10,7 +10,8 @@ One run, side by side, on one model (default: models/default) and 256x256 photos
   inprocess       TokenizerRuntime called directly on decoded arrays at the batch sizes the server
                   forms (min(concurrency, max batch size)): the ceiling, no HTTP, no PNG, no queue
   torch_eager     the same architecture in PyTorch eager (random weights: speed does not depend on them)
-Also: the GQ selection's share of tokenize time and its peak memory (tracemalloc) at K = 2^16 for
+Also: the GQ selection's share of tokenize time, its time against the exhaustive float32 argmax (the
+selection before it was exact; same products, same run) and its peak memory (tracemalloc) at K = 2^16 for
 growing batches; the model's FLOPs per image (torch FLOP counter) and the GFLOP/s it achieves,
 against this machine's measured float32 matrix-multiply GFLOP/s.
 The load generator runs on the same machine and takes CPU from the server: the figures are what
@@ -157,7 +158,10 @@ def per_call_seconds(fn, seconds: float, min_calls: int = 3) -> float:
 
 
 def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], seconds: float) -> list[dict]:
-    """The ceiling: the runtime on decoded arrays, per batch size; tokenize split into encode and GQ select."""
+    """The ceiling: the runtime on decoded arrays, per batch size; tokenize split into encode and GQ select (the
+    exact selection, and beside it the exhaustive float32 argmax on the same products)."""
+    from gqtok.core import layout
+
     rows = []
     ids = rt.tokenize(np.stack(images[:1]))
     for b in batch_sizes:
@@ -166,11 +170,16 @@ def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], second
         mu, logvar = rt.encode(batch)
         enc = per_call_seconds(lambda: rt.encode(batch), seconds / 4)
         sel = per_call_seconds(lambda: rt.select(mu, logvar), seconds / 4)
+        d = rt.manifest.token_dim
+        flat_mu, flat_lv = (layout.group(x, d).reshape(-1, d) for x in (mu, logvar))
+        sel32 = per_call_seconds(lambda: rt.quantizer.select_float32(flat_mu, flat_lv, matmul=rt.matmul), seconds / 4)
         tok = per_call_seconds(lambda: rt.tokenize(batch), seconds / 4)  # what the server calls: encode + select
         det = per_call_seconds(lambda: rt.detokenize(grids), seconds / 4)
         rows.append({"case": "inprocess", "batch_size": b,
                      "tokenize_images_per_s": round(b / tok, 2), "detokenize_images_per_s": round(b / det, 2),
                      "encode_ms_per_image": round(1e3 * enc / b, 2), "select_ms_per_image": round(1e3 * sel / b, 2),
+                     "select_float32_argmax_ms_per_image": round(1e3 * sel32 / b, 2),
+                     "exact_select_over_float32_argmax": round(sel / sel32, 3),
                      "gq_share_of_tokenize": round(sel / (enc + sel), 3)})
         print(f"inprocess       batch {b:<3} tokenize {rows[-1]['tokenize_images_per_s']:>7.2f} img/s  detokenize "
               f"{rows[-1]['detokenize_images_per_s']:>7.2f} img/s  GQ share {rows[-1]['gq_share_of_tokenize']:.1%}", flush=True)
@@ -313,6 +322,8 @@ def main(argv=None) -> dict:
                                                   "decoder": round(flops["decoder_gflop"] / dec_s, 1),
                                                   "machine_sgemm": gemm[f"threads_{cores}"]}
     summary["gq_share_of_tokenize"] = {str(r["batch_size"]): r["gq_share_of_tokenize"] for r in inprocess}
+    summary["exact_select_over_float32_argmax"] = {str(r["batch_size"]): r["exact_select_over_float32_argmax"]
+                                                   for r in inprocess}
     summary["onnxruntime_over_torch_eager"] = {
         str(o["batch_size"]): {"encode": round(1e3 / o["encode_ms_per_image"] / t["encode_images_per_s"], 2),
                                "decode": round(o["detokenize_images_per_s"] / t["decode_images_per_s"], 2)}

@@ -35,8 +35,9 @@ class ServiceSettings(BaseSettings):
         "the event loop that admits requests, refuses them (429) and answers /health keeps the cores it needs "
         "under overload."))
     selector: Literal["auto", "onnx", "numpy", "ort-matmul"] = Field("auto", description=(
-        "Where GQ selection runs: auto is ort-matmul (numpy argmax over onnxruntime's MatMul) on the CPU and "
-        "gq_select.onnx on CUDA."))
+        "Where GQ selection runs: auto is ort-matmul (the exact selection, its float32 pass on onnxruntime's "
+        "MatMul) on the CPU and gq_select.onnx (the float32 argmax, scores kept on the GPU) on CUDA; numpy and "
+        "ort-matmul give the exact ids everywhere."))
     max_batch_size: int = Field(8, ge=1, description="Images or grids per inference call.")
     max_queue_delay_ms: float = Field(0.0, ge=0, description=(
         "How long a batch waits for company. 0: a batch is whatever queued while the previous one ran, all a CPU "

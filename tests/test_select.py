@@ -1,5 +1,10 @@
-"""GQ selection (numpy in gqtok/core/select.py, the torch GaussianQuantize in training/gq.py) against a brute-force reference."""
+"""GQ selection (numpy in gqtok/core/select.py, the torch GaussianQuantize in training/gq.py) against a brute-force
+reference, and the exact rule: the same ids as exhaustive float64 scoring, whatever BLAS, threads or SIMD do."""
 
+import math
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -7,7 +12,8 @@ import pytest
 import torch
 
 from gqtok.core.codebook import make_codebook
-from gqtok.core.select import CODE_CHUNK, ROW_CHUNK, GaussianQuantizer, select_from_features, token_features
+from gqtok.core.select import (CODE_CHUNK, ROW_CHUNK, GaussianQuantizer, exact_scores, exact_token_features,
+                               portable_exp, select_from_features)
 from gqtok.training import gq as torch_gq
 
 
@@ -42,14 +48,112 @@ def assert_matches_reference(ids, mu, logvar, codebook, beta=1.0):
     assert np.mean(ids == best) >= 0.999
 
 
+def exhaustive_exact_ids(mu, logvar, codebook, beta=1.0):
+    """The rule by its definition: exact_scores against every codeword, first maximum (the lowest index) wins."""
+    feats = exact_token_features(mu, logvar, beta)
+    k = len(codebook)
+    return np.array([exact_scores(np.repeat(f[None], k, 0), codebook).argmax() for f in feats])
+
+
 @pytest.mark.parametrize("n,k,d,beta", [(1, 256, 4, 1.0), (7, 1000, 16, 1.0), (333, 4096, 8, 1.0),
                                         (100, 2**16, 16, 1.0), (513, 512, 2, 0.0), (64, 300, 3, 0.5)])
-def test_numpy_selection_equals_brute_force(n, k, d, beta):
+def test_selection_is_the_exact_argmax(n, k, d, beta):
     mu, logvar = random_posteriors(n, d, seed=n)
     codebook = make_codebook(3, k, d)
     ids = GaussianQuantizer(codebook, beta).select(mu, logvar)
     assert ids.shape == (n,) and ids.dtype == np.int64
-    assert_matches_reference(ids, mu, logvar, codebook, beta)
+    assert np.array_equal(ids, exhaustive_exact_ids(mu, logvar, codebook, beta))
+    assert_matches_reference(ids, mu, logvar, codebook, beta)  # and the score is the density ratio
+
+
+def test_ties_go_to_the_lowest_index():
+    codebook = make_codebook(0, 5000, 4)
+    codebook[4321] = codebook[17]  # the same codeword twice, in different chunks
+    codebook[1234] = codebook[17]
+    mu, logvar = codebook[[17, 17, 4321]], np.full((3, 4), -2.0, np.float32)
+    assert GaussianQuantizer(codebook).select(mu, logvar).tolist() == [17, 17, 17]
+
+
+def test_sharp_posteriors_pick_the_nearest_codeword_exactly():
+    """logvar at its -30 clamp: 1/sigma^2 ~ 1e13, where float32 scores cannot tell near codewords apart; the
+    exact rescoring still picks the codeword nearest the mean (here: a codeword moved by 1e-4 in one coordinate)."""
+    codebook = make_codebook(1, 2**14, 8)
+    rng = np.random.default_rng(0)
+    want = rng.choice(len(codebook), 300, replace=False)
+    mu = codebook[want].copy()
+    mu[np.arange(300), rng.integers(0, 8, 300)] += 1e-4
+    logvar = np.full_like(mu, -30.0)
+    ids = GaussianQuantizer(codebook).select(mu, logvar)
+    assert np.array_equal(ids, want)
+    assert np.array_equal(ids[:20], exhaustive_exact_ids(mu[:20], logvar[:20], codebook))
+
+
+def near_ties(codebook, count, rng):
+    """Posteriors for which two codewords differ by one float32 ulp in one coordinate, the later one (higher
+    index) nearer the score's peak: float32 scores cannot tell them apart, the exact score prefers the later
+    one. Changes `codebook` in place; returns mu, logvar and the exact winners."""
+    d, logvar = codebook.shape[1], -3.0
+    a = rng.choice(len(codebook) // 2, count, replace=False)
+    b = a + len(codebook) // 2
+    mu = codebook[a] + rng.uniform(-0.02, 0.02, (count, d)).astype(np.float32)
+    # per coordinate the score (1 - 1/s^2) c^2 + 2 mu c / s^2 peaks at c = mu / (1 - s^2), beyond the mean
+    peak = mu[:, 0] / (1.0 - np.exp(logvar))
+    codebook[b] = codebook[a]
+    codebook[b, 0] = np.nextafter(codebook[a, 0], np.where(peak > codebook[a, 0], np.inf, -np.inf).astype(np.float32))
+    return mu, np.full_like(mu, logvar), b
+
+
+def test_near_ties_are_decided_by_the_exact_score():
+    codebook = make_codebook(2, 2**14, 8)
+    mu, logvar, want = near_ties(codebook, 200, np.random.default_rng(3))
+    ids = GaussianQuantizer(codebook).select(mu, logvar)
+    assert np.array_equal(ids, want)
+    assert np.array_equal(ids[:10], exhaustive_exact_ids(mu[:10], logvar[:10], codebook))
+
+
+def test_portable_exp_is_accurate():
+    x = np.concatenate([np.linspace(-700, 700, 200_001), [-30.0, 0.0, 20.0, 1e-300, -1e-300]])
+    want = np.array([math.exp(v) for v in x])
+    assert np.max(np.abs(portable_exp(x) / want - 1.0)) < 1e-15
+
+
+SELECT_IN_A_SUBPROCESS = """
+import hashlib, sys
+import numpy as np
+import onnxruntime as ort
+from gqtok.core.select import GaussianQuantizer
+from gqtok.service.runtime import matmul_graph
+
+case = np.load(sys.argv[1])
+q = GaussianQuantizer(case["codebook"])
+session = ort.InferenceSession(matmul_graph(), providers=["CPUExecutionProvider"])
+for matmul in (None, lambda a, b: session.run(None, {"a": a, "b": b})[0]):
+    print(hashlib.sha256(q.select(case["mu"], case["logvar"], matmul=matmul).tobytes()).hexdigest())
+"""
+
+
+def test_ids_are_the_same_under_every_blas_kernel_thread_count_and_simd_setting(tmp_path):
+    """Selection in subprocesses under different OpenBLAS kernels, thread counts and numpy SIMD features, with
+    numpy's and onnxruntime's products: the same ids every time (near-ties included)."""
+    rng = np.random.default_rng(11)
+    codebook = make_codebook(5, 2**16, 16)
+    mu, logvar = random_posteriors(3000, 16, seed=11)
+    tie_mu, tie_logvar, _ = near_ties(codebook, 300, rng)  # float32 cannot decide these
+    sharp_mu = codebook[:200] + rng.uniform(-1e-4, 1e-4, (200, 16)).astype(np.float32)  # logvar at its clamp
+    np.savez(tmp_path / "case.npz", codebook=codebook, mu=np.concatenate([mu, tie_mu, sharp_mu]),
+             logvar=np.concatenate([logvar, tie_logvar, np.full_like(sharp_mu, -30.0)]))
+    script = tmp_path / "selection_ids.py"  # not select.py: that would shadow the standard library's module
+    script.write_text(SELECT_IN_A_SUBPROCESS)
+    envs = [{}, {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}, {"OPENBLAS_NUM_THREADS": "2"},
+            {"OPENBLAS_CORETYPE": "Prescott"}, {"OPENBLAS_CORETYPE": "Sandybridge"},
+            {"NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512_SKX AVX512_ICL AVX2 FMA3"}]
+    hashes = []
+    for extra in envs:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS", "OMP", "NPY_"))} | extra
+        run = subprocess.run([sys.executable, str(script), str(tmp_path / "case.npz")], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, (extra, run.stderr[-2000:])
+        hashes.append(run.stdout.split())
+    assert all(len(h) == 2 for h in hashes) and len({x for h in hashes for x in h}) == 1, hashes
 
 
 def test_huge_codebook_few_tokens():
@@ -96,15 +200,19 @@ def test_numpy_and_torch_agree():
 
 
 def test_memory_stays_bounded_for_100k_tokens():
+    """Memory linear in the tokens, a few hundred bytes each (ids, float32 features, a float64 temporary of the
+    features, the candidates' features and codewords in float64, bounds and chunk maxima), plus a few score
+    buffers: never a [tokens, K] matrix (that would be 800 MB here)."""
     n, d, k = 100_000, 4, 2**11
     mu, logvar = random_posteriors(n, d, seed=2)
     q = GaussianQuantizer(make_codebook(0, k, d))
-    feats = token_features(mu, logvar, 1.0)
+    feats = exact_token_features(mu, logvar, 1.0)
     tracemalloc.start()
-    ids = select_from_features(feats, q.features)
+    ids = select_from_features(feats, q.codebook, code_t=q.features_t, code_max=q.features_max)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    bound = n * 8 + q.features.nbytes + 4 * ROW_CHUNK * (CODE_CHUNK + 4 * d + 2) + 8 * ROW_CHUNK * 8
+    per_token = 8 + 4 * 2 * d + 8 * 2 * d + 8 * 2 * d + 8 * 2 * d + 64
+    bound = n * per_token + 3 * 4 * ROW_CHUNK * (CODE_CHUNK + 4 * d + 2)
     assert peak <= bound, (peak, bound)
     assert ids.shape == (n,) and ids.max() < k
 

@@ -18,10 +18,23 @@ extra memory is about 4 * row_chunk * (code_chunk + 4d + 2) bytes, 4.2 MiB with
 the defaults, for any number of tokens, plus the [K, 2d] codeword features (and
 their transposed chunks) that `GaussianQuantizer` computes once.
 
-Batch independence: every matrix product has the same shape whatever the
-number of tokens, so BLAS takes the same code path and summation order for a
-token whether it is alone or among thousands; its result does not depend on
-its neighbours. Ties go to the lowest codeword index.
+The token id (the contract's rule): the argmax over k of the score evaluated in
+float64 in one fixed order, `exact_scores(exact_token_features(mu, logvar, beta),
+codebook[k])`, ties to the lowest index. Its exponential is `portable_exp`, built
+from IEEE-exact +, *, rint and ldexp (numpy's np.exp may take a SIMD path whose
+last bit depends on the CPU), so the id depends only on the float32 mu and
+logvar and the codebook: not on BLAS, threads, SIMD features, the machine or the
+other tokens of the batch. Computing that for all K codewords in float64 would be
+slow, so `select_from_features` scores in float32 by matrix products (numpy's or
+onnxruntime's, in any summation order), keeps every codeword within twice a
+rigorous error bound of the float32 maximum (`error_bound`), and rescores only
+those exactly. Why that finds the exact argmax k*: if |float32 score - exact
+score| <= B for every codeword, then float32(k*) >= exact(k*) - B >=
+exact(k_hat) - B >= float32(k_hat) - 2B, with k_hat the float32 argmax. The bound
+is Higham's for a dot product of n = 2d terms in any order, gamma_n = n u / (1 - n u)
+with u = 2^-24, plus the rounding of the features to float32 and the float64
+evaluation itself, times sum_j |F_j| max_k |G_kj| (F the token's features, G the
+codewords'). Usually one candidate is left; a few where codewords nearly tie.
 """
 
 from __future__ import annotations
@@ -31,6 +44,54 @@ import numpy as np
 ROW_CHUNK = 256  # tokens per matrix product (fixed: see "Batch independence")
 CODE_CHUNK = 4096  # codewords per matrix product
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's log-variance (reference value)
+
+# portable_exp: ln 2 split so that n * LN2_HI is exact for |n| < 2^20 (fdlibm's constants), Taylor to r^14
+LN2_HI, LN2_LO, INV_LN2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10, 1.44269504088896338700e00
+EXP_TAYLOR = tuple(1.0 / float(__import__("math").factorial(k)) for k in range(15))
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
+
+
+def portable_exp(x: np.ndarray) -> np.ndarray:
+    """exp of float64 x in [-700, 700] from +, *, rint and ldexp alone, each exactly rounded by IEEE 754, in a
+    fixed order: the same bits on every machine. Relative error under 1e-15 (x = n ln2 + r, |r| <= ln2 / 2,
+    Taylor series of e^r to r^14, Horner's rule)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = np.rint(x * INV_LN2)
+    r = (x - n * LN2_HI) - n * LN2_LO
+    p = np.full_like(r, EXP_TAYLOR[-1])
+    for c in EXP_TAYLOR[-2::-1]:
+        p = p * r + c
+    return np.ldexp(p, n.astype(np.int32))
+
+
+def exact_token_features(mu: np.ndarray, logvar: np.ndarray, beta: float) -> np.ndarray:
+    """float32 [N, d] posterior -> float64 [N, 2d] [beta - 1/sigma^2, 2 mu / sigma^2], the same bits everywhere
+    (token_features' formula, with portable_exp)."""
+    inv_var = portable_exp(-np.clip(np.asarray(logvar, np.float32).astype(np.float64), *LOGVAR_RANGE))
+    return np.concatenate([beta - inv_var, (2.0 * np.asarray(mu, np.float32).astype(np.float64)) * inv_var], axis=1)
+
+
+def exact_scores(features: np.ndarray, codewords: np.ndarray) -> np.ndarray:
+    """The defined score of each (token features, codeword) row pair: float64 [M, 2d] x float32 [M, d] -> [M],
+    sum over i = 0..d-1, left to right from 0, of a_i * (c_i * c_i) + b_i * c_i (c_i * c_i is exact in
+    float64). Elementwise operations only, so no library may reorder the sum."""
+    d = codewords.shape[1]
+    c = np.asarray(codewords, np.float32).astype(np.float64)
+    total = np.zeros(len(c))
+    for i in range(d):
+        total = total + (features[:, i] * (c[:, i] * c[:, i]) + features[:, d + i] * c[:, i])
+    return total
+
+
+def error_bound(features: np.ndarray, code_max: np.ndarray) -> np.ndarray:
+    """Per token, a bound on |float32 score - exact score| over every codeword: float64 [N, 2d] features and
+    max_k |G_kj| [2d] -> [N]. gamma_n for the float32 dot product in any order, 2u more for rounding F and G to
+    float32 (c^2 is rounded; c is not), gamma_(n+1) in float64 for exact_scores; 1% and an absolute 1e-30 of
+    slack cover the bound's own rounding and denormals."""
+    n = features.shape[1]
+    gamma = lambda m, u: m * u / (1.0 - m * u)  # noqa: E731
+    eps = (gamma(n, U32) + 3.0 * U32 + gamma(n + 1, U64)) * 1.01
+    return eps * (np.abs(features) * code_max).sum(axis=1) + 1e-30
 
 
 def codeword_features(codebook, xp=np):
@@ -68,35 +129,90 @@ def transposed_chunks(code: np.ndarray, code_chunk: int = CODE_CHUNK) -> list[np
 
 
 def select_from_features(
-    tok: np.ndarray, code: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK, matmul=None,
-    code_t: list[np.ndarray] | None = None,
+    features: np.ndarray, codebook: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK,
+    matmul=None, code_t: list[np.ndarray] | None = None, code_max: np.ndarray | None = None,
+    stats: dict | None = None,
 ) -> np.ndarray:
-    """argmax_k tok @ code[k] for every row of tok, chunked. Returns int64 [N].
+    """The exact GQ ids (the module docstring's rule) of float64 token features [N, 2d] against a float32 codebook
+    [K, d], by a chunked float32 pass and exact rescoring of the codewords it cannot rule out. Returns int64 [N].
 
-    matmul: optional f(block [row_chunk, 2d], code_t [2d, <= code_chunk]) -> scores, e.g. onnxruntime's
-    MatMul (service/runtime.py); by default numpy's, into a reused buffer.
-    code_t: transposed_chunks(code, code_chunk), when the caller keeps them between calls."""
-    n, k = tok.shape[0], code.shape[0]
+    matmul: optional f(block [row_chunk, 2d], code_t [2d, <= code_chunk]) -> float32 scores, e.g. onnxruntime's
+    MatMul (service/runtime.py); by default numpy's, into a reused buffer. Its summation order is free.
+    code_t, code_max: transposed_chunks(codeword_features(codebook)) and max_k |G_kj|, when the caller keeps them.
+    stats: a dict to which "candidates" (codewords rescored exactly) and "rescored_chunks" ((token, chunk) pairs
+    scored a second time in float32) are added."""
+    n, k = features.shape[0], codebook.shape[0]
     out = np.empty(n, dtype=np.int64)
-    code_t = code_t if code_t is not None else transposed_chunks(code, code_chunk)
-    rows = np.arange(row_chunk)
-    # One score buffer reused for every product, so two score matrices never coexist.
-    buf = np.empty(row_chunk * min(code_chunk, k), dtype=np.float32)
-    for start, m, (block,) in fixed_blocks(n, row_chunk, tok):
-        best = np.full(row_chunk, -np.inf, dtype=np.float32)
-        best_idx = np.zeros(row_chunk, dtype=np.int64)
-        for ci, ct in enumerate(code_t):
-            if matmul is None:
-                scores = np.matmul(block, ct, out=buf[: row_chunk * ct.shape[1]].reshape(row_chunk, ct.shape[1]))
-            else:
-                scores = matmul(block, ct)
-            idx = scores.argmax(axis=1)
-            val = scores[rows, idx]
-            better = val > best  # strict: earlier chunks win ties -> lowest index
-            best = np.where(better, val, best)
-            best_idx = np.where(better, idx + ci * code_chunk, best_idx)
-        out[start : start + m] = best_idx[:m]
+    if n == 0:
+        return out
+    if code_t is None or code_max is None:
+        code = codeword_features(codebook.astype(np.float64))
+        code_t, code_max = transposed_chunks(code.astype(np.float32), code_chunk), np.abs(code).max(axis=0)
+    bound2 = 2.0 * error_bound(features, code_max)
+    tok32 = features.astype(np.float32)
+    products = score_products(matmul, row_chunk, min(code_chunk, k))
+    chunk_max, _ = chunk_maxima(tok32, code_t, products, row_chunk)
+    threshold = floor32(chunk_max.max(axis=1) - bound2)
+    # pass 2: the (token, chunk) pairs whose maximum reaches the token's threshold (usually the winner's chunk
+    # alone) are scored again, row_chunk tokens at a time, and every codeword there that reaches it is kept
+    pair_rows, pair_chunks = np.nonzero(chunk_max >= threshold[:, None])
+    cand_rows, cand_cols = [], []
+    for ci in np.unique(pair_chunks):
+        chunk_rows = pair_rows[pair_chunks == ci]
+        for s in range(0, len(chunk_rows), row_chunk):
+            r = chunk_rows[s : s + row_chunk]
+            scores = products(tok32[r], code_t[ci])
+            hit = np.flatnonzero(scores >= threshold[r][:, None])
+            cand_rows.append(r[hit // scores.shape[1]]), cand_cols.append(hit % scores.shape[1] + ci * code_chunk)
+    r, c = np.concatenate(cand_rows), np.concatenate(cand_cols)
+    # exact rescoring; per token the highest exact score wins, ties to the lowest index
+    exact = exact_scores(features[r], codebook[c])
+    order = np.lexsort((c, -exact, r))
+    r, c = r[order], c[order]
+    first = np.ones(len(r), dtype=bool)
+    first[1:] = r[1:] != r[:-1]
+    out[r[first]] = c[first]
+    if stats is not None:
+        stats["candidates"] = stats.get("candidates", 0) + len(r)
+        stats["rescored_chunks"] = stats.get("rescored_chunks", 0) + len(pair_rows)
     return out
+
+
+def score_products(matmul, rows: int, cols: int):
+    """f(block [m, 2d], code_t chunk) -> float32 scores: `matmul`, or numpy's into one reused buffer."""
+    if matmul is not None:
+        return matmul
+    buf = np.empty(rows * cols, dtype=np.float32)
+    return lambda block, ct: np.matmul(block, ct, out=buf[: len(block) * ct.shape[1]].reshape(len(block), ct.shape[1]))
+
+
+def chunk_maxima(tok32: np.ndarray, code_t: list[np.ndarray], products, row_chunk: int = ROW_CHUNK):
+    """The float32 pass: per token and codeword chunk, the maximum score and its column -> two [N, chunks]."""
+    n, rows = len(tok32), np.arange(row_chunk)
+    best = np.empty((n, len(code_t)), dtype=np.float32)
+    where = np.empty((n, len(code_t)), dtype=np.int64)
+    for start, m, (block,) in fixed_blocks(n, row_chunk, tok32):
+        for ci, ct in enumerate(code_t):
+            scores = products(block, ct)
+            col = scores.argmax(axis=1)
+            best[start : start + m, ci], where[start : start + m, ci] = scores[rows, col][:m], col[:m]
+    return best, where
+
+
+def float32_argmax(features: np.ndarray, code_t: list[np.ndarray], matmul=None, row_chunk: int = ROW_CHUNK,
+                   code_chunk: int = CODE_CHUNK) -> np.ndarray:
+    """The exhaustive float32 argmax (what training's torch search and gq_select.onnx compute; ties to the lowest
+    index of the float32 scores): the baseline the exact selection is measured against, not the contract."""
+    tok32 = features.astype(np.float32)
+    best, where = chunk_maxima(tok32, code_t, score_products(matmul, row_chunk, code_t[0].shape[1]), row_chunk)
+    ci = best.argmax(axis=1)
+    return where[np.arange(len(ci)), ci] + ci * code_chunk
+
+
+def floor32(x: np.ndarray) -> np.ndarray:
+    """float64 -> the largest float32 not above it: a float32 threshold that keeps everything the float64 one keeps."""
+    f = x.astype(np.float32)
+    return np.where(f.astype(np.float64) > x, np.nextafter(f, np.float32(-np.inf)), f)
 
 
 def kl_bits(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
@@ -117,8 +233,10 @@ class GaussianQuantizer:
     def __init__(self, codebook: np.ndarray, beta: float = 1.0):
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         self.beta = float(beta)
-        self.features = np.ascontiguousarray(codeword_features(self.codebook))
+        exact = codeword_features(self.codebook.astype(np.float64))
+        self.features = np.ascontiguousarray(exact.astype(np.float32))
         self.features_t = transposed_chunks(self.features)  # kept: 8 MiB at K = 2^16, d = 16
+        self.features_max = np.abs(exact).max(axis=0)  # max_k |G_kj|, for error_bound
 
     @property
     def num_codes(self) -> int:
@@ -128,14 +246,19 @@ class GaussianQuantizer:
     def dim(self) -> int:
         return self.codebook.shape[1]
 
-    def select(self, mu: np.ndarray, logvar: np.ndarray, matmul=None) -> np.ndarray:
-        """mu, logvar: [..., d] -> int64 codeword ids [...]. matmul: see select_from_features."""
+    def select(self, mu: np.ndarray, logvar: np.ndarray, matmul=None, stats: dict | None = None) -> np.ndarray:
+        """mu, logvar: [..., d] (taken as float32) -> the exact int64 codeword ids [...]. matmul, stats: see
+        select_from_features."""
         mu = np.asarray(mu)
         if mu.shape != np.shape(logvar) or mu.shape[-1] != self.dim:
             raise ValueError(f"mu {mu.shape} and logvar {np.shape(logvar)} must match and end in d={self.dim}")
-        flat = token_features(np.asarray(mu, np.float32).reshape(-1, self.dim),
-                              np.asarray(logvar, np.float32).reshape(-1, self.dim), self.beta)
-        return select_from_features(flat, self.features, matmul=matmul, code_t=self.features_t).reshape(mu.shape[:-1])
+        flat = exact_token_features(mu.reshape(-1, self.dim), np.asarray(logvar).reshape(-1, self.dim), self.beta)
+        return select_from_features(flat, self.codebook, matmul=matmul, code_t=self.features_t,
+                                    code_max=self.features_max, stats=stats).reshape(mu.shape[:-1])
+
+    def select_float32(self, mu: np.ndarray, logvar: np.ndarray, matmul=None) -> np.ndarray:
+        """The exhaustive float32 argmax over [N, d] posteriors (float32_argmax): a baseline, not the contract."""
+        return float32_argmax(exact_token_features(mu, logvar, self.beta), self.features_t, matmul)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """int ids [...] -> float32 codewords [..., d]."""
