@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gqtok.core.codebook import make_codebook
-from gqtok.core.select import (CODE_CHUNK, ROW_CHUNK, GaussianQuantizer, exact_scores, exact_token_features,
-                               portable_exp, select_from_features)
+from gqtok.core.select import (CODE_CHUNK, ROW_CHUNK, TOKEN_BLOCK, GaussianQuantizer, exact_scores, exact_token_features,
+                               portable_exp)
 from gqtok.training import gq as torch_gq
 
 
@@ -200,19 +200,16 @@ def test_numpy_and_torch_agree():
 
 
 def test_memory_stays_bounded_for_100k_tokens():
-    """Memory linear in the tokens, a few hundred bytes each (ids, float32 features, a float64 temporary of the
-    features, the candidates' features and codewords in float64, bounds and chunk maxima), plus a few score
-    buffers: never a [tokens, K] matrix (that would be 800 MB here)."""
+    """Beyond the ids, a constant: tokens go TOKEN_BLOCK at a time, each a few hundred bytes, plus the score
+    buffers; never a [tokens, K] matrix (that would be 800 MB here)."""
     n, d, k = 100_000, 4, 2**11
     mu, logvar = random_posteriors(n, d, seed=2)
     q = GaussianQuantizer(make_codebook(0, k, d))
-    feats = exact_token_features(mu, logvar, 1.0)
     tracemalloc.start()
-    ids = select_from_features(feats, q.codebook, code_t=q.features_t, code_max=q.features_max)
+    ids = q.select(mu, logvar)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    per_token = 8 + 4 * 2 * d + 8 * 2 * d + 8 * 2 * d + 8 * 2 * d + 64
-    bound = n * per_token + 3 * 4 * ROW_CHUNK * (CODE_CHUNK + 4 * d + 2)
+    bound = n * 8 + TOKEN_BLOCK * (8 + 4 * 2 * d + 5 * 8 * 2 * d + 64) + 2 * 4 * ROW_CHUNK * (CODE_CHUNK + 4 * d + 2)
     assert peak <= bound, (peak, bound)
     assert ids.shape == (n,) and ids.max() < k
 

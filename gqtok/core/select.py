@@ -12,11 +12,12 @@ which is one matrix product between per-token features [beta - 1/sigma^2, 2 mu /
 and per-codeword features [c^2, c], followed by an argmax.
 
 Memory: the full tokens x K score matrix is never built. Tokens go through in
-row chunks of exactly `row_chunk` rows (the last one zero-padded) against
-codeword chunks of at most `code_chunk` columns, keeping a running max. Peak
-extra memory is about 4 * row_chunk * (code_chunk + 4d + 2) bytes, 4.2 MiB with
-the defaults, for any number of tokens, plus the [K, 2d] codeword features (and
-their transposed chunks) that `GaussianQuantizer` computes once.
+row chunks of `row_chunk` rows against codeword chunks of at most `code_chunk`
+columns: one 4 MiB score buffer with the defaults. Per token a few hundred bytes
+(features, bounds, chunk maxima, candidates), and `GaussianQuantizer.select`
+takes tokens TOKEN_BLOCK at a time, so its extra memory is a constant (under
+16 MiB) for any number of tokens, plus the [K, 2d] codeword features (and their
+transposed chunks) that `GaussianQuantizer` computes once.
 
 The token id (the contract's rule): the argmax over k of the score evaluated in
 float64 in one fixed order, `exact_scores(exact_token_features(mu, logvar, beta),
@@ -41,8 +42,9 @@ from __future__ import annotations
 
 import numpy as np
 
-ROW_CHUNK = 256  # tokens per matrix product (fixed: see "Batch independence")
+ROW_CHUNK = 256  # tokens per matrix product
 CODE_CHUNK = 4096  # codewords per matrix product
+TOKEN_BLOCK = 4096  # tokens per select_from_features call in GaussianQuantizer.select (its memory: a few MiB)
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's log-variance (reference value)
 
 # portable_exp: ln 2 split so that n * LN2_HI is exact for |n| < 2^20 (fdlibm's constants), Taylor to r^14
@@ -252,9 +254,13 @@ class GaussianQuantizer:
         mu = np.asarray(mu)
         if mu.shape != np.shape(logvar) or mu.shape[-1] != self.dim:
             raise ValueError(f"mu {mu.shape} and logvar {np.shape(logvar)} must match and end in d={self.dim}")
-        flat = exact_token_features(mu.reshape(-1, self.dim), np.asarray(logvar).reshape(-1, self.dim), self.beta)
-        return select_from_features(flat, self.codebook, matmul=matmul, code_t=self.features_t,
-                                    code_max=self.features_max, stats=stats).reshape(mu.shape[:-1])
+        flat_mu, flat_lv = mu.reshape(-1, self.dim), np.asarray(logvar).reshape(-1, self.dim)
+        ids = np.empty(len(flat_mu), dtype=np.int64)
+        for s in range(0, len(ids), TOKEN_BLOCK):  # a token's id does not depend on its block: memory is constant
+            ids[s : s + TOKEN_BLOCK] = select_from_features(
+                exact_token_features(flat_mu[s : s + TOKEN_BLOCK], flat_lv[s : s + TOKEN_BLOCK], self.beta),
+                self.codebook, matmul=matmul, code_t=self.features_t, code_max=self.features_max, stats=stats)
+        return ids.reshape(mu.shape[:-1])
 
     def select_float32(self, mu: np.ndarray, logvar: np.ndarray, matmul=None) -> np.ndarray:
         """The exhaustive float32 argmax over [N, d] posteriors (float32_argmax): a baseline, not the contract."""
