@@ -257,8 +257,8 @@ def window_chunk_maxima(features, tok32, bound, window: SortedCodebook, products
     covered = np.zeros((n, 2), dtype=np.int64)
     peaked = np.flatnonzero(concave)
     peaked = peaked[np.argsort(pos[peaked], kind="stable")]
-    for g in range(0, len(peaked), row_chunk):
-        rows = peaked[g : g + row_chunk]
+    for g in range(0, len(peaked), WINDOW_GROUP):  # the probe, in small groups of neighbouring peaks
+        rows = peaked[g : g + WINDOW_GROUP]
         lo, hi = max(0, int(pos[rows].min()) - half), min(k, int(pos[rows].max()) + half)
         scan(rows, lo, hi)
         covered[rows] = lo, hi
