@@ -1,4 +1,4 @@
-"""Rate-distortion: gqtok as an image codec (tokens entropy-coded with each prior) against JPEG and WebP.
+"""Rate-distortion: gqtok as an image codec (tokens entropy-coded with each prior) against JPEG, WebP, AVIF, JPEG XL.
 
     python benchmarks/rd.py [--model DIR ...] [--scales 1 0.75 0.5] [--photos 24] [--quick]
 
@@ -10,6 +10,10 @@ One run, side by side, on the held-out photos (768x512 centre crops, data/endles
             actual bytes of the bitstream, header included, over the 768x512 pixels.
   jpeg      Pillow's JPEG (4:2:0, optimized Huffman tables) over a range of quality settings
   webp      Pillow's WebP (method 6) over a range of quality settings
+  avif      Pillow's AVIF (libavif/aom, its default speed 6, 4:2:0) over a range of quality settings
+  jxl       JPEG XL by imagecodecs (libjxl, effort 7) over a range of quality levels; left out, and said
+            so in the JSON's "skipped", where imagecodecs is not installed (it is in the dev extra)
+Every anchor's bpp counts every byte of its file, container included.
 Metrics: PSNR and MS-SSIM (training/evaluate.py). Per codec point: mean bpp, mean metrics, median
 encode and decode time per image (gqtok: tokenize + entropy coding, entropy decoding + detokenize;
 one image at a time on the CPU provider).
@@ -37,8 +41,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
-JPEG_QUALITIES = (1, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90)
-WEBP_QUALITIES = (0, 2, 5, 10, 20, 30, 40, 50, 60, 75, 90)
+ANCHORS = {  # codec -> the quality settings of its curve
+    "jpeg": (1, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90),
+    "webp": (0, 2, 5, 10, 20, 30, 40, 50, 60, 75, 90),
+    "avif": (0, 2, 5, 10, 20, 30, 45, 60, 75, 90),
+    "jxl": (1, 5, 10, 20, 30, 45, 60, 75, 90),
+}
+QUICK_ANCHORS = {"jpeg": (1, 5, 10, 30, 75), "webp": (0, 5, 20, 50), "avif": (2, 20, 50), "jxl": (5, 30, 60)}
 
 
 def heldout_photos(n: int) -> list[np.ndarray]:
@@ -58,17 +67,40 @@ def resize(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size_hw[1], size_hw[0]), Image.BICUBIC))
 
 
-def pillow_round_trip(img: np.ndarray, fmt: str, quality: int) -> tuple[bytes, np.ndarray, float, float]:
+def classic_round_trip(img: np.ndarray, codec: str, quality: int) -> tuple[bytes, np.ndarray, float, float]:
+    """Encode and decode with an anchor codec: (file bytes, decoded RGB, encode s, decode s)."""
     t0 = time.perf_counter()
+    if codec == "jxl":
+        import imagecodecs
+
+        data = imagecodecs.jpegxl_encode(img, level=quality, effort=7)
+        t1 = time.perf_counter()
+        return data, imagecodecs.jpegxl_decode(data)[..., :3], t1 - t0, time.perf_counter() - t1
     buf = io.BytesIO()
-    if fmt == "JPEG":
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality, optimize=True, subsampling="4:2:0")
-    else:
-        Image.fromarray(img).save(buf, format="WEBP", quality=quality, method=6)
+    options = {"jpeg": dict(format="JPEG", optimize=True, subsampling="4:2:0"), "webp": dict(format="WEBP", method=6),
+               "avif": dict(format="AVIF")}[codec]
+    Image.fromarray(img).save(buf, quality=quality, **options)
     t1 = time.perf_counter()
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         out = np.asarray(im.convert("RGB"))
     return buf.getvalue(), out, t1 - t0, time.perf_counter() - t1
+
+
+def available_anchors(anchors: dict) -> tuple[dict, dict]:
+    """The anchors this machine can run, and why the others cannot."""
+    skipped = {}
+    try:
+        import imagecodecs
+
+        if not imagecodecs.JPEGXL.available:
+            skipped["jxl"] = "imagecodecs was built without JPEG XL"
+    except ImportError:
+        skipped["jxl"] = "imagecodecs is not installed (pip install imagecodecs)"
+    from PIL import features
+
+    if not features.check("avif"):
+        skipped["avif"] = "this Pillow has no AVIF support"
+    return {c: q for c, q in anchors.items() if c not in skipped}, skipped
 
 
 def summarize(rows: list[dict], **keys) -> dict:
@@ -177,14 +209,15 @@ def run(args) -> dict:
                 print(f"{m.model_id} scale {scale:g} {prior:9s} {pt['bpp']:.4f} bpp  {pt['psnr']:.2f} dB  "
                       f"MS-SSIM {pt['ms_ssim']:.4f}  {pt['bits_per_token']:.2f} bits/token  "
                       f"enc {pt['encode_ms']:.0f} ms  dec {pt['decode_ms']:.0f} ms", file=sys.stderr)
-    for fmt, qualities in (("JPEG", args.jpeg), ("WEBP", args.webp)):
+    anchors, skipped = available_anchors(args.anchors)
+    for codec, qualities in anchors.items():
         for q in qualities:
             rows = []
             for img in photos:
-                data, out, enc_s, dec_s = pillow_round_trip(img, fmt, q)
+                data, out, enc_s, dec_s = classic_round_trip(img, codec, q)
                 rows.append({"bpp": 8 * len(data) / (h * w), "encode_s": enc_s, "decode_s": dec_s} | image_metrics(img, out))
-            points.append(summarize(rows, codec=fmt.lower(), quality=q))
-        print(f"{fmt}: {len(qualities)} settings done", file=sys.stderr)
+            points.append(summarize(rows, codec=codec, quality=q))
+        print(f"{codec}: {len(qualities)} settings done", file=sys.stderr)
 
     bd, savings = score(points)
     return {
@@ -192,17 +225,17 @@ def run(args) -> dict:
         "models": [shown(d) for d in args.model], "machine": {"cpu": platform.processor() or platform.machine(),
                                                                  "threads": args.threads},
         "seconds": round(time.perf_counter() - t_start, 1),
-        "points": points, "bd_rate": bd, "prior_savings": savings,
+        "points": points, "bd_rate": bd, "prior_savings": savings, "skipped": skipped,
     }
 
 
 def score(points: list[dict]) -> tuple[list[dict], list[dict]]:
-    """BD-rates of each prior's curve against JPEG and WebP, per-point comparisons (added to the points), and
+    """BD-rates of each prior's curve against each anchor, per-point comparisons (added to the points), and
     the bits each prior saves over uniform coding."""
     def curve(rows, metric):
         return [(r["bpp"], r["psnr"] if metric == "psnr" else ms_ssim_db(r["ms_ssim"])) for r in rows]
 
-    anchors = {c: [p for p in points if p["codec"] == c] for c in ("jpeg", "webp")}
+    anchors = {c: [p for p in points if p["codec"] == c] for c in ANCHORS if any(p["codec"] == c for p in points)}
     ours = [p for p in points if p["codec"] == "gqtok"]
     bd = []
     for prior in sorted({p["prior"] for p in ours}):
@@ -243,9 +276,10 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ms_ssim", "MS-SSIM (dB)")):
         value = (lambda p: p["psnr"]) if metric == "psnr" else (lambda p: ms_ssim_db(p["ms_ssim"]))
-        for codec, style in (("jpeg", "o-"), ("webp", "s-")):
+        for codec, style in (("jpeg", "o-"), ("webp", "s-"), ("avif", "d-"), ("jxl", "v-")):
             pts = sorted((p["bpp"], value(p)) for p in result["points"] if p["codec"] == codec)
-            ax.plot(*zip(*pts), style, ms=3, label=codec.upper())
+            if pts:
+                ax.plot(*zip(*pts), style, ms=3, label={"jxl": "JPEG XL"}.get(codec, codec.upper()))
         ours = [p for p in result["points"] if p["codec"] == "gqtok"]
         models = list(dict.fromkeys(p["model"] for p in ours))
         colors = {"uniform": "tab:green", "frequency": "tab:red", "context": "tab:purple"}
@@ -275,16 +309,16 @@ def main(argv=None) -> None:
     p.add_argument("--priors", nargs="+", help="only these priors (default: every prior each model has)")
     p.add_argument("--photos", type=int, default=24, help="held-out photos (default all 24)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
-    p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, fewer JPEG/WebP settings (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, fewer anchor settings (< 60 s)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/rd.json, --quick: rd_quick.json)")
     p.add_argument("--rescore", action="store_true",
                    help="measure nothing: recompute BD-rates, comparisons and the plot from the points in --out")
     args = p.parse_args(argv)
     args.model = args.model or [str(REPO / "models" / "default")]
-    args.jpeg, args.webp = JPEG_QUALITIES, WEBP_QUALITIES
+    args.anchors = ANCHORS
     if args.quick:
         args.photos, args.scales = min(args.photos, 3), [1.0, 0.5]
-        args.jpeg, args.webp = (1, 5, 10, 30, 75), (0, 5, 20, 50)
+        args.anchors = QUICK_ANCHORS
     out = Path(args.out or RESULTS / ("rd_quick.json" if args.quick else "rd.json"))
     if args.rescore:
         result = json.loads(out.read_text())

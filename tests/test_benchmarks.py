@@ -70,9 +70,13 @@ def test_rd_benchmark_runs_every_prior_and_the_anchors(tiny_model, tmp_path):
     at_1 = {p["prior"]: p for p in ours if p["scale"] == 1.0}
     assert at_1["context"]["bpp"] < at_1["frequency"]["bpp"] < at_1["uniform"]["bpp"]
     assert len({p["psnr"] for p in at_1.values()}) == 1  # same tokens, same pixels: only the rate differs
-    assert {p["codec"] for p in result["points"]} == {"gqtok", "jpeg", "webp"}
+    anchors = ("jpeg", "webp", "avif", "jxl")  # Pillow's AVIF and imagecodecs' JPEG XL come with the dev extra
+    assert {p["codec"] for p in result["points"]} == {"gqtok", *anchors} and result["skipped"] == {}
     assert {(b["prior"], b["anchor"]) for b in result["bd_rate"]} == {
-        (p, a) for p in ("uniform", "frequency", "context") for a in ("jpeg", "webp")}
+        (p, a) for p in ("uniform", "frequency", "context") for a in anchors}
+    for codec in anchors:  # every anchor's curve: rate rises with its quality setting
+        curve = sorted((p["quality"], p["bpp"]) for p in result["points"] if p["codec"] == codec)
+        assert [b for _, b in curve] == sorted(b for _, b in curve) and curve[0][1] > 0, (codec, curve)
     saved = {s["prior"]: s["saved_bits_per_token"] for s in result["prior_savings"]}
     assert saved["context"] > saved["frequency"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000 and json.loads(out.read_text())["photos"] == 1
