@@ -46,6 +46,8 @@ as with every codeword scored (tested).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 ROW_CHUNK = 256  # tokens per matrix product
@@ -55,7 +57,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's log-variance (reference v
 
 # portable_exp: ln 2 split so that n * LN2_HI is exact for |n| < 2^20 (fdlibm's constants), Taylor to r^14
 LN2_HI, LN2_LO, INV_LN2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10, 1.44269504088896338700e00
-EXP_TAYLOR = tuple(1.0 / float(__import__("math").factorial(k)) for k in range(15))
+EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(15))
 U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
 
 
@@ -235,8 +237,9 @@ def window_chunk_maxima(features, tok32, bound, window: SortedCodebook, products
     only win if S(c) >= L, a lower bound of the best exact score: here the best float32 score found so far
     minus the error bound. So f_j(c_j) >= L - sum_(i != j) U_i, which for a_j < 0 puts c_j within
     sqrt((f_j(peak) - T) / -a_j) of the peak -b_j / 2a_j: a contiguous run of the sorted codewords. Groups of
-    row_chunk tokens sorted by peak are scored on a first window around their peaks; a token whose provable
-    window reaches past it is scored on the rest. Slack (1e-9 of the magnitudes, and four error bounds) keeps
+    WINDOW_GROUP tokens sorted by peak are scored on a probe window around their peaks (its best score gives L);
+    a token whose provable window reaches past its probe is scored on the rest, in groups of similar width.
+    Tokens for which f_j is convex (a_j >= 0) have no window and are scored on every column. Slack (1e-9 of the magnitudes, and four error bounds) keeps
     rounding on the safe side; it costs columns, never correctness."""
     n, k, j = len(tok32), len(window.values), window.dim
     d = features.shape[1] // 2
