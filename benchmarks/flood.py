@@ -12,15 +12,14 @@ of the refusals (429) and of the answers (200), every 200 checked against the to
 image before the flood, the statuses of the JSON bodies (refused unparsed: 413 or 429), and /health/live's
 latency (median and 99th percentile). Side by side, in the same run: the same flood against `bare_refuser`, plain
 uvicorn refusing everything with no work at all, the floor of any refusal on this machine; the ratio of the
-median refusals says what the service adds. Targets (issue 16): 429s in a median under 50 ms, /health/live's p99 under 100 ms. Writes
-benchmarks/results/flood.json (--quick: 64 requests, one 8 MiB JSON body, flood_quick.json).
+median refusals says what the service adds. Targets (issue 16): 429s in a median under 50 ms, /health/live's
+p99 under 100 ms. Writes benchmarks/results/flood.json (--quick: 64 requests, one 8 MiB JSON body, flood_quick.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import io
 import json
 import multiprocessing
@@ -28,6 +27,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.service import png_bytes, start_server, test_images, write_result  # noqa: E402
+from gqtok.service.app import RequestBody  # noqa: E402
 
 NPY = "application/x-npy"
 
@@ -59,9 +60,9 @@ async def bare_refuser(scope, receive, send):
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(BARE_REFUSAL)).encode())]})
     await send({"type": "http.response.body", "body": BARE_REFUSAL, "more_body": True})
-    declared = dict(scope["headers"]).get(b"content-length", b"0")
-    more = int(declared) > 0
-    while more and int(declared) <= 8 * 2**20:
+    declared = int(dict(scope["headers"]).get(b"content-length", b"0"))
+    more = declared > 0
+    while more and declared <= RequestBody.DROP_BYTES:
         more = (await receive()).get("more_body", False)
     await send({"type": "http.response.body", "body": b""})
 

@@ -215,7 +215,8 @@ def run(args) -> dict:
             rows = []
             for img in photos:
                 data, out, enc_s, dec_s = classic_round_trip(img, codec, q)
-                rows.append({"bpp": 8 * len(data) / (h * w), "encode_s": enc_s, "decode_s": dec_s} | image_metrics(img, out))
+                rows.append({"bpp": 8 * len(data) / (h * w), "encode_s": enc_s, "decode_s": dec_s}
+                            | image_metrics(img, out))
             points.append(summarize(rows, codec=codec, quality=q))
         print(f"{codec}: {len(qualities)} settings done", file=sys.stderr)
 

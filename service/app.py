@@ -26,12 +26,14 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
 
 import gqtok
 from gqtok.core.artifact import ArtifactError
 from gqtok.service import errors, memory
 from gqtok.service.images import MEDIA_TYPES
 from gqtok.service.metrics import ServiceMetrics
+from gqtok.service.requests import media_type
 from gqtok.service.routers import compression, health, models, tokens
 from gqtok.service.schemas import JSON_BODY_MODELS
 from gqtok.service.runtime import set_thread_nice
@@ -125,8 +127,7 @@ class Gatekeeper:
         (ServiceState.reserve). Other bodies are counted, and refused, by the route."""
         if scope["path"] != "/v1/tokenize" or scope["method"] != "POST":
             return None
-        kind = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
-        if kind not in MEDIA_TYPES:
+        if media_type(Request(scope)) not in MEDIA_TYPES:
             return None
         model = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model", [None])[-1]
         served = self.state.models.get(model or self.state.default)

@@ -100,9 +100,10 @@ class TokenizerRuntime:
     threads:  intra-op threads per session; 0 lets onnxruntime choose (ignored after share_threads: the shared
               pool serves every session)
     selector: "onnx" (gq_select.onnx: the float32 argmax), "numpy" (gqtok/core/select.py's exact selection),
-              "ort-matmul" (the same, its float32 products in onnxruntime: the same ids), or "auto": "ort-matmul"
-              on the CPU provider, "onnx" on CUDA (so the scores stay on the GPU). Why ort-matmul on CPU: onnxruntime's MatMul ran the
-              [256, 2d] x [2d, 4096] products 1.6x faster than numpy's OpenBLAS here, and sharing one
+              "ort-matmul" (the same, its whole-chunk float32 products in onnxruntime: the same ids), or "auto":
+              "ort-matmul" on the CPU provider, "onnx" on CUDA (so the scores stay on the GPU). Why ort-matmul on
+              CPU: onnxruntime's MatMul ran the [256, 2d] x [2d, 4096] products 1.6x faster than numpy's OpenBLAS
+              here, and sharing one
               thread pool with the encoder avoids two pools fighting over the cores (ArgMax inside
               onnxruntime, as gq_select.onnx does it, was 2x slower than numpy's).
     """

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gqtok.core.codebook import make_codebook
-from gqtok.core.select import (CODE_CHUNK, ROW_CHUNK, TOKEN_BLOCK, GaussianQuantizer, exact_scores, exact_token_features,
-                               portable_exp)
+from gqtok.core.select import (CODE_CHUNK, ROW_CHUNK, TOKEN_BLOCK, GaussianQuantizer, exact_scores,
+                               exact_token_features, portable_exp)
 from gqtok.training import gq as torch_gq
 
 
@@ -175,7 +175,8 @@ def test_ids_are_the_same_under_every_blas_kernel_thread_count_and_simd_setting(
     hashes = []
     for extra in envs:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS", "OMP", "NPY_"))} | extra
-        run = subprocess.run([sys.executable, str(script), str(tmp_path / "case.npz")], env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run([sys.executable, str(script), str(tmp_path / "case.npz")], env=env,
+                             capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, (extra, run.stderr[-2000:])
         hashes.append(run.stdout.split())
     assert all(len(h) == 2 for h in hashes) and len({x for h in hashes for x in h}) == 1, hashes

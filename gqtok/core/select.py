@@ -160,7 +160,7 @@ def select_from_features(
     if code_t is None or code_max is None:
         code = codeword_features(codebook.astype(np.float64))
         code_t, code_max = transposed_chunks(code.astype(np.float32), code_chunk), np.abs(code).max(axis=0)
-    bound2 = 2.0 * error_bound(features, code_max)
+    bound = error_bound(features, code_max)
     tok32 = features.astype(np.float32)
     products = score_products(matmul, row_chunk, min(code_chunk, k))
     perm = None
@@ -169,12 +169,11 @@ def select_from_features(
         # numpy's products here, whatever `matmul` is: the windows make many small products, for which
         # onnxruntime's per-call cost outweighs its speed (0.53 against 0.71 of the float32 argmax's time at
         # 4,096 tokens of the default model, 0.90 against 0.98 at 1,024; numpy on one BLAS thread)
-        chunk_max = window_chunk_maxima(features, tok32, bound2 / 2, window,
-                                        score_products(None, row_chunk, min(code_chunk, k)), row_chunk, code_chunk,
-                                        stats)
+        numpy_products = products if matmul is None else score_products(None, row_chunk, min(code_chunk, k))
+        chunk_max = window_chunk_maxima(features, tok32, bound, window, numpy_products, row_chunk, code_chunk, stats)
     else:
         chunk_max, _ = chunk_maxima(tok32, code_t, products, row_chunk)
-    threshold = floor32(chunk_max.max(axis=1) - bound2)
+    threshold = floor32(chunk_max.max(axis=1) - 2.0 * bound)
     # pass 2: the (token, chunk) pairs whose maximum reaches the token's threshold (usually the winner's chunk
     # alone) are scored again, row_chunk tokens at a time, and every codeword there that reaches it is kept
     pair_rows, pair_chunks = np.nonzero(chunk_max >= threshold[:, None])
@@ -239,8 +238,8 @@ def window_chunk_maxima(features, tok32, bound, window: SortedCodebook, products
     sqrt((f_j(peak) - T) / -a_j) of the peak -b_j / 2a_j: a contiguous run of the sorted codewords. Groups of
     WINDOW_GROUP tokens sorted by peak are scored on a probe window around their peaks (its best score gives L);
     a token whose provable window reaches past its probe is scored on the rest, in groups of similar width.
-    Tokens for which f_j is convex (a_j >= 0) have no window and are scored on every column. Slack (1e-9 of the magnitudes, and four error bounds) keeps
-    rounding on the safe side; it costs columns, never correctness."""
+    Tokens for which f_j is convex (a_j >= 0) have no window and are scored on every column. Slack (1e-9 of the
+    magnitudes, and four error bounds) keeps rounding on the safe side; it costs columns, never correctness."""
     n, k, j = len(tok32), len(window.values), window.dim
     d = features.shape[1] // 2
     chunk_max = np.full((n, len(window.code_t)), -np.inf, dtype=np.float32)
