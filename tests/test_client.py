@@ -161,11 +161,23 @@ def test_connection_errors_are_retried_timeouts_are_not(slept):
     assert e.value.error_type == "connection_error" and len(script.requests) == 3
 
 
-def test_an_error_body_that_is_not_ours(slept):
-    script = Script(httpx.Response(502, text="<html>bad gateway</html>"))
-    with mock_client(script) as c, pytest.raises(TokenizerError) as e:
+def test_a_balancer_502_is_retried_and_an_error_body_that_is_not_ours_is_read(slept):
+    """A 502 from a balancer in front (its replica died mid-request) is retried; the last one is read as ours is
+    not (a balancer's HTML page)."""
+    bad_gateway = httpx.Response(502, text="<html>bad gateway</html>")
+    script = Script(bad_gateway, ok_tokens)
+    with mock_client(script) as c:
+        assert c.tokenize(IMG).shape == (1, 2, 2, 3)
+    assert len(script.requests) == 2
+    script = Script(bad_gateway)
+    with mock_client(script, retries=1) as c, pytest.raises(TokenizerError) as e:
         c.models()
     assert e.value.status == 502 and e.value.error_type == "http_error" and "bad gateway" in e.value.message
+    assert len(script.requests) == 2
+    script = Script(httpx.Response(504, text="<html>gateway timeout</html>"))  # may still be working: final
+    with mock_client(script) as c, pytest.raises(TokenizerError) as e:
+        c.models()
+    assert e.value.status == 504 and len(script.requests) == 1
 
 
 def test_async_client_has_the_same_retry_policy(slept):

