@@ -4,7 +4,7 @@
 #   bash docker/images.sh run CMD...   engine + base + build, run CMD with GQTOK_IMAGE_* set, stop what it started
 #   bash docker/images.sh engine       install Debian's docker.io if missing (root + apt), start dockerd if stopped
 #   bash docker/images.sh base         the base image: the public one if it can be pulled, else one made here
-#   bash docker/images.sh build        the tokenizer, generator and balancer images (tags below)
+#   bash docker/images.sh build        the tokenizer (CPU and GPU), generator and balancer images
 #   bash docker/images.sh stop         stop dockerd if this script started it
 #
 # Where no engine can be had (not root, no apt, no dockerd) `run` still runs CMD, without GQTOK_IMAGE_*, and
@@ -106,6 +106,9 @@ build() {
     local t0=$SECONDS
     DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile -t "gqtok-tokenizer:$TAG" . >/dev/null
     log "gqtok-tokenizer:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
+    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" --build-arg EXTRA=gpu --build-arg DEVICE=auto \
+        -f docker/Dockerfile -t "gqtok-tokenizer-gpu:$TAG" . >/dev/null
+    log "gqtok-tokenizer-gpu:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
     DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" "${torch_args[@]}" -f docker/Dockerfile.generator \
         -t "gqtok-generator:$TAG" . >/dev/null
     log "gqtok-generator:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS

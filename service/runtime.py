@@ -33,10 +33,21 @@ def choose_providers(device: str = "auto") -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
+        preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         raise RuntimeError(f"device 'cuda' asked for, but onnxruntime offers only {available}")
     return ["CPUExecutionProvider"]
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from their pip wheels (onnxruntime-gpu[cuda,cudnn], the GPU image), so that no CUDA
+    base image or LD_LIBRARY_PATH is needed; a no-op where they come from the system instead."""
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # a library it cannot load is reported again, clearly, when the session starts
+            log.warning("could not preload the CUDA libraries: %s", e)
 
 
 _shared_threads: int | None = None  # the process-wide intra-op pool's size, once share_threads made it
@@ -130,6 +141,14 @@ class TokenizerRuntime:
         # round (one process, 4 rounds, 2 threads; docs/service.md, memory).
         opts.enable_cpu_mem_arena = False
         self.encoder = ort.InferenceSession(str(artifact.path(ENCODER)), opts, providers=self.providers)
+        if self.providers[0] != self.encoder.get_providers()[0]:
+            # onnxruntime-gpu offers CUDA whether or not a GPU is there, and falls back to the CPU on its own
+            why = (f"onnxruntime offers {self.providers[0]} but could not use it (no GPU visible to this process, "
+                   f"or no NVIDIA driver)")
+            if device == "cuda":
+                raise RuntimeError(f"device 'cuda' asked for: {why}")
+            log.warning("%s: model %s runs on %s", why, self.manifest.model_id, self.encoder.get_providers()[0])
+            self.providers = self.encoder.get_providers()
         self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
         if selector not in self.SELECTORS:
             raise ValueError(f"selector must be one of {', '.join(self.SELECTORS)}, got {selector!r}")
@@ -205,7 +224,10 @@ def matmul_graph() -> bytes:
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gq_scores",
                               [spec("a", TensorProto.FLOAT, ["M", "N"]), spec("b", TensorProto.FLOAT, ["N", "P"])],
                               [spec("c", TensorProto.FLOAT, ["M", "P"])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    # IR version 10, as the exported models have: onnx's default follows the newest onnx (14 with onnx 1.23), which
+    # older onnxruntime builds refuse ("Unsupported model IR version: 14, max supported IR version: 13", seen with
+    # onnxruntime-gpu 1.31 in the GPU image)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:

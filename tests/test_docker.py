@@ -36,10 +36,12 @@ from PIL import Image
 from conftest import COMPOSE, compose, free_port, tool
 
 REPO = Path(__file__).resolve().parents[1]
-DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "gpu": REPO / "docker" / "Dockerfile.gpu"}
+# One Dockerfile, two images: the GPU one is the same file with build arguments (compose's tokenizer-gpu)
+DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "gpu": REPO / "docker" / "Dockerfile"}
+BUILD_ARGS = {"cpu": {}, "gpu": {"EXTRA": "gpu", "DEVICE": "auto"}}
 GENERATOR_DOCKERFILE = REPO / "docker" / "Dockerfile.generator"
 EXTRA = {"cpu": "serve", "gpu": "gpu"}
-DEVICE = {"cpu": "cpu", "gpu": "cuda"}
+DEVICE = {"cpu": "cpu", "gpu": "auto"}  # the image's default; compose's GPU service insists on cuda
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
@@ -53,7 +55,12 @@ def compose_config() -> dict:
 
 def parse(kind: str) -> DockerfileParser:
     # fileobj: given a path, dockerfile-parse takes any name but "*Dockerfile" for a folder.
-    return DockerfileParser(fileobj=io.BytesIO(DOCKERFILES[kind].read_bytes()))
+    return DockerfileParser(fileobj=io.BytesIO(DOCKERFILES[kind].read_bytes()), build_args=BUILD_ARGS[kind])
+
+
+def arg_defaults(kind: str) -> dict[str, str]:
+    """The Dockerfile's ARG defaults, overridden by the image's build arguments."""
+    return dict(re.findall(r"(?m)^ARG (\w+)=(\S+)$", DOCKERFILES[kind].read_text())) | BUILD_ARGS[kind]
 
 
 def stages(dfp: DockerfileParser) -> list[list[dict]]:
@@ -104,10 +111,11 @@ def test_compose_services(compose_config):
         svc = services[name]
         assert Path(svc["build"]["context"]) == REPO
         assert REPO / svc["build"]["dockerfile"] == DOCKERFILES[kind]
+        assert svc["build"].get("args", {}) == BUILD_ARGS[kind]
         assert {"type": "volume", "source": "models", "target": "/models"}.items() <= svc["volumes"][0].items()
         env = svc["environment"]
         assert env["GQTOK_MODELS"] == '["/models/default"]' and env["GQTOK_HOST"] == "0.0.0.0"
-        assert env["GQTOK_DEVICE"] == DEVICE[kind]
+        assert env["GQTOK_DEVICE"] == {"cpu": "cpu", "gpu": "cuda"}[kind]
         assert "/health/ready" in " ".join(svc["healthcheck"]["test"])
         assert "container_name" not in svc, "a fixed container name would break --scale"
         # the server's memory budget sits inside the container's limit, with room for the interpreter
@@ -203,7 +211,7 @@ def test_dockerfile_rules(kind):
     st = stages(dfp)
     assert len(st) == 2, "builder + runtime"
     # a base may be a build argument (docker/images.sh passes a locally made one): check its public default
-    defaults = dict(re.findall(r"(?m)^ARG (\w+)=(\S+)$", DOCKERFILES[kind].read_text()))
+    defaults = arg_defaults(kind)
     bases = [re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m[1], m[0]), s[0]["value"].split()[0]) for s in st]
     for base in bases:  # explicit tags, never latest
         name, _, tag = base.rpartition(":")
@@ -231,7 +239,7 @@ def test_dockerfile_rules(kind):
     # and tests and data are never copied in (the torch-side sources are inert without torch).
     runs = " ".join(ins["value"] for s in st for ins in s if ins["instruction"] == "RUN")
     installs = [i.strip() for i in re.findall(r"pip install [^&]*", runs)]
-    assert installs == [f'pip install --no-cache-dir "./[{EXTRA[kind]}]"'], installs
+    assert installs == ['pip install --no-cache-dir "./[${EXTRA}]"'] and defaults["EXTRA"] == EXTRA[kind], installs
     reqs = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"][EXTRA[kind]]
     assert not [r for r in reqs if re.match(r"(torch|pytorch|efficientnet)", r)], reqs
     assert "torch" not in re.sub(r"find_spec\('torch'\)|'torch was installed'", "", runs)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from gqtok.core.artifact import ArtifactError, load_artifact
 from gqtok.core.codebook import codebook_digest
 from gqtok.service.runtime import TokenizerRuntime
@@ -218,3 +219,14 @@ def test_the_codebook_file_is_the_same_bytes_on_every_export(tmp_path):
     with safe_open(str(path), "np") as f:
         assert np.array_equal(f.get_tensor("codebook"), codebook)
         assert f.metadata() == {"generator": cb.GENERATOR_NAME, "seed": "0"}
+
+
+def test_the_services_own_graph_has_the_ir_version_of_the_exported_models():
+    """An onnxruntime that loads our models must load the service's MatMul graph too (onnx's default IR version
+    follows the newest onnx, and onnxruntime-gpu 1.31 refused it)."""
+    import onnx
+
+    from gqtok.service.runtime import matmul_graph
+
+    exported = onnx.load(str(REPO / "models" / "default" / "encoder.onnx"), load_external_data=False).ir_version
+    assert onnx.load_from_string(matmul_graph()).ir_version == exported

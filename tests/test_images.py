@@ -89,7 +89,8 @@ class Container:
         return out
 
     def logs(self) -> str:
-        return subprocess.run([DOCKER, "logs", self.id], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([DOCKER, "logs", self.id], capture_output=True, text=True, timeout=30)
+        return out.stdout + out.stderr
 
     def remove(self) -> None:
         docker("rm", "-f", self.id, check=False)
@@ -222,6 +223,27 @@ def test_docker_stop_drains_what_is_in_flight(tokenizer_service, photos_dir):
         assert answers == [200, 200, 200], answers
         assert state["ExitCode"] == 0 and not state["OOMKilled"], c.logs()
         assert stopped_after < 40, "docker stop waited for its grace period: SIGTERM did not end the server"
+    finally:
+        c.remove()
+
+
+def test_the_gpu_image_falls_back_to_the_cpu_saying_so(photos_dir):
+    """The GPU image (onnxruntime-gpu with CUDA and cuDNN from pip wheels, no CUDA base) on a machine where the
+    container sees no GPU: it starts on the CPU provider, says why in a warning, and gives the CPU image's tokens."""
+    from gqtok.service.client import TokenizerClient
+    from gqtok.service.tokenizer import Tokenizer
+
+    c = Container(f"gqtok-tokenizer-gpu:{TAG}", None, {"GQTOK_THREADS": "1"})
+    try:
+        c.wait_healthy()
+        info = httpx.get(f"{c.url}/info").json()
+        assert info["providers"] == {"gqtok-default": "CPUExecutionProvider"}, info
+        assert "WARNING gqtok.runtime: onnxruntime offers CUDAExecutionProvider but could not use it" in c.logs()
+        images = crops(photos_dir, 2)
+        with TokenizerClient(c.url) as client:
+            served = client.tokenize([png(a) for a in images])
+        local = Tokenizer.load(str(REPO / "models" / "default"), device="cpu", threads=1)
+        assert np.array_equal(served.astype(np.int64), local.encode(images))
     finally:
         c.remove()
 
