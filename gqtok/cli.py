@@ -157,10 +157,17 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from gqtok.service.server import serve
     from gqtok.service.settings import from_arguments
 
-    serve(from_arguments(args))
+    settings = from_arguments(args)
+    if settings.engine == "ray":
+        from gqtok.service.ray_serve import serve_on_ray
+
+        serve_on_ray(settings)
+        return
+    from gqtok.service.server import serve
+
+    serve(settings)
 
 
 def fit_model_priors(model_dir: Path, data_dir: Path, config=None, progress: bool = True) -> dict:

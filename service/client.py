@@ -38,7 +38,7 @@ class TokenizerClient:
 
     # base_url: the service root. api_key: sent as "Authorization: Bearer KEY" (None: no header).
     # model: model id for every request (None: the server's default). timeout: seconds per HTTP attempt.
-    # retries / backoff / max_backoff: on 429, 502, 503 and connection errors retry up to `retries` times,
+    # retries / backoff / max_backoff: on 429, 503, connection errors and a proxy's 500/502 retry up to `retries` times,
     # waiting backoff * 2**attempt seconds capped at max_backoff (or Retry-After when longer), plus jitter; a 503
     # timeout only with retry_timeouts=True (the server may still be working on the first attempt).
     # transport: an httpx transport, e.g. httpx.MockTransport in tests (None: real network).

@@ -31,9 +31,12 @@ FIT_MODES = ("pad", "crop", "exact")
 # back later, usually with Retry-After; every other error is an answer about this request and is final. A 503
 # `timeout` is final by default: the server was too busy for this request, and sending it again adds work that
 # the server cannot cancel (RetryPolicy(retry_timeouts=True) retries it anyway).
-# 502: a load balancer in front (docker-compose.yml's) says the replica it chose died or answered nothing; every
-# call of the client is a pure function of its input, so sending it again is safe.
-RETRY_STATUSES = frozenset({429, 502, 503})
+RETRY_STATUSES = frozenset({429, 503})
+# A 500 or 502 that is not the service's own JSON error comes from something between us and it: a load balancer
+# whose replica died or answered nothing (HAProxy in docker-compose.yml: 502), Ray Serve's proxy whose replica
+# died mid-request (500). Every call of the client is a pure function of its input, so sending it again is safe.
+# The service's own 500 (error_type "internal") is final, and so is a 504: the server may still be working.
+GATEWAY_STATUSES = frozenset({500, 502})
 # Failures to reach the server or to get an answer at all (connection refused or reset, a keep-alive
 # connection closed under us). Read timeouts are not retried: the server may still be working on it.
 RETRY_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
@@ -344,6 +347,8 @@ class RetryPolicy:
             if not self.retry_timeouts and _error_type(response) == "timeout":
                 return None
             asked = min(_retry_after(response.headers.get("retry-after")) or 0.0, self.max_retry_after)
+        elif response.status_code in GATEWAY_STATUSES and _error_type(response) is None:
+            asked = 0.0
         else:
             return None
         wait = max(min(self.backoff * 2**attempt, self.max_backoff), asked)

@@ -67,6 +67,14 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description=(
         "When set, every route but /health/* needs the header 'Authorization: Bearer KEY'."))
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    engine: Literal["uvicorn", "ray"] = Field("uvicorn", description=(
+        "uvicorn: one server process (scale it with replicas behind a balancer, docker-compose.yml); ray: the same "
+        "app as a Ray Serve deployment, replicas placed over a Ray cluster (docs/deploy.md)."))
+    ray_address: str | None = Field(None, description=(
+        "With engine ray: the cluster to join (e.g. ray://head:10001 or auto); unset, a local one is started."))
+    replicas: int = Field(1, ge=1, description="With engine ray: replicas to start with (each one loads every model).")
+    max_replicas: int | None = Field(None, ge=1, description=(
+        "With engine ray: autoscale on requests in flight between replicas and this many (off: a fixed count)."))
 
 
 def _flag_type(annotation):

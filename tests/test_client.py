@@ -161,7 +161,7 @@ def test_connection_errors_are_retried_timeouts_are_not(slept):
     assert e.value.error_type == "connection_error" and len(script.requests) == 3
 
 
-def test_a_balancer_502_is_retried_and_an_error_body_that_is_not_ours_is_read(slept):
+def test_a_proxys_500_or_502_is_retried_and_an_error_body_that_is_not_ours_is_read(slept):
     """A 502 from a balancer in front (its replica died mid-request) is retried; the last one is read as ours is
     not (a balancer's HTML page)."""
     bad_gateway = httpx.Response(502, text="<html>bad gateway</html>")
@@ -178,6 +178,14 @@ def test_a_balancer_502_is_retried_and_an_error_body_that_is_not_ours_is_read(sl
     with mock_client(script) as c, pytest.raises(TokenizerError) as e:
         c.models()
     assert e.value.status == 504 and len(script.requests) == 1
+    # Ray Serve's proxy answers a bare 500 when the replica died mid-request: retried; the service's own is final
+    script = Script(httpx.Response(500, text="Internal Server Error"), ok_tokens)
+    with mock_client(script) as c:
+        assert c.tokenize(IMG).shape == (1, 2, 2, 3)
+    script = Script(error(500, "internal", "unexpected error"), ok_tokens)
+    with mock_client(script) as c, pytest.raises(TokenizerError) as e:
+        c.tokenize(IMG)
+    assert e.value.error_type == "internal" and len(script.requests) == 1
 
 
 def test_async_client_has_the_same_retry_policy(slept):

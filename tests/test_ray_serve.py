@@ -1,0 +1,140 @@
+"""`gqtok serve --engine ray`: the tokenizer app as a Ray Serve deployment, two replicas on a local Ray cluster.
+
+Same answers as the plain server, byte for byte; a replica killed under load loses no request (Ray restarts it;
+the request that was on it comes back as Ray's bare 500, which the client retries).
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from conftest import free_port, wait_until_ready
+
+pytestmark = pytest.mark.slow
+REPLICA = "ServeReplica:gqtok:tokenizer"  # the replica actors' process title
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_model):
+    pytest.importorskip("ray.serve", reason="the ray extra with Ray Serve (pip install -e '.[ray]')")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gqtok.cli", "serve", "--engine", "ray", "--replicas", "2",
+                             "--threads", "1", "--port", str(port), "--model", str(tiny_model)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def alive():
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}:\n{proc.stdout.read()}")
+
+    try:
+        wait_until_ready(url, 180, alive)
+        yield url, proc
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for p in family:  # what Ray left behind, if its shutdown did not finish
+            if p.is_running():
+                p.kill()
+
+
+def replicas(proc) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if any(REPLICA in part for part in p.cmdline())]
+
+
+def photo_pngs(small_photos, size: int) -> list[bytes]:
+    from gqtok.photos import list_images
+
+    out = []
+    for photo in list_images(small_photos)[:3]:
+        with Image.open(photo) as im:
+            buf = io.BytesIO()
+            im.convert("RGB").crop((0, 0, size, size)).save(buf, format="PNG")
+            out.append(buf.getvalue())
+    return out
+
+
+def test_same_answers_as_the_plain_server(ray_server, live_server, small_photos):
+    """Tokenize, detokenize and an error, each sent to both servers: the same bytes back."""
+    url, proc = ray_server
+    assert len(replicas(proc)) == 2
+    for body in photo_pngs(small_photos, 96):
+        answers = [httpx.post(f"{u}/v1/tokenize", content=body, timeout=60,
+                              headers={"content-type": "image/png", "accept": "application/x-npy"})
+                   for u in (url, live_server)]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[0].content == answers[1].content
+        images = [httpx.post(f"{u}/v1/detokenize", content=answers[0].content, timeout=60,
+                             headers={"content-type": "application/x-npy", "accept": "image/png"})
+                  for u in (url, live_server)]
+        assert [i.status_code for i in images] == [200, 200] and images[0].content == images[1].content
+    bad = [httpx.post(f"{u}/v1/tokenize", content=b"not an image", headers={"content-type": "image/png"})
+           for u in (url, live_server)]
+    assert [b.status_code for b in bad] == [422, 422] and bad[0].json() == bad[1].json()
+    info = [httpx.get(f"{u}/info").json() for u in (url, live_server)]
+    assert info[0]["models"] == info[1]["models"] == ["tiny"]
+
+
+def test_a_replica_killed_under_load_loses_no_request(ray_server, small_photos):
+    from gqtok.service.client import TokenizerClient
+
+    url, proc = ray_server
+    images = photo_pngs(small_photos, 128)
+    results: list[tuple[float, float, str]] = []
+    attempts: list[int] = []
+    stop = threading.Event()
+
+    def load():
+        with TokenizerClient(url, retries=8, backoff=0.1) as client:
+            client._http.event_hooks["request"] = [lambda r: attempts.append(1)]
+            i = 0
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    client.tokenize(images[i % len(images)])
+                    outcome = "ok"
+                except Exception as e:  # every failure counts as lost
+                    outcome = repr(e)
+                results.append((t0, time.monotonic() - t0, outcome))
+                i += 1
+
+    senders = [threading.Thread(target=load) for _ in range(3)]
+    for t in senders:
+        t.start()
+    time.sleep(3)
+    victim = replicas(proc)[0]
+    killed_at = time.monotonic()
+    victim.kill()
+    time.sleep(8)
+    stop.set()
+    for t in senders:
+        t.join(120)
+
+    lost = [r for r in results if r[2] != "ok"]
+    around = sorted(s for t0, s, _ in results if killed_at - 1 <= t0 <= killed_at + 3)
+    p99 = around[min(len(around) - 1, int(0.99 * len(around)))]
+    print(f"ray kill: {len(results)} requests, {len(lost)} lost, {len(attempts) - len(results)} retried, "
+          f"p99 around the kill {p99 * 1000:.0f} ms, median {np.median([s for _, s, _ in results]) * 1000:.0f} ms")
+    assert not lost, lost[:5]
+    assert sum(1 for t0, *_ in results if t0 > killed_at + 2) > 10, "the load did not go on after the kill"
+    deadline = time.monotonic() + 60  # Ray brings the replica count back
+    while len(replicas(proc)) < 2:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
+    assert victim.pid not in [p.pid for p in replicas(proc)]
