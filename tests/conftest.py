@@ -163,3 +163,69 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class KillUnderLoad:
+    """Clients tokenizing `images` through `url` in a loop, with the gqtok client's retries, while `kill()` takes
+    one replica away: every request's outcome, how many extra attempts the clients made, and the latency around
+    the kill. Used against compose's balancer (test_images) and Ray Serve (test_ray_serve)."""
+
+    def __init__(self, url: str, images: list[bytes], kill, senders: int = 4, before_s: float = 4.0,
+                 after_s: float = 6.0, at_kill=lambda: None):
+        import threading
+        import time
+
+        from gqtok.service.client import TokenizerClient
+
+        self.results: list[tuple[float, float, str]] = []  # (start, seconds, "ok" or the error)
+        self.attempts: list[int] = []  # every request the clients sent, retries included
+        stop = threading.Event()
+
+        def load():
+            with TokenizerClient(url, retries=8, backoff=0.1) as client:
+                client._http.event_hooks["request"] = [lambda r: self.attempts.append(1)]
+                i = 0
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        client.tokenize(images[i % len(images)])
+                        outcome = "ok"
+                    except Exception as e:  # every failure counts as lost
+                        outcome = repr(e)
+                    self.results.append((t0, time.monotonic() - t0, outcome))
+                    i += 1
+
+        threads = [threading.Thread(target=load) for _ in range(senders)]
+        for t in threads:
+            t.start()
+        time.sleep(before_s)
+        at_kill()
+        self.killed_at = time.monotonic()
+        kill()
+        time.sleep(after_s)
+        stop.set()
+        for t in threads:
+            t.join(120)
+
+    @property
+    def lost(self) -> list:
+        return [r for r in self.results if r[2] != "ok"]
+
+    @property
+    def retried(self) -> int:
+        return len(self.attempts) - len(self.results)
+
+    def summary(self) -> str:
+        import numpy as np
+
+        around = sorted(s for t0, s, _ in self.results if self.killed_at - 1 <= t0 <= self.killed_at + 3)
+        p99 = around[min(len(around) - 1, int(0.99 * len(around)))] if around else float("nan")
+        median = np.median([s for _, s, _ in self.results])
+        return (f"{len(self.results)} requests, {len(self.lost)} lost, {self.retried} sent again by the client, "
+                f"p99 of those started 1 s before to 3 s after the kill {p99 * 1000:.0f} ms ({len(around)} "
+                f"requests), median of all {median * 1000:.0f} ms")
+
+    def check(self) -> None:
+        assert not self.lost, self.lost[:5]
+        after = sum(1 for t0, *_ in self.results if t0 > self.killed_at + 2)
+        assert after > 10, "the load did not go on after the kill"

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, compose, free_port
+from conftest import REPO, KillUnderLoad, compose, free_port
 
 TAG = os.environ.get("GQTOK_IMAGE_TAG")
 DOCKER = os.environ.get("GQTOK_DOCKER", "docker")
@@ -253,8 +253,6 @@ def test_compose_replicas_behind_the_balancer_lose_nothing_when_one_is_killed(ph
     """`docker compose up --wait --scale tokenizer=3`, a steady load through HAProxy, one replica killed in the
     middle: every request is answered 200 (the balancer's checks and redispatch, the client's retries). Then the
     generator, trained through the balancer, serves /generate through it too."""
-    from gqtok.service.client import TokenizerClient
-
     project = f"gqtok-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
     # the generator's run is bind-mounted for uid 10001: not under pytest's tmp_path, whose folders are 0700
@@ -281,50 +279,16 @@ def test_compose_replicas_behind_the_balancer_lose_nothing_when_one_is_killed(ph
         # 256x256: with four senders on three replicas each replica is nearly always busy, so the kill cuts
         # requests in flight (their bodies, about 150 KB, are past what HAProxy buffers to retry by itself)
         images = [png(a) for a in crops(photos_dir, 4, 256)]
-        results: list[tuple[float, float, str]] = []  # (start, seconds, outcome)
-        stop = threading.Event()
+        served: list[int] = []
 
-        retried: list[int] = []  # answers the client retried (502 from the balancer, 503 from a replica)
-        attempts: list[int] = []  # every request the clients sent, retries included
+        def before_kill():  # every replica served its share before one goes
+            served.extend(replica_requests(replicas))
+            assert all(n > 0 for n in served), f"a replica was not in the rotation: {served}"
 
-        def load():
-            with TokenizerClient(url, retries=8, backoff=0.1) as client:
-                client._http.event_hooks["request"] = [lambda r: attempts.append(1)]
-                client._http.event_hooks["response"] = [lambda r: r.status_code != 200 and retried.append(r.status_code)]
-                i = 0
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    try:
-                        client.tokenize(images[i % len(images)])
-                        outcome = "ok"
-                    except Exception as e:  # every failure counts as lost
-                        outcome = repr(e)
-                    results.append((t0, time.monotonic() - t0, outcome))
-                    i += 1
-
-        senders = [threading.Thread(target=load) for _ in range(4)]
-        for t in senders:
-            t.start()
-        time.sleep(4)
-        served = replica_requests(replicas)
-        assert all(n > 0 for n in served), f"a replica was not in the rotation: {served}"
-        killed_at = time.monotonic()
-        docker("kill", replicas[0])
-        time.sleep(6)
-        stop.set()
-        for t in senders:
-            t.join(120)
-
-        lost = [r for r in results if r[2] != "ok"]
-        around = sorted(s for t0, s, _ in results if killed_at - 1 <= t0 <= killed_at + 3)
-        p99 = around[min(len(around) - 1, int(0.99 * len(around)))] if around else float("nan")
-        print(f"compose kill: {len(results)} requests, {len(lost)} lost, p99 around the kill {p99 * 1000:.0f} ms, "
-              f"overall median {np.median([s for _, s, _ in results]) * 1000:.0f} ms; requests per replica before "
-              f"the kill {served}, after it {replica_requests(replicas[1:])} on the other two; answers retried: {retried}, "
-              f"attempts beyond one per request: {len(attempts) - len(results)}")
-        assert not lost, lost[:5]
-        assert len(results) > 40 and len(around) > 5
-        assert sum(1 for t0, *_ in results if t0 > killed_at + 2) > 10, "the load did not go on after the kill"
+        load = KillUnderLoad(url, images, lambda: docker("kill", replicas[0]), at_kill=before_kill)
+        print(f"compose kill: {load.summary()}; requests per replica before the kill {served}, after it "
+              f"{replica_requests(replicas[1:])} on the other two")
+        load.check()
 
         # the generator: trained through the balancer, then served beside it, decoding through it
         from gqtok.generator.train import train_generator

@@ -10,16 +10,14 @@ import io
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 from PIL import Image
 
-from conftest import free_port, wait_until_ready
+from conftest import KillUnderLoad, free_port, wait_until_ready
 
 pytestmark = pytest.mark.slow
 REPLICA = "ServeReplica:gqtok:tokenizer"  # the replica actors' process title
@@ -92,47 +90,11 @@ def test_same_answers_as_the_plain_server(ray_server, live_server, small_photos)
 
 
 def test_a_replica_killed_under_load_loses_no_request(ray_server, small_photos):
-    from gqtok.service.client import TokenizerClient
-
     url, proc = ray_server
-    images = photo_pngs(small_photos, 128)
-    results: list[tuple[float, float, str]] = []
-    attempts: list[int] = []
-    stop = threading.Event()
-
-    def load():
-        with TokenizerClient(url, retries=8, backoff=0.1) as client:
-            client._http.event_hooks["request"] = [lambda r: attempts.append(1)]
-            i = 0
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    client.tokenize(images[i % len(images)])
-                    outcome = "ok"
-                except Exception as e:  # every failure counts as lost
-                    outcome = repr(e)
-                results.append((t0, time.monotonic() - t0, outcome))
-                i += 1
-
-    senders = [threading.Thread(target=load) for _ in range(3)]
-    for t in senders:
-        t.start()
-    time.sleep(3)
     victim = replicas(proc)[0]
-    killed_at = time.monotonic()
-    victim.kill()
-    time.sleep(8)
-    stop.set()
-    for t in senders:
-        t.join(120)
-
-    lost = [r for r in results if r[2] != "ok"]
-    around = sorted(s for t0, s, _ in results if killed_at - 1 <= t0 <= killed_at + 3)
-    p99 = around[min(len(around) - 1, int(0.99 * len(around)))]
-    print(f"ray kill: {len(results)} requests, {len(lost)} lost, {len(attempts) - len(results)} retried, "
-          f"p99 around the kill {p99 * 1000:.0f} ms, median {np.median([s for _, s, _ in results]) * 1000:.0f} ms")
-    assert not lost, lost[:5]
-    assert sum(1 for t0, *_ in results if t0 > killed_at + 2) > 10, "the load did not go on after the kill"
+    load = KillUnderLoad(url, photo_pngs(small_photos, 128), victim.kill, senders=3, before_s=3, after_s=8)
+    print(f"ray kill: {load.summary()}")
+    load.check()
     deadline = time.monotonic() + 60  # Ray brings the replica count back
     while len(replicas(proc)) < 2:
         assert time.monotonic() < deadline, "the killed replica was not replaced"
