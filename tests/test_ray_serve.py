@@ -23,6 +23,20 @@ pytestmark = pytest.mark.slow
 REPLICA = "ServeReplica:gqtok:tokenizer"  # the replica actors' process title
 
 
+def test_the_deployment_takes_its_scaling_from_the_settings():
+    """Fixed replicas, or autoscaling between --replicas and --max-replicas; CPUs and admission per replica."""
+    pytest.importorskip("ray.serve", reason="the ray extra with Ray Serve (pip install -e '.[ray]')")
+    from gqtok.service.ray_serve import TARGET_ONGOING_REQUESTS, deployment
+    from gqtok.service.settings import ServiceSettings
+
+    fixed = deployment(ServiceSettings(replicas=3))
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    scaled = deployment(ServiceSettings(replicas=1, max_replicas=4, threads=2, max_concurrent_requests=16))
+    auto = scaled._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, TARGET_ONGOING_REQUESTS)
+    assert scaled.ray_actor_options["num_cpus"] == 2 and scaled._deployment_config.max_ongoing_requests == 16
+
+
 @pytest.fixture(scope="module")
 def ray_server(tiny_model):
     pytest.importorskip("ray.serve", reason="the ray extra with Ray Serve (pip install -e '.[ray]')")
