@@ -12,7 +12,9 @@ of the refusals (429) and of the answers (200), every 200 checked against the to
 image before the flood, the statuses of the JSON bodies (refused unparsed: 413 or 429), and /health/live's
 latency (median and 99th percentile). Side by side, in the same run: the same flood against `bare_refuser`, plain
 uvicorn refusing everything with no work at all, the floor of any refusal on this machine; the ratio of the
-median refusals says what the service adds. Targets (issue 16): 429s in a median under 50 ms, /health/live's
+median refusals says what the service adds; and, where Debian's haproxy is installed, the same flood through
+HAProxy in front of the same server, refusing in C (429) past queue + one batch of requests at the server
+(`via_haproxy`; the route docker-compose.yml's balancer opens). Targets (issue 16): 429s in a median under 50 ms, /health/live's
 p99 under 100 ms. Writes benchmarks/results/flood.json (--quick: 64 requests, one 8 MiB JSON body, flood_quick.json).
 """
 
@@ -23,8 +25,12 @@ import asyncio
 import io
 import json
 import multiprocessing
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +195,50 @@ async def flood(url: str, images: list[bytes], expected: list[np.ndarray], reque
     }
 
 
+HAPROXY_CONFIG = """\
+global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 120s
+    timeout server 120s
+frontend flood
+    bind 127.0.0.1:{port}
+    # admission in C, before any Python sees the request: past {limit} requests at the server, 429 at once
+    acl health path_beg /health
+    acl full be_conn(service) ge {limit}
+    acl waiting queue(service) gt 0
+    http-request return status 429 content-type application/json string "{{\\"error\\":\\"the tokenizer is busy: {limit} requests in flight\\",\\"error_type\\":\\"queue_full\\"}}" hdr retry-after 1 if !health full || !health waiting
+    default_backend service
+backend service
+    server tokenizer 127.0.0.1:{server_port} maxconn {limit}
+"""
+
+
+def start_haproxy(server_url: str, limit: int, workdir: Path) -> tuple[subprocess.Popen, str] | tuple[None, str]:
+    """Debian's HAProxy in front of the server with a connection limit: (process, URL), or (None, why not)."""
+    exe = shutil.which("haproxy")
+    if not exe:
+        return None, "haproxy is not installed (apt-get install haproxy)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = workdir / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CONFIG.format(port=port, limit=limit, server_port=server_url.rsplit(":", 1)[1]))
+    proc = subprocess.Popen([exe, "-db", "-f", str(cfg)])
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    return None, "haproxy did not answer"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(REPO / "models" / "default"))
@@ -215,6 +265,16 @@ def main(argv=None) -> dict:
             r.raise_for_status()
             expected.append(np.load(io.BytesIO(r.content), allow_pickle=False))
         result = asyncio.run(flood(url, images, expected, args.requests, args.json_bodies, int(args.json_mib * 2**20)))
+        # the same flood through HAProxy in front of the same server, refusing in C past queue + one batch
+        with tempfile.TemporaryDirectory() as tmp:
+            lb, lb_url = start_haproxy(url, args.queue + 8, Path(tmp))
+            try:
+                via_haproxy = (asyncio.run(flood(lb_url, images, expected, args.requests, args.json_bodies,
+                                                 int(args.json_mib * 2**20))) if lb else {"skipped": lb_url})
+            finally:
+                if lb:
+                    lb.terminate()
+                    lb.wait(30)
     finally:
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(60)
@@ -229,6 +289,7 @@ def main(argv=None) -> dict:
     result = {"model": Path(args.model).name, "requests": args.requests, "queue": args.queue, **result,
               "bare_uvicorn": {k: floor[k] for k in ("statuses", "refused_median_ms", "refused_p99_ms")},
               "refused_median_vs_bare": round(result["refused_median_ms"] / floor["refused_median_ms"], 2),
+              "via_haproxy": via_haproxy,
               "server_exit_code": exit_code,
               "targets": {"refused_median_ms": 50, "health_live_p99_ms": 100}}
     write_result(result, "flood", args.quick, args.out)

@@ -15,6 +15,7 @@
 # mirror (debootstrap --variant=minbase with python3 and python3-venv, then `docker import`), with the machine's
 # extra CA certificates so that pip inside the build reaches the package index, and passes it as BASE.
 # It is made once and reused (docker image inspect): it holds only Debian packages and certificates.
+# Every step below checks its own failure: `set -e` does not apply inside functions called from `if` or `||`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +29,14 @@ log() { echo "images: $*" >&2; }
 
 # The client that comes with Debian's engine (/usr/bin/docker, 20.10) builds with BuildKit on its own; a newer
 # client elsewhere on PATH may lack the buildx plugin that BuildKit needs there. Tests use the same client.
-GQTOK_DOCKER=${GQTOK_DOCKER:-$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker || echo docker)}
-export GQTOK_DOCKER
-docker() { "$GQTOK_DOCKER" "$@"; }
+# Chosen at the first call, after engine() may have installed it.
+docker() {
+    if [ -z "${GQTOK_DOCKER:-}" ]; then
+        GQTOK_DOCKER=$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || command -v docker || echo docker)
+        export GQTOK_DOCKER
+    fi
+    "$GQTOK_DOCKER" "$@"
+}
 
 engine_up() { timeout 10 docker info >/dev/null 2>&1; }
 
@@ -68,7 +74,8 @@ base() {
         echo "$PUBLIC_BASE"; return 0
     fi
     if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
-        command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+        command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null \
+            || { log "no debootstrap, and apt-get could not install it"; return 1; }
         local root mirror
         root=$(mktemp -d)
         mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
@@ -84,14 +91,14 @@ base() {
         rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
         tar -C "$root" --exclude=./proc --exclude=./sys --exclude=./dev -c . | docker import \
             --change 'ENV LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
-            --change 'CMD ["python3"]' - "$LOCAL_BASE" >/dev/null
+            --change 'CMD ["python3"]' - "$LOCAL_BASE" >/dev/null || return 1
         rm -rf "$root" "$root.log"
     fi
     echo "$LOCAL_BASE"
 }
 
 build() {
-    local base_image; base_image=$(base)
+    local base_image; base_image=$(base) || return 1
     log "base: $base_image"
     # The generator's torch: the CPU wheel this machine serves to pip, passed in through docker/wheels/
     # (ignored by git); without one the Dockerfile takes torch from PyTorch's CPU index.
@@ -104,16 +111,16 @@ build() {
         torch_args=(--build-arg TORCH_INDEX=https://pypi.org/simple)
     done
     local t0=$SECONDS
-    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile -t "gqtok-tokenizer:$TAG" . >/dev/null
+    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile -t "gqtok-tokenizer:$TAG" . >/dev/null || return 1
     log "gqtok-tokenizer:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
     DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" --build-arg EXTRA=gpu --build-arg DEVICE=auto \
-        -f docker/Dockerfile -t "gqtok-tokenizer-gpu:$TAG" . >/dev/null
+        -f docker/Dockerfile -t "gqtok-tokenizer-gpu:$TAG" . >/dev/null || return 1
     log "gqtok-tokenizer-gpu:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
     DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" "${torch_args[@]}" -f docker/Dockerfile.generator \
-        -t "gqtok-generator:$TAG" . >/dev/null
+        -t "gqtok-generator:$TAG" . >/dev/null || return 1
     log "gqtok-generator:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
     DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile.balancer \
-        -t "gqtok-balancer:$TAG" . >/dev/null
+        -t "gqtok-balancer:$TAG" . >/dev/null || return 1
     log "gqtok-balancer:$TAG built in $((SECONDS - t0)) s"
     echo "$base_image" >"$STATE.base"
 }

@@ -96,6 +96,11 @@ class Container:
         docker("rm", "-f", self.id, check=False)
 
 
+def test_every_image_was_built():
+    for image in ("gqtok-tokenizer", "gqtok-tokenizer-gpu", "gqtok-generator", "gqtok-balancer"):
+        docker("image", "inspect", f"{image}:{TAG}")
+
+
 def crops(photos_dir: Path, n: int, size: int = 256) -> list[np.ndarray]:
     from gqtok.photos import list_images
 
