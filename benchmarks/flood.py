@@ -41,7 +41,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.service import png_bytes, start_server, test_images, write_result  # noqa: E402
+from benchmarks.service import png_bytes, start_server, test_images, wait_ready, write_result  # noqa: E402
 from gqtok.service.app import RequestBody  # noqa: E402
 
 NPY = "application/x-npy"
@@ -228,13 +228,8 @@ def start_haproxy(server_url: str, limit: int, workdir: Path) -> tuple[subproces
     cfg.write_text(HAPROXY_CONFIG.format(port=port, limit=limit, server_port=server_url.rsplit(":", 1)[1]))
     proc = subprocess.Popen([exe, "-db", "-f", str(cfg)])
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    if wait_ready(url, 10):
+        return proc, url
     proc.kill()
     return None, "haproxy did not answer"
 

@@ -22,7 +22,6 @@ and quality_theory.png. --quick: a few seconds per method on small crops (< 60 s
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys

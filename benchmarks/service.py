@@ -88,15 +88,23 @@ def start_server(model: Path | None, extra: list[str], asgi_app: str | None = No
     proc = subprocess.Popen([sys.executable, "-m", *command, "--port", str(port), "--log-level", "warning", *extra],
                             cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    if wait_ready(url):
+        return proc, url
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def wait_ready(url: str, seconds: float = 60.0) -> bool:
+    """Whether url/health/ready answers 200 within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return proc, url
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    return False
 
 
 async def closed_loop(url: str, route: str, bodies: list[bytes], headers: dict, concurrency: int, seconds: float) -> dict:
