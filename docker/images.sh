@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Build the project's images on a real Docker engine and run a command (the test suite) beside them.
 #
-#   bash docker/images.sh run CMD...   engine + base + build, run CMD with GQTOK_IMAGE_* set, stop what it started
+#   bash docker/images.sh run CMD...   engine + base + build, run CMD with GQTOK_IMAGE_TAG set, stop what it started
 #   bash docker/images.sh engine       install Debian's docker.io if missing (root + apt), start dockerd if stopped
 #   bash docker/images.sh base         the base image: the public one if it can be pulled, else one made here
 #   bash docker/images.sh build        the tokenizer (CPU and GPU), generator and balancer images
 #   bash docker/images.sh stop         stop dockerd if this script started it
 #
-# Where no engine can be had (not root, no apt, no dockerd) `run` still runs CMD, without GQTOK_IMAGE_*, and
+# Where no engine can be had (not root, no apt, no dockerd) `run` still runs CMD, without GQTOK_IMAGE_TAG, and
 # the image tests skip with the reason; under CI=true that is an error instead, so CI never passes without them.
 #
 # The base: the Dockerfiles default to the public python:3.11-slim-trixie. No registry of images is reachable on
@@ -26,6 +26,7 @@ STATE=${GQTOK_ENGINE_STATE:-build/engine}   # dockerd's pid and log when this sc
 TORCH_WHEEL_GLOB=${TORCH_WHEEL_GLOB:-/opt/wheels/torch-2.13.0+cpu-*.whl}
 
 log() { echo "images: $*" >&2; }
+mkdir -p "$(dirname "$STATE")"
 
 # The client that comes with Debian's engine (/usr/bin/docker, 20.10) builds with BuildKit on its own; a newer
 # client elsewhere on PATH may lack the buildx plugin that BuildKit needs there. Tests use the same client.
@@ -106,28 +107,24 @@ build() {
     # shellcheck disable=SC2086
     for wheel in $TORCH_WHEEL_GLOB; do
         [ -f "$wheel" ] || continue
-        mkdir -p docker/wheels
         [ -f "docker/wheels/$(basename "$wheel")" ] || cp "$wheel" docker/wheels/
         torch_args=(--build-arg TORCH_INDEX=https://pypi.org/simple)
     done
-    local t0=$SECONDS
-    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile -t "gqtok-tokenizer:$TAG" . >/dev/null || return 1
-    log "gqtok-tokenizer:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
-    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" --build-arg EXTRA=gpu --build-arg DEVICE=auto \
-        -f docker/Dockerfile -t "gqtok-tokenizer-gpu:$TAG" . >/dev/null || return 1
-    log "gqtok-tokenizer-gpu:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
-    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" "${torch_args[@]}" -f docker/Dockerfile.generator \
-        -t "gqtok-generator:$TAG" . >/dev/null || return 1
-    log "gqtok-generator:$TAG built in $((SECONDS - t0)) s"; t0=$SECONDS
-    DOCKER_BUILDKIT=1 docker build -q --build-arg BASE="$base_image" -f docker/Dockerfile.balancer \
-        -t "gqtok-balancer:$TAG" . >/dev/null || return 1
-    log "gqtok-balancer:$TAG built in $((SECONDS - t0)) s"
-    echo "$base_image" >"$STATE.base"
+    build_image gqtok-tokenizer --build-arg BASE="$base_image" -f docker/Dockerfile || return 1
+    build_image gqtok-tokenizer-gpu --build-arg BASE="$base_image" --build-arg EXTRA=gpu --build-arg DEVICE=auto \
+        -f docker/Dockerfile || return 1
+    build_image gqtok-generator --build-arg BASE="$base_image" "${torch_args[@]}" -f docker/Dockerfile.generator || return 1
+    build_image gqtok-balancer --build-arg BASE="$base_image" -f docker/Dockerfile.balancer || return 1
+}
+
+build_image() {  # NAME DOCKER-BUILD-ARGS...: NAME:$TAG from the repository root, timed
+    local name=$1 t0=$SECONDS; shift
+    DOCKER_BUILDKIT=1 docker build -q "$@" -t "$name:$TAG" . >/dev/null || return 1
+    log "$name:$TAG built in $((SECONDS - t0)) s"
 }
 
 run() {
     local have=1
-    mkdir -p "$(dirname "$STATE")"
     if ! engine || ! build; then
         have=0
         if [ "${CI:-}" = true ]; then stop; log "CI: the images could not be built"; return 1; fi
@@ -135,7 +132,7 @@ run() {
     fi
     local rc=0
     if [ $have = 1 ]; then
-        GQTOK_IMAGE_TAG=$TAG GQTOK_IMAGE_BASE=$(cat "$STATE.base") "$@" || rc=$?
+        GQTOK_IMAGE_TAG=$TAG "$@" || rc=$?
     else
         "$@" || rc=$?
     fi
@@ -145,8 +142,8 @@ run() {
 
 case "${1:-}" in
     engine) engine ;;
-    base) mkdir -p "$(dirname "$STATE")"; engine && base ;;
-    build) mkdir -p "$(dirname "$STATE")"; engine && build ;;
+    base) engine && base ;;
+    build) engine && build ;;
     stop) stop ;;
     run) shift; run "$@" ;;
     *) sed -n '2,9p' "$0"; exit 2 ;;

@@ -23,6 +23,10 @@ APP_NAME = "gqtok"
 TARGET_ONGOING_REQUESTS = 2
 
 
+def autoscales(settings: ServiceSettings) -> bool:
+    return bool(settings.max_replicas and settings.max_replicas > settings.replicas)
+
+
 def deployment(settings: ServiceSettings):
     """The Ray Serve deployment of the tokenizer app for these settings (bind() it to run it)."""
     from ray import serve
@@ -35,15 +39,15 @@ def deployment(settings: ServiceSettings):
     @serve.ingress(build_app)
     class TokenizerReplica:
         def check_health(self) -> None:
-            """Ray Serve's health check: a replica whose models stopped being ready is replaced."""
+            """Ray Serve's health check: a replica whose models stopped being ready is replaced. (_asgi_app is where
+            Ray Serve's ingress wrapper keeps the built app: a private name; renamed, every replica turns unhealthy.)"""
             state = self._asgi_app.state.service
             if state.models and not all(m.ready for m in state.models.values()):
                 raise RuntimeError("a model is not ready")
 
     scaling = ({"autoscaling_config": {"min_replicas": settings.replicas, "max_replicas": settings.max_replicas,
                                        "target_ongoing_requests": TARGET_ONGOING_REQUESTS}}
-               if settings.max_replicas and settings.max_replicas > settings.replicas
-               else {"num_replicas": settings.replicas})
+               if autoscales(settings) else {"num_replicas": settings.replicas})
     return serve.deployment(TokenizerReplica, name="tokenizer",
                             ray_actor_options={"num_cpus": max(1, settings.threads)},
                             max_ongoing_requests=settings.max_concurrent_requests,
@@ -61,9 +65,8 @@ def serve_on_ray(settings: ServiceSettings) -> None:
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(deployment(settings).bind(), name=APP_NAME, route_prefix="/")
     log.info("serving on Ray at http://%s:%d: %s", settings.host, settings.port,
-             f"{settings.replicas}-{settings.max_replicas} replicas (autoscaling)"
-             if settings.max_replicas and settings.max_replicas > settings.replicas else
-             f"{settings.replicas} replica(s)")
+             f"{settings.replicas}-{settings.max_replicas} replicas (autoscaling)" if autoscales(settings)
+             else f"{settings.replicas} replica(s)")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

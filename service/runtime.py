@@ -12,6 +12,7 @@ give a token the same id whatever else is in its batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -40,6 +41,7 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+@functools.cache  # once per process: every model's runtime asks
 def preload_cuda_libraries() -> None:
     """Load CUDA and cuDNN from their pip wheels (onnxruntime-gpu[cuda,cudnn], the GPU image), so that no CUDA
     base image or LD_LIBRARY_PATH is needed; a no-op where they come from the system instead."""

@@ -229,3 +229,24 @@ class KillUnderLoad:
         assert not self.lost, self.lost[:5]
         after = sum(1 for t0, *_ in self.results if t0 > self.killed_at + 2)
         assert after > 10, "the load did not go on after the kill"
+
+
+def center_crop(photo: Path, size: int = 256):
+    """The central size x size RGB crop of a photo file, uint8 [size, size, 3]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(photo) as im:
+        img = np.asarray(im.convert("RGB"))
+    top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return img[top: top + size, left: left + size]
+
+
+def png(array) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

@@ -31,9 +31,8 @@ import httpx
 import numpy as np
 import pytest
 from dockerfile_parse import DockerfileParser
-from PIL import Image
 
-from conftest import COMPOSE, compose, free_port, tool
+from conftest import COMPOSE, center_crop, compose, free_port, png, tool
 
 REPO = Path(__file__).resolve().parents[1]
 # One Dockerfile, two images: the GPU one is the same file with build arguments (compose's tokenizer-gpu)
@@ -299,15 +298,6 @@ def test_copy_sources_in_build_context(kind):
 
 
 # -- the entrypoint, outside a container -------------------------------------------------------------------------
-def photo_crop(photo: Path, size: int = 256) -> bytes:
-    with Image.open(photo) as im:
-        img = np.asarray(im.convert("RGB"))
-    top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
-    buf = io.BytesIO()
-    Image.fromarray(img[top: top + size, left: left + size]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.mark.slow
 def test_entrypoint_smoke(tiny_model, photos_dir, compose_config, tmp_path):
     """`gqtok serve` as the CPU image runs it: its ENTRYPOINT, its ENV (models, host, port pointed here)."""
@@ -352,7 +342,7 @@ def test_entrypoint_smoke(tiny_model, photos_dir, compose_config, tmp_path):
                               env=env, timeout=30).returncode == 0
 
         # One real photo crop.
-        resp = httpx.post(f"{url}/v1/tokenize", content=photo_crop(photo),
+        resp = httpx.post(f"{url}/v1/tokenize", content=png(center_crop(photo)),
                           headers={"content-type": "image/png"}, timeout=60)
         assert resp.status_code == 200, resp.text
         body = resp.json()

@@ -13,7 +13,6 @@ script fails instead, so CI never passes without them. What is checked, on the i
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -26,9 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import REPO, KillUnderLoad, compose, free_port
+from conftest import REPO, KillUnderLoad, center_crop, compose, free_port, png
 
 TAG = os.environ.get("GQTOK_IMAGE_TAG")
 DOCKER = os.environ.get("GQTOK_DOCKER", "docker")
@@ -104,19 +102,7 @@ def test_every_image_was_built():
 def crops(photos_dir: Path, n: int, size: int = 256) -> list[np.ndarray]:
     from gqtok.photos import list_images
 
-    out = []
-    for photo in list_images(photos_dir)[::37][:n]:
-        with Image.open(photo) as im:
-            img = np.asarray(im.convert("RGB"))
-        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
-        out.append(img[top: top + size, left: left + size])
-    return out
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+    return [center_crop(photo, size) for photo in list_images(photos_dir)[::37][:n]]
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +135,15 @@ def test_the_tokenizer_image_gives_the_in_process_tokens_and_pixels(tokenizer, p
 
 
 def test_the_container_runs_as_compose_declares(tokenizer, tokenizer_service):
-    """Non-root, no capabilities, no new privileges, a read-only root with a writable /tmp."""
+    """Non-root, no capabilities, no new privileges, a read-only root with compose's tmpfs writable."""
     assert tokenizer.exec("id", "-u").stdout.strip() == "10001"
     status = dict(line.split(":\t", 1) for line in tokenizer.exec("cat", "/proc/1/status").stdout.splitlines()
                   if ":\t" in line)
     assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
     touch = tokenizer.exec("touch", "/opt/venv/x", check=False)
     assert touch.returncode != 0 and "Read-only file system" in touch.stderr
-    tokenizer.exec("touch", "/tmp/x")
+    for scratch in tokenizer_service["tmpfs"]:  # compose's writable folders (a path inside the container)
+        tokenizer.exec("touch", f"{scratch}/x")
     assert tokenizer_service["read_only"] and tokenizer_service["cap_drop"] == ["ALL"]
 
 

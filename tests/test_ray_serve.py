@@ -6,7 +6,6 @@ the request that was on it comes back as Ray's bare 500, which the client retrie
 
 from __future__ import annotations
 
-import io
 import signal
 import subprocess
 import sys
@@ -15,9 +14,8 @@ import time
 import httpx
 import psutil
 import pytest
-from PIL import Image
 
-from conftest import KillUnderLoad, free_port, wait_until_ready
+from conftest import KillUnderLoad, center_crop, free_port, png, wait_until_ready
 
 pytestmark = pytest.mark.slow
 REPLICA = "ServeReplica:gqtok:tokenizer"  # the replica actors' process title
@@ -73,13 +71,7 @@ def replicas(proc) -> list[psutil.Process]:
 def photo_pngs(small_photos, size: int) -> list[bytes]:
     from gqtok.photos import list_images
 
-    out = []
-    for photo in list_images(small_photos)[:3]:
-        with Image.open(photo) as im:
-            buf = io.BytesIO()
-            im.convert("RGB").crop((0, 0, size, size)).save(buf, format="PNG")
-            out.append(buf.getvalue())
-    return out
+    return [png(center_crop(photo, size)) for photo in list_images(small_photos)[:3]]
 
 
 def test_same_answers_as_the_plain_server(ray_server, live_server, small_photos):
