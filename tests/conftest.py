@@ -78,6 +78,26 @@ def wait_until_ready(url: str, timeout: float = 60.0, alive=lambda: None) -> Non
     raise TimeoutError(f"server at {url} did not become ready in {timeout:g} s")
 
 
+# Process settings that must not change a token id or a compressed byte (issue 19): OpenBLAS kernels and thread
+# counts, and numpy's SIMD paths switched off.
+PORTABILITY_ENVS = ({}, {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}, {"OPENBLAS_NUM_THREADS": "2"},
+                    {"OPENBLAS_CORETYPE": "Prescott"}, {"OPENBLAS_CORETYPE": "Sandybridge"},
+                    {"NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512_SKX AVX512_ICL AVX2 FMA3"})
+
+
+def run_under_each_env(script: Path, *args, timeout: float = 300) -> list[list[str]]:
+    """Run `python script args` once per PORTABILITY_ENVS entry (the caller's own BLAS/numpy settings removed)
+    -> each run's stdout, split into words."""
+    outputs = []
+    for extra in PORTABILITY_ENVS:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS", "OMP", "NPY_"))} | extra
+        run = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True,
+                             text=True, timeout=timeout)
+        assert run.returncode == 0, (extra, run.stderr[-2000:])
+        outputs.append(run.stdout.split())
+    return outputs
+
+
 class LiveServer:
     """A real `gqtok serve` process (uvicorn) on a free loopback port; `command` runs another server subcommand
     (e.g. ["generator", "serve", RUN]) on that port instead."""

@@ -135,11 +135,61 @@ def test_encode_refuses_grids_and_sizes_that_do_not_fit(image_compressor, photo_
         tokens.compress(photo_ids, (203, 301), "arithmetic")
 
 
+CODEC_IN_A_SUBPROCESS = """
+import hashlib, sys
+import numpy as np
+from gqtok.core.artifact import load_artifact
+from gqtok.service.compressor import ImageCompressor
+
+codec = ImageCompressor(load_artifact(sys.argv[1]))
+photo, streams = np.load(sys.argv[2]), np.load(sys.argv[3])
+for prior in ("uniform", "frequency", "context"):
+    print(hashlib.sha256(codec.compress(photo, prior)).hexdigest())
+    print(hashlib.sha256(codec.decompress(streams[prior].tobytes())[0].tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("model", ["tiny", "default"])
+def test_streams_are_the_same_bytes_and_pixels_under_every_blas_kernel_thread_count_and_simd_setting(
+        model, tiny_model, small_photos, tmp_path):
+    """Compress with every prior here, then in subprocesses under different OpenBLAS kernels, thread counts and
+    numpy SIMD features: each compresses the photo to the same bytes and decompresses this process's streams to
+    the same pixels."""
+    import hashlib
+
+    from conftest import run_under_each_env
+    from gqtok.photos import center_crop, load_rgb
+
+    model_dir = tiny_model if model == "tiny" else "models/default"
+    codec = ImageCompressor(load_artifact(model_dir))
+    photo = center_crop(load_rgb(sorted(small_photos.iterdir())[1]), (200, 296))  # not a multiple of 8 wide
+    streams = {p: codec.compress(photo, p) for p in PRIORS}
+    want = [h for p in PRIORS for h in (hashlib.sha256(streams[p]).hexdigest(),
+                                        hashlib.sha256(codec.decompress(streams[p])[0].tobytes()).hexdigest())]
+    np.save(tmp_path / "photo.npy", photo)
+    np.savez(tmp_path / "streams.npz", **{p: np.frombuffer(s, np.uint8) for p, s in streams.items()})
+    script = tmp_path / "codec_hashes.py"
+    script.write_text(CODEC_IN_A_SUBPROCESS)
+    outputs = run_under_each_env(script, model_dir, tmp_path / "photo.npy", tmp_path / "streams.npz")
+    assert all(out == want for out in outputs), (want, outputs)
+
+
+def test_version_1_streams_decode_where_they_were_exact_and_are_refused_by_name_where_not(
+        image_compressor, photo, photo_ids):
+    tokens = image_compressor.tokens
+    for prior in ("uniform", "frequency"):  # coded the same way in both versions
+        old = _repack(tokens.compress(photo_ids, photo.shape[:2], prior), version=1)
+        assert np.array_equal(tokens.decompress(old)[0], photo_ids)
+    old_context = _repack(tokens.compress(photo_ids, photo.shape[:2], "context"), version=1)
+    with pytest.raises(BitstreamError, match="version 1 stream with the context prior.*does not decode portably"):
+        tokens.decompress(old_context)
+
+
 def test_header_layout_is_stable():
     """The byte layout is the format: a change here must bump FORMAT_VERSION."""
     h = Header("m1", "frequency", b"\xaa" * 8, b"\xbb" * 8, (17, 9), (1, 3, 2), 256, 7, 8, 9)
     packed = h.pack()
-    assert packed[:8] == b"GQTK\x01\x01\x02m" and packed[8:9] == b"1"
+    assert packed[:8] == b"GQTK\x02\x01\x02m" and packed[8:9] == b"1"
     assert struct.unpack_from("<II", packed, 25) == (17, 9)
     assert struct.unpack("<I", packed[-4:])[0] == zlib.crc32(packed[:-4])
     assert len(packed) == 7 + 2 + 16 + 8 + 6 + 4 * 4 + 4

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gqtok.core.artifact import load_artifact
-from gqtok.core.priors import NEIGHBOURS, ContextPrior, fit_record, load_priors, neighbour_features, wavefront
-from gqtok.training.priors import ContextNet, bits_per_token, context_dataset
+from gqtok.core.priors import NEIGHBOURS, cell_count, fit_record, latent_of, load_priors, neighbour_features, wavefront
+from gqtok.training.priors import ContextNet, context_bits, context_prior, partition_codebook
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 6), (5, 1), (4, 7), (9, 3)])
@@ -36,25 +36,68 @@ def test_neighbour_features_mark_positions_outside_the_grid():
     assert f[1, NEIGHBOURS.index((-1, 1))].tolist() == [0, 0, 0]  # up-right of the last column is outside
 
 
-def test_numpy_prior_matches_its_torch_twin():
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    channels, token_dim, k = 8, 4, 64
+def _random_prior(k=256, channels=8, token_dim=4, hidden=16, std=0.3, seed=0):
+    """A context model with random weights (not the near-flat start): its torch net and fixed-point prior."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     codebook = rng.standard_normal((k, token_dim)).astype(np.float32)
-    net = ContextNet(channels, token_dim, codebook, np.log(rng.dirichlet(np.ones(k), size=2)), hidden=16)
-    for p in net.parameters():  # random weights, not the near-flat start
-        torch.nn.init.normal_(p, std=0.3)
-    prior = ContextPrior(net.weights(), codebook, token_dim, b"")
-    feats = rng.standard_normal((10, len(NEIGHBOURS) * (channels + 1))).astype(np.float32)
+    cells = partition_codebook(codebook, cell_count(k))
+    net = ContextNet(channels, token_dim, codebook, np.log(rng.dirichlet(np.ones(k), size=channels // token_dim)),
+                     hidden, cells)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return net, context_prior(net.weights(), cells, codebook, token_dim), codebook
+
+
+def test_the_fixed_point_prior_codes_what_its_float_twin_predicts():
+    """ContextPrior's integer code lengths against the torch model's cross-entropy, token by token."""
+    net, prior, codebook = _random_prior(std=0.1)  # larger weights push ids past the exp table's 16 nats
+    rng = np.random.default_rng(1)
+    grid = rng.integers(0, 256, (2, 6, 9))
+    latent = latent_of(codebook, grid.reshape(2, -1).T).T.reshape(-1, 6, 9)
+    rows, cols = np.indices((6, 9)).reshape(2, -1)
+    feats = neighbour_features(latent, rows, cols)
+    targets = torch.from_numpy(grid[:, rows, cols].T.copy())
     with torch.no_grad():
-        expected = net(torch.from_numpy(feats)).numpy()
-    got = prior.logits(feats)
-    assert got.shape == (10, 2, k)
-    # logits are defined up to a constant per row: compare log-softmax (large with these weights: float32
-    # rounding is relative)
-    norm = lambda z: z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
-    np.testing.assert_allclose(norm(got), norm(expected), rtol=1e-5, atol=2e-3)
-    assert np.abs(norm(expected)).max() > 10  # the Gaussian term matters here: the comparison can fail
+        cell_logits, member_logits = net(torch.from_numpy(feats), targets)
+        t = targets.reshape(-1)
+        nats = (torch.nn.functional.cross_entropy(cell_logits, net.cell_of[t], reduction="none")
+                + torch.nn.functional.cross_entropy(member_logits, net.index_in_cell[t], reduction="none"))
+    float_bits = nats.numpy() / math.log(2)
+    fixed_bits = prior.code_lengths(prior.latent_of(grid.reshape(2, -1).T).T.reshape(-1, 6, 9), grid)
+    assert float_bits.std() > 1  # the weights matter here: the comparison can fail
+    np.testing.assert_allclose(fixed_bits, float_bits, atol=0.1)
+    assert abs(fixed_bits.mean() - float_bits.mean()) < 0.02
+
+
+def test_the_fixed_point_prior_is_exact_whatever_the_batch():
+    """Integer arithmetic: a position's frequencies do not depend on which other positions share its product."""
+    _, prior, codebook = _random_prior()
+    feats = neighbour_features(prior.latent_of(np.random.default_rng(2).integers(0, 256, (40, 2))).T.reshape(-1, 5, 8),
+                               *np.indices((5, 8)).reshape(2, -1), one=256.0)
+    cell_freq, coef = prior.heads(feats)
+    cells = np.argmax(cell_freq, axis=1)
+    member_freq = prior.member_frequencies(coef, cells)
+    for i in (0, 7, 39):
+        one_cell, one_coef = prior.heads(feats[i : i + 1])
+        assert np.array_equal(one_cell[0], cell_freq[2 * i]) and np.array_equal(one_coef, coef[2 * i : 2 * i + 2])
+        assert np.array_equal(prior.member_frequencies(one_coef, cells[2 * i : 2 * i + 2]), member_freq[2 * i : 2 * i + 2])
+    assert (cell_freq == cell_freq.round()).all() and cell_freq.max() == 2**20
+
+
+def test_weights_too_large_for_exact_arithmetic_are_refused():
+    with pytest.raises(ValueError, match="cannot compute exactly"):
+        _random_prior(std=3000.0)
+
+
+def test_the_cells_are_a_balanced_partition_of_nearby_codewords():
+    codebook = np.random.default_rng(3).standard_normal((4096, 8)).astype(np.float32)
+    cells = partition_codebook(codebook, 64)
+    assert cells.shape == (64, 64) and np.array_equal(np.sort(cells, axis=None), np.arange(4096))
+    spread = lambda groups: np.mean([codebook[g].var(axis=0).sum() for g in groups])
+    random_cells = np.random.default_rng(4).permutation(4096).reshape(64, 64)
+    assert spread(cells) < 0.6 * spread(random_cells)  # a cell's codewords lie closer together than chance
+    assert cell_count(65536) == 256 and cell_count(256) == 16 and cell_count(512) == 32
 
 
 @pytest.mark.slow
@@ -78,9 +121,8 @@ def test_recorded_bits_are_what_the_numpy_prior_gives(tiny_model, small_photos):
     rt = TokenizerRuntime(artifact, device="cpu")
     held = split_heldout(list_images(small_photos))[1]
     grids = np.stack([rt.tokenize(center_crop(load_rgb(p), (128, 192))[None])[0] for p in held])
-    feats, targets = context_dataset(grids, artifact.codebook)
     record = fit_record(artifact)["heldout_bits_per_token"]
-    assert bits_per_token(priors["context"].logits(feats), targets) == pytest.approx(record["context"], abs=1e-4)
+    assert context_bits(priors["context"], grids) == pytest.approx(record["context"], abs=1e-9)
     assert _frequency_bits(priors["frequency"].counts, grids) == pytest.approx(record["frequency"], abs=1e-6)
     assert math.log2(priors["uniform"].num_codes) == record["uniform"]
 

@@ -2,15 +2,13 @@
 reference, and the exact rule: the same ids as exhaustive float64 scoring, whatever BLAS, threads or SIMD do."""
 
 import math
-import os
-import subprocess
-import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_under_each_env
 from gqtok.core.codebook import make_codebook
 from gqtok.core.select import (CODE_CHUNK, ROW_CHUNK, TOKEN_BLOCK, GaussianQuantizer, exact_scores,
                                exact_token_features, portable_exp)
@@ -169,16 +167,7 @@ def test_ids_are_the_same_under_every_blas_kernel_thread_count_and_simd_setting(
              logvar=np.concatenate([logvar, tie_logvar, np.full_like(sharp_mu, -30.0)]))
     script = tmp_path / "selection_ids.py"  # not select.py: that would shadow the standard library's module
     script.write_text(SELECT_IN_A_SUBPROCESS)
-    envs = [{}, {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}, {"OPENBLAS_NUM_THREADS": "2"},
-            {"OPENBLAS_CORETYPE": "Prescott"}, {"OPENBLAS_CORETYPE": "Sandybridge"},
-            {"NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512_SKX AVX512_ICL AVX2 FMA3"}]
-    hashes = []
-    for extra in envs:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS", "OMP", "NPY_"))} | extra
-        run = subprocess.run([sys.executable, str(script), str(tmp_path / "case.npz")], env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, (extra, run.stderr[-2000:])
-        hashes.append(run.stdout.split())
+    hashes = run_under_each_env(script, tmp_path / "case.npz")
     assert all(len(h) == 2 for h in hashes) and len({x for h in hashes for x in h}) == 1, hashes
 
 

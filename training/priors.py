@@ -20,47 +20,89 @@ from torch import nn
 
 from gqtok.core.artifact import load_artifact
 from gqtok.core.manifest import Manifest, file_sha256
-from gqtok.core.priors import (PRIOR_FILES, ContextPrior, context_logits, context_param_shapes, latent_of,
-                               neighbour_features, save_context, save_frequency)
-from gqtok.core.select import codeword_features
+from gqtok.core.priors import (NEIGHBOURS, PRIOR_FILES, ContextPrior, cell_count, context_heads, context_param_shapes,
+                               context_tables, latent_of, neighbour_features, save_context, save_frequency)
+from gqtok.core.select import codeword_features, token_features
 
 
 @dataclass
 class PriorConfig:
     hidden: int = 128  # MLP width of the context model
-    steps: int = 3000  # optimizer steps
-    batch_size: int = 256  # positions per step (each scores all K ids)
+    steps: int = 10000  # optimizer steps
+    batch_size: int = 1024  # positions per step (each scores its P cells and the M members of its cell)
     lr: float = 2e-3  # AdamW, cosine decay to 0
     crop: tuple[int, int] = (512, 768)  # (H, W) centre crop of each photo before tokenizing
     max_photos: int = 0  # training photos to tokenize; 0 = all
     seed: int = 0
 
 
-class ContextNet(nn.Module):
-    """The context model of gqtok.core.priors in torch, for fitting: the same parameters (names, shapes, the
-    [in, out] layout of prior_context.npz) and the same formula (core's context_logits with xp=torch)."""
+def partition_codebook(codebook: np.ndarray, cells: int) -> np.ndarray:
+    """Split the codebook's ids into `cells` groups of equal size of nearby codewords: halve every group at the
+    median of its widest coordinate until there are enough (a k-d tree's leaves). -> int [cells, K / cells]."""
+    groups = [np.arange(len(codebook))]
+    while len(groups) < cells:
+        halves = []
+        for g in groups:
+            x = codebook[g]
+            order = np.argsort(x[:, int(np.argmax(x.var(axis=0)))], kind="stable")
+            halves += [g[order[: len(g) // 2]], g[order[len(g) // 2 :]]]
+        groups = halves
+    return np.stack([np.sort(g) for g in groups])
 
-    def __init__(self, channels: int, token_dim: int, codebook: np.ndarray, log_freq: np.ndarray, hidden: int):
+
+class ContextNet(nn.Module):
+    """The context model of gqtok.core.priors in float (torch), for fitting: the same parameters (names, shapes,
+    the [in, out] layout of prior_context.npz) and the same formula (core's context_heads with xp=torch);
+    ContextPrior runs it in fixed point."""
+
+    def __init__(self, channels: int, token_dim: int, codebook: np.ndarray, log_freq: np.ndarray, hidden: int,
+                 cells: np.ndarray):
         super().__init__()
         self.channels, self.token_dim = channels, token_dim
         t, k = log_freq.shape
-        shapes = context_param_shapes(channels, t, k, hidden)
+        num_cells = len(cells)
+        shapes = context_param_shapes(channels, t, k, hidden, num_cells)
         self.w = nn.ParameterDict({name: nn.Parameter(torch.empty(shape)) for name, shape in shapes.items()})
-        for i in (1, 2, 3):  # nn.Linear's default init: uniform(+-1/sqrt(fan_in)) for weights and biases
-            bound = 1.0 / math.sqrt(shapes[f"w{i}"][0])
-            nn.init.uniform_(self.w[f"w{i}"], -bound, bound)
-            nn.init.uniform_(self.w[f"b{i}"], -bound, bound)
+        for name in ("w1", "w2", "w3", "w_cell"):  # nn.Linear's default init: uniform(+-1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(shapes[name][0])
+            nn.init.uniform_(self.w[name], -bound, bound)
+            nn.init.uniform_(self.w["b" + name[1:]], -bound, bound)
+        cell_of = np.empty(k, dtype=np.int64)
+        cell_of[cells] = np.arange(num_cells)[:, None]
+        index = np.empty(k, dtype=np.int64)
+        index[cells] = np.arange(cells.shape[1])[None, :]
         with torch.no_grad():  # start wide (s = e^2) and flat: the model begins as the frequency prior
             nn.init.normal_(self.w["w3"], std=1e-3)
+            nn.init.normal_(self.w["w_cell"], std=1e-3)
             self.w["b3"].zero_()
             self.w["b3"][channels:] = 2.0
             self.w["bias"].copy_(torch.as_tensor(log_freq, dtype=torch.float32))  # [T, K]
-        code = codeword_features(torch.as_tensor(codebook, dtype=torch.float32), xp=torch)
-        self.register_buffer("code_t", code.T.contiguous())  # [2d, K]
+            cell_freq = np.logaddexp.reduce(log_freq[:, cells], axis=2)  # [T, P]
+            self.w["b_cell"].copy_(torch.as_tensor(cell_freq.reshape(-1), dtype=torch.float32))
+        code = codeword_features(torch.as_tensor(codebook, dtype=torch.float32), xp=torch)  # [K, 2d]
+        self.register_buffer("cells", torch.as_tensor(cells))
+        self.register_buffer("cell_of", torch.as_tensor(cell_of))
+        self.register_buffer("index_in_cell", torch.as_tensor(index))
+        self.register_buffer("member_features", code[torch.as_tensor(cells)].contiguous())  # [P, M, 2d]
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[n, F] -> logits [n, T, K]."""
-        return context_logits(features, self.w, self.code_t, self.channels, self.token_dim, xp=torch)
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, F] features, int [n, T] targets -> (cell logits [n * T, P], member logits [n * T, M]) for the
+        targets' cells; cross-entropy against cell_of and index_in_cell of the targets is the code length."""
+        mean, log_s, cell_logits = context_heads(features, self.w, self.channels, self.token_dim, xp=torch)
+        target = targets.reshape(-1)
+        cells = self.cell_of[target]
+        slots = torch.arange(len(target)) % targets.shape[1]
+        # 0.5 * [-1/s^2, 2m/s^2] . [c^2, c] = log N(c; m, s^2) + terms without c (ContextPrior's [-A, 2 A m])
+        coef = 0.5 * token_features(mean, 2.0 * log_s, beta=0.0, xp=torch)
+        gauss = torch.bmm(self.member_features[cells], coef[:, :, None])[:, :, 0]
+        return cell_logits, gauss + self.w["bias"][slots[:, None], self.cells[cells]]
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean nats per token."""
+        cell_logits, member_logits = self(features, targets)
+        target = targets.reshape(-1)
+        return (nn.functional.cross_entropy(cell_logits, self.cell_of[target])
+                + nn.functional.cross_entropy(member_logits, self.index_in_cell[target]))
 
     def weights(self) -> dict[str, np.ndarray]:
         return {name: p.detach().contiguous().numpy() for name, p in self.w.items()}
@@ -91,17 +133,14 @@ def context_dataset(grids: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray
     return np.concatenate(feats), np.concatenate(targets)
 
 
-def bits_per_token(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Mean -log2 p(target) of [n, T, K] logits."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return float(-np.take_along_axis(logp, targets[..., None], axis=-1).mean() / math.log(2))
-
-
-def _batched_bits(prior: ContextPrior, feats: np.ndarray, targets: np.ndarray, rows: int = 512) -> float:
-    total = sum(bits_per_token(prior.logits(feats[i : i + rows]), targets[i : i + rows]) * len(feats[i : i + rows])
-                for i in range(0, len(feats), rows))
-    return total / len(feats)
+def context_bits(prior: ContextPrior, grids: np.ndarray) -> float:
+    """Mean bits per token of [N, T, h, w] grids under the fixed-point prior, exactly as the coder computes it."""
+    n, t, h, w = grids.shape
+    total = 0.0
+    for g in grids:
+        latent = prior.latent_of(g.reshape(t, -1).T).T.reshape(-1, h, w)
+        total += prior.code_lengths(latent, g).sum()
+    return total / grids.size
 
 
 def _frequency_bits(counts: np.ndarray, grids: np.ndarray) -> float:
@@ -116,8 +155,6 @@ def fit_priors(model_dir: Path, data_dir: Path, tokenize, config: PriorConfig | 
 
     tokenize: uint8 [1, H, W, 3] -> int [1, T, h, w], the exported model's own tokens (what the service makes);
     the CLI passes the onnxruntime runtime's (gqtok.cli.fit_model_priors), so training never imports the service."""
-    from tqdm import tqdm
-
     from gqtok.photos import list_images, split_heldout
 
     cfg = config or PriorConfig()
@@ -137,12 +174,37 @@ def fit_priors(model_dir: Path, data_dir: Path, tokenize, config: PriorConfig | 
     counts = np.stack([np.bincount(train_grids[:, s].ravel(), minlength=m.num_codes)
                        for s in range(m.tokens_per_position)]) + 1
 
-    # Context prior.
+    weights, cells, fit = fit_context(train_grids, artifact.codebook, m.token_dim, counts, cfg, progress)
+
+    # Held-out bits per token, with the fixed-point prior exactly as the codec runs it.
+    held = {"photos": len(held_grids), "crop": list(cfg.crop), "uniform": math.log2(m.num_codes)}
+    if len(held_grids):
+        held["frequency"] = _frequency_bits(counts, held_grids)
+        held["context"] = context_bits(context_prior(weights, cells, artifact.codebook, m.token_dim), held_grids)
+    info = {"config": asdict(cfg), "train_photos": len(train_grids), "tokenize_s": round(tokenize_s, 1)} | fit | {
+        "heldout_bits_per_token": held}
+    save_frequency(Path(model_dir) / PRIOR_FILES["frequency"], counts)
+    save_context(Path(model_dir) / PRIOR_FILES["context"], weights, cells, info)
+    add_files_to_manifest(Path(model_dir), list(PRIOR_FILES.values()))
+    return info
+
+
+def context_prior(weights: dict, cells: np.ndarray, codebook: np.ndarray, token_dim: int) -> ContextPrior:
+    """The fixed-point prior that save_context's file of these weights loads as."""
+    return ContextPrior(weights | {"cells": cells} | context_tables(), codebook, token_dim, b"")
+
+
+def fit_context(grids: np.ndarray, codebook: np.ndarray, token_dim: int, counts: np.ndarray,
+                cfg: PriorConfig, progress: bool = True) -> tuple[dict, np.ndarray, dict]:
+    """Train the context model on [N, T, h, w] token grids -> (float weights, cells, figures of the fit)."""
+    from tqdm import tqdm
+
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    feats, targets = context_dataset(train_grids, artifact.codebook)
+    cells = partition_codebook(codebook, cell_count(len(codebook)))
+    feats, targets = context_dataset(grids, codebook)
     log_freq = np.log(counts / counts.sum(axis=1, keepdims=True))
-    net = ContextNet(m.latent_channels, m.token_dim, artifact.codebook, log_freq, cfg.hidden)
+    net = ContextNet(feats.shape[1] // len(NEIGHBOURS) - 1, token_dim, codebook, log_freq, cfg.hidden, cells)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     feats_t, targets_t = torch.from_numpy(feats), torch.from_numpy(targets.astype(np.int64))
@@ -151,8 +213,7 @@ def fit_priors(model_dir: Path, data_dir: Path, tokenize, config: PriorConfig | 
     t0 = time.perf_counter()
     for step in bar:
         idx = torch.from_numpy(rng.integers(0, len(feats), cfg.batch_size))
-        logits = net(feats_t[idx])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_t[idx].reshape(-1))
+        loss = net.loss(feats_t[idx], targets_t[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -161,22 +222,9 @@ def fit_priors(model_dir: Path, data_dir: Path, tokenize, config: PriorConfig | 
         ema = bits if ema is None else 0.98 * ema + 0.02 * bits
         if step % 50 == 0:
             bar.set_postfix(bits_per_token=f"{ema:.3f}")
-    train_s = time.perf_counter() - t0
-
-    # Held-out bits per token, with the numpy priors exactly as the codec will run them.
-    weights = net.weights()
-    held = {"photos": len(held_grids), "crop": list(cfg.crop), "uniform": math.log2(m.num_codes)}
-    if len(held_grids):
-        held["frequency"] = _frequency_bits(counts, held_grids)
-        hf, ht = context_dataset(held_grids, artifact.codebook)
-        held["context"] = _batched_bits(ContextPrior(weights, artifact.codebook, m.token_dim, b""), hf, ht)
-    info = {"config": asdict(cfg), "train_photos": len(train_grids), "train_positions": int(len(feats)),
-            "final_train_bits_per_token_ema": ema, "tokenize_s": round(tokenize_s, 1), "train_s": round(train_s, 1),
-            "heldout_bits_per_token": held}
-    save_frequency(Path(model_dir) / PRIOR_FILES["frequency"], counts)
-    save_context(Path(model_dir) / PRIOR_FILES["context"], weights, info)
-    add_files_to_manifest(Path(model_dir), list(PRIOR_FILES.values()))
-    return info
+    fit = {"train_positions": int(len(feats)), "cells": list(cells.shape), "final_train_bits_per_token_ema": ema,
+           "train_s": round(time.perf_counter() - t0, 1)}
+    return net.weights(), cells, fit
 
 
 def add_files_to_manifest(model_dir: Path, names: list[str]) -> Manifest:

@@ -4,7 +4,7 @@
     data = compressor.compress(ids, image_size=(H, W))   # int [T, h, w] -> bytes, with the model's best prior
     ids, header = compressor.decompress(data)             # checks the header against the model
 
-Header (little-endian; version 1):
+Header (little-endian; version 2):
 
     magic "GQTK" | format version u8 | prior id u8 | model id length u8 | model id (ASCII)
     | codebook sha256[:8] | prior file sha256[:8] (zeros for uniform)
@@ -14,9 +14,12 @@ Header (little-endian; version 1):
 
 The header pins what decoding needs to agree on (model, codebook, prior file, sizes), so a stream
 made by another model or prior is refused by name, not decoded into noise. The payload checksum
-catches corruption before decoding; the token checksum catches a prior that computed differently
-on the decoding machine (the context prior runs in float32: encode and decode on the same software
-stack to be safe, see README).
+catches corruption before decoding; the token checksum is the last guard.
+
+Every prior computes its probabilities exactly (uniform and frequency from integer counts, context in
+fixed point), so a stream decodes the same on any machine. Version 2 changed only the context prior
+(version 1's ran in float32 and did not decode portably); version 1 streams of the uniform and frequency
+priors are coded exactly as in version 2 and still decode.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gqtok.core.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, neighbour_features, wavefront
+from gqtok.core.priors import ACT_BITS, PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, neighbour_features, wavefront
 from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 MAGIC = b"GQTK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+OLD_VERSIONS_READ = {1: ("uniform", "frequency")}  # older format versions this gqtok decodes, and for which priors
 _FIXED = struct.Struct("<8s8sIIHHHIIII")  # after the model id: digests, sizes, K, checksums, payload length
 MAX_GRID_SIDE = 2**16 - 1
 
@@ -67,11 +71,16 @@ class Header:
         if len(data) < 7 or data[:4] != MAGIC:
             raise BitstreamError("not a gqtok compressed image (no GQTK magic)")
         version, prior_id, id_len = data[4], data[5], data[6]
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION and version not in OLD_VERSIONS_READ:
             raise BitstreamError(f"format version {version}; this gqtok reads version {FORMAT_VERSION}")
         names = {v: k for k, v in PRIOR_IDS.items()}
         if prior_id not in names:
             raise BitstreamError(f"unknown prior id {prior_id}")
+        if version in OLD_VERSIONS_READ and names[prior_id] not in OLD_VERSIONS_READ[version]:
+            raise BitstreamError(f"format version {version} stream with the {names[prior_id]} prior: that prior "
+                                 f"computed in float there and does not decode portably; this gqtok reads version "
+                                 f"{version} only for the {' and '.join(OLD_VERSIONS_READ[version])} priors "
+                                 "(decode it with the gqtok and machine that wrote it)")
         end = 7 + id_len + _FIXED.size
         if len(data) < end + 4:
             raise BitstreamError(f"truncated header: {len(data)} bytes, the header alone needs {end + 4}")
@@ -126,8 +135,19 @@ def entropy_code(ids: np.ndarray, prior) -> np.ndarray:
         for t in range(ids.shape[0]):
             enc.encode(ids[t].reshape(-1).astype(np.int32), model.Categorical(probs[t], perfect=False))
     elif isinstance(prior, ContextPrior):
-        _run_context(prior, ids.shape, lambda rows, cols, probs, ids_: enc.encode(
-            ids_[:, rows, cols].T.reshape(-1).astype(np.int32), model.Categorical(perfect=False), probs), ids)
+        categorical = model.Categorical(perfect=False)
+
+        def code(cell_freq, symbols):  # symbols: the step's ids, coded in the order the decoder reads them
+            cells = prior.cell_of[symbols]
+            enc.encode(cells.astype(np.int32), categorical, cell_freq)
+
+            def code_members(member_freq):
+                enc.encode(prior.index_in_cell[symbols].astype(np.int32), categorical, member_freq)
+                return symbols
+
+            return cells, code_members
+
+        _run_context(prior, ids.shape, ids, code)
     else:
         raise TypeError(f"not a prior: {prior!r}")
     return enc.get_compressed()
@@ -144,27 +164,34 @@ def entropy_decode(words: np.ndarray, prior, grid: tuple[int, int, int]) -> np.n
         probs = prior.probabilities()
         ids = np.stack([dec.decode(model.Categorical(probs[s], perfect=False), h * w).reshape(h, w) for s in range(t)])
     elif isinstance(prior, ContextPrior):
+        categorical = model.Categorical(perfect=False)
         ids = np.zeros(grid, dtype=np.int64)
 
-        def fill(rows, cols, probs, ids_):
-            ids_[:, rows, cols] = dec.decode(model.Categorical(perfect=False), probs).reshape(len(rows), t).T
+        def code(cell_freq, _):
+            cells = dec.decode(categorical, cell_freq).astype(np.int64)
+            return cells, lambda member_freq: prior.cells[cells, dec.decode(categorical, member_freq)]
 
-        _run_context(prior, grid, fill, ids)
+        _run_context(prior, grid, ids, code)
     else:
         raise TypeError(f"not a prior: {prior!r}")
     return np.asarray(ids, dtype=np.int64)
 
 
-def _run_context(prior: ContextPrior, grid, code_step, ids: np.ndarray) -> None:
-    """Walk the wavefront; at each step compute the pmfs from decoded neighbours, then code the step's tokens.
+def _run_context(prior: ContextPrior, grid, ids: np.ndarray, code) -> None:
+    """Walk the wavefront. At each step: the cells' frequencies from the decoded neighbours, then
+    code(cell_freq, the step's ids) codes the cells and returns (cells, code_members), and code_members(member
+    frequencies) codes the indices in the cells and returns the step's ids (the decoder fills ids with them).
 
-    Encoder and decoder run this same loop, so every matrix product has the same shape on both sides."""
+    Encoder and decoder run this same loop; the prior's arithmetic is exact, so they compute the same
+    frequencies whatever the shapes, threads or machine."""
     t, h, w = grid
-    latent = np.zeros((prior.channels, h, w), dtype=np.float32)
+    latent = np.zeros((prior.channels, h, w), dtype=np.float64)
     for rows, cols in wavefront(h, w):
-        probs = prior.probabilities(neighbour_features(latent, rows, cols))
-        code_step(rows, cols, probs, ids)
-        latent[:, rows, cols] = prior.latent_of(ids[:, rows, cols].T).T
+        cell_freq, coef = prior.heads(neighbour_features(latent, rows, cols, one=2.0**ACT_BITS))
+        cells, code_members = code(cell_freq, ids[:, rows, cols].T.reshape(-1))
+        step_ids = np.asarray(code_members(prior.member_frequencies(coef, cells))).reshape(len(rows), t)
+        ids[:, rows, cols] = step_ids.T
+        latent[:, rows, cols] = prior.latent_of(step_ids).T
 
 
 # -- compressing the grids of one model----------------------------------------------------------------------------------
