@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from gqtok.bulk.shards import Job, finish, prepare, progress_bar, run_shards
+from gqtok.bulk.shards import Job, RunClock, finish, prepare, progress_bar, run_shards
 from gqtok.core.artifact import load_artifact
 from gqtok.core.models import find_model
 
@@ -47,6 +47,7 @@ def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, 
     manifest = load_artifact(model_dir).manifest
     grid = prepare(job, manifest)
     todo = [k for k in range(job.shards) if not job.done(k)]
+    clock = RunClock()  # from here: a cluster it starts counts as start-up, as the actors do
     started = not ray.is_initialized()
     if started:
         kwargs = {} if address else {"object_store_memory": LOCAL_OBJECT_STORE_BYTES}
@@ -66,10 +67,11 @@ def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, 
                                                              "decode_workers": decode_workers})
             for row in done.iter_rows():
                 bar.update(int(row["files"]))
+                clock.shard_done(int(row["files"]))
             bar.close()
     finally:
         if started:
             ray.shutdown()
     meta = finish(job, manifest, grid)
-    meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo)}
+    meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo)} | clock.figures()
     return meta

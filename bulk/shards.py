@@ -236,15 +236,35 @@ def run_local(job: Job, runtime, decode_workers: int = 1, progress: bool = True)
     grid = prepare(job, runtime.manifest)
     todo = [k for k in range(job.shards) if not job.done(k)]
     bar = progress_bar(sum(len(job.shard_paths(k)) for k in todo), progress)
-    start = time.perf_counter()
+    clock = RunClock()
     with ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as pool:
         for files in run_shards(job, todo, runtime, grid, pool):
             bar.update(files)
+            clock.shard_done(files)
     bar.close()
     meta = finish(job, runtime.manifest, grid)
-    meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo),
-                   "seconds": round(time.perf_counter() - start, 3)}
+    meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo)} | clock.figures()
     return meta
+
+
+class RunClock:
+    """When a run's shards finished: its seconds, the seconds to its first shard (start-up: runtimes, actors, the
+    first decodes) and the files/s after that (the rate a long run approaches)."""
+
+    def __init__(self):
+        self.start, self.first, self.first_files, self.files = time.perf_counter(), None, 0, 0
+
+    def shard_done(self, files: int) -> None:
+        self.files += files
+        if self.first is None:
+            self.first, self.first_files = time.perf_counter(), files
+
+    def figures(self) -> dict:
+        end = time.perf_counter()
+        steady = (self.files - self.first_files) / (end - self.first) if self.first and end > self.first else None
+        return {"seconds": round(end - self.start, 3),
+                "first_shard_s": None if self.first is None else round(self.first - self.start, 3),
+                "files_per_s_after_first_shard": None if steady is None else round(steady, 2)}
 
 
 def run_shards(job: Job, shards: list[int], runtime, grid: tuple[int, int, int], pool: ThreadPoolExecutor):

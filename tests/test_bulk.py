@@ -190,9 +190,11 @@ def test_local_engine_in_process_matches_and_skips_finished_shards(local_tokens,
               max_pixels=1_100_000)
     first = run_local(job, tok.runtime, decode_workers=2, progress=False)
     assert first["run"]["shards_run"] == 5
+    assert 0 < first["run"]["first_shard_s"] <= first["run"]["seconds"] and first["run"]["files_per_s_after_first_shard"] > 0
     assert directory_bytes(job.out) == directory_bytes(local_tokens)  # batch size and decode threads change nothing
     again = run_local(job, tok.runtime, progress=False)
-    assert again["run"] == {"shards_run": 0, "shards_skipped": 5, "seconds": again["run"]["seconds"]}
+    assert again["run"] == {"shards_run": 0, "shards_skipped": 5, "seconds": again["run"]["seconds"],
+                            "first_shard_s": None, "files_per_s_after_first_shard": None}
 
 
 def test_tar_shards_give_the_folders_tokens(small_photos, tiny_model, tmp_path):
