@@ -60,7 +60,7 @@ class ServiceSettings(BaseSettings):
     alpha: Literal["composite", "refuse"] = Field("composite", description=(
         "Images with transparency: composite them on white, or refuse them with 422 invalid_image."))
     max_concurrent_coding: int = Field(2, ge=1, description=(
-        "Compress/decompress requests entropy-coding at once (the context prior holds a core for about 2 s per "
+        "Compress/decompress requests entropy-coding at once (the context prior holds a core for about 0.2 s per "
         "768x512 image)."))
     request_timeout_s: float = Field(60.0, gt=0, description="Seconds per request for queue and inference; past it, 503.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, seconds that in-flight requests may take to finish.")
