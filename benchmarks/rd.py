@@ -278,7 +278,7 @@ def previous_prior(model_dir, grids: np.ndarray) -> dict | None:
             z = (z + w["bias"][np.arange(a, a + len(z)) % t]).astype(np.float64)
             z -= z.max(axis=1, keepdims=True)
             old_bits.append((np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), target[a : a + 256]]) / math.log(2))
-        new_bits.append(new.code_lengths(new.latent_of(g.reshape(t, -1).T).T.reshape(-1, gh, gw), g))
+        new_bits.append(new.code_lengths(g))
     old, fixed = float(np.concatenate(old_bits).mean()), float(np.concatenate(new_bits).mean())
     return {"source": f"git {commit}:{path}", "grids": n, "float32_full_k_bits_per_token": old,
             "fixed_point_bits_per_token": fixed, "ratio": fixed / old}

@@ -20,7 +20,7 @@ from torch import nn
 
 from gqtok.core.artifact import load_artifact
 from gqtok.core.manifest import Manifest, file_sha256
-from gqtok.core.priors import (NEIGHBOURS, PRIOR_FILES, ContextPrior, cell_count, context_heads, context_param_shapes,
+from gqtok.core.priors import (NEIGHBOURS, PRIOR_FILES, ContextPrior, cell_count, cell_index, context_heads, context_param_shapes,
                                context_tables, latent_of, neighbour_features, save_context, save_frequency)
 from gqtok.core.select import codeword_features, token_features
 
@@ -67,10 +67,7 @@ class ContextNet(nn.Module):
             bound = 1.0 / math.sqrt(shapes[name][0])
             nn.init.uniform_(self.w[name], -bound, bound)
             nn.init.uniform_(self.w["b" + name[1:]], -bound, bound)
-        cell_of = np.empty(k, dtype=np.int64)
-        cell_of[cells] = np.arange(num_cells)[:, None]
-        index = np.empty(k, dtype=np.int64)
-        index[cells] = np.arange(cells.shape[1])[None, :]
+        cell_of, index = cell_index(cells)
         with torch.no_grad():  # start wide (s = e^2) and flat: the model begins as the frequency prior
             nn.init.normal_(self.w["w3"], std=1e-3)
             nn.init.normal_(self.w["w_cell"], std=1e-3)
@@ -135,12 +132,7 @@ def context_dataset(grids: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray
 
 def context_bits(prior: ContextPrior, grids: np.ndarray) -> float:
     """Mean bits per token of [N, T, h, w] grids under the fixed-point prior, exactly as the coder computes it."""
-    n, t, h, w = grids.shape
-    total = 0.0
-    for g in grids:
-        latent = prior.latent_of(g.reshape(t, -1).T).T.reshape(-1, h, w)
-        total += prior.code_lengths(latent, g).sum()
-    return total / grids.size
+    return sum(prior.code_lengths(g).sum() for g in grids) / grids.size
 
 
 def _frequency_bits(counts: np.ndarray, grids: np.ndarray) -> float:

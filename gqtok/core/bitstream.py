@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gqtok.core.priors import ACT_BITS, PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, neighbour_features, wavefront
+from gqtok.core.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, wavefront
 from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 MAGIC = b"GQTK"
@@ -187,7 +187,7 @@ def _run_context(prior: ContextPrior, grid, ids: np.ndarray, code) -> None:
     t, h, w = grid
     latent = np.zeros((prior.channels, h, w), dtype=np.float64)
     for rows, cols in wavefront(h, w):
-        cell_freq, coef = prior.heads(neighbour_features(latent, rows, cols, one=2.0**ACT_BITS))
+        cell_freq, coef = prior.heads(prior.features(latent, rows, cols))
         cells, code_members = code(cell_freq, ids[:, rows, cols].T.reshape(-1))
         step_ids = np.asarray(code_members(prior.member_frequencies(coef, cells))).reshape(len(rows), t)
         ids[:, rows, cols] = step_ids.T

@@ -172,10 +172,7 @@ class ContextPrior:
                              f"T={self.tokens_per_position}, K={self.num_codes}")
         if not np.array_equal(np.sort(self.cells, axis=None), np.arange(self.num_codes)):
             raise ValueError("context prior cells are not a partition of the codebook's ids")
-        self.cell_of = np.empty(self.num_codes, dtype=np.int64)
-        self.index_in_cell = np.empty(self.num_codes, dtype=np.int64)
-        self.cell_of[self.cells] = np.arange(num_cells)[:, None]
-        self.index_in_cell[self.cells] = np.arange(members)[None, :]
+        self.cell_of, self.index_in_cell = cell_index(self.cells)
 
         # Fixed point: weights at 2^WEIGHT_BITS, biases at the accumulator's scale.
         acc = ACT_BITS + WEIGHT_BITS
@@ -208,8 +205,12 @@ class ContextPrior:
         """int [n, T] token ids of n positions -> float64 [n, C], their quantized latents (integers)."""
         return latent_of(self.code_q, ids)
 
+    def features(self, latent_q: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """neighbour_features of quantized latents [C, h, w], at the fixed-point scale heads reads."""
+        return neighbour_features(latent_q, rows, cols, one=2.0**ACT_BITS)
+
     def heads(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Integer neighbour features [n, F] (neighbour_features of quantized latents, one = 2^ACT_BITS) ->
+        """Integer neighbour features [n, F] (features) ->
         (cell frequencies [n * T, P], the Gaussian's coefficients [n * T, 2d] for member_frequencies)."""
         q, shift = self.q, WEIGHT_BITS
         h = np.maximum(_floor_shift(features @ q["w1"] + q["b1"], shift), 0)
@@ -234,18 +235,27 @@ class ContextPrior:
         gap = (logits.max(axis=1, keepdims=True) - logits).clip(max=len(self.exp_table) - 1)
         return self.exp_table[gap.astype(np.int64)]
 
-    def code_lengths(self, latent_q: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Bits of every token of one grid (ids int [T, h, w], latent_q = quantized latents [C, h, w]) under the
-        frequencies the coder uses (before constriction's own 24-bit rounding): float64 [h * w * T]."""
+    def code_lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Bits of every token of one grid (int [T, h, w]) under the frequencies the coder uses (before
+        constriction's own 24-bit rounding), all positions at once: float64 [h * w * T]."""
         t, h, w = ids.shape
         rows, cols = np.indices((h, w)).reshape(2, -1)
         target = ids[:, rows, cols].T.reshape(-1)
-        cell_freq, coef = self.heads(neighbour_features(latent_q, rows, cols, one=2.0**ACT_BITS))
+        latent_q = self.latent_of(target.reshape(-1, t)).T.reshape(-1, h, w)
+        cell_freq, coef = self.heads(self.features(latent_q, rows, cols))
         cells, index = self.cell_of[target], self.index_in_cell[target]
         member_freq = self.member_frequencies(coef, cells)
         n = np.arange(len(target))
         return (np.log2(cell_freq.sum(1)) - np.log2(cell_freq[n, cells])
                 + np.log2(member_freq.sum(1)) - np.log2(member_freq[n, index]))
+
+
+def cell_index(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int [P, M] cells (a partition of the K ids) -> (cell of each id, its index in the cell), int64 [K] each."""
+    cell_of, index_in_cell = np.empty(cells.size, dtype=np.int64), np.empty(cells.size, dtype=np.int64)
+    cell_of[cells] = np.arange(cells.shape[0])[:, None]
+    index_in_cell[cells] = np.arange(cells.shape[1])[None, :]
+    return cell_of, index_in_cell
 
 
 def latent_of(codebook: np.ndarray, ids: np.ndarray) -> np.ndarray:
