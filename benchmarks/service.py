@@ -10,9 +10,10 @@ One run, side by side, on one model (default: models/default) and 256x256 photos
   inprocess       TokenizerRuntime called directly on decoded arrays at the batch sizes the server
                   forms (min(concurrency, max batch size)): the ceiling, no HTTP, no PNG, no queue
   torch_eager     the same architecture in PyTorch eager (random weights: speed does not depend on them)
-Also: the GQ selection's share of tokenize time, its time against the exhaustive float32 argmax (the
-selection before it was exact; same products, same run) and its peak memory (tracemalloc) at K = 2^16 for
-growing batches; the model's FLOPs per image (torch FLOP counter) and the GFLOP/s it achieves,
+Also: the GQ selection's share of tokenize time, the exact selection (the k-d tree search) against the
+exhaustive float32 argmax on onnxruntime's MatMul (the CPU selection before it was exact, on the same cores:
+one thread per core each, same run), the share of the codebook the tree examines, and the selection's peak
+memory (tracemalloc) at K = 2^16 for growing batches; the model's FLOPs per image (torch FLOP counter) and the GFLOP/s it achieves,
 against this machine's measured float32 matrix-multiply GFLOP/s.
 The load generator runs on the same machine and takes CPU from the server: the figures are what
 one box does, client included. Writes benchmarks/results/service.json (--quick: service_quick.json).
@@ -167,10 +168,11 @@ def per_call_seconds(fn, seconds: float, min_calls: int = 3) -> float:
 
 def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], seconds: float) -> list[dict]:
     """The ceiling: the runtime on decoded arrays, per batch size; tokenize split into encode and GQ select (the
-    exact selection, and beside it the exhaustive float32 argmax on the same products)."""
+    exact selection, and beside it the exhaustive float32 argmax, its products on onnxruntime's MatMul)."""
     from gqtok.core import layout
 
     rows = []
+    matmul = ort_matmul(0)
     ids = rt.tokenize(np.stack(images[:1]))
     for b in batch_sizes:
         batch = np.stack([images[i % len(images)] for i in range(b)])
@@ -180,7 +182,9 @@ def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], second
         sel = per_call_seconds(lambda: rt.select(mu, logvar), seconds / 4)
         d = rt.manifest.token_dim
         flat_mu, flat_lv = (layout.group(x, d).reshape(-1, d) for x in (mu, logvar))
-        sel32 = per_call_seconds(lambda: rt.quantizer.select_float32(flat_mu, flat_lv, matmul=rt.matmul), seconds / 4)
+        sel32 = per_call_seconds(lambda: rt.quantizer.select_float32(flat_mu, flat_lv, matmul=matmul), seconds / 4)
+        stats = {}
+        rt.quantizer.select(flat_mu, flat_lv, stats=stats)
         tok = per_call_seconds(lambda: rt.tokenize(batch), seconds / 4)  # what the server calls: encode + select
         det = per_call_seconds(lambda: rt.detokenize(grids), seconds / 4)
         rows.append({"case": "inprocess", "batch_size": b,
@@ -188,6 +192,7 @@ def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], second
                      "encode_ms_per_image": round(1e3 * enc / b, 2), "select_ms_per_image": round(1e3 * sel / b, 2),
                      "select_float32_argmax_ms_per_image": round(1e3 * sel32 / b, 2),
                      "exact_select_over_float32_argmax": round(sel / sel32, 3),
+                     "codebook_share_examined": round(stats["scored"] / stats["pairs"], 4),
                      "gq_share_of_tokenize": round(sel / (enc + sel), 3)})
         print(f"inprocess       batch {b:<3} tokenize {rows[-1]['tokenize_images_per_s']:>7.2f} img/s  detokenize "
               f"{rows[-1]['detokenize_images_per_s']:>7.2f} img/s  GQ share {rows[-1]['gq_share_of_tokenize']:.1%}", flush=True)
@@ -242,7 +247,8 @@ def torch_eager_cases(manifest, images: list[np.ndarray], batch_sizes: list[int]
 
 
 def model_flops(manifest) -> dict:
-    """FLOPs per 256x256 image (a multiply-add counts 2): encoder, decoder (torch's counter), GQ select (closed form)."""
+    """FLOPs per 256x256 image (a multiply-add counts 2): encoder, decoder (torch's counter), GQ select's exhaustive
+    product (closed form, [tokens, 2d] x [2d, K]: what the float32 argmax computes)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -261,17 +267,27 @@ def model_flops(manifest) -> dict:
     return {"encoder_gflop": round(enc / 1e9, 3), "decoder_gflop": round(dec / 1e9, 3), "gq_select_gflop": round(gq / 1e9, 3)}
 
 
-def matmul_gflops(threads: int, n: int = 2048) -> float:
-    """This machine's float32 GEMM rate through onnxruntime (the kernels the model runs on), n x n."""
+def ort_matmul(threads: int):
+    """f(a, b) -> a @ b in float32 by onnxruntime's MatMul on the CPU, `threads` intra-op threads (0: one per core)."""
     import onnxruntime as ort
+    from onnx import TensorProto, helper
 
-    from gqtok.service.runtime import matmul_graph
-
+    spec = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+                              [spec("a", TensorProto.FLOAT, ["M", "N"]), spec("b", TensorProto.FLOAT, ["N", "P"])],
+                              [spec("c", TensorProto.FLOAT, ["M", "P"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(matmul_graph(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda a, b: sess.run(None, {"a": a, "b": b})[0]
+
+
+def matmul_gflops(threads: int, n: int = 2048) -> float:
+    """This machine's float32 GEMM rate through onnxruntime (the kernels the model runs on), n x n."""
+    matmul = ort_matmul(threads)
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    t = per_call_seconds(lambda: sess.run(None, {"a": a, "b": a}), 1.0)
+    t = per_call_seconds(lambda: matmul(a, a), 1.0)
     return round(2 * n**3 / t / 1e9, 1)
 
 
@@ -323,15 +339,16 @@ def main(argv=None) -> dict:
                          "server_over_ceiling": round(sat / best[key], 3),
                          "server_over_nobatch": round(sat / sat_nb, 3)}
     at1 = inprocess[0]  # batch 1: per-image times of each stage
-    enc_s, sel_s = at1["encode_ms_per_image"] / 1e3, at1["select_ms_per_image"] / 1e3
+    enc_s = at1["encode_ms_per_image"] / 1e3
     dec_s = 1 / at1["detokenize_images_per_s"]
+    # (the exact GQ selection has no GFLOP/s: the tree does a data-dependent part of gq_select_gflop's product)
     summary["achieved_gflop_per_s_at_batch_1"] = {"encoder": round(flops["encoder_gflop"] / enc_s, 1),
-                                                  "gq_select": round(flops["gq_select_gflop"] / sel_s, 1),
                                                   "decoder": round(flops["decoder_gflop"] / dec_s, 1),
                                                   "machine_sgemm": gemm[f"threads_{cores}"]}
     summary["gq_share_of_tokenize"] = {str(r["batch_size"]): r["gq_share_of_tokenize"] for r in inprocess}
     summary["exact_select_over_float32_argmax"] = {str(r["batch_size"]): r["exact_select_over_float32_argmax"]
                                                    for r in inprocess}
+    summary["codebook_share_examined"] = {str(r["batch_size"]): r["codebook_share_examined"] for r in inprocess}
     summary["onnxruntime_over_torch_eager"] = {
         str(o["batch_size"]): {"encode": round(1e3 / o["encode_ms_per_image"] / t["encode_images_per_s"], 2),
                                "decode": round(o["detokenize_images_per_s"] / t["decode_images_per_s"], 2)}

@@ -4,10 +4,10 @@
     ids = rt.tokenize(images_u8)          # uint8 [B, H, W, 3] -> int64 [B, T, H/f, W/f]
     pixels = rt.detokenize(ids)           # -> uint8 [B, H, W, 3]
 
-GQ selection runs in `gq_select.onnx` (selector "onnx", on the same provider
-as the encoder), in numpy (selector "numpy", gqtok/core/select.py), or in numpy with
-onnxruntime's MatMul computing the scores (selector "ort-matmul"). All three
-give a token the same id whatever else is in its batch.
+GQ selection runs in `gq_select.onnx` (selector "onnx": the float32 argmax, on
+the same provider as the encoder) or on the CPU by the exact search of
+gqtok/core/select.py (selector "exact": a k-d tree, float64). Both give a token the
+same id whatever else is in its batch; "exact" gives it on every machine.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from gqtok.core import layout
 from gqtok.core.artifact import DECODER, ENCODER, GQ_SELECT, Artifact
+from gqtok.core.kdtree import default_threads, thread_pool
 from gqtok.core.select import GaussianQuantizer, fixed_blocks, kl_bits
 
 log = logging.getLogger("gqtok.runtime")
@@ -58,10 +59,11 @@ _sessions_made = False
 
 def share_threads(threads: int, nice: int = 0) -> bool:
     """Make every onnxruntime session of this process share one intra-op thread pool of `threads` threads (0:
-    one per core) instead of a pool each: the server holds an encoder, a decoder and a score MatMul per model,
-    and their pools together ran several times as many threads as cores. Must come before the first session;
-    False (sessions keep their own pools) when one exists already. `nice`: the pool's threads run at that nice
-    value (see set_thread_nice)."""
+    one per core) instead of a pool each: the server holds an encoder and a decoder per model, and their pools
+    together ran several times as many threads as cores. Must come before the first session; False (sessions
+    keep their own pools) when one exists already. `nice`: the pool's threads, and those of the exact GQ
+    search's pool of as many threads (process-wide too, gqtok.core.kdtree), run at that nice value (see
+    set_thread_nice)."""
     global _shared_threads
     if _shared_threads is not None:
         return True
@@ -69,13 +71,18 @@ def share_threads(threads: int, nice: int = 0) -> bool:
         log.warning("onnxruntime sessions exist already: each keeps its own thread pool")
         return False
 
-    def make_pool():
+    def make_pools():
         set_thread_nice(nice)
         ort.set_global_thread_pool_sizes(threads or (os.cpu_count() or 1), 1)
+        # a ThreadPoolExecutor starts a thread in the caller of submit() while none is idle: tasks that wait for
+        # each other make all of the search pool's threads here
+        search_threads = threads or default_threads()
+        started = threading.Barrier(search_threads)
+        list(thread_pool(search_threads).map(lambda _: started.wait(), range(search_threads)))
 
-    # The pool's threads start inside set_global_thread_pool_sizes and inherit the calling thread's nice value,
-    # which a thread cannot lower again: so a short-lived thread makes them.
-    maker = threading.Thread(target=make_pool, name="ort-pool-maker")
+    # The pools' threads inherit the nice value of the thread that starts them, which a thread cannot lower
+    # again: so a short-lived thread makes them.
+    maker = threading.Thread(target=make_pools, name="pool-maker")
     maker.start()
     maker.join()
     _shared_threads = threads
@@ -111,17 +118,13 @@ class TokenizerRuntime:
 
     device:   "auto", "cpu" or "cuda" (see choose_providers)
     threads:  intra-op threads per session; 0 lets onnxruntime choose (ignored after share_threads: the shared
-              pool serves every session)
-    selector: "onnx" (gq_select.onnx: the float32 argmax), "numpy" (gqtok/core/select.py's exact selection),
-              "ort-matmul" (the same, its whole-chunk float32 products in onnxruntime: the same ids), or "auto":
-              "ort-matmul" on the CPU provider, "onnx" on CUDA (so the scores stay on the GPU). Why ort-matmul on
-              CPU: onnxruntime's MatMul ran the [256, 2d] x [2d, 4096] products 1.6x faster than numpy's OpenBLAS
-              here, and sharing one
-              thread pool with the encoder avoids two pools fighting over the cores (ArgMax inside
-              onnxruntime, as gq_select.onnx does it, was 2x slower than numpy's).
+              pool serves every session); also the exact selection's threads (0: one per core)
+    selector: "exact" (gqtok/core/select.py's exact selection: the k-d tree search, on the CPU, on `threads`
+              threads), "onnx" (gq_select.onnx: the float32 argmax, on the model's provider), or "auto": "exact"
+              on the CPU provider, "onnx" on CUDA (so the scores stay on the GPU).
     """
 
-    SELECTORS = ("auto", "onnx", "numpy", "ort-matmul")
+    SELECTORS = ("auto", "exact", "onnx")
 
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "auto"):
         self.artifact, self.manifest = artifact, artifact.manifest
@@ -155,17 +158,12 @@ class TokenizerRuntime:
         if selector not in self.SELECTORS:
             raise ValueError(f"selector must be one of {', '.join(self.SELECTORS)}, got {selector!r}")
         if selector == "auto":
-            selector = "onnx" if self.encoder.get_providers()[0] == "CUDAExecutionProvider" else "ort-matmul"
+            selector = "onnx" if self.encoder.get_providers()[0] == "CUDAExecutionProvider" else "exact"
         self.selector = selector
         # gq_select.onnx is checked by load_artifact either way; a session only where it runs (no idle thread pool)
         self.gq_select = (ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)
                           if selector == "onnx" else None)
-        self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta)
-        if selector == "ort-matmul":
-            scores = ort.InferenceSession(matmul_graph(), opts, providers=["CPUExecutionProvider"])
-            self.matmul = lambda a, b: scores.run(None, {"a": a, "b": b})[0]
-        else:
-            self.matmul = None
+        self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta, threads=threads)
         log.info("model %s on %s (selector %s)", self.manifest.model_id, self.encoder.get_providers()[0], selector)
 
     @property
@@ -184,8 +182,8 @@ class TokenizerRuntime:
         shape = tok_mu.shape[:-1]
         flat_mu = np.ascontiguousarray(tok_mu.reshape(-1, d), dtype=np.float32)
         flat_lv = np.ascontiguousarray(tok_lv.reshape(-1, d), dtype=np.float32)
-        if self.selector in ("numpy", "ort-matmul"):
-            return self.quantizer.select(flat_mu, flat_lv, matmul=self.matmul).reshape(shape)
+        if self.selector == "exact":
+            return self.quantizer.select(flat_mu, flat_lv).reshape(shape)
         ids = np.empty(flat_mu.shape[0], dtype=np.int64)
         for start, m, (mu_b, lv_b) in fixed_blocks(len(ids), self.manifest.gq_select_rows, flat_mu, flat_lv):
             out = self.gq_select.run(None, {"mu": mu_b, "logvar": lv_b, "codebook": self.artifact.codebook})[0]
@@ -216,20 +214,6 @@ class TokenizerRuntime:
     def detokenize(self, ids: np.ndarray) -> np.ndarray:
         """int [B, T, h, w] -> uint8 [B, H, W, 3]."""
         return to_uint8(self.decode(self.latent_from_ids(ids)))
-
-
-def matmul_graph() -> bytes:
-    """An ONNX graph of one float32 MatMul [M, N] x [N, P] (the GQ score products of selector "ort-matmul")."""
-    from onnx import TensorProto, helper
-
-    spec = helper.make_tensor_value_info
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gq_scores",
-                              [spec("a", TensorProto.FLOAT, ["M", "N"]), spec("b", TensorProto.FLOAT, ["N", "P"])],
-                              [spec("c", TensorProto.FLOAT, ["M", "P"])])
-    # IR version 10, as the exported models have: onnx's default follows the newest onnx (14 with onnx 1.23), which
-    # older onnxruntime builds refuse ("Unsupported model IR version: 14, max supported IR version: 13", seen with
-    # onnxruntime-gpu 1.31 in the GPU image)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:

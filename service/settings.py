@@ -29,15 +29,16 @@ class ServiceSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
         "onnxruntime provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU."))
     threads: int = Field(0, ge=0, description=(
-        "Threads of the one onnxruntime pool that every model's sessions share; 0: one per core."))
+        "Threads of the one onnxruntime pool that every model's sessions share, and of each model's exact GQ "
+        "search; 0: one per core."))
     inference_nice: int = Field(10, ge=0, le=19, description=(
         "Nice value of the threads that run inference and entropy coding (Linux; 0: the event loop's). Above 0, "
         "the event loop that admits requests, refuses them (429) and answers /health keeps the cores it needs "
         "under overload."))
-    selector: Literal["auto", "onnx", "numpy", "ort-matmul"] = Field("auto", description=(
-        "Where GQ selection runs: auto is ort-matmul (the exact selection, its float32 pass on onnxruntime's "
-        "MatMul) on the CPU and gq_select.onnx (the float32 argmax, scores kept on the GPU) on CUDA; numpy and "
-        "ort-matmul give the exact ids everywhere."))
+    selector: Literal["auto", "exact", "onnx"] = Field("auto", description=(
+        "Where GQ selection runs: auto is exact (the exact selection: a k-d tree search on the CPU, the same ids "
+        "on every machine) on the CPU and onnx (gq_select.onnx: the float32 argmax, scores kept on the GPU) on "
+        "CUDA."))
     max_batch_size: int = Field(8, ge=1, description="Images or grids per inference call.")
     max_queue_delay_ms: float = Field(0.0, ge=0, description=(
         "How long a batch waits for company. 0: a batch is whatever queued while the previous one ran, all a CPU "

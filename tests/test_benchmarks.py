@@ -41,6 +41,8 @@ def test_service_benchmark_compares_server_with_its_ceiling(tiny_model, tmp_path
     assert all(r["errors"] == 0 for r in result["server"] + result["server_nobatch"])
     assert [r["batch_size"] for r in result["inprocess"]] == [1, 4]
     assert 0 < result["summary"]["gq_share_of_tokenize"]["1"] < 1
+    assert 0 < result["summary"]["codebook_share_examined"]["1"] < 1
+    assert all(r["exact_select_over_float32_argmax"] > 0 for r in result["inprocess"])
     memory = result["selection_memory"]
     assert memory[-1]["tokens"] >= 128 * memory[0]["tokens"]
     for row in memory:  # a few copies of the input plus fixed-size score chunks, never the tokens x K matrix

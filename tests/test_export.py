@@ -51,11 +51,11 @@ def test_codebook_file_matches_the_seed(tiny_model):
     assert codebook_digest(stored) == art.manifest.codebook.sha256 and np.array_equal(stored, art.codebook)
 
 
-def test_auto_selector_is_ort_matmul_on_cpu(runtime):
-    assert runtime.provider == "CPUExecutionProvider" and runtime.selector == "ort-matmul"
+def test_auto_selector_is_exact_on_cpu(runtime):
+    assert runtime.provider == "CPUExecutionProvider" and runtime.selector == "exact"
 
 
-@pytest.mark.parametrize("selector", ["onnx", "numpy", "ort-matmul"])
+@pytest.mark.parametrize("selector", ["onnx", "exact"])
 def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, tiny_model, selector, heldout_batch, record_property):
     runtime = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1, selector=selector)
     model, _ = load_run(tiny_run)
@@ -78,7 +78,7 @@ def test_torch_and_onnxruntime_agree_on_heldout_photos(tiny_run, tiny_model, sel
     assert diff <= 1e-3
 
 
-@pytest.mark.parametrize("selector", ["onnx", "numpy", "ort-matmul"])
+@pytest.mark.parametrize("selector", ["onnx", "exact"])
 def test_tokens_alone_equal_tokens_in_a_batch_of_8(tiny_model, heldout_batch, selector, record_property):
     rt = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=2, selector=selector)
     together = rt.tokenize(heldout_batch)
@@ -175,7 +175,8 @@ def test_network_variants_export_and_match(tmp_path, network):
 
 
 def test_sessions_share_one_thread_pool(tiny_model):
-    """After share_threads, more models add no intra-op threads (in a fresh process: the pool is process-wide)."""
+    """After share_threads, more models add no intra-op threads, nor threads of the exact GQ search (in a fresh
+    process: the pools are process-wide). The 128x128 images have enough tokens for the search to use threads."""
     import subprocess
     import sys
 
@@ -187,17 +188,18 @@ import numpy as np
 count = lambda: len(os.listdir("/proc/self/task"))
 shared = share_threads(3)
 runtimes = [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu")]
-runtimes[0].tokenize(np.zeros((1, 16, 16, 3), np.uint8))
+image = np.random.default_rng(0).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+runtimes[0].tokenize(image)
 one = count()
 runtimes += [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu") for _ in range(3)]
 for rt in runtimes:
-    rt.detokenize(rt.tokenize(np.zeros((1, 16, 16, 3), np.uint8)))
+    rt.detokenize(rt.tokenize(image))
 print(shared, one, count(), runtimes[0].gq_select)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     shared, one, four, gq_select = out.stdout.split()
     assert shared == "True" and int(four) == int(one), out.stdout  # three more models, not one thread more
-    assert gq_select == "None"  # the CPU default (ort-matmul) opens no gq_select session
+    assert gq_select == "None"  # the CPU default (exact) opens no gq_select session
 
 
 def test_the_codebook_file_is_the_same_bytes_on_every_export(tmp_path):
@@ -219,14 +221,3 @@ def test_the_codebook_file_is_the_same_bytes_on_every_export(tmp_path):
     with safe_open(str(path), "np") as f:
         assert np.array_equal(f.get_tensor("codebook"), codebook)
         assert f.metadata() == {"generator": cb.GENERATOR_NAME, "seed": "0"}
-
-
-def test_the_services_own_graph_has_the_ir_version_of_the_exported_models():
-    """An onnxruntime that loads our models must load the service's MatMul graph too (onnx's default IR version
-    follows the newest onnx, and onnxruntime-gpu 1.31 refused it)."""
-    import onnx
-
-    from gqtok.service.runtime import matmul_graph
-
-    exported = onnx.load(str(REPO / "models" / "default" / "encoder.onnx"), load_external_data=False).ir_version
-    assert onnx.load_from_string(matmul_graph()).ir_version == exported

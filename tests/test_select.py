@@ -1,5 +1,6 @@
-"""GQ selection (numpy in gqtok/core/select.py, the torch GaussianQuantize in training/gq.py) against a brute-force
-reference, and the exact rule: the same ids as exhaustive float64 scoring, whatever BLAS, threads or SIMD do."""
+"""GQ selection (gqtok/core/select.py with its k-d tree, the torch GaussianQuantize in training/gq.py) against a
+brute-force reference, and the exact rule: the same ids as exhaustive float64 scoring, whatever BLAS, threads or
+SIMD do."""
 
 import math
 import tracemalloc
@@ -10,7 +11,7 @@ import torch
 
 from conftest import run_under_each_env
 from gqtok.core.codebook import make_codebook
-from gqtok.core.select import (CODE_CHUNK, ROW_CHUNK, TOKEN_BLOCK, GaussianQuantizer, exact_scores,
+from gqtok.core.select import (ROW_CHUNK, TOKEN_BLOCK, GaussianQuantizer, exact_scores,
                                exact_token_features, portable_exp)
 from gqtok.training import gq as torch_gq
 
@@ -54,7 +55,8 @@ def exhaustive_exact_ids(mu, logvar, codebook, beta=1.0):
 
 
 @pytest.mark.parametrize("n,k,d,beta", [(1, 256, 4, 1.0), (7, 1000, 16, 1.0), (333, 4096, 8, 1.0),
-                                        (100, 2**16, 16, 1.0), (513, 512, 2, 0.0), (64, 300, 3, 0.5)])
+                                        (100, 2**16, 16, 1.0), (513, 512, 2, 0.0), (64, 300, 3, 0.5),
+                                        (300, 33, 2, 2.0), (5, 1, 3, 1.0)])
 def test_selection_is_the_exact_argmax(n, k, d, beta):
     mu, logvar = random_posteriors(n, d, seed=n)
     codebook = make_codebook(3, k, d)
@@ -65,10 +67,10 @@ def test_selection_is_the_exact_argmax(n, k, d, beta):
 
 
 @pytest.mark.parametrize("k,d,sharp", [(2**16, 16, 3), (4096, 8, 1), (1000, 4, 2)])
-def test_the_window_search_gives_the_ids_of_the_full_search(k, d, sharp):
+def test_the_tree_search_gives_the_ids_of_the_exhaustive_search(k, d, sharp):
     """Posteriors like the default model's: one coordinate much sharper than the rest (sigma 0.02-0.06), a few
-    sharp ones (0.1-0.3), the rest within 3% of the prior. Scoring only the provable windows gives the same ids
-    as scoring every codeword, and scores far fewer."""
+    sharp ones (0.1-0.3), the rest within 3% of the prior. The tree gives the same ids as scoring every codeword,
+    and computes the deficit of a small part of the codebook."""
     rng = np.random.default_rng(k + d)
     mu = rng.standard_normal((3000, d)).astype(np.float32)
     sigma = rng.uniform(0.97, 1.03, (3000, d))
@@ -78,8 +80,9 @@ def test_the_window_search_gives_the_ids_of_the_full_search(k, d, sharp):
     q = GaussianQuantizer(make_codebook(4, k, d))
     stats = {}
     ids = q.select(mu, logvar, stats=stats)
-    assert np.array_equal(ids, q.select(mu, logvar, window=False))
-    assert stats["scored"] < 0.6 * stats["pairs"], stats
+    assert np.array_equal(ids, q.select(mu, logvar, exhaustive=True))
+    assert stats["scored"] < {2**16: 0.12, 4096: 0.2, 1000: 0.5}[k] * stats["pairs"], stats
+    assert stats["candidates"] < 1.01 * 3000 and stats.get("fallback", 0) == 0, stats
     assert np.array_equal(ids[:5], exhaustive_exact_ids(mu[:5], logvar[:5], q.codebook))
 
 
@@ -143,21 +146,18 @@ def test_portable_exp_is_accurate():
 SELECT_IN_A_SUBPROCESS = """
 import hashlib, sys
 import numpy as np
-import onnxruntime as ort
 from gqtok.core.select import GaussianQuantizer
-from gqtok.service.runtime import matmul_graph
 
 case = np.load(sys.argv[1])
 q = GaussianQuantizer(case["codebook"])
-session = ort.InferenceSession(matmul_graph(), providers=["CPUExecutionProvider"])
-for matmul in (None, lambda a, b: session.run(None, {"a": a, "b": b})[0]):
-    print(hashlib.sha256(q.select(case["mu"], case["logvar"], matmul=matmul).tobytes()).hexdigest())
+for exhaustive in (False, True):
+    print(hashlib.sha256(q.select(case["mu"], case["logvar"], exhaustive=exhaustive).tobytes()).hexdigest())
 """
 
 
 def test_ids_are_the_same_under_every_blas_kernel_thread_count_and_simd_setting(tmp_path):
-    """Selection in subprocesses under different OpenBLAS kernels, thread counts and numpy SIMD features, with
-    numpy's and onnxruntime's products: the same ids every time (near-ties included)."""
+    """Selection in subprocesses under different OpenBLAS kernels, thread counts and numpy SIMD features, by the
+    tree and by the exhaustive search: the same ids every time (near-ties included)."""
     rng = np.random.default_rng(11)
     codebook = make_codebook(5, 2**16, 16)
     mu, logvar = random_posteriors(3000, 16, seed=11)
@@ -187,13 +187,13 @@ def test_density_ratio_is_not_nearest_neighbour():
     assert GaussianQuantizer(codebook, beta=1.0).select(mu, logvar)[0] == 1  # density ratio: 1.5
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["tree", "exhaustive", "torch"])
 def test_tokens_do_not_depend_on_batch_composition(backend):
     n, d, k = 3 * ROW_CHUNK + 17, 16, 2**14
     mu, logvar = random_posteriors(n, d, seed=5)
-    if backend == "numpy":
+    if backend != "torch":
         q = GaussianQuantizer(make_codebook(0, k, d))
-        run = q.select
+        run = lambda m, v: q.select(m, v, exhaustive=backend == "exhaustive")  # noqa: E731
     else:
         q = torch_gq.GaussianQuantize(k, d, seed=0)
         run = lambda m, v: q.select(torch.from_numpy(m), torch.from_numpy(v)).numpy()  # noqa: E731
@@ -215,18 +215,22 @@ def test_numpy_and_torch_agree():
 
 
 def test_memory_stays_bounded_for_100k_tokens():
-    """Beyond the ids, a constant: tokens go TOKEN_BLOCK at a time, each a few hundred bytes, plus the score
-    buffers; never a [tokens, K] matrix (that would be 800 MB here)."""
-    n, d, k = 100_000, 4, 2**11
-    mu, logvar = random_posteriors(n, d, seed=2)
+    """Beyond the ids, a constant: tokens go TOKEN_BLOCK at a time, each a few hundred bytes; never a [tokens, K]
+    matrix (that would be 800 MB here). The tree is built by a first call, before the measured ones."""
+    d, k = 4, 2**11
     q = GaussianQuantizer(make_codebook(0, k, d))
-    tracemalloc.start()
-    ids = q.select(mu, logvar)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    bound = n * 8 + TOKEN_BLOCK * (8 + 4 * 2 * d + 5 * 8 * 2 * d + 64) + 2 * 4 * ROW_CHUNK * (CODE_CHUNK + 4 * d + 2)
-    assert peak <= bound, (peak, bound)
-    assert ids.shape == (n,) and ids.max() < k
+    q.select(*random_posteriors(10, d, seed=1))
+    peaks = {}
+    for n in (20_000, 100_000):
+        mu, logvar = random_posteriors(n, d, seed=2)
+        tracemalloc.start()
+        ids = q.select(mu, logvar)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert ids.shape == (n,) and ids.max() < k
+    beyond_ids = {n: peak - 8 * n for n, peak in peaks.items()}
+    assert beyond_ids[100_000] <= beyond_ids[20_000] + 2**16, peaks
+    assert beyond_ids[100_000] <= TOKEN_BLOCK * 1024, peaks
 
 
 def test_lookup_rejects_out_of_range():

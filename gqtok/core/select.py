@@ -1,4 +1,4 @@
-"""Gaussian Quant selection: the score, once, and its numpy/onnxruntime search (the service, priors, benchmarks).
+"""Gaussian Quant selection: the score, once, and its exact search (the service, priors, benchmarks).
 
 `token_features` and `codeword_features` take `xp` (numpy or torch), so the torch module of training
 (gqtok.training.gq.GaussianQuantize, which export turns into gq_select.onnx) computes the very same formula.
@@ -11,13 +11,14 @@ maximizes the density ratio q(c|x) / p(c)^beta:
 which is one matrix product between per-token features [beta - 1/sigma^2, 2 mu / sigma^2]
 and per-codeword features [c^2, c], followed by an argmax.
 
-Memory: the full tokens x K score matrix is never built. Tokens go through in
-row chunks of `row_chunk` rows against codeword chunks of at most `code_chunk`
-columns: one 4 MiB score buffer with the defaults. Per token a few hundred bytes
-(features, bounds, chunk maxima, candidates), and `GaussianQuantizer.select`
-takes tokens TOKEN_BLOCK at a time, so its extra memory is a constant (under
-16 MiB) for any number of tokens, plus the [K, 2d] codeword features (and their
-transposed chunks) that `GaussianQuantizer` computes once.
+Memory: the full tokens x K score matrix is never built. `GaussianQuantizer.select`
+takes tokens TOKEN_BLOCK at a time, a few hundred bytes each (features, bounds,
+candidates), so its extra memory is a constant for any number of tokens, plus
+what the quantizer keeps: the k-d tree (the codebook in tree order, float64:
+8 MiB at K = 2^16, d = 16) and, made at the first exhaustive search, the
+codeword features' transposed chunks (8 MiB). The exhaustive search takes row
+chunks of `row_chunk` tokens against codeword chunks of at most `code_chunk`
+columns: one 4 MiB score buffer with the defaults.
 
 The token id (the contract's rule): the argmax over k of the score evaluated in
 float64 in one fixed order, `exact_scores(exact_token_features(mu, logvar, beta),
@@ -25,34 +26,40 @@ codebook[k])`, ties to the lowest index. Its exponential is `portable_exp`, buil
 from IEEE-exact +, *, rint and ldexp (numpy's np.exp may take a SIMD path whose
 last bit depends on the CPU), so the id depends only on the float32 mu and
 logvar and the codebook: not on BLAS, threads, SIMD features, the machine or the
-other tokens of the batch. Computing that for all K codewords in float64 would be
-slow, so `select_from_features` scores in float32 by matrix products (numpy's or
-onnxruntime's, in any summation order), keeps every codeword within twice a
-rigorous error bound of the float32 maximum (`error_bound`), and rescores only
-those exactly. Why that finds the exact argmax k*: if |float32 score - exact
-score| <= B for every codeword, then float32(k*) >= exact(k*) - B >=
-exact(k_hat) - B >= float32(k_hat) - 2B, with k_hat the float32 argmax. The bound
-is Higham's for a dot product of n = 2d terms in any order, gamma_n = n u / (1 - n u)
-with u = 2^-24, plus the rounding of the features to float32 and the float64
-evaluation itself, times sum_j |F_j| max_k |G_kj| (F the token's features, G the
-codewords'). Usually one candidate is left; a few where codewords nearly tie.
+other tokens of the batch.
 
-The float32 pass need not score every codeword: `window_chunk_maxima` scores, per
-token, a run of the codewords sorted by the coordinate the tokens weigh most,
-which provably holds the winner (the bound is in its docstring). On the default
-model's posteriors that is about a fifth of the codebook; the ids are the same
-as with every codeword scored (tested).
+Finding it without scoring all K codewords in float64, two ways, with the same ids:
+- the k-d tree (gqtok/core/kdtree.py, what GaussianQuantizer.select uses): a
+  compiled branch-and-bound search in float64 returns, per token, every codeword
+  whose exact score could be the best (its bounds carry a slack far above their
+  rounding), about 1.5% of the codebook examined on the default model; usually
+  one candidate is left, rescored exactly here (`exact_winners`).
+- the exhaustive search (`select_from_features`, GaussianQuantizer.select with
+  exhaustive=True, and for the rare token with more than kdtree.CAPACITY
+  candidates): every codeword scored in float32 by matrix products (numpy's or
+  onnxruntime's, in any summation order), every codeword within twice a rigorous
+  error bound of the float32 maximum (`error_bound`) rescored exactly. Why that
+  finds the exact argmax k*: if |float32 score - exact score| <= B for every
+  codeword, then float32(k*) >= exact(k*) - B >= exact(k_hat) - B >=
+  float32(k_hat) - 2B, with k_hat the float32 argmax. The bound is Higham's for a
+  dot product of n = 2d terms in any order, gamma_n = n u / (1 - n u) with
+  u = 2^-24, plus the rounding of the features to float32 and the float64
+  evaluation itself, times sum_j |F_j| max_k |G_kj| (F the token's features, G
+  the codewords').
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
+from gqtok.core.kdtree import CodebookTree
+
 ROW_CHUNK = 256  # tokens per matrix product
 CODE_CHUNK = 4096  # codewords per matrix product
-TOKEN_BLOCK = 4096  # tokens per select_from_features call in GaussianQuantizer.select (its memory: a few MiB)
+TOKEN_BLOCK = 4096  # tokens per search in GaussianQuantizer.select (its memory: a few MiB)
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's log-variance (reference value)
 
 # portable_exp: ln 2 split so that n * LN2_HI is exact for |n| < 2^20 (fdlibm's constants), Taylor to r^14
@@ -141,38 +148,27 @@ def transposed_chunks(code: np.ndarray, code_chunk: int = CODE_CHUNK) -> list[np
 def select_from_features(
     features: np.ndarray, codebook: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK,
     matmul=None, code_t: list[np.ndarray] | None = None, code_max: np.ndarray | None = None,
-    stats: dict | None = None, window: "SortedCodebook | None" = None,
+    stats: dict | None = None,
 ) -> np.ndarray:
     """The exact GQ ids (the module docstring's rule) of float64 token features [N, 2d] against a float32 codebook
-    [K, d], by a chunked float32 pass and exact rescoring of the codewords it cannot rule out. Returns int64 [N].
+    [K, d], by a chunked float32 pass over every codeword and exact rescoring of those it cannot rule out: the
+    exhaustive search (GaussianQuantizer.select uses the k-d tree instead). Returns int64 [N].
 
     matmul: optional f(block [row_chunk, 2d], code_t [2d, <= code_chunk]) -> float32 scores, e.g. onnxruntime's
-    MatMul (service/runtime.py); by default numpy's, into a reused buffer. Its summation order is free.
+    MatMul; by default numpy's, into a reused buffer. Its summation order is free.
     code_t, code_max: transposed_chunks(codeword_features(codebook)) and max_k |G_kj|, when the caller keeps them.
     stats: a dict to which "candidates" (codewords rescored exactly) and "rescored_chunks" ((token, chunk) pairs
-    scored a second time in float32) are added, and with a window "scored", "pairs" and "widened".
-    window: a SortedCodebook of this codebook: pass 1 scores, per token, only a window of the codewords sorted by
-    one coordinate that provably holds the winner (window_chunk_maxima), instead of all K. Same ids."""
+    scored a second time in float32) are added."""
     n, k = features.shape[0], codebook.shape[0]
-    out = np.empty(n, dtype=np.int64)
     if n == 0:
-        return out
+        return np.empty(0, dtype=np.int64)
     if code_t is None or code_max is None:
         code = codeword_features(codebook.astype(np.float64))
         code_t, code_max = transposed_chunks(code.astype(np.float32), code_chunk), np.abs(code).max(axis=0)
     bound = error_bound(features, code_max)
     tok32 = features.astype(np.float32)
     products = score_products(matmul, row_chunk, min(code_chunk, k))
-    perm = None
-    if window is not None:  # columns are positions in the sorted order; perm maps them to codeword ids
-        code_t, perm = window.code_t, window.perm
-        # numpy's products here, whatever `matmul` is: the windows make many small products, for which
-        # onnxruntime's per-call cost outweighs its speed (0.53 against 0.71 of the float32 argmax's time at
-        # 4,096 tokens of the default model, 0.90 against 0.98 at 1,024; numpy on one BLAS thread)
-        numpy_products = products if matmul is None else score_products(None, row_chunk, min(code_chunk, k))
-        chunk_max = window_chunk_maxima(features, tok32, bound, window, numpy_products, row_chunk, code_chunk, stats)
-    else:
-        chunk_max, _ = chunk_maxima(tok32, code_t, products, row_chunk)
+    chunk_max, _ = chunk_maxima(tok32, code_t, products, row_chunk)
     threshold = floor32(chunk_max.max(axis=1) - 2.0 * bound)
     # pass 2: the (token, chunk) pairs whose maximum reaches the token's threshold (usually the winner's chunk
     # alone) are scored again, row_chunk tokens at a time, and every codeword there that reaches it is kept
@@ -185,126 +181,25 @@ def select_from_features(
             scores = products(tok32[r], code_t[ci])
             hit = np.flatnonzero(scores >= threshold[r][:, None])
             cand_rows.append(r[hit // scores.shape[1]]), cand_cols.append(hit % scores.shape[1] + ci * code_chunk)
-    r, c = np.concatenate(cand_rows), np.concatenate(cand_cols)
-    c = perm[c] if perm is not None else c
-    # exact rescoring; per token the highest exact score wins, ties to the lowest index
-    exact = exact_scores(features[r], codebook[c])
-    order = np.lexsort((c, -exact, r))
-    r, c = r[order], c[order]
-    first = np.ones(len(r), dtype=bool)
-    first[1:] = r[1:] != r[:-1]
-    out[r[first]] = c[first]
     if stats is not None:
-        stats["candidates"] = stats.get("candidates", 0) + len(r)
         stats["rescored_chunks"] = stats.get("rescored_chunks", 0) + len(pair_rows)
-    return out
+    return exact_winners(features, codebook, np.concatenate(cand_rows), np.concatenate(cand_cols), stats)
 
 
-WINDOW_START = 0.02  # the probe: this share of the codebook either side of each token's peak
-WINDOW_GROUP = 32  # tokens per product on their windows (fewer: tighter unions, more and smaller products)
-WINDOW_MIN_WEIGHT = 2.0  # window only when the median token weighs its sharpest coordinate at least this much
-
-
-class SortedCodebook:
-    """The codewords sorted by coordinate `dim`, their features in that order as transposed chunks: for the
-    window search, in which each token's possible winners are a contiguous run of columns."""
-
-    def __init__(self, codebook: np.ndarray, features32: np.ndarray, dim: int, code_chunk: int = CODE_CHUNK):
-        self.dim = dim
-        self.perm = np.argsort(codebook[:, dim], kind="stable")
-        self.values = codebook[self.perm, dim].astype(np.float64)  # ascending
-        self.code_t = transposed_chunks(features32[self.perm], code_chunk)
-        self.low, self.high = codebook.min(axis=0).astype(np.float64), codebook.max(axis=0).astype(np.float64)
-
-
-def coordinate_maxima(features: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Per token and coordinate, the maximum of a x^2 + b x over the codebook's range [low, high] of x: [N, d]."""
-    d = features.shape[1] // 2
-    a, b = features[:, :d], features[:, d:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        peak = np.clip(np.where(a < 0, -b / (2 * a), low), low, high)
-    ends = np.maximum(a * low * low + b * low, a * high * high + b * high)
-    return np.where(a < 0, np.maximum(a * peak * peak + b * peak, ends), ends)
-
-
-def window_chunk_maxima(features, tok32, bound, window: SortedCodebook, products, row_chunk, code_chunk, stats):
-    """Pass 1 of select_from_features on a window of the sorted codewords per token: [N, chunks] float32 chunk
-    maxima, -inf where a chunk holds no codeword that can win.
-
-    Why the window holds the winner. With S(c) = sum_i f_i(c_i), f_i(x) = a_i x^2 + b_i x, and U_i the maximum
-    of f_i over the codebook's range, every codeword has S(c) <= f_j(c_j) + sum_(i != j) U_i. A codeword can
-    only win if S(c) >= L, a lower bound of the best exact score: here the best float32 score found so far
-    minus the error bound. So f_j(c_j) >= L - sum_(i != j) U_i, which for a_j < 0 puts c_j within
-    sqrt((f_j(peak) - T) / -a_j) of the peak -b_j / 2a_j: a contiguous run of the sorted codewords. Groups of
-    WINDOW_GROUP tokens sorted by peak are scored on a probe window around their peaks (its best score gives L);
-    a token whose provable window reaches past its probe is scored on the rest, in groups of similar width.
-    Tokens for which f_j is convex (a_j >= 0) have no window and are scored on every column. Slack (1e-9 of the
-    magnitudes, and four error bounds) keeps rounding on the safe side; it costs columns, never correctness."""
-    n, k, j = len(tok32), len(window.values), window.dim
-    d = features.shape[1] // 2
-    chunk_max = np.full((n, len(window.code_t)), -np.inf, dtype=np.float32)
-    a, b = features[:, j], features[:, d + j]
-    concave = a < 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        peak = np.where(concave, -b / (2 * a), 0.0)
-    pos = np.searchsorted(window.values, peak)
-    columns = 0
-
-    def scan(rows, lo, hi):  # chunk maxima of `rows` over sorted columns [lo, hi)
-        nonlocal columns
-        block = tok32[rows]
-        for ci in range(lo // code_chunk, -(-hi // code_chunk)):
-            start, stop = max(lo, ci * code_chunk), min(hi, (ci + 1) * code_chunk)
-            part = window.code_t[ci][:, start - ci * code_chunk : stop - ci * code_chunk]
-            scores = products(block, np.ascontiguousarray(part))
-            chunk_max[rows, ci] = np.maximum(chunk_max[rows, ci], scores.max(axis=1))
-            columns += len(rows) * (stop - start)
-
-    half = max(1, int(WINDOW_START * k))
-    covered = np.zeros((n, 2), dtype=np.int64)
-    peaked = np.flatnonzero(concave)
-    peaked = peaked[np.argsort(pos[peaked], kind="stable")]
-    for g in range(0, len(peaked), WINDOW_GROUP):  # the probe, in small groups of neighbouring peaks
-        rows = peaked[g : g + WINDOW_GROUP]
-        lo, hi = max(0, int(pos[rows].min()) - half), min(k, int(pos[rows].max()) + half)
-        scan(rows, lo, hi)
-        covered[rows] = lo, hi
-    flat = np.flatnonzero(~concave)  # f_j convex: no window, every column
-    for g in range(0, len(flat), row_chunk):
-        scan(flat[g : g + row_chunk], 0, k)
-        covered[flat[g : g + row_chunk]] = 0, k
-    # the provable windows, from the best score found
-    best = chunk_max.max(axis=1).astype(np.float64) - bound
-    maxima = coordinate_maxima(features, window.low, window.high)
-    rest = maxima.sum(axis=1) - maxima[:, j]
-    magnitude = np.abs(maxima).sum(axis=1) + np.abs(best) + np.abs(features).sum(axis=1) * np.maximum(
-        window.high**2, np.abs(window.low) ** 2).max()
-    floor = best - rest - 1e-9 * magnitude - 4 * bound
-    with np.errstate(divide="ignore", invalid="ignore"):
-        top = np.where(concave, -b * b / (4 * a), 0.0)  # f_j at its peak
-        radius = np.where(concave, np.sqrt(np.maximum(0.0, (top - floor) / -a)), np.inf) * (1 + 1e-9) + 1e-12
-    need_lo = np.searchsorted(window.values, peak - radius, side="left")
-    need_hi = np.searchsorted(window.values, peak + radius, side="right")
-    # pass 1 proper: each group of tokens (sorted by peak) on the union of its provable windows, less what its
-    # probe covered
-    short = np.flatnonzero(concave & ((need_lo < covered[:, 0]) | (need_hi > covered[:, 1])))
-    # groups of similar width (octaves), then position: a group's union is not much wider than its windows
-    width = np.floor(np.log2(need_hi[short] - need_lo[short] + 1.0))
-    short = short[np.lexsort((pos[short], width))]
-    for g in range(0, len(short), WINDOW_GROUP):
-        rows = short[g : g + WINDOW_GROUP]
-        lo, hi = int(need_lo[rows].min()), int(need_hi[rows].max())
-        probe_lo, probe_hi = int(covered[rows, 0].max()), int(covered[rows, 1].min())
-        if probe_lo >= probe_hi or probe_lo <= lo or probe_hi >= hi:
-            scan(rows, lo, hi)
-        else:
-            scan(rows, lo, probe_lo)
-            scan(rows, probe_hi, hi)
+def exact_winners(features: np.ndarray, codebook: np.ndarray, rows: np.ndarray, ids: np.ndarray,
+                  stats: dict | None = None) -> np.ndarray:
+    """Per token row, the highest exact score among its candidate codewords (rows[i], ids[i]), ties to the lowest
+    index: int64 [N]. Every row must have a candidate. stats: "candidates" (codewords rescored) is added."""
+    exact = exact_scores(features[rows], codebook[ids])
+    order = np.lexsort((ids, -exact, rows))
+    rows, ids = rows[order], ids[order]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    out = np.full(features.shape[0], -1, dtype=np.int64)
+    out[rows[first]] = ids[first]
     if stats is not None:
-        stats["scored"] = stats.get("scored", 0) + columns  # (token, codeword) scores in pass 1
-        stats["pairs"] = stats.get("pairs", 0) + n * k  # of all there are
-        stats["widened"] = stats.get("widened", 0) + len(short)  # tokens whose window passed their probe
-    return chunk_max
+        stats["candidates"] = stats.get("candidates", 0) + len(rows)
+    return out
 
 
 def score_products(matmul, rows: int, cols: int):
@@ -352,32 +247,24 @@ def kl_bits(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
 
 
 class GaussianQuantizer:
-    """Holds a codebook and its features; selects and looks up codewords.
+    """Holds a codebook, its k-d tree and its features; selects and looks up codewords.
 
     codebook: float32 [K, d], e.g. from `gqtok.core.codebook.make_codebook`.
     beta:     weight of the prior term; 1 is the reference density ratio,
               0 reduces to picking the codeword most likely under q alone.
+    threads:  threads of the tree search, each on its share of a call's tokens (0: one per core).
+
+    The tree is built at the first selection, in the metric of that call's tokens (the median over them of
+    1/sigma_i^2 - beta per coordinate: which coordinates the model's posteriors are sharp in). It sets how fast
+    later selections are, never their ids.
     """
 
-    def __init__(self, codebook: np.ndarray, beta: float = 1.0):
+    def __init__(self, codebook: np.ndarray, beta: float = 1.0, threads: int = 0):
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
-        self.beta = float(beta)
-        exact = codeword_features(self.codebook.astype(np.float64))
-        self.features = np.ascontiguousarray(exact.astype(np.float32))
-        self.features_t = transposed_chunks(self.features)  # kept: 8 MiB at K = 2^16, d = 16
-        self.features_max = np.abs(exact).max(axis=0)  # max_k |G_kj|, for error_bound
-        self.sorted: dict[int, SortedCodebook] = {}  # by coordinate, made when first chosen (8 MiB each)
-
-    def window_for(self, features: np.ndarray) -> SortedCodebook | None:
-        """The sorted codebook for the coordinate these tokens weigh most (median of -a_i = 1/sigma_i^2 - beta),
-        or None when even that one is too flat for a window to prune."""
-        weight = np.median(-features[:, : self.dim], axis=0)
-        j = int(np.argmax(weight))
-        if weight[j] < WINDOW_MIN_WEIGHT:
-            return None
-        if j not in self.sorted:
-            self.sorted[j] = SortedCodebook(self.codebook, self.features, j)
-        return self.sorted[j]
+        self.beta, self.threads = float(beta), threads
+        self.tree: CodebookTree | None = None
+        self._exhaustive: tuple[list[np.ndarray], np.ndarray] | None = None
+        self._lock = threading.Lock()
 
     @property
     def num_codes(self) -> int:
@@ -387,10 +274,30 @@ class GaussianQuantizer:
     def dim(self) -> int:
         return self.codebook.shape[1]
 
-    def select(self, mu: np.ndarray, logvar: np.ndarray, matmul=None, stats: dict | None = None,
-               window: bool = True) -> np.ndarray:
-        """mu, logvar: [..., d] (taken as float32) -> the exact int64 codeword ids [...]. matmul, stats: see
-        select_from_features; window=False scores every codeword in pass 1 (the same ids, slower)."""
+    def tree_for(self, features: np.ndarray) -> CodebookTree:
+        """The k-d tree, built at the first call in the metric of these token features."""
+        with self._lock:
+            if self.tree is None:
+                self.tree = CodebookTree(self.codebook, np.median(-features[:, : self.dim], axis=0),
+                                         threads=self.threads)
+            return self.tree
+
+    def exhaustive_features(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """(transposed float32 chunks of the codeword features, max_k |G_kj|) for select_from_features, made once."""
+        with self._lock:
+            if self._exhaustive is None:
+                exact = codeword_features(self.codebook.astype(np.float64))
+                self._exhaustive = transposed_chunks(exact.astype(np.float32)), np.abs(exact).max(axis=0)
+            return self._exhaustive
+
+    def select(self, mu: np.ndarray, logvar: np.ndarray, stats: dict | None = None,
+               exhaustive: bool = False) -> np.ndarray:
+        """mu, logvar: [..., d] (taken as float32) -> the exact int64 codeword ids [...].
+
+        stats: a dict to which the search adds "scored" (codewords in the tree's leaves searched, or scored in
+        float32 by the exhaustive search), "pairs" (tokens x K), "candidates" (codewords rescored exactly) and "fallback" (tokens the tree passed to the exhaustive
+        search). exhaustive=True scores every codeword (select_from_features) instead of searching the tree:
+        the same ids, slower."""
         mu, logvar = np.asarray(mu), np.asarray(logvar)
         if mu.shape != logvar.shape or mu.shape[-1] != self.dim:
             raise ValueError(f"mu {mu.shape} and logvar {logvar.shape} must match and end in d={self.dim}")
@@ -400,14 +307,24 @@ class GaussianQuantizer:
         ids = np.empty(len(flat_mu), dtype=np.int64)
         for s in range(0, len(ids), TOKEN_BLOCK):  # a token's id does not depend on its block: memory is constant
             features = exact_token_features(flat_mu[s : s + TOKEN_BLOCK], flat_lv[s : s + TOKEN_BLOCK], self.beta)
-            ids[s : s + TOKEN_BLOCK] = select_from_features(
-                features, self.codebook, matmul=matmul, code_t=self.features_t, code_max=self.features_max,
-                stats=stats, window=self.window_for(features) if window else None)
+            if exhaustive:
+                rest = np.arange(len(features))
+            else:
+                rows, found, rest = self.tree_for(features).candidates(features, stats)
+                ids[s : s + len(features)] = exact_winners(features, self.codebook, rows, found, stats)
+            if len(rest):
+                code_t, code_max = self.exhaustive_features()
+                ids[s + rest] = select_from_features(features[rest], self.codebook, code_t=code_t,
+                                                     code_max=code_max, stats=stats)
+                if stats is not None:  # every codeword scored, in float32
+                    stats["scored"] = stats.get("scored", 0) + len(rest) * self.num_codes
+                    key = "pairs" if exhaustive else "fallback"
+                    stats[key] = stats.get(key, 0) + len(rest) * (self.num_codes if exhaustive else 1)
         return ids.reshape(mu.shape[:-1])
 
     def select_float32(self, mu: np.ndarray, logvar: np.ndarray, matmul=None) -> np.ndarray:
         """The exhaustive float32 argmax over [N, d] posteriors (float32_argmax): a baseline, not the contract."""
-        return float32_argmax(exact_token_features(mu, logvar, self.beta), self.features_t, matmul)
+        return float32_argmax(exact_token_features(mu, logvar, self.beta), self.exhaustive_features()[0], matmul)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """int ids [...] -> float32 codewords [..., d]."""
