@@ -10,11 +10,12 @@ One run, side by side, on one model (default: models/default) and 256x256 photos
   inprocess       TokenizerRuntime called directly on decoded arrays at the batch sizes the server
                   forms (min(concurrency, max batch size)): the ceiling, no HTTP, no PNG, no queue
   torch_eager     the same architecture in PyTorch eager (random weights: speed does not depend on them)
-Also: the GQ selection's share of tokenize time, the exact selection (the k-d tree search) against the
-exhaustive float32 argmax on onnxruntime's MatMul (the CPU selection before it was exact, on the same cores:
-one thread per core each, same run), the share of the codebook the tree examines, and the selection's peak
-memory (tracemalloc) at K = 2^16 for growing batches; the model's FLOPs per image (torch FLOP counter) and the GFLOP/s it achieves,
-against this machine's measured float32 matrix-multiply GFLOP/s.
+Also: the GQ selection's share of tokenize time; the exact selection (the k-d tree search) against the
+exhaustive float32 argmax on onnxruntime's MatMul (the CPU selection before it was exact), called in turn in
+the same run, both with one thread per core and both on one thread; the share of the codebook the tree
+examines; the selection's peak memory (tracemalloc) at K = 2^16 for growing batches; the model's FLOPs per
+image (torch FLOP counter) and the GFLOP/s it achieves, against this machine's measured float32
+matrix-multiply GFLOP/s.
 The load generator runs on the same machine and takes CPU from the server: the figures are what
 one box does, client included. Writes benchmarks/results/service.json (--quick: service_quick.json).
 """
@@ -166,23 +167,44 @@ def per_call_seconds(fn, seconds: float, min_calls: int = 3) -> float:
     return float(np.median(times))
 
 
+def paired_seconds(fns, seconds: float, min_rounds: int = 3) -> list[float]:
+    """Median wall time of each of fns, called in turn (a round calls each once) for at least `min_rounds` rounds
+    or `seconds`, after one warm-up round: a machine whose speed drifts slows every arm alike."""
+    for fn in fns:
+        fn()
+    times, end = [[] for _ in fns], time.perf_counter() + seconds
+    while len(times[0]) < min_rounds or time.perf_counter() < end:
+        for fn, t_fn in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            t_fn.append(time.perf_counter() - t)
+    return [float(np.median(t)) for t in times]
+
+
 def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], seconds: float) -> list[dict]:
-    """The ceiling: the runtime on decoded arrays, per batch size; tokenize split into encode and GQ select (the
-    exact selection, and beside it the exhaustive float32 argmax, its products on onnxruntime's MatMul)."""
+    """The ceiling: the runtime on decoded arrays, per batch size; tokenize split into encode and GQ select. The
+    exact selection beside the exhaustive float32 argmax (its products on onnxruntime's MatMul), called in turn:
+    both with one thread per core, and both on one thread (per-core work)."""
     from gqtok.core import layout
+    from gqtok.core.select import GaussianQuantizer
 
     rows = []
-    matmul = ort_matmul(0)
+    matmul, matmul_one_thread = ort_matmul(0), ort_matmul(1)
     ids = rt.tokenize(np.stack(images[:1]))
+    one_thread = GaussianQuantizer(rt.quantizer.codebook, rt.quantizer.beta, threads=1)
+    one_thread.tree = rt.quantizer.tree
     for b in batch_sizes:
         batch = np.stack([images[i % len(images)] for i in range(b)])
         grids = np.repeat(ids, b, axis=0)
         mu, logvar = rt.encode(batch)
         enc = per_call_seconds(lambda: rt.encode(batch), seconds / 4)
-        sel = per_call_seconds(lambda: rt.select(mu, logvar), seconds / 4)
         d = rt.manifest.token_dim
         flat_mu, flat_lv = (layout.group(x, d).reshape(-1, d) for x in (mu, logvar))
-        sel32 = per_call_seconds(lambda: rt.quantizer.select_float32(flat_mu, flat_lv, matmul=matmul), seconds / 4)
+        sel, sel32 = paired_seconds([lambda: rt.select(mu, logvar),
+                                     lambda: rt.quantizer.select_float32(flat_mu, flat_lv, matmul=matmul)], seconds / 3)
+        sel1, sel32_1 = paired_seconds([lambda: one_thread.select(flat_mu, flat_lv),
+                                        lambda: one_thread.select_float32(flat_mu, flat_lv, matmul=matmul_one_thread)],
+                                       seconds / 3)
         stats = {}
         rt.quantizer.select(flat_mu, flat_lv, stats=stats)
         tok = per_call_seconds(lambda: rt.tokenize(batch), seconds / 4)  # what the server calls: encode + select
@@ -192,6 +214,9 @@ def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], second
                      "encode_ms_per_image": round(1e3 * enc / b, 2), "select_ms_per_image": round(1e3 * sel / b, 2),
                      "select_float32_argmax_ms_per_image": round(1e3 * sel32 / b, 2),
                      "exact_select_over_float32_argmax": round(sel / sel32, 3),
+                     "one_thread_select_ms_per_image": round(1e3 * sel1 / b, 2),
+                     "one_thread_select_float32_argmax_ms_per_image": round(1e3 * sel32_1 / b, 2),
+                     "one_thread_exact_select_over_float32_argmax": round(sel1 / sel32_1, 3),
                      "codebook_share_examined": round(stats["scored"] / stats["pairs"], 4),
                      "gq_share_of_tokenize": round(sel / (enc + sel), 3)})
         print(f"inprocess       batch {b:<3} tokenize {rows[-1]['tokenize_images_per_s']:>7.2f} img/s  detokenize "
@@ -279,7 +304,8 @@ def ort_matmul(threads: int):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's sessions: idle threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])  # sleep
     return lambda a, b: sess.run(None, {"a": a, "b": b})[0]
 
 
@@ -348,6 +374,8 @@ def main(argv=None) -> dict:
     summary["gq_share_of_tokenize"] = {str(r["batch_size"]): r["gq_share_of_tokenize"] for r in inprocess}
     summary["exact_select_over_float32_argmax"] = {str(r["batch_size"]): r["exact_select_over_float32_argmax"]
                                                    for r in inprocess}
+    summary["one_thread_exact_select_over_float32_argmax"] = {
+        str(r["batch_size"]): r["one_thread_exact_select_over_float32_argmax"] for r in inprocess}
     summary["codebook_share_examined"] = {str(r["batch_size"]): r["codebook_share_examined"] for r in inprocess}
     summary["onnxruntime_over_torch_eager"] = {
         str(o["batch_size"]): {"encode": round(1e3 / o["encode_ms_per_image"] / t["encode_images_per_s"], 2),
