@@ -36,8 +36,8 @@ Finding it without scoring all K codewords in float64, two ways, with the same i
   one candidate is left, rescored exactly here (`exact_winners`).
 - the exhaustive search (`select_from_features`, GaussianQuantizer.select with
   exhaustive=True, and for the rare token with more than kdtree.CAPACITY
-  candidates): every codeword scored in float32 by matrix products (numpy's or
-  onnxruntime's, in any summation order), every codeword within twice a rigorous
+  candidates): every codeword scored in float32 by matrix products (in any
+  summation order), every codeword within twice a rigorous
   error bound of the float32 maximum (`error_bound`) rescored exactly. Why that
   finds the exact argmax k*: if |float32 score - exact score| <= B for every
   codeword, then float32(k*) >= exact(k*) - B >= exact(k_hat) - B >=
@@ -147,15 +147,12 @@ def transposed_chunks(code: np.ndarray, code_chunk: int = CODE_CHUNK) -> list[np
 
 def select_from_features(
     features: np.ndarray, codebook: np.ndarray, row_chunk: int = ROW_CHUNK, code_chunk: int = CODE_CHUNK,
-    matmul=None, code_t: list[np.ndarray] | None = None, code_max: np.ndarray | None = None,
-    stats: dict | None = None,
+    code_t: list[np.ndarray] | None = None, code_max: np.ndarray | None = None, stats: dict | None = None,
 ) -> np.ndarray:
     """The exact GQ ids (the module docstring's rule) of float64 token features [N, 2d] against a float32 codebook
     [K, d], by a chunked float32 pass over every codeword and exact rescoring of those it cannot rule out: the
     exhaustive search (GaussianQuantizer.select uses the k-d tree instead). Returns int64 [N].
 
-    matmul: optional f(block [row_chunk, 2d], code_t [2d, <= code_chunk]) -> float32 scores, e.g. onnxruntime's
-    MatMul; by default numpy's, into a reused buffer. Its summation order is free.
     code_t, code_max: transposed_chunks(codeword_features(codebook)) and max_k |G_kj|, when the caller keeps them.
     stats: a dict to which "candidates" (codewords rescored exactly) and "rescored_chunks" ((token, chunk) pairs
     scored a second time in float32) are added."""
@@ -167,7 +164,7 @@ def select_from_features(
         code_t, code_max = transposed_chunks(code.astype(np.float32), code_chunk), np.abs(code).max(axis=0)
     bound = error_bound(features, code_max)
     tok32 = features.astype(np.float32)
-    products = score_products(matmul, row_chunk, min(code_chunk, k))
+    products = score_products(None, row_chunk, min(code_chunk, k))  # numpy's; their summation order is free
     chunk_max, _ = chunk_maxima(tok32, code_t, products, row_chunk)
     threshold = floor32(chunk_max.max(axis=1) - 2.0 * bound)
     # pass 2: the (token, chunk) pairs whose maximum reaches the token's threshold (usually the winner's chunk
@@ -189,7 +186,7 @@ def select_from_features(
 def exact_winners(features: np.ndarray, codebook: np.ndarray, rows: np.ndarray, ids: np.ndarray,
                   stats: dict | None = None) -> np.ndarray:
     """Per token row, the highest exact score among its candidate codewords (rows[i], ids[i]), ties to the lowest
-    index: int64 [N]. Every row must have a candidate. stats: "candidates" (codewords rescored) is added."""
+    index: int64 [N] (-1 for a row without candidates). stats: "candidates" (codewords rescored) is added."""
     exact = exact_scores(features[rows], codebook[ids])
     order = np.lexsort((ids, -exact, rows))
     rows, ids = rows[order], ids[order]
