@@ -4,9 +4,9 @@
     ids = rt.tokenize(images_u8)          # uint8 [B, H, W, 3] -> int64 [B, T, H/f, W/f]
     pixels = rt.detokenize(ids)           # -> uint8 [B, H, W, 3]
 
-GQ selection runs in `gq_select.onnx` (selector "onnx": the float32 argmax, on
-the same provider as the encoder) or on the CPU by the exact search of
-gqtok/core/select.py (selector "exact": a k-d tree, float64). Both give a token the
+GQ selection runs on the CPU by the exact search of gqtok/core/select.py (selector
+"exact", the default: a k-d tree, float64) or in `gq_select.onnx` (selector "onnx":
+the float32 argmax, on the same provider as the encoder). Both give a token the
 same id whatever else is in its batch; "exact" gives it on every machine.
 """
 
@@ -120,13 +120,14 @@ class TokenizerRuntime:
     threads:  intra-op threads per session; 0 lets onnxruntime choose (ignored after share_threads: the shared
               pool serves every session); also the exact selection's threads (0: one per core)
     selector: "exact" (gqtok/core/select.py's exact selection: the k-d tree search, on the CPU, on `threads`
-              threads), "onnx" (gq_select.onnx: the float32 argmax, on the model's provider), or "auto": "exact"
-              on the CPU provider, "onnx" on CUDA (so the scores stay on the GPU).
+              threads; with CUDA too, so that a token's id is the same on every machine) or "onnx"
+              (gq_select.onnx: the float32 argmax, on the model's provider: the scores stay on a GPU, and a
+              token on a near-tie can get another id).
     """
 
-    SELECTORS = ("auto", "exact", "onnx")
+    SELECTORS = ("exact", "onnx")
 
-    def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "auto"):
+    def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "exact"):
         self.artifact, self.manifest = artifact, artifact.manifest
         self.providers = choose_providers(device)
         global _sessions_made
@@ -157,8 +158,6 @@ class TokenizerRuntime:
         self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
         if selector not in self.SELECTORS:
             raise ValueError(f"selector must be one of {', '.join(self.SELECTORS)}, got {selector!r}")
-        if selector == "auto":
-            selector = "onnx" if self.encoder.get_providers()[0] == "CUDAExecutionProvider" else "exact"
         self.selector = selector
         # gq_select.onnx is checked by load_artifact either way; a session only where it runs (no idle thread pool)
         self.gq_select = (ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)

@@ -35,10 +35,10 @@ class ServiceSettings(BaseSettings):
         "Nice value of the threads that run inference and entropy coding (Linux; 0: the event loop's). Above 0, "
         "the event loop that admits requests, refuses them (429) and answers /health keeps the cores it needs "
         "under overload."))
-    selector: Literal["auto", "exact", "onnx"] = Field("auto", description=(
-        "Where GQ selection runs: auto is exact (the exact selection: a k-d tree search on the CPU, the same ids "
-        "on every machine) on the CPU and onnx (gq_select.onnx: the float32 argmax, scores kept on the GPU) on "
-        "CUDA."))
+    selector: Literal["exact", "onnx"] = Field("exact", description=(
+        "Where GQ selection runs: exact is the exact selection (a k-d tree search on the CPU, also beside a GPU: "
+        "the same ids on every machine); onnx is gq_select.onnx (the float32 argmax on the model's provider, "
+        "scores kept on a GPU; a token on a near-tie can get another id)."))
     max_batch_size: int = Field(8, ge=1, description="Images or grids per inference call.")
     max_queue_delay_ms: float = Field(0.0, ge=0, description=(
         "How long a batch waits for company. 0: a batch is whatever queued while the previous one ran, all a CPU "

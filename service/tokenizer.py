@@ -39,7 +39,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, model: str = "default", *, device: str = "auto", threads: int = 0,
-             selector: str = "auto") -> Tokenizer:
+             selector: str = "exact") -> Tokenizer:
         """device: auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda; threads: onnxruntime's intra-op
         threads (0: one per core); selector: where GQ selection runs (service/runtime.py)."""
         return cls(TokenizerRuntime(load_artifact(find_model(model)), device=device, threads=threads,

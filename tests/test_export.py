@@ -51,7 +51,7 @@ def test_codebook_file_matches_the_seed(tiny_model):
     assert codebook_digest(stored) == art.manifest.codebook.sha256 and np.array_equal(stored, art.codebook)
 
 
-def test_auto_selector_is_exact_on_cpu(runtime):
+def test_the_default_selector_is_exact(runtime):
     assert runtime.provider == "CPUExecutionProvider" and runtime.selector == "exact"
 
 
