@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from gqtok.core.artifact import ArtifactError, load_artifact
 from gqtok.core.codebook import codebook_digest
 from gqtok.service.runtime import TokenizerRuntime
