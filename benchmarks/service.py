@@ -304,8 +304,8 @@ def ort_matmul(threads: int):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's sessions: idle threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])  # sleep
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, as in the runtime
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return lambda a, b: sess.run(None, {"a": a, "b": b})[0]
 
 

@@ -38,6 +38,7 @@ import functools
 import logging
 import math
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -243,14 +244,22 @@ def _search(features, umax, slack, box_low, box_high, leaf_start, leaves, found,
 
 def _compile(function, **options):
     """numba.njit, float sums in any order (reassoc, contract: the slack covers them), cached on disk where numba
-    finds a writable place (next to this file, NUMBA_CACHE_DIR or the user's cache); else compiled in memory by
-    each process (a few seconds at its first selection)."""
+    finds a writable place: next to this file, NUMBA_CACHE_DIR or the user's cache, else (a read-only install
+    and home, as in the images) numba-cache in the temporary folder (tempfile.gettempdir(): TMPDIR or /tmp).
+    Where none is writable, each process compiles it in memory (about 2 s at its first selection)."""
     options = dict(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, **options)
     try:
         return numba.njit(cache=True, **options)(function)
-    except RuntimeError as e:  # no writable cache location (a read-only install, as in the images)
-        log.info("numba cache unavailable (%s): the GQ search compiles in memory", e)
-        return numba.njit(**options)(function)
+    except RuntimeError:  # no locator could write: numba's user-wide one looks at config.CACHE_DIR when asked
+        pass
+    if not numba.config.CACHE_DIR:
+        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), "numba-cache")
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:
+            pass
+    log.info("no writable numba cache: the GQ search compiles in memory in each process")
+    return numba.njit(**options)(function)
 
 
 _box_bound = _compile(_box_bound, inline="always")

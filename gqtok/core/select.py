@@ -14,9 +14,9 @@ and per-codeword features [c^2, c], followed by an argmax.
 Memory: the full tokens x K score matrix is never built. `GaussianQuantizer.select`
 takes tokens TOKEN_BLOCK at a time, a few hundred bytes each (features, bounds,
 candidates), so its extra memory is a constant for any number of tokens, plus
-what the quantizer keeps: the k-d tree (the codebook in tree order, float64:
-8 MiB at K = 2^16, d = 16) and, made at the first exhaustive search, the
-codeword features' transposed chunks (8 MiB). The exhaustive search takes row
+what the quantizer keeps: the k-d tree (the codebook in tree order, float32,
+and every node's box, float64: 5 MiB at K = 2^16, d = 16) and, made at the
+first exhaustive search, the codeword features' transposed chunks (8 MiB). The exhaustive search takes row
 chunks of `row_chunk` tokens against codeword chunks of at most `code_chunk`
 columns: one 4 MiB score buffer with the defaults.
 
@@ -292,9 +292,9 @@ class GaussianQuantizer:
         """mu, logvar: [..., d] (taken as float32) -> the exact int64 codeword ids [...].
 
         stats: a dict to which the search adds "scored" (codewords in the tree's leaves searched, or scored in
-        float32 by the exhaustive search), "pairs" (tokens x K), "candidates" (codewords rescored exactly) and "fallback" (tokens the tree passed to the exhaustive
-        search). exhaustive=True scores every codeword (select_from_features) instead of searching the tree:
-        the same ids, slower."""
+        float32 by the exhaustive search), "pairs" (tokens x K), "candidates" (codewords rescored exactly) and
+        "fallback" (tokens the tree passed to the exhaustive search). exhaustive=True scores every codeword
+        (select_from_features) instead of searching the tree: the same ids, slower."""
         mu, logvar = np.asarray(mu), np.asarray(logvar)
         if mu.shape != logvar.shape or mu.shape[-1] != self.dim:
             raise ValueError(f"mu {mu.shape} and logvar {logvar.shape} must match and end in d={self.dim}")
@@ -313,10 +313,12 @@ class GaussianQuantizer:
                 code_t, code_max = self.exhaustive_features()
                 ids[s + rest] = select_from_features(features[rest], self.codebook, code_t=code_t,
                                                      code_max=code_max, stats=stats)
-                if stats is not None:  # every codeword scored, in float32
+                if stats is not None:  # every codeword scored, in float32 (the tree counted its tokens' pairs)
                     stats["scored"] = stats.get("scored", 0) + len(rest) * self.num_codes
-                    key = "pairs" if exhaustive else "fallback"
-                    stats[key] = stats.get(key, 0) + len(rest) * (self.num_codes if exhaustive else 1)
+                    if exhaustive:
+                        stats["pairs"] = stats.get("pairs", 0) + len(rest) * self.num_codes
+                    else:
+                        stats["fallback"] = stats.get("fallback", 0) + len(rest)
         return ids.reshape(mu.shape[:-1])
 
     def select_float32(self, mu: np.ndarray, logvar: np.ndarray, matmul=None) -> np.ndarray:
