@@ -32,7 +32,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
         if isinstance(default, bool):
             kind, meta = _parse_bool, "BOOL"
         elif isinstance(default, tuple):
-            kind, meta = (lambda s: tuple(int(v) for v in s.split(","))), "N,N,..."
+            element = type(default[0]) if default else int
+            kind, meta = (lambda s, element=element: tuple(element(v) for v in s.split(","))), "N,N,..."
         else:
             kind, meta = type(default), None
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", type=kind, default=None,
@@ -388,8 +389,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                          help="all photos (default), or one side of the fixed held-out split")
     listing.set_defaults(func=cmd_data_list)
 
-    tr = sub.add_parser("train", help="train a Gaussian VAE with TDC")
-    tr.add_argument("--preset", default="default", help="tiny or default (default: default)")
+    tr = sub.add_parser("train", help="train a Gaussian VAE with TDC, a baseline, or the discretized-VAE codec")
+    tr.add_argument("--preset", default="default",
+                    help="tiny, default (the tokenizer) or codec (the discretized-VAE codec, fine-tuned from the "
+                         "default model) (default: default)")
     tr.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
                     help="folder of training photos or a text file listing them (one path per line), repeat for several; WEIGHT is the folder's share of the crops "
                          "(default 1 each); held-out photos are skipped (default data/endless-sky)")

@@ -20,7 +20,7 @@ from gqtok.core.layout import tokens_per_position
 from gqtok.core.select import LOGVAR_RANGE
 
 
-QUANTIZER_CHOICES = ("gq", "vq", "fsq", "lfq", "bsq")
+QUANTIZER_CHOICES = ("gq", "vq", "fsq", "lfq", "bsq", "uniform")
 
 
 @dataclass
@@ -45,11 +45,17 @@ class VAEConfig:
     groups: int = 16  # GroupNorm groups (must divide every level's width)
     # "gq": a Gaussian VAE, turned into a tokenizer by GQ after training (the method);
     # "vq", "fsq", "lfq", "bsq": baselines that train with their quantizer in the loop
-    # (training/quantizers/; one token per position, so token_dim must equal latent_channels)
+    # (training/quantizers/; one token per position, so token_dim must equal latent_channels);
+    # "uniform": the discretized-VAE codec (training/codec.py), a hyperprior and one gain per rate_lambdas entry
     quantizer: str = "gq"
+    rate_lambdas: tuple[float, ...] = (0.0067,)  # uniform: the lambdas of its rate levels (bpp + lambda*255^2*MSE)
+    hyper_channels: int = 32  # uniform: channels of the side information z
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.rate_lambdas = tuple(float(v) for v in self.rate_lambdas)
+        if not self.rate_lambdas or min(self.rate_lambdas) <= 0:
+            raise ValueError(f"rate_lambdas must be positive, got {self.rate_lambdas}")
         if self.downsample not in (8, 16):
             raise ValueError(f"downsample must be 8 or 16, got {self.downsample}")
         if self.encoder not in ("resnet", "effnet-lite0"):
@@ -68,7 +74,7 @@ class VAEConfig:
                 raise ValueError(f"groups={self.groups} must divide every width {self.base_channels}*{m}")
         if self.quantizer not in QUANTIZER_CHOICES:
             raise ValueError(f"quantizer must be one of {QUANTIZER_CHOICES}, got {self.quantizer!r}")
-        if self.quantizer != "gq" and self.token_dim != self.latent_channels:
+        if self.quantizer not in ("gq", "uniform") and self.token_dim != self.latent_channels:
             raise ValueError(f"quantizer {self.quantizer} makes one token per position: token_dim must equal "
                              f"latent_channels ({self.latent_channels}), got {self.token_dim}")
 
@@ -224,6 +230,16 @@ class GaussianVAE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def build_model(cfg: VAEConfig) -> nn.Module:
+    """The network a config describes: the discretized-VAE codec for quantizer "uniform", else the Gaussian VAE
+    (with its baseline quantizer, if any)."""
+    if cfg.quantizer == "uniform":
+        from gqtok.training.codec import DiscretizedVAE
+
+        return DiscretizedVAE(cfg)
+    return GaussianVAE(cfg)
+
+
 def kl_bits_per_token(mu: torch.Tensor, logvar: torch.Tensor, token_dim: int) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) in bits, summed over each token's d channels -> [B, T, H, W]."""
     from gqtok.core import layout
@@ -255,5 +271,18 @@ PRESETS: dict[str, dict] = {
         ),
         train=dict(crop=128, batch_size=8, steps=18_000, lr=1e-3, lr_schedule="cosine", warmup_steps=500,
                    lr_final_ratio=0.1, ema_decay=0.999, crop_window_max=3.0, recon_loss="mse"),
+    ),
+    # The discretized-VAE codec (training/codec.py): the default model's network, fine-tuned from its weights
+    # (its encoder and decoder) for bits + lambda * 255^2 * MSE at six lambdas in one model (a gain per level),
+    # about 0.1 to 1 bpp. The hyperprior starts from scratch, hence a learning rate above a fine-tune's.
+    "codec": dict(
+        model=dict(
+            downsample=8, latent_channels=16, token_dim=16, codebook_bits=16, encoder="effnet-lite0", patch=2,
+            base_channels=32, channel_mult=(2, 2, 4), blocks_per_level=1, attention=False, groups=16,
+            quantizer="uniform", rate_lambdas=(0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483), hyper_channels=32,
+        ),
+        train=dict(crop=128, batch_size=8, steps=12_000, lr=5e-4, lr_schedule="cosine", warmup_steps=300,
+                   lr_final_ratio=0.1, ema_decay=0.999, crop_window_max=3.0, recon_loss="mse",
+                   init_from="default"),
     ),
 }

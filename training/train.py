@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gqtok.training import data as photo_data
-from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
+from gqtok.training.model import PRESETS, VAEConfig, build_model, kl_bits_per_token
 from gqtok.training.tdc import TDC
 
 
@@ -109,13 +109,18 @@ def build_configs(preset: str, overrides: dict | None = None) -> tuple[VAEConfig
     return VAEConfig(**model_kw), TrainConfig(**train_kw)
 
 
-WEIGHTS = "weights.safetensors"  # the torch weights an exported model ships beside its ONNX files
+WEIGHTS = "weights.safetensors"
+CODEC_SETTINGS = ("quantizer", "rate_lambdas", "hyper_channels")  # what the codec adds to a network it starts from  # the torch weights an exported model ships beside its ONNX files
 
 
 def load_weights(source: Path, device: str = "cpu", ema: bool = True) -> tuple[dict, dict]:
     """(model config dict, model state dict) of a run directory (the EMA weights when it has them and `ema`) or of
     an exported model directory that ships weights.safetensors."""
     source = Path(source)
+    if not source.exists():  # a model's name on the search path ("default")
+        from gqtok.core.models import find_model
+
+        source = find_model(str(source))
     if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
         config = json.loads((source / "config.json").read_text())["model"]
         state = load_file(str(source / "model.safetensors"), device=device)
@@ -143,7 +148,7 @@ def load_run(run_dir: Path, device: str = "cpu", ema: bool = True) -> tuple[Gaus
         raise FileNotFoundError(f"{run_dir} is not a training run (needs config.json and model.safetensors)")
     config = json.loads(cfg_path.read_text())
     model_config, state = load_weights(run_dir, device, ema)
-    model = GaussianVAE(VAEConfig(**model_config))
+    model = build_model(VAEConfig(**model_config))
     model.load_state_dict(state)
     return model.to(device).eval(), config
 
@@ -166,6 +171,8 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 def _bar_fields(m: dict) -> dict:
     """loss, PSNR, KL bits per token (mean/min/max) and the TDC scalars, or a baseline's own stats."""
     out = {"loss": f"{m['loss']:.4f}", "psnr": f"{m['psnr']:.2f}"}
+    if "bpp" in m:
+        out.update(bpp=f"{m['bpp']:.3f}", side=f"{m['side_bpp']:.4f}")
     if "kl_mean" in m:
         out["kl"] = f"{m['kl_mean']:.2f}/{m['kl_min']:.1f}/{m['kl_max']:.1f}"
     if "lam" in m:
@@ -191,7 +198,8 @@ class Trainer:
         self.progress = progress and self.rank == 0
 
         torch.manual_seed(train_cfg.seed)  # same initial weights on every rank
-        self.model = GaussianVAE(model_cfg).to(self.device)
+        self.model = build_model(model_cfg).to(self.device)
+        self.codec = model_cfg.quantizer == "uniform"
         self.tdc = TDC(model_cfg.codebook_bits, train_cfg.tdc_band, train_cfg.tdc_rate, train_cfg.tdc_lam_init,
                        lam_floor=train_cfg.tdc_lam_floor).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -204,7 +212,12 @@ class Trainer:
             self.perceptual = DeepFeatureDistance().to(self.device)
         if train_cfg.init_from:
             _, state = load_weights(Path(train_cfg.init_from), str(self.device))
-            self.model.load_state_dict(state)
+            missing, unexpected = self.model.load_state_dict(state, strict=not self.codec)
+            if self.codec:  # the codec takes the Gaussian VAE's encoder and decoder; its hyperprior and gains are new
+                new = [k for k in missing if not k.startswith(("hyper.", "log_gain"))]
+                if new or unexpected:
+                    raise ValueError(f"{train_cfg.init_from} does not match the codec's encoder and decoder "
+                                     f"(missing {new[:5]}, unexpected {unexpected[:5]})")
         elif model_cfg.encoder == "effnet-lite0":  # a resumed run then loads its own weights over these
             self.model.encoder.trunk.load_imagenet()
         # EMA of every floating-point entry of the state dict (weights and buffers), updated after each step
@@ -224,6 +237,9 @@ class Trainer:
                                            window_max=train_cfg.crop_window_max)
         self.fixed = photo_data.to_model_input(
             photo_data.RandomCrops(train_paths, train_cfg.crop, seed=12345).batch(8)).to(self.device)
+        if self.codec:  # a resumed run loads its own gains over these
+            self.model.calibrate_gains(self.fixed)
+            self.lambdas = torch.tensor(model_cfg.rate_lambdas, device=self.device)
 
     # -- checkpoints ---------------------------------------------------------
     def save(self) -> None:
@@ -272,6 +288,8 @@ class Trainer:
     # -- one step ------------------------------------------------------------
     def train_step(self) -> dict:
         x = photo_data.to_model_input(self.data.batch(self.tcfg.batch_size)).to(self.device)
+        if self.codec:
+            return self.codec_step(x)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.tcfg.precision == "bf16"
                     else nullcontext())
         with autocast:
@@ -290,22 +308,8 @@ class Trainer:
                 loss = rec + self.tcfg.kl_weight * kl_tok.flatten(1).sum(1).mean()
         if self.perceptual is not None:
             loss = loss + self.tcfg.perceptual_weight * self.perceptual(recon, x).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
         lr = self.tcfg.lr_at(self.step)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-        if self.ema is not None:
-            # warm-up of the decay: at 0.999 from step 0, after 1,350 steps a quarter of the average would still be
-            # the initial weights (0.999 ** 1350); (1 + t) / (10 + t) lets the early average follow the model
-            decay = min(self.tcfg.ema_decay, (1 + self.step) / (10 + self.step))
-            with torch.no_grad():
-                for k, v in self.model.state_dict().items():
-                    if k in self.ema:
-                        self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
+        self.optimize(loss)
         logs["lr"] = lr
         if quantized is None:
             stats = self.tdc.statistics(kl_tok)  # all-reduced: every rank updates the same way
@@ -316,12 +320,48 @@ class Trainer:
         self.step += 1
         return {"loss": loss.item(), "recon": rec.item(), "psnr": _psnr(recon.detach(), x), **logs}
 
+    def codec_step(self, x: torch.Tensor) -> dict:
+        """Rate + lambda * distortion, each image at a rate level drawn at random (one model, every rate)."""
+        from gqtok.training.codec import rate_distortion_loss
+
+        level = torch.randint(len(self.lambdas), (x.shape[0],), device=self.device)
+        recon, bits_y, bits_z = self.ddp(x, level)
+        loss, bpp, mse = rate_distortion_loss(x, recon, bits_y + bits_z, self.lambdas[level])
+        self.optimize(loss)
+        self.step += 1
+        psnr = (10 * torch.log10(1 / mse.detach().clamp_min(1e-12))).mean().item()
+        pixels = x.shape[-2] * x.shape[-1]
+        return {"loss": loss.item(), "recon": mse.mean().item(), "psnr": psnr, "lr": self.tcfg.lr_at(self.step - 1),
+                "bpp": bpp.mean().item(), "side_bpp": (bits_z / pixels).mean().item()}
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """Backward, clip, the learning rate of this step, Adam, the EMA."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.tcfg.lr_at(self.step)
+        self.opt.step()
+        if self.ema is not None:
+            # warm-up of the decay: at 0.999 from step 0, after 1,350 steps a quarter of the average would still be
+            # the initial weights (0.999 ** 1350); (1 + t) / (10 + t) lets the early average follow the model
+            decay = min(self.tcfg.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    if k in self.ema:
+                        self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
+
     @torch.no_grad()
     def sample_grid(self) -> None:
         if self.rank != 0:
             return
         self.model.eval()
-        recon = self.model(self.fixed, sample=False)[0]
+        if self.codec:  # the middle rate level, rounded as when coding
+            level = torch.full((self.fixed.shape[0],), len(self.lambdas) // 2, device=self.device)
+            recon = self.model(self.fixed, level, noise=False)[0]
+        else:
+            recon = self.model(self.fixed, sample=False)[0]
         self.model.train()
         _grid_png(self.fixed, recon, self.run_dir / "samples" / f"step_{self.step:07d}.png")
 
@@ -409,12 +449,14 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         model_cfg, train_cfg = build_configs(preset, overrides)
         if train_cfg.init_from:  # fine-tuning: the model is the source's, whatever the preset says
-            source_cfg = VAEConfig(**load_weights(Path(train_cfg.init_from))[0])
-            changed = sorted(k for k in (overrides or {}) if k in source_cfg.to_dict())
+            source = load_weights(Path(train_cfg.init_from))[0]
+            # ... except the codec's own settings: it takes a Gaussian VAE's network and adds its hyperprior
+            own = CODEC_SETTINGS if model_cfg.quantizer == "uniform" else ()
+            changed = sorted(k for k in (overrides or {}) if k in source and k not in own)
             if changed:
                 raise ValueError(f"--init-from takes the model of {train_cfg.init_from}; model settings cannot change "
                                  f"({', '.join(changed)})")
-            model_cfg = source_cfg
+            model_cfg = VAEConfig(**{**source, **{k: getattr(model_cfg, k) for k in own}})
     trainer = Trainer(run_dir, data, model_cfg, train_cfg, preset, progress=progress)
     try:
         if resume:

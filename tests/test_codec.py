@@ -1,0 +1,85 @@
+"""The discretized-VAE codec's training side (training/codec.py): its likelihood, its rate levels, fine-tuning from
+a Gaussian VAE, resume."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gqtok.training.codec import LIKELIHOOD_FLOOR, discretized_gaussian_bits
+from gqtok.training.train import load_run, load_weights, train
+
+
+@pytest.mark.parametrize("mean, scale", [(0.0, 0.11), (0.3, 1.0), (-2.7, 5.0), (0.5, 40.0)])
+def test_discretized_gaussian_is_a_distribution_over_the_integers(mean, scale):
+    k = torch.arange(-400, 401, dtype=torch.float64)
+    p = 2.0 ** -discretized_gaussian_bits(k, torch.tensor(mean, dtype=torch.float64),
+                                          torch.tensor(scale, dtype=torch.float64))
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6 + 801 * LIKELIHOOD_FLOOR)
+    assert k[p.argmax()].item() == round(mean) or abs(mean - round(mean)) == 0.5
+    # symmetric about the mean: the lower-tail form loses nothing on the upper side
+    assert discretized_gaussian_bits(torch.tensor(mean + 3.0), torch.tensor(mean), torch.tensor(scale)).item() == \
+        pytest.approx(discretized_gaussian_bits(torch.tensor(mean - 3.0), torch.tensor(mean), torch.tensor(scale)).item())
+
+
+def test_far_tail_is_floored_not_infinite():
+    bits = discretized_gaussian_bits(torch.tensor(1e4), torch.tensor(0.0), torch.tensor(0.11))
+    assert bits.item() == pytest.approx(-math.log2(LIKELIHOOD_FLOOR))
+
+
+@pytest.fixture(scope="module")
+def tiny_codec(tiny_run, small_photos, tmp_path_factory):
+    run = tmp_path_factory.mktemp("codec") / "codec"
+    train(run, small_photos, preset="tiny", progress=False,
+          overrides={"quantizer": "uniform", "rate_lambdas": (0.002, 0.02, 0.2), "init_from": str(tiny_run),
+                     "steps": 30, "image_every": 0})
+    return run
+
+
+def test_codec_starts_from_the_gaussian_vae_it_names(tiny_run, tiny_codec):
+    source = load_weights(tiny_run)[1]
+    model, config = load_run(tiny_codec)
+    assert config["model"]["quantizer"] == "uniform" and config["model"]["rate_lambdas"] == [0.002, 0.02, 0.2]
+    # its network is the source's shape (channels, widths) and it trained on from the source's weights
+    assert {k for k in model.state_dict() if k.startswith(("encoder.", "decoder."))} == set(source)
+    first = load_file(str(tiny_codec / "model.safetensors"))
+    moved = [k for k in source if not torch.equal(first[f"model.{k}"], source[k])]
+    assert moved, "the codec did not train"
+    gains = model.log_gain.exp()
+    assert (gains[1:] > gains[:-1]).float().mean() > 0.8  # a higher lambda keeps more of the latent
+
+
+def test_rate_rises_with_lambda_when_coding(tiny_codec, small_photos):
+    from gqtok.training import data as photo_data
+
+    model, _ = load_run(tiny_codec)
+    x = photo_data.to_model_input(photo_data.RandomCrops(
+        sorted(small_photos.iterdir())[:4], 64, seed=3).batch(4))
+    bits, errors = [], []
+    with torch.no_grad():
+        for level in range(3):
+            recon, bits_y, bits_z = model(x, torch.full((4,), level), noise=False)
+            bits.append((bits_y + bits_z).mean().item())
+            errors.append(torch.mean((recon.clamp(-1, 1) - x) ** 2).item())
+    assert bits[0] < bits[1] < bits[2]
+    assert errors[0] > errors[2]
+
+
+def test_codec_resume_continues_exactly(tiny_run, small_photos, tmp_path):
+    kw = dict(data=small_photos, preset="tiny", progress=False)
+    settings = {"quantizer": "uniform", "rate_lambdas": (0.01, 0.1), "init_from": str(tiny_run), "image_every": 0}
+    train(tmp_path / "straight", overrides={**settings, "steps": 12}, **kw)
+    train(tmp_path / "split", overrides={**settings, "steps": 6}, **kw)
+    train(tmp_path / "split", overrides={"steps": 12}, resume=True, **kw)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert a.keys() == b.keys() and "model.log_gain" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_codec_refuses_a_source_that_is_not_its_network(tiny_run, small_photos, tmp_path):
+    with pytest.raises(ValueError, match="model settings cannot change"):
+        train(tmp_path / "c", small_photos, "tiny", {"quantizer": "uniform", "init_from": str(tiny_run),
+                                                     "latent_channels": 16}, progress=False)
