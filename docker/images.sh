@@ -70,6 +70,18 @@ stop() {
     kill -9 "$pid" 2>/dev/null || true
 }
 
+apt_mirror() {  # the Debian mirror this machine's apt uses (deb822 or one-line sources), printed; 1 if none
+    local m
+    m=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's/^URIs: *\(http[^ ]*\).*$/\1/p' | grep -m1 debian) \
+        || m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+               | sed -n 's/^deb \(\[[^]]*\] \)\{0,1\}\(http[^ ]*\) .*$/\2/p' | grep -m1 debian) || return 1
+    echo "$m"
+}
+
+pip_index() {  # the package index this machine's pip is set to use, printed (nothing: pip's own default)
+    { pip config get global.index-url 2>/dev/null || printenv PIP_INDEX_URL || true; } | head -1
+}
+
 base() {
     if docker image inspect "$PUBLIC_BASE" >/dev/null 2>&1 || timeout 30 docker pull -q "$PUBLIC_BASE" >/dev/null 2>&1; then
         echo "$PUBLIC_BASE"; return 0
@@ -78,11 +90,11 @@ base() {
         command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null \
             || { log "no debootstrap, and apt-get could not install it"; return 1; }
         local root mirror
+        mirror=$(apt_mirror) || { log "no Debian mirror in this machine's apt sources to make a base from"; return 1; }
         root=$(mktemp -d)
-        mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
-        log "$PUBLIC_BASE cannot be pulled: making $LOCAL_BASE with debootstrap from ${mirror:-deb.debian.org}"
+        log "$PUBLIC_BASE cannot be pulled: making $LOCAL_BASE with debootstrap from $mirror (the machine's apt source)"
         debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
-            bookworm "$root" "${mirror:-http://deb.debian.org/debian}" >"$root.log" 2>&1 \
+            bookworm "$root" "$mirror" >"$root.log" 2>&1 \
             || { tail -20 "$root.log" >&2; return 1; }
         # The machine's own CA certificates (an intercepting egress proxy signs with one of them).
         if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
@@ -101,19 +113,21 @@ base() {
 build() {
     local base_image; base_image=$(base) || return 1
     log "base: $base_image"
-    # The generator's torch: the CPU wheel this machine serves to pip, passed in through docker/wheels/
-    # (ignored by git); without one the Dockerfile takes torch from PyTorch's CPU index.
-    local torch_args=()
+    # The generator's torch: the CPU wheel this machine serves to pip, passed in through docker/wheels/ (ignored
+    # by git); pip inside the build uses the index this machine's pip is set to, if any (else pip's default).
+    local index_args=() index
     # shellcheck disable=SC2086
     for wheel in $TORCH_WHEEL_GLOB; do
         [ -f "$wheel" ] || continue
         [ -f "docker/wheels/$(basename "$wheel")" ] || cp "$wheel" docker/wheels/
-        torch_args=(--build-arg TORCH_INDEX=https://pypi.org/simple)
     done
-    build_image gqtok-tokenizer --build-arg BASE="$base_image" -f docker/Dockerfile || return 1
-    build_image gqtok-tokenizer-gpu --build-arg BASE="$base_image" --build-arg EXTRA=gpu --build-arg DEVICE=auto \
-        -f docker/Dockerfile || return 1
-    build_image gqtok-generator --build-arg BASE="$base_image" "${torch_args[@]}" -f docker/Dockerfile.generator || return 1
+    index=$(pip_index)
+    [ -z "$index" ] || index_args=(--build-arg PIP_INDEX_URL="$index")
+    build_image gqtok-tokenizer --build-arg BASE="$base_image" "${index_args[@]}" -f docker/Dockerfile || return 1
+    build_image gqtok-tokenizer-gpu --build-arg BASE="$base_image" "${index_args[@]}" --build-arg EXTRA=gpu \
+        --build-arg DEVICE=auto -f docker/Dockerfile || return 1
+    build_image gqtok-generator --build-arg BASE="$base_image" "${index_args[@]}" -f docker/Dockerfile.generator \
+        || return 1
     build_image gqtok-balancer --build-arg BASE="$base_image" -f docker/Dockerfile.balancer || return 1
 }
 

@@ -159,8 +159,8 @@ def test_generator_dockerfile():
     assert not re.search(r"\b(tests|data|runs)/", copied), copied
     runs = " ".join(ins["value"] for s in st for ins in s if ins["instruction"] == "RUN")
     assert '"./[generator]"' in runs and "--find-links /wheels" in runs
-    # the public default: PyTorch's CPU index (docker/images.sh passes the machine's wheel in docker/wheels/)
-    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in GENERATOR_DOCKERFILE.read_text().splitlines()
+    # no index host in the Dockerfile: pip's own default, or the machine's index passed in by docker/images.sh
+    assert "ARG PIP_INDEX_URL" in GENERATOR_DOCKERFILE.read_text().splitlines()
     # what generator/ imports at serve time is in its extra (torch comes first, from the CPU index)
     extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["generator"])
     for package in ("torch", "safetensors", "fastapi", "uvicorn", "httpx", "pillow"):
@@ -376,3 +376,42 @@ def test_entrypoint_smoke(tiny_model, photos_dir, compose_config, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# Registry and mirror hosts that the repository must not name: builds take them from the machine's own apt and
+# pip configuration (docker/images.sh apt_mirror, pip_index). Written split so that this file does not match.
+REGISTRY_HOSTS = re.compile(r"\b(" + "|".join(re.escape(h) for h in (
+    "pypi" + ".org", "pythonhosted" + ".org", "deb.debian" + ".org", "security.debian" + ".org",
+    "download.pytorch" + ".org", "registry.npmjs" + ".org")) + r")\b")
+
+
+def test_no_package_registry_host_is_named_in_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    named = []
+    for name in tracked:
+        path = REPO / name
+        if path.suffix in (".onnx", ".safetensors", ".npz", ".png", ".jpg", ".whl") or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if REGISTRY_HOSTS.search(line):
+                named.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not named, "\n".join(named)
+
+
+def test_images_script_takes_the_mirror_from_apt_sources(tmp_path):
+    """apt_mirror reads a deb822 source or a one-line source, whichever the machine has."""
+    script = (REPO / "docker" / "images.sh").read_text()
+    function = re.search(r"^apt_mirror\(\) \{.*?^\}", script, re.M | re.S).group(0)
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text("deb [arch=amd64] http://mirror.example/debian bookworm main\n")
+    body = function.replace("/etc/apt", str(etc))
+    out = subprocess.run(["bash", "-c", body + "\napt_mirror"], capture_output=True, text=True)
+    assert out.stdout.strip() == "http://mirror.example/debian"
+    (etc / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://other.example/debian\nSuites: bookworm\n")
+    out = subprocess.run(["bash", "-c", body + "\napt_mirror"], capture_output=True, text=True)
+    assert out.stdout.strip() == "http://other.example/debian"
+    (etc / "sources.list").unlink()
+    (etc / "sources.list.d" / "debian.sources").unlink()
+    assert subprocess.run(["bash", "-c", body + "\napt_mirror"], capture_output=True).returncode == 1
