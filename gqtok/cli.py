@@ -24,11 +24,13 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    """One --flag per dataclass field (underscores become dashes); unset flags keep the preset's value."""
+def _add_config_flags(parser: argparse.ArgumentParser, cls, title: str, preset_values=None) -> None:
+    """One --flag per dataclass field (underscores become dashes); unset flags keep the preset's value, which the
+    help shows (`preset_values`: the preset's config object; None: the dataclass's defaults)."""
     group = parser.add_argument_group(title, "override any preset value")
     for f in fields(cls):
         default = f.default if f.default is not MISSING else None
+        shown = getattr(preset_values, f.name) if preset_values is not None else default
         if isinstance(default, bool):
             kind, meta = _parse_bool, "BOOL"
         elif isinstance(default, tuple):
@@ -37,7 +39,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
         else:
             kind, meta = type(default), None
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", type=kind, default=None,
-                           metavar=meta, help=f"(default {default!r})")
+                           metavar=meta, help=f"(default {shown!r})")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to `flag` (`FLAG VALUE` or `FLAG=VALUE`) in argv, read before parsing; None if absent."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return None
 
 
 def cmd_data_fetch(args) -> None:
@@ -361,7 +373,10 @@ def cmd_generator_serve(args) -> None:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    import gqtok
+
     parser = argparse.ArgumentParser(prog="gqtok", description="Gaussian Quant image tokenizer: train, evaluate, export, serve.")
+    parser.add_argument("--version", action="version", version=f"gqtok {gqtok.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="fetch photo sets; list photos").add_subparsers(dest="data_command", required=True)
@@ -400,11 +415,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out (training settings may change)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     if argv[:1] == ["train"]:  # the config flags need torch; build them only when they can be used
-        from gqtok.training.model import VAEConfig
-        from gqtok.training.train import TrainConfig
+        from gqtok.training.model import PRESETS, VAEConfig
+        from gqtok.training.train import TrainConfig, build_configs
 
-        _add_config_flags(tr, VAEConfig, "model")
-        _add_config_flags(tr, TrainConfig, "training")
+        preset = _flag_value(argv, "--preset")  # so that help shows the preset's values
+        model_values, train_values = build_configs(preset if preset in PRESETS else "default")
+        _add_config_flags(tr, VAEConfig, "model", model_values)
+        _add_config_flags(tr, TrainConfig, "training", train_values)
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a tokenizer on photos: a run (continuous and GQ, in detail), an "

@@ -104,7 +104,8 @@ def flags() -> list[tuple[str, str, object, object]]:
 def add_arguments(parser: argparse.ArgumentParser, dest_prefix: str = "cfg_") -> None:
     """One flag per ServiceSettings field; unset flags stay None, so environment variables and defaults apply."""
     for name, flag, field, shown in flags():
-        help_text = f"{field.description} Env GQTOK_{name.upper()}; default {shown}."
+        # argparse formats help with %: a literal one must be doubled
+        help_text = f"{field.description} Env GQTOK_{name.upper()}; default {shown}.".replace("%", "%%")
         if typing.get_origin(field.annotation) is list:
             parser.add_argument(flag, dest=dest_prefix + name, action="append", metavar="DIR_OR_NAME", help=help_text)
             continue
