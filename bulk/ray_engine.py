@@ -12,10 +12,11 @@ index.jsonl and meta.json when all are done.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from gqtok.bulk.shards import Job, RunClock, finish, prepare, progress_bar, run_shards
+from gqtok.bulk.shards import Job, RunClock, finish, prepare, progress_bar, run_shards, runtime_record
 from gqtok.core.artifact import load_artifact
 from gqtok.core.models import find_model
 
@@ -35,7 +36,8 @@ class ShardWorker:
 
     def __call__(self, batch: dict) -> dict:
         shards = [int(k) for k in batch["shard"]]
-        return {"shard": batch["shard"], "files": list(run_shards(self.job, shards, self.runtime, self.grid, self.pool))}
+        return {"shard": batch["shard"], "files": list(run_shards(self.job, shards, self.runtime, self.grid, self.pool)),
+                "runtime": [json.dumps(runtime_record(self.runtime), sort_keys=True)] * len(shards)}
 
 
 def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, device: str = "cpu",
@@ -47,6 +49,7 @@ def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, 
     manifest = load_artifact(model_dir).manifest
     grid = prepare(job, manifest)
     todo = [k for k in range(job.shards) if not job.done(k)]
+    records = set()  # the runtime records of the actors (one, unless the cluster's nodes differ)
     clock = RunClock()  # from here: a cluster it starts counts as start-up, as the actors do
     started = not ray.is_initialized()
     if started:
@@ -66,12 +69,14 @@ def run_ray(job: Job, model: str, address: str | None = None, workers: int = 0, 
                                                              "device": device, "threads": threads or per_actor,
                                                              "decode_workers": decode_workers})
             for row in done.iter_rows():
+                records.add(row["runtime"])
                 bar.update(int(row["files"]))
                 clock.shard_done(int(row["files"]))
             bar.close()
     finally:
         if started:
             ray.shutdown()
-    meta = finish(job, manifest, grid)
+    runtime = [json.loads(r) for r in sorted(records)] or [{"provider": device, "selector": "exact"}]
+    meta = finish(job, manifest, grid, runtime[0] if len(runtime) == 1 else {"actors": runtime})
     meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo)} | clock.figures()
     return meta

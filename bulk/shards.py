@@ -11,6 +11,7 @@ then `finish` writes index.jsonl and meta.json. The Ray engine (ray_engine.py) c
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -23,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from gqtok import __version__
 from gqtok.bulk.preprocess import Preprocess
 from gqtok.core.layout import SEQUENCE_ORDER
-from gqtok.core.shards import INDEX, META, shard_name, token_dtype
+from gqtok.core.shards import INDEX, META, describe, made_by, same_model, shard_name, token_dtype
 from gqtok.photos import IMAGE_SUFFIXES, displayed_size, list_images, to_rgb
 
 DEFAULT_SHARD_SIZE = 1024  # files per shard
@@ -76,19 +77,47 @@ def list_inputs(inputs: list[str | Path]) -> tuple[str, ...]:
     return tuple(sorted(paths))
 
 
-def _read_members(paths: tuple[str, ...]) -> dict[str, bytes]:
-    """The bytes of every ARCHIVE::MEMBER among paths, each archive opened once."""
-    by_archive: dict[str, list[str]] = {}
-    for p in paths:
-        if TAR_MEMBER in p:
-            archive, member = p.split(TAR_MEMBER, 1)
-            by_archive.setdefault(archive, []).append(member)
-    out = {}
-    for archive, members in by_archive.items():
-        with tarfile.open(archive) as tar:
-            for member in members:
-                out[f"{archive}{TAR_MEMBER}{member}"] = tar.extractfile(member).read()
-    return out
+READ_TRIES = 3  # reads of a file that fail with an OSError (missing for a moment, a network share's hiccup)
+READ_RETRY_S = 0.5  # the first wait between tries; doubled each time
+
+
+class ReadFailed(OSError):
+    """A file that could not be read after READ_TRIES: the shard fails (and a rerun tries it again); it is never
+    recorded as a file that failed for good, which only a file read whole but not decodable is."""
+
+
+def read_bytes(path: str, archives: dict) -> bytes:
+    """A file's bytes, or an ARCHIVE::MEMBER's (each archive opened once, in `archives`, and read member by member:
+    a shard's members are never all in memory), retried on OSError; ReadFailed when every try failed."""
+    for attempt in range(READ_TRIES):
+        try:
+            if TAR_MEMBER not in path:
+                return Path(path).read_bytes()
+            archive, member = path.split(TAR_MEMBER, 1)
+            if archive not in archives:
+                archives[archive] = tarfile.open(archive)
+            return archives[archive].extractfile(member).read()
+        except (OSError, tarfile.TarError, KeyError) as e:
+            archives.pop(path.split(TAR_MEMBER, 1)[0], None)  # reopen a broken archive on the next try
+            if attempt == READ_TRIES - 1:
+                raise ReadFailed(f"{path} could not be read after {READ_TRIES} tries: {type(e).__name__}: {e}") from e
+            time.sleep(READ_RETRY_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def read_files(paths, archives: dict | None = None):
+    """(path, bytes) of each path in order, read one at a time (read_bytes); a file that could not be read comes
+    as (path, ReadFailed), raised where it is consumed, so that the files before it are tokenized first."""
+    archives = {} if archives is None else archives
+    try:
+        for path in paths:
+            try:
+                yield path, read_bytes(path, archives)
+            except ReadFailed as e:
+                yield path, e
+    finally:
+        for tar in archives.values():
+            tar.close()
 
 
 def expected_grid(job: Job, manifest) -> tuple[int, int, int]:
@@ -96,19 +125,22 @@ def expected_grid(job: Job, manifest) -> tuple[int, int, int]:
     f, t = manifest.downsample, manifest.tokens_per_position
     if job.preprocess.size:
         return (t, job.preprocess.size // f, job.preprocess.size // f)
-    for path in job.paths:
-        views, _ = file_views(path, job, f, _read_members((path,)).get(path))
+    for path, data in read_files(job.paths):
+        views, _ = file_views(path, job, f, data)
         if views:
             return (t, views[0].shape[0] // f, views[0].shape[1] // f)
     raise ValueError("none of the input files decodes")
 
 
-def file_views(path: str, job: Job, f: int, data: bytes | None = None) -> tuple[list[np.ndarray], dict]:
-    """A file's views and its index entry; a file that cannot be used gets status "error" and its reason. `data`:
-    the file's bytes when it is a tar member."""
+def file_views(path: str, job: Job, f: int, data: bytes | ReadFailed | None = None) -> tuple[list[np.ndarray], dict]:
+    """A file's views and its index entry, from its bytes (default: read here, read_bytes); a file that was read
+    but cannot be used gets status "error" and its reason. ReadFailed passes through: not the file's fault."""
     entry: dict = {"path": path}
+    data = read_bytes(path, {}) if data is None else data
+    if isinstance(data, ReadFailed):
+        raise data
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > job.max_pixels:  # from the header, before decoding
                 raise ValueError(f"{w}x{h} is more than max_pixels={job.max_pixels}")
@@ -117,7 +149,10 @@ def file_views(path: str, job: Job, f: int, data: bytes | None = None) -> tuple[
             img = to_rgb(im, job.alpha, path)
         entry["original_size"] = list(original_size)
         views = job.preprocess.views(img, path, f)
-    except Exception as e:  # unreadable, truncated, too large, transparent with alpha=refuse, ...
+    except UnidentifiedImageError:  # its message names a buffer's address: not the same bytes on a rerun
+        return [], entry | {"status": "error", "rows": 0,
+                            "error": "UnidentifiedImageError: not an image format Pillow can read"}
+    except Exception as e:  # truncated, too large, transparent with alpha=refuse, ...
         return [], entry | {"status": "error", "rows": 0, "error": f"{type(e).__name__}: {e}"}
     return views, entry | {"status": "ok", "rows": len(views)}
 
@@ -128,11 +163,7 @@ def decoded_files(job: Job, shards: list[int], f: int, pool: ThreadPoolExecutor 
     ahead of the consumer, across shard boundaries: the runtime does not wait for decoding at a shard's start,
     and memory holds `ahead` files' views, not a shard's (ten views of 1024 files are 2 GB at 256x256)."""
     def files():
-        for k in shards:
-            paths = job.shard_paths(k)
-            members = _read_members(paths)  # a shard's tar members, each archive opened once
-            for path in paths:
-                yield path, members.get(path)
+        yield from read_files(path for k in shards for path in job.shard_paths(k))
 
     if pool is None:
         for path, data in files():
@@ -177,19 +208,33 @@ def tokenize_shard(job: Job, k: int, runtime, grid: tuple[int, int, int], decode
     return tokens, entries
 
 
-def write_shard(job: Job, k: int, tokens: np.ndarray, entries: list[dict]) -> None:
-    """shard-k.npy, then shard-k.jsonl (the mark of a finished shard); each through a temporary name."""
-    name = shard_name(k)
-    tmp = job.out / f".{name}.npy.part"
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """`data` into `path` through a temporary name, on disk (fsync) before the rename and the rename on disk
+    after it: a crash or power cut leaves the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.part")
     with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(tokens), allow_pickle=False)
-    os.replace(tmp, job.out / f"{name}.npy")
-    tmp = job.out / f".{name}.jsonl.part"
-    tmp.write_text("".join(json.dumps(e | {"shard": name}, sort_keys=True) + "\n" for e in entries))
-    os.replace(tmp, job.out / f"{name}.jsonl")
+        fh.write(data.encode() if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
-def finish(job: Job, manifest, grid: tuple[int, int, int]) -> dict:
+def write_shard(job: Job, k: int, tokens: np.ndarray, entries: list[dict]) -> None:
+    """shard-k.npy, then shard-k.jsonl (the mark of a finished shard), each written atomically."""
+    name = shard_name(k)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(tokens), allow_pickle=False)
+    write_atomically(job.out / f"{name}.npy", buf.getvalue())
+    write_atomically(job.out / f"{name}.jsonl",
+                     "".join(json.dumps(e | {"shard": name}, sort_keys=True) + "\n" for e in entries))
+
+
+def finish(job: Job, manifest, grid: tuple[int, int, int], runtime_record: dict) -> dict:
     """index.jsonl (every shard's entries, in order) and meta.json, from the finished shards."""
     shards, lines, counts = [], [], {"files": 0, "ok": 0, "failed": 0, "rows": 0}
     for k in range(job.shards):
@@ -202,31 +247,42 @@ def finish(job: Job, manifest, grid: tuple[int, int, int]) -> dict:
         counts["ok"] += sum(e["status"] == "ok" for e in entries)
         counts["rows"] += rows
     counts["failed"] = counts["files"] - counts["ok"]
-    (job.out / INDEX).write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in lines))
+    write_atomically(job.out / INDEX, "".join(json.dumps(e, sort_keys=True) + "\n" for e in lines))
     meta = {
         "gqtok_version": __version__,
-        "model": {"model_id": manifest.model_id, "model_version": manifest.model_version,
-                  "codebook_sha256": manifest.codebook.sha256},
+        "model": made_by(manifest), "runtime": runtime_record,
         "num_codes": manifest.num_codes, "tokens_per_position": manifest.tokens_per_position,
         "downsample": manifest.downsample, "grid": list(grid), "dtype": token_dtype(manifest.num_codes).name,
         "token_order": SEQUENCE_ORDER, "preprocess": job.preprocess.record(), "alpha": job.alpha,
         "shard_size": job.shard_size, "counts": counts, "shards": shards,
     }
-    (job.out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    write_atomically(job.out / META, json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def job_record(job: Job, manifest) -> dict:
+    """What identifies a job (job.json): a digest of the full list of inputs in order (a file added, removed or
+    renamed is another job), the options that shape its shards, and the model."""
+    inputs = hashlib.sha256("\n".join(map(str, job.paths)).encode()).hexdigest()
+    return {"inputs": len(job.paths), "inputs_sha256": inputs, "preprocess": job.preprocess.record(),
+            "shard_size": job.shard_size, "alpha": job.alpha, "model": made_by(manifest)}
 
 
 def prepare(job: Job, manifest) -> tuple[int, int, int]:
     """Make the output folder; refuse one holding another job's shards; the grid of every row."""
     job.out.mkdir(parents=True, exist_ok=True)
     plan = job.out / "job.json"
-    record = {"inputs": len(job.paths), "first": job.paths[0], "last": job.paths[-1],
-              "preprocess": job.preprocess.record(), "shard_size": job.shard_size, "alpha": job.alpha,
-              "model": [manifest.model_id, manifest.model_version, manifest.codebook.sha256]}
-    if plan.is_file() and json.loads(plan.read_text()) != record:
-        raise ValueError(f"{job.out} holds shards of another job (inputs, preprocessing or model differ); "
-                         "use a new --out folder")
-    plan.write_text(json.dumps(record, indent=1) + "\n")
+    record = job_record(job, manifest)
+    if plan.is_file():
+        before = json.loads(plan.read_text())
+        if "model" in before and isinstance(before["model"], dict) and not same_model(before["model"], manifest):
+            raise ValueError(f"{job.out} holds shards tokenized by {describe(before['model'])}; this run uses "
+                             f"{describe(made_by(manifest))}: use a new --out folder")
+        differ = [k for k in record if before.get(k) != record[k]]
+        if differ:
+            raise ValueError(f"{job.out} holds shards of another job ({', '.join(differ)} differ); use a new --out "
+                             "folder, or the same inputs and options to resume it")
+    write_atomically(plan, json.dumps(record, indent=1) + "\n")
     (job.out / META).unlink(missing_ok=True)  # meta.json marks a finished directory: not until finish()
     return expected_grid(job, manifest)
 
@@ -242,9 +298,16 @@ def run_local(job: Job, runtime, decode_workers: int = 1, progress: bool = True)
             bar.update(files)
             clock.shard_done(files)
     bar.close()
-    meta = finish(job, runtime.manifest, grid)
+    meta = finish(job, runtime.manifest, grid, runtime_record(runtime))
     meta["run"] = {"shards_run": len(todo), "shards_skipped": job.shards - len(todo)} | clock.figures()
     return meta
+
+
+def runtime_record(runtime) -> dict:
+    """Provenance of the tokens (meta.json's "runtime"): how they were selected, on what, by which runtime."""
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__, "provider": runtime.provider, "selector": runtime.selector}
 
 
 class RunClock:

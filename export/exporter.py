@@ -25,7 +25,7 @@ import torch
 
 from gqtok.core import codebook as cb
 from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
-from gqtok.core.manifest import CodebookSpec, Manifest, file_sha256
+from gqtok.core.manifest import CodebookSpec, Manifest, file_sha256, model_digest_of
 from gqtok.training.gq import SelectGraph
 from gqtok.training.train import WEIGHTS, load_run
 
@@ -108,8 +108,11 @@ def save_tensors_exactly(tensors: dict[str, np.ndarray], path: Path, metadata: d
     path.chmod(0o644)
 
 
-def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_version: str = "1",
+def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_version: str | None = None,
                eval_json: Path | None = None) -> Manifest:
+    """The run's encoder, decoder and selection graph as ONNX, its codebook and torch weights, and the manifest
+    that lists them with their digests. model_version: None gives the first 12 hex digits of the model digest
+    (Manifest.model_digest), so that two different exports never share a version by default."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
     cfg = model.cfg
@@ -138,9 +141,10 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
     save_tensors_exactly({"codebook": codebook}, out_dir / CODEBOOK,
                          metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
+    files = {name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, GQ_SELECT, CODEBOOK, WEIGHTS)}
     manifest = Manifest(
         model_id=model_id or run_dir.name,
-        model_version=model_version,
+        model_version=model_version or model_digest_of(files)[:12],
         downsample=f,
         latent_channels=cfg.latent_channels,
         token_dim=cfg.token_dim,
@@ -150,7 +154,7 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
                               sha256=cb.codebook_digest(codebook)),
         opset=OPSET,
         gq_select_rows=ROWS,
-        files={name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, GQ_SELECT, CODEBOOK, WEIGHTS)},
+        files=files,
         eval=_eval_summary(run_dir, eval_json),
         training={"preset": config.get("preset"), "step": config.get("step"), "model": cfg.to_dict(),
                   "train": config.get("train"), "parameters": model.num_parameters()},

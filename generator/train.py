@@ -77,15 +77,20 @@ def collect(client, data_dir: Path, pixel_size: tuple[int, int], cfg: GeneratorT
 
 def from_shards(tokens_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     """(training grids, validation grids) from a token directory made by the served model."""
-    from gqtok.core.shards import TokenShards
+    from gqtok.core.shards import TokenShards, describe
     from gqtok.photos import split_heldout
 
     shards = TokenShards(tokens_dir)
+    served = {"model_id": meta["model_id"], "model_version": meta["model_version"],
+              "codebook_sha256": meta["codebook"]["sha256"], "model_digest": meta.get("model_digest")}
     made_by = shards.meta["model"]
-    if (made_by["model_id"], made_by["model_version"], made_by["codebook_sha256"]) != (
-            meta["model_id"], meta["model_version"], meta["codebook"]["sha256"]):
-        raise ValueError(f"{tokens_dir} was tokenized by {made_by['model_id']} {made_by['model_version']}, the "
-                         f"server serves {meta['model_id']} {meta['model_version']}: tokenize the data again")
+    if made_by.get("model_digest") and served["model_digest"]:  # a re-export under the same id and version differs here
+        same = made_by["model_digest"] == served["model_digest"]
+    else:  # shards written before the model digest
+        same = all(made_by[k] == served[k] for k in ("model_id", "model_version", "codebook_sha256"))
+    if not same:
+        raise ValueError(f"{tokens_dir} was tokenized by {describe(made_by)}, the server serves {describe(served)}: "
+                         "tokenize the data again")
     grids = shards.grids().astype(np.int64)
     paths = [Path(shards.source(i)["path"]) for i in range(len(shards))]
     held = {str(p) for p in split_heldout(sorted(set(paths)))[1]}
@@ -136,7 +141,8 @@ def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrid
         pixel_size = (model_cfg.grid[0] * f, model_cfg.grid[1] * f)
         cache = out / "tokens.npz"
         made_by = {"tokenizer_model": meta["model_id"], "model_version": meta["model_version"],
-                   "codebook_sha256": meta["codebook"]["sha256"]}  # a re-exported model invalidates the cache
+                   "codebook_sha256": meta["codebook"]["sha256"],
+                   "model_digest": meta.get("model_digest")}  # a re-exported model invalidates the cache
         if tokens_dir is not None:  # the grids came from the shards above
             key = made_by | {"tokens": str(tokens_dir)}
         else:

@@ -454,7 +454,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ex.add_argument("run", help="run directory")
     ex.add_argument("--out", required=True, help="model directory to write, e.g. models/NAME")
     ex.add_argument("--model-id", help="model id (default: the run directory's name)")
-    ex.add_argument("--model-version", default="1")
+    ex.add_argument("--model-version", help="model version (default: the first 12 hex digits of the model digest, "
+                                            "which differs between any two exports of different networks)")
     ex.add_argument("--eval", help="eval JSON to embed (default: RUN/eval.json if present)")
     ex.set_defaults(func=cmd_export)
 

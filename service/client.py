@@ -90,16 +90,20 @@ class TokenizerClient:
         """Images -> the server's JSON answer: {"model", "results": [{"tokens", "grid_size", ...}]}."""
         return self._call(_tokenize_call(images, fit, model or self.model, npy=False))
 
-    def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None):
+    def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None,
+                   model_digest: str | None = None):
         """Token grids ([batch, t, h, w], [t, h, w], [h, w], a list of grids of any sizes, numpy arrays, torch
         tensors or nested lists) -> images, cropped by the server to image_size (H, W) when given. output: "pil"
         (list of RGB PIL images), "numpy" (uint8 [batch, H, W, 3]) or "torch" (float32 [batch, 3, H, W] in [0, 1]);
         grids of several sizes go one request per size and come back as a list, in order. Batches longer than
-        the server's max_images_per_request (read once from /info) are split."""
+        the server's max_images_per_request (read once from /info) are split. model_digest (the model_digest of
+        the model that made the tokens, from model_info()): refused with 409 unless the server's model is that
+        export."""
         _check_output(output)
         grids = _grid_list(tokens)
         chunks = _grid_chunks(tokens, grids, self._images_per_request() if grids else 1)
-        answers = [self._call(_detokenize_call(grids, image_size, model or self.model)) for _, grids in chunks]
+        answers = [self._call(_detokenize_call(grids, image_size, model or self.model, model_digest))
+                   for _, grids in chunks]
         return _images_out(chunks, answers, output)
 
     def compress(self, image, *, prior: str | None = None, model: str | None = None) -> bytes:
@@ -187,14 +191,16 @@ class AsyncTokenizerClient:
     async def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None) -> dict:
         return await self._call(_tokenize_call(images, fit, model or self.model, npy=False))
 
-    async def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None):
+    async def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None,
+                         model_digest: str | None = None):
         """Token grids -> images; see TokenizerClient.detokenize. The requests go concurrently."""
         _check_output(output)
         grids = _grid_list(tokens)
         if self._limit is None and grids:
             self._limit = int((await self.info())["limits"]["max_images_per_request"])
         chunks = _grid_chunks(tokens, grids, self._limit or 1)
-        answers = await asyncio.gather(*(self._call(_detokenize_call(grids, image_size, model or self.model))
+        answers = await asyncio.gather(*(self._call(_detokenize_call(grids, image_size, model or self.model,
+                                                                     model_digest))
                                          for _, grids in chunks))
         return _images_out(chunks, list(answers), output)
 

@@ -150,8 +150,9 @@ def _tokenize_call(images, fit: str, model: str | None, npy: bool) -> _Call:
     return _Call("POST", "/v1/tokenize", parse, params, headers, files=files)
 
 
-def _detokenize_call(tokens, image_size, model: str | None) -> _Call:
-    """Token grids -> a .npy body (or JSON when image_size asks the server to crop); asks for npy back."""
+def _detokenize_call(tokens, image_size, model: str | None, model_digest: str | None = None) -> _Call:
+    """Token grids -> a .npy body (or JSON when image_size asks the server to crop); asks for npy back.
+    model_digest: the tokens' maker (tokenize's model_digest); the server refuses them (409) if it differs."""
     arr = np.asarray(tokens)
     if arr.dtype == bool or arr.dtype.kind not in "iu":
         raise TypeError(f"tokens must be integer token ids (got dtype {arr.dtype})")
@@ -159,7 +160,8 @@ def _detokenize_call(tokens, image_size, model: str | None) -> _Call:
     if image_size is None:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-        return _Call("POST", "/v1/detokenize", _parse_images, _model_params(model), {**headers, "content-type": NPY},
+        return _Call("POST", "/v1/detokenize", _parse_images, _model_params(model, model_digest=model_digest),
+                     {**headers, "content-type": NPY},
                      content=buf.getvalue())
     if len(image_size) != 2:
         raise ValueError(f"image_size must be (H, W); got {image_size!r}")
@@ -168,6 +170,8 @@ def _detokenize_call(tokens, image_size, model: str | None) -> _Call:
     body = {"tokens": arr.tolist(), "image_size": [int(v) for v in image_size]}
     if model:
         body["model"] = model
+    if model_digest:
+        body["model_digest"] = model_digest
     return _Call("POST", "/v1/detokenize", _parse_images, {}, {**headers, "content-type": "application/json"},
                  content=json.dumps(body, separators=(",", ":")).encode())
 

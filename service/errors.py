@@ -43,6 +43,10 @@ class UnsupportedMediaType(ServiceError):
     status, error_type = 415, "unsupported_media_type"
 
 
+class ModelMismatch(ServiceError):
+    status, error_type = 409, "model_mismatch"
+
+
 class InvalidImage(ServiceError):
     status, error_type = 422, "invalid_image"
 
@@ -102,7 +106,9 @@ def install_handlers(app, log=None) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return JSONResponse({"error": str(e.detail), "error_type": kind}, status_code=e.status_code)
+        # e.headers carries a 405's Allow (RFC 9110 requires it)
+        return JSONResponse({"error": str(e.detail), "error_type": kind}, status_code=e.status_code,
+                            headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e: Exception):

@@ -49,6 +49,7 @@ ERROR_KINDS = {  # status -> what it means here (the error_type values it carrie
     401: "unauthorized: missing or wrong API key",
     404: "unknown_model: no loaded model has that id",
     406: "not_acceptable: an npy answer for images of different sizes",
+    409: "model_mismatch: tokens made by another export of the model (model_digest) than the one serving",
     413: "payload_too_large / image_too_large: past max_body_bytes, max_image_pixels or the queue",
     415: "unsupported_media_type: a content type the route does not take",
     422: "invalid_image / invalid_tokens / invalid_bitstream: well-formed but unusable content",
@@ -106,6 +107,9 @@ class DetokenizeRequest(_Request):
     model: StrictStr | None = Field(None, description="Model id; default: the server's default model.")
     image_size: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = Field(
         None, description="[H, W]: crop the decoded images back to this size (the original_size of tokenize).")
+    model_digest: StrictStr | None = Field(None, description=(
+        "The model_digest of the tokenize answer that made these tokens: refused (409 model_mismatch) unless the "
+        "model decoding them is the same export."))
 
 
 # -- responses ---------------------------------------------------------------------------------------------------
@@ -132,6 +136,8 @@ class ItemError(BaseModel):
 
 class TokenizeResponse(BaseModel):
     model: str
+    model_digest: str = Field(description="Digest of the networks and codebook that made these tokens; pass it to "
+                                          "detokenize to have tokens of another export refused.")
     fit: Fit
     results: list[TokenGrid | ItemError] = Field(description=(
         "One per image, in order. With several images a bad one gets an ItemError and fails only itself; a "
@@ -140,6 +146,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     model: str
+    model_digest: str = Field(description="Digest of the networks and codebook that decoded these images.")
     images: list[str] = Field(description="Base64 PNG files, one per grid.")
 
 
@@ -150,6 +157,8 @@ class PriorInfo(BaseModel):
 class ModelInfo(BaseModel):
     model_id: str
     model_version: str
+    model_digest: str = Field(description="sha256 over the digests of the files that decide tokens and pixels "
+                                          "(networks, codebook, selection graph): differs between any two exports.")
     ready: bool
     downsample: int = Field(description="f: pixels per token side.")
     latent_channels: int
@@ -200,4 +209,5 @@ class Info(BaseModel):
         "direction, fixed MiB and bytes per pixel of a batch) and batch_pixels, the limit it set."))
 
 
-JSON_BODY_MODELS = (TokenizeRequest, DetokenizeRequest, MultipartImages)  # added to the schema's components
+# added to the schema's components: bodies the routes parse themselves, and answers given as JSONResponse
+JSON_BODY_MODELS = (TokenizeRequest, DetokenizeRequest, MultipartImages, DetokenizeResponse)

@@ -43,7 +43,11 @@ class ServedModel:
         """Response headers naming what answered, so that a cache can notice a re-exported model."""
         m = self.manifest
         return {"x-gqtok-model": m.model_id, "x-gqtok-model-version": m.model_version,
-                "x-gqtok-codebook-sha256": m.codebook.sha256}
+                "x-gqtok-model-digest": self.model_digest, "x-gqtok-codebook-sha256": m.codebook.sha256}
+
+    @property
+    def model_digest(self) -> str:
+        return self.manifest.model_digest
 
     @property
     def token_dtype(self):

@@ -48,6 +48,25 @@ def tiny_run(small_photos, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_reexport(tiny_run, tiny_model, small_photos, tmp_path_factory) -> Path:
+    """The re-export scenario: the tiny run trained a few steps more, exported under the same id and version as
+    tiny_model, with the same codebook: only the networks differ (and so the model digest)."""
+    import shutil
+
+    from gqtok.export.exporter import export_run
+    from gqtok.training.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny-more"
+    shutil.copytree(tiny_run, run)
+    train(run, small_photos, overrides={"steps": 84}, resume=True, progress=False)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    from gqtok.core.manifest import Manifest
+
+    export_run(run, out, model_id="tiny", model_version=Manifest.read(tiny_model).model_version)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_run, small_photos, tmp_path_factory) -> Path:
     """The tiny run exported to ONNX, with its entropy-coding priors fitted: a model directory the service loads."""
     from gqtok.export.exporter import export_run

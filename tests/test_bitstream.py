@@ -187,12 +187,32 @@ def test_version_1_streams_decode_where_they_were_exact_and_are_refused_by_name_
 
 def test_header_layout_is_stable():
     """The byte layout is the format: a change here must bump FORMAT_VERSION."""
-    h = Header("m1", "frequency", b"\xaa" * 8, b"\xbb" * 8, (17, 9), (1, 3, 2), 256, 7, 8, 9)
+    h = Header("m1", "frequency", b"\xaa" * 8, b"\xbb" * 8, (17, 9), (1, 3, 2), 256, 7, 8, 9, b"\xcc" * 8)
     packed = h.pack()
-    assert packed[:8] == b"GQTK\x02\x01\x02m" and packed[8:9] == b"1"
-    assert struct.unpack_from("<II", packed, 25) == (17, 9)
+    assert packed[:8] == b"GQTK\x03\x01\x02m" and packed[8:9] == b"1"
+    assert packed[9:33] == b"\xaa" * 8 + b"\xbb" * 8 + b"\xcc" * 8
+    assert struct.unpack_from("<II", packed, 33) == (17, 9)
     assert struct.unpack("<I", packed[-4:])[0] == zlib.crc32(packed[:-4])
-    assert len(packed) == 7 + 2 + 16 + 8 + 6 + 4 * 4 + 4
+    assert len(packed) == 7 + 2 + 24 + 8 + 6 + 4 * 4 + 4
+    # version 2, as written until the model digest: no digest, the sizes right after the prior's digest
+    v2 = dataclasses.replace(h, model_digest=b"", version=2).pack()
+    assert v2[4] == 2 and struct.unpack_from("<II", v2, 25) == (17, 9) and len(v2) == len(packed) - 8
+
+
+def test_another_export_under_the_same_id_is_refused_by_digest(tiny_model, tiny_model_reexport, photo, photo_ids):
+    """Same id, version and codebook, other networks: the stream names both digests instead of decoding."""
+    from gqtok.core.bitstream import TokenCompressor
+
+    ours, theirs = (TokenCompressor(load_artifact(d)) for d in (tiny_model, tiny_model_reexport))
+    assert ours.manifest.model_id == theirs.manifest.model_id and ours.codebook_digest == theirs.codebook_digest
+    assert ours.manifest.model_version == theirs.manifest.model_version
+    data = ours.compress(photo_ids, photo.shape[:2], "uniform")
+    with pytest.raises(BitstreamError, match=f"another export of model 'tiny'.*{ours.model_digest.hex()}.*"
+                                             f"{theirs.model_digest.hex()}"):
+        theirs.decompress(data)
+    assert np.array_equal(ours.decompress(data)[0], photo_ids)
+    # a version 2 stream carries no model digest: it is checked against what it does carry, and decodes
+    assert np.array_equal(theirs.decompress(_repack(data, version=2, model_digest=b""))[0], photo_ids)
 
 
 def test_grid_fits_is_the_pad_rule():

@@ -217,3 +217,66 @@ def test_tar_shards_give_the_folders_tokens(small_photos, tiny_model, tmp_path):
     run_local(from_folder, tok.runtime, progress=False)
     assert np.array_equal(shards.grids(), TokenShards(from_folder.out).grids())
     assert shards.source(5)["path"] == f"{archive}::0005.jpg"
+
+
+def test_a_file_missing_for_a_moment_fails_its_shard_and_a_rerun_tokenizes_it(small_photos, tiny_model, tmp_path,
+                                                                               monkeypatch):
+    """A read error is retried, then fails the shard (not recorded as done, not as a bad file); a rerun retries
+    the shard and gets the file; a file briefly missing during the retries is read."""
+    import shutil
+    import threading
+
+    import gqtok.bulk.shards as shards
+
+    monkeypatch.setattr(shards, "READ_RETRY_S", 0.05)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted(small_photos.iterdir())[:6]:
+        shutil.copy(p, folder / p.name)
+    job = Job(list_inputs([folder]), tmp_path / "tokens", Preprocess(size=64), shard_size=2)
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    moved = Path(job.paths[3])
+    moved.rename(tmp_path / "away")
+    with pytest.raises(shards.ReadFailed, match=f"{moved.name} could not be read after 3 tries"):
+        run_local(job, tok.runtime, progress=False)
+    assert job.done(0) and not job.done(1) and not (job.out / "meta.json").exists()
+    # back a moment after the first try: the retries find it
+    threading.Timer(0.02, lambda: (tmp_path / "away").rename(moved)).start()
+    meta = run_local(job, tok.runtime, progress=False)
+    assert meta["counts"] == {"files": 6, "ok": 6, "rows": 6, "failed": 0}
+    assert meta["run"]["shards_skipped"] == 1
+    assert meta["runtime"] == {"onnxruntime": meta["runtime"]["onnxruntime"], "provider": "CPUExecutionProvider",
+                               "selector": "exact"}
+
+
+def test_a_resume_with_other_inputs_or_another_model_is_refused(small_photos, tiny_model, tiny_model_reexport,
+                                                                tmp_path):
+    """One input deleted and another added keeps the count (and could keep the first and last path): still
+    another job. Another export of the same model id and version: refused, both digests named."""
+    import shutil
+
+    from gqtok.core.manifest import Manifest
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = sorted(small_photos.iterdir())[:5]
+    for p in photos:
+        shutil.copy(p, folder / p.name)
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    job = Job(list_inputs([folder]), tmp_path / "tokens", Preprocess(size=64), shard_size=2)
+    run_local(job, tok.runtime, progress=False)
+    (folder / photos[2].name).unlink()
+    shutil.copy(photos[2], folder / (photos[2].stem + "-copy" + photos[2].suffix))  # same count, first and last
+    changed = Job(list_inputs([folder]), job.out, Preprocess(size=64), shard_size=2)
+    assert (changed.paths[0], changed.paths[-1], len(changed.paths)) == (job.paths[0], job.paths[-1], len(job.paths))
+    with pytest.raises(ValueError, match="inputs_sha256 differ"):
+        run_local(changed, tok.runtime, progress=False)
+    other = Tokenizer.load(str(tiny_model_reexport), device="cpu")
+    ours, theirs = Manifest.read(tiny_model), Manifest.read(tiny_model_reexport)
+    with pytest.raises(ValueError, match=f"tokenized by tiny {ours.model_version} \\(model digest "
+                                         f"{ours.model_digest[:12]}\\); this run uses tiny {theirs.model_version} "
+                                         f"\\(model digest {theirs.model_digest[:12]}\\)"):
+        run_local(job, other.runtime, progress=False)
+    with pytest.raises(ValueError, match="tokenize the data again"):
+        TokenShards(job.out).check_model(theirs)
+    TokenShards(job.out).check_model(ours)

@@ -829,3 +829,57 @@ def test_tokenize_can_answer_each_tokens_posterior(live_server, tiny_model, phot
     b64 = base64.b64encode(png(img)).decode()
     js = httpx.post(f"{live_server}/v1/tokenize", json={"images": [b64], "posterior": True}, timeout=60)
     assert js.json()["results"][0]["kl_bits"] == result["kl_bits"]
+
+
+# -- model identity and the protocol ----------------------------------------------------------------------------
+def test_answers_name_the_model_digest_and_detokenize_refuses_another_exports_tokens(
+        live_server, tiny_model, tiny_model_reexport, start_server, photos):
+    """The re-export scenario at the server: same id, version and codebook, other networks. Answers carry the
+    model digest; tokens sent back with the digest of their maker are refused by another export (409)."""
+    from gqtok.core.manifest import Manifest
+
+    ours, theirs = Manifest.read(tiny_model), Manifest.read(tiny_model_reexport)
+    assert (ours.model_id, ours.model_version) == (theirs.model_id, theirs.model_version)
+    assert ours.model_digest != theirs.model_digest
+    r = httpx.post(f"{live_server}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
+    assert r.json()["model_digest"] == r.headers["x-gqtok-model-digest"] == ours.model_digest
+    assert httpx.get(f"{live_server}/v1/models/tiny").json()["model_digest"] == ours.model_digest
+    grid = r.json()["results"][0]["tokens"]
+    ok = httpx.post(f"{live_server}/v1/detokenize", json={"tokens": grid, "model_digest": ours.model_digest})
+    assert ok.status_code == 200 and ok.headers["x-gqtok-model-digest"] == ours.model_digest
+    other = start_server([tiny_model_reexport])
+    for request in ({"json": {"tokens": grid, "model_digest": ours.model_digest}},
+                    {"content": npy(np.asarray(grid)[None, None]), "params": {"model_digest": ours.model_digest},
+                     "headers": {"content-type": NPY}}):
+        refused = httpx.post(f"{other.url}/v1/detokenize", **request)
+        assert_error(refused, 409, "model_mismatch", f"model digest {ours.model_digest[:12]}")
+        assert theirs.model_digest[:12] in refused.json()["error"]
+    from gqtok.service.client import TokenizerClient
+
+    with TokenizerClient(other.url) as client:
+        with pytest.raises(Exception, match="model_mismatch|409"):
+            client.detokenize(np.asarray(grid)[None, None], model_digest=ours.model_digest)
+
+
+def test_a_wrong_method_answers_405_with_allow(live_server):
+    r = httpx.get(f"{live_server}/v1/tokenize")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
+def test_every_reference_in_the_schema_resolves(live_server):
+    spec = httpx.get(f"{live_server}/openapi.json").json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(spec))
+    assert "#/components/schemas/DetokenizeResponse" in found
+    missing = [r for r in found if r.split("/")[-1] not in spec["components"]["schemas"]]
+    assert not missing

@@ -4,22 +4,25 @@
     data = compressor.compress(ids, image_size=(H, W))   # int [T, h, w] -> bytes, with the model's best prior
     ids, header = compressor.decompress(data)             # checks the header against the model
 
-Header (little-endian; version 2):
+Header (little-endian; version 3):
 
     magic "GQTK" | format version u8 | prior id u8 | model id length u8 | model id (ASCII)
-    | codebook sha256[:8] | prior file sha256[:8] (zeros for uniform)
+    | codebook sha256[:8] | prior file sha256[:8] (zeros for uniform) | model digest[:8] (Manifest.model_digest)
     | image H u32 | image W u32 | grid T u16 | h u16 | w u16 | K u32
     | crc32 of the tokens (uint32 LE) u32 | payload length u32 | crc32 of the payload u32 | crc32 of the header so far u32
     then the payload: constriction range-coder words (uint32 LE).
 
-The header pins what decoding needs to agree on (model, codebook, prior file, sizes), so a stream
-made by another model or prior is refused by name, not decoded into noise. The payload checksum
+The header pins what decoding needs to agree on (model, its networks, codebook, prior file, sizes), so a stream
+made by another model or prior is refused by name, not decoded into noise; the model digest tells apart two
+exports that share an id and a codebook. The payload checksum
 catches corruption before decoding; the token checksum is the last guard.
 
 Every prior computes its probabilities exactly (uniform and frequency from integer counts, context in
-fixed point), so a stream decodes the same on any machine. Version 2 changed only the context prior
+fixed point), so a stream decodes the same on any machine. Version 3 added the model digest; version 2 streams
+still decode, checked against what they carry (id, codebook, prior). Version 2 changed only the context prior
 (version 1's ran in float32 and did not decode portably); version 1 streams of the uniform and frequency
-priors are coded exactly as in version 2 and still decode.
+priors are coded exactly as in version 2 and still decode. The coder's word stream is constriction's range coder,
+whose version the package pins (a new release is taken with a new format version).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from gqtok.core.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPr
 from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 MAGIC = b"GQTK"
-FORMAT_VERSION = 2
-OLD_VERSIONS_READ = {1: ("uniform", "frequency")}  # older format versions this gqtok decodes, and for which priors
-_FIXED = struct.Struct("<8s8sIIHHHIIII")  # after the model id: digests, sizes, K, checksums, payload length
+FORMAT_VERSION = 3
+# older format versions this gqtok decodes, and for which priors
+OLD_VERSIONS_READ = {1: ("uniform", "frequency"), 2: ("uniform", "frequency", "context")}
+# after the model id: digests (codebook, prior, and from version 3 the model), sizes, K, checksums, payload length
+_FIXED = {3: struct.Struct("<8s8s8sIIHHHIIII"), 2: struct.Struct("<8s8sIIHHHIIII"), 1: struct.Struct("<8s8sIIHHHIIII")}
 MAX_GRID_SIDE = 2**16 - 1
 
 
@@ -56,13 +61,15 @@ class Header:
     token_crc: int
     payload_length: int
     payload_crc: int
+    model_digest: bytes = b""  # 8 bytes from version 3; empty in older streams
     version: int = FORMAT_VERSION
 
     def pack(self) -> bytes:
         mid = self.model_id.encode("ascii")
-        head = MAGIC + bytes([self.version, PRIOR_IDS[self.prior], len(mid)]) + mid + _FIXED.pack(
-            self.codebook_digest, self.prior_digest, *self.image_size, *self.grid, self.num_codes, self.token_crc,
-            self.payload_length, self.payload_crc)
+        digests = (self.codebook_digest, self.prior_digest) + ((self.model_digest,) if self.version >= 3 else ())
+        head = MAGIC + bytes([self.version, PRIOR_IDS[self.prior], len(mid)]) + mid + _FIXED[self.version].pack(
+            *digests, *self.image_size, *self.grid, self.num_codes, self.token_crc, self.payload_length,
+            self.payload_crc)
         return head + struct.pack("<I", zlib.crc32(head))
 
     @classmethod
@@ -81,15 +88,18 @@ class Header:
                                  f"computed in float there and does not decode portably; this gqtok reads version "
                                  f"{version} only for the {' and '.join(OLD_VERSIONS_READ[version])} priors "
                                  "(decode it with the gqtok and machine that wrote it)")
-        end = 7 + id_len + _FIXED.size
+        fixed = _FIXED[version]
+        end = 7 + id_len + fixed.size
         if len(data) < end + 4:
             raise BitstreamError(f"truncated header: {len(data)} bytes, the header alone needs {end + 4}")
         (crc,) = struct.unpack_from("<I", data, end)
         if crc != zlib.crc32(data[:end]):
             raise BitstreamError("header checksum mismatch: the stream is corrupted")
         model_id = data[7 : 7 + id_len].decode("ascii", errors="replace")
-        cb, pd, hh, ww, t, h, w, k, tcrc, plen, pcrc = _FIXED.unpack_from(data, 7 + id_len)
-        header = cls(model_id, names[prior_id], cb, pd, (hh, ww), (t, h, w), k, tcrc, plen, pcrc, version)
+        fields = fixed.unpack_from(data, 7 + id_len)
+        cb, pd, md = fields[:3] if version >= 3 else (*fields[:2], b"")
+        hh, ww, t, h, w, k, tcrc, plen, pcrc = fields[3:] if version >= 3 else fields[2:]
+        header = cls(model_id, names[prior_id], cb, pd, (hh, ww), (t, h, w), k, tcrc, plen, pcrc, md, version)
         payload = data[end + 4 :]
         if len(payload) != plen:
             raise BitstreamError(f"payload is {len(payload)} bytes, the header says {plen}: "
@@ -100,7 +110,7 @@ class Header:
 
     @property
     def total_bytes(self) -> int:
-        return 7 + len(self.model_id) + _FIXED.size + 4 + self.payload_length
+        return 7 + len(self.model_id) + _FIXED[self.version].size + 4 + self.payload_length
 
 
 def read_header(data: bytes) -> Header:
@@ -202,6 +212,7 @@ class TokenCompressor:
         self.manifest = artifact.manifest
         self.priors = priors if priors is not None else load_priors(artifact)
         self.codebook_digest = bytes.fromhex(self.manifest.codebook.sha256)[:8]
+        self.model_digest = bytes.fromhex(self.manifest.model_digest)[:8]
 
     @property
     def default_prior(self) -> str:
@@ -226,7 +237,7 @@ class TokenCompressor:
         p = self.priors[prior]
         payload = entropy_code(ids, p).astype("<u4").tobytes()
         header = Header(m.model_id, prior, self.codebook_digest, p.digest, (int(hh), int(ww)), tuple(ids.shape),
-                        m.num_codes, token_crc(ids), len(payload), zlib.crc32(payload))
+                        m.num_codes, token_crc(ids), len(payload), zlib.crc32(payload), self.model_digest)
         return header.pack() + payload
 
     def check(self, header: Header) -> None:
@@ -234,6 +245,10 @@ class TokenCompressor:
         m = self.manifest
         if header.model_id != m.model_id:
             raise BitstreamError(f"stream was made by model {header.model_id!r}, this is {m.model_id!r}")
+        if header.version >= 3 and header.model_digest != self.model_digest:
+            raise BitstreamError(f"stream was made by another export of model {m.model_id!r}: its networks' digest is "
+                                 f"{header.model_digest.hex()}, this model's is {self.model_digest.hex()} "
+                                 f"(version {m.model_version}); decode it with the model that made it")
         if header.codebook_digest != self.codebook_digest:
             raise BitstreamError(f"stream's codebook digest {header.codebook_digest.hex()} does not match model "
                                  f"{m.model_id}'s {self.codebook_digest.hex()}")

@@ -22,6 +22,9 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
+PRIOR_FILE_PREFIX = "prior_"  # prior_frequency.npz, prior_context.npz: refittable, outside the model digest
+
+
 class CodebookSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,6 +105,16 @@ class Manifest(BaseModel):
     def num_codes(self) -> int:
         return self.codebook.num_codes
 
+    @property
+    def model_digest(self) -> str:
+        """sha256 (hex) over the digests of every file that decides tokens or pixels: the networks, the codebook
+        and the selection graph (all of `files` but the entropy-coding priors, which a refit changes and streams
+        pin by their own digest). Two exports of different networks differ here whatever their id and version;
+        streams, token shards and responses carry it, so that one model's data is never decoded by another."""
+        if not self.files:
+            raise ValueError(f"manifest of {self.model_id} lists no files: it has no model digest")
+        return model_digest_of(self.files)
+
     def write(self, model_dir: Path) -> Path:
         path = Path(model_dir) / MANIFEST_NAME
         path.write_text(self.model_dump_json(indent=2) + "\n")
@@ -116,6 +129,12 @@ class Manifest(BaseModel):
             return cls.model_validate(json.loads(path.read_text()))
         except (json.JSONDecodeError, ValueError) as e:
             raise ValueError(f"{path} is not a valid gqtok manifest: {e}") from e
+
+
+def model_digest_of(files: dict[str, str]) -> str:
+    """Manifest.model_digest from a manifest's files (name -> sha256)."""
+    decisive = sorted((name, sha) for name, sha in files.items() if not name.startswith(PRIOR_FILE_PREFIX))
+    return hashlib.sha256("".join(f"{name}={sha}\n" for name, sha in decisive).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

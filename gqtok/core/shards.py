@@ -5,7 +5,7 @@
     seq = shards[i]                            # int64 [t * h * w]: row i as a sequence in SEQUENCE_ORDER
     grids = shards.grids(i, j)                 # rows i..j-1 as [n, t, h, w] (the shards' own dtype)
     shards.source(i)                           # the index entry of row i: path, view, original size
-    shards.check_model(manifest)               # ValueError unless made by this model (id, version, codebook)
+    shards.check_model(manifest)               # ValueError unless made by this model (its digest)
 
 A TokenShards is a map-style dataset (len and getitem), so torch's DataLoader takes it as it is.
 
@@ -31,6 +31,28 @@ INDEX = "index.jsonl"
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
+
+
+def made_by(manifest) -> dict:
+    """What a token directory records of the model that made it (meta.json's and job.json's "model")."""
+    return {"model_id": manifest.model_id, "model_version": manifest.model_version,
+            "codebook_sha256": manifest.codebook.sha256, "model_digest": manifest.model_digest}
+
+
+def describe(model: dict) -> str:
+    """'ID VERSION (model digest ABC...)' of a made_by record; older records without a digest name the codebook."""
+    digest = model.get("model_digest")
+    return (f"{model['model_id']} {model['model_version']} "
+            + (f"(model digest {digest[:12]})" if digest else f"(codebook {model['codebook_sha256'][:12]})"))
+
+
+def same_model(theirs: dict, manifest) -> bool:
+    """Were tokens recorded as made_by `theirs` made by `manifest`'s model? By the model digest where the record
+    has one; records written before it are compared by id, version and codebook."""
+    ours = made_by(manifest)
+    if theirs.get("model_digest"):
+        return theirs["model_digest"] == ours["model_digest"]
+    return all(theirs[k] == ours[k] for k in ("model_id", "model_version", "codebook_sha256"))
 
 
 def token_dtype(num_codes: int) -> np.dtype:
@@ -95,11 +117,7 @@ class TokenShards:
         return self._sources[int(i) % self.rows]
 
     def check_model(self, manifest) -> None:
-        """ValueError unless these tokens were made by `manifest`'s model: same id, version and codebook."""
-        m = self.meta["model"]
-        theirs = (m["model_id"], m["model_version"], m["codebook_sha256"])
-        ours = (manifest.model_id, manifest.model_version, manifest.codebook.sha256)
-        if theirs != ours:
-            raise ValueError(f"{self.directory} was tokenized by {theirs[0]} {theirs[1]} (codebook "
-                             f"{theirs[2][:12]}), not by {ours[0]} {ours[1]} (codebook {ours[2][:12]}): "
-                             "tokenize the data again with this model")
+        """ValueError unless these tokens were made by `manifest`'s model (same_model), naming both."""
+        if not same_model(self.meta["model"], manifest):
+            raise ValueError(f"{self.directory} was tokenized by {describe(self.meta['model'])}, not by "
+                             f"{describe(made_by(manifest))}: tokenize the data again with this model")

@@ -20,7 +20,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 def model_metadata(served: ServedModel, state: ServiceState) -> dict:
     m, settings = served.manifest, state.settings
     return {
-        "model_id": m.model_id, "model_version": m.model_version, "ready": served.ready,
+        "model_id": m.model_id, "model_version": m.model_version, "model_digest": m.model_digest,
+        "ready": served.ready,
         "downsample": m.downsample, "latent_channels": m.latent_channels, "token_dim": m.token_dim,
         "tokens_per_position": m.tokens_per_position, "num_codes": m.num_codes,
         "bits_per_token": float(np.log2(m.num_codes)), "token_layout": m.token_layout,

@@ -27,6 +27,7 @@ IMAGE_BODY = request_body({**{m: None for m in FORMATS.values()}, "multipart/for
 RESPONSE_HEADERS = {  # state.response_headers
     "x-gqtok-model": {"description": "id of the model that answered", "schema": {"type": "string"}},
     "x-gqtok-model-version": {"description": "its version", "schema": {"type": "string"}},
+    "x-gqtok-model-digest": {"description": "its model digest (networks and codebook)", "schema": {"type": "string"}},
     "x-gqtok-codebook-sha256": {"description": "its codebook's digest", "schema": {"type": "string"}},
     "x-queue-time": {"description": "ms queued", "schema": {"type": "string"}},
     "x-inference-time": {"description": "ms of the inference call", "schema": {"type": "string"}}}
@@ -111,7 +112,8 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         if want_posterior:
             result |= {"kl_bits": as_grid(answer[1], 3), "sigma_mean": as_grid(answer[2], 6)}
         results.append(result)
-    return JSONResponse({"model": served.manifest.model_id, "fit": mode, "results": results}, headers=headers)
+    return JSONResponse({"model": served.manifest.model_id, "model_digest": served.model_digest, "fit": mode,
+                         "results": results}, headers=headers)
 
 
 @router.post("/detokenize", summary="Token grids -> images",
@@ -119,11 +121,14 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
              responses={200: {**binary(PNG, NPY, json_model=DetokenizeResponse, description=(
                  "One grid: image/png; several: JSON of base64 PNGs; with Accept: application/x-npy: uint8 "
                  "(batch, H, W, 3)")), "headers": RESPONSE_HEADERS},
-                        **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503)})
+                        **error_responses(400, 401, 404, 409, 413, 415, 422, 429, 500, 503)})
 async def detokenize(request: Request, state: ServiceState = Depends(get_state),
                      model: str | None = Query(None, description="Model id (default: the server's default)"),
                      image_size: str | None = Query(None, pattern=r"^\d+,\d+$",
-                                                    description="H,W to crop the images to (for npy bodies)")):
+                                                    description="H,W to crop the images to (for npy bodies)"),
+                     model_digest: str | None = Query(None, description=(
+                         "The model_digest of the tokenize answer that made the tokens (for npy bodies): 409 "
+                         "unless the model decoding them is the same export"))):
     settings = state.settings
     kind = media_type(request)
     # JSON token grids past what the limits can need are refused unread (413), so a huge body never becomes
@@ -141,10 +146,16 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
         req = await run_in_threadpool(parse_json, body, DetokenizeRequest)  # off the event loop
         tokens, model = req.tokens, req.model or model
         size = req.image_size if req.image_size is not None else size
+        model_digest = req.model_digest or model_digest
     else:
         raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "
                                           f"send application/json or {NPY}")
     served = state.model(model)
+    if model_digest is not None and model_digest != served.model_digest:
+        raise errors.ModelMismatch(f"these tokens were made by the export with model digest {model_digest[:12]}; "
+                                   f"model {served.manifest.model_id} here is {served.model_digest[:12]} "
+                                   f"(version {served.manifest.model_version}): it would decode them into another "
+                                   "picture")
     grids, single = await run_in_threadpool(parse_tokens, tokens, served, settings.max_image_pixels,
                                             settings.max_images_per_request)
     f = served.manifest.downsample
@@ -163,5 +174,5 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
     pngs = await run_in_threadpool(lambda: [png_bytes(img) for img in images])
     if single:
         return Response(pngs[0], media_type=PNG, headers=headers)
-    return JSONResponse({"model": served.manifest.model_id,
+    return JSONResponse({"model": served.manifest.model_id, "model_digest": served.model_digest,
                          "images": [base64.b64encode(p).decode() for p in pngs]}, headers=headers)
