@@ -146,6 +146,21 @@ def check_compressed_bytes(compressor, recorded):
             assert np.array_equal(decoded, recorded[f"{name}_pixels"][: img.shape[0], : img.shape[1]])
 
 
+def test_streams_of_older_formats_still_decode_to_the_recorded_pixels(recorded):
+    """The streams recorded under format 2 (before the model digest) decode with today's reader."""
+    from gqtok.service.compressor import ImageCompressor
+
+    compressor = ImageCompressor(load_artifact(find_model()))
+    older = [k for k in recorded if "_v" in k]
+    assert {k.split("_v")[-1] for k in older} >= {"2"} and len(older) >= 6
+    for key in older:
+        name = key.split("_")[0]
+        assert recorded[key][4] == int(key.split("_v")[-1])  # the format version byte
+        decoded, _ = compressor.decompress(recorded[key].tobytes())
+        h, w = recorded[f"{name}_image"].shape[:2]
+        assert np.array_equal(decoded, recorded[f"{name}_pixels"][:h, :w]), key
+
+
 def test_the_server_answers_the_recorded_tokens_and_bytes(start_server, recorded):
     server = start_server([])
     for name in ("a", "b"):
