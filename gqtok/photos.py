@@ -165,7 +165,15 @@ def to_torch(images: np.ndarray):
 
 
 def as_rgb(image, alpha: str = "composite", name: str = "image") -> np.ndarray:
-    """A PIL image, an image array or a torch tensor (as_uint8_array) -> uint8 [H, W, 3] RGB by to_rgb."""
+    """A file path, encoded bytes, a PIL image, an image array or a torch tensor (as_uint8_array) -> uint8
+    [H, W, 3] RGB by to_rgb: what the service's clients take, converted as the server converts it."""
+    if isinstance(image, (str, Path)):
+        return load_rgb(Path(image), alpha)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        import io
+
+        with Image.open(io.BytesIO(bytes(image))) as im:
+            return to_rgb(im, alpha, name)
     if isinstance(image, Image.Image):
         return to_rgb(image, alpha, name)
     arr = as_uint8_array(image)

@@ -69,6 +69,19 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
+def _as_png(data: bytes) -> bytes | None:
+    """A file of a format the server does not take, as PNG: its first frame, EXIF orientation applied (as the
+    server applies it to the formats it takes); None if Pillow cannot read it."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)
+            return _png(ImageOps.exif_transpose(im))
+    except Exception:  # not an image Pillow reads, or a broken one
+        return None
+
+
 def _png(img: Image.Image) -> bytes:
     if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "1"):  # modes PNG cannot hold (CMYK, F, ...)
         img = img.convert("RGB")
@@ -84,8 +97,12 @@ def image_file(image: ImageLike) -> tuple[bytes, str]:
         image = Path(image).read_bytes()
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
-        # unknown formats are still sent: the server's answer names them (e.g. "image is GIF")
-        return data, _sniff(data) or "image/png"
+        kind = _sniff(data)
+        if kind is not None:
+            return data, kind
+        converted = _as_png(data)  # BMP, GIF, TIFF, ...: what Pillow reads goes as PNG
+        # what Pillow cannot read is still sent: the server's answer says what is wrong with it
+        return (converted, "image/png") if converted is not None else (data, "image/png")
     if isinstance(image, Image.Image):
         return _png(image), "image/png"
     if isinstance(image, np.ndarray) or type(image).__module__.startswith("torch"):

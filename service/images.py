@@ -18,11 +18,17 @@ from gqtok.service.errors import ImageTooLarge, InvalidImage
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MEDIA_TYPES = set(FORMATS.values()) | {"image/jpg"}
+# MPO is a JPEG with more frames after the first (many phone cameras write it): decoded as its first frame, as
+# bulk and the in-process API do
+DECODED_FORMATS = set(FORMATS) | {"MPO"}
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image", alpha: str = "composite") -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int, name: str = "image", alpha: str = "composite",
+                 multiple: int = 1) -> np.ndarray:
     """Encoded PNG/JPEG/WebP -> uint8 [H, W, 3] RGB (first frame of an animation), converted by
-    gqtok.photos.to_rgb: EXIF orientation applied, 16-bit scaled to 8, alpha composited on white (or refused)."""
+    gqtok.photos.to_rgb: EXIF orientation applied, 16-bit scaled to 8, alpha composited on white (or refused).
+    max_pixels bounds the image padded to multiples of `multiple` (the model's f), read from the header: a
+    1-pixel-wide image pads to f times its pixels."""
     if not data:
         raise InvalidImage(f"{name} is empty")
     try:
@@ -33,11 +39,13 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image", alpha: str =
         raise ImageTooLarge(f"{name}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidImage(f"{name} is not a PNG, JPEG or WebP image") from None
-    if im.format not in FORMATS:
+    if im.format not in DECODED_FORMATS:
         raise InvalidImage(f"{name} is {im.format}; send PNG, JPEG or WebP")
     w, h = im.size
-    if w * h > max_pixels:
-        raise ImageTooLarge(f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    ph, pw = layout.padded_size(h, w, multiple)
+    if pw * ph > max_pixels:
+        padded = f", {pw}x{ph} = {pw * ph} once padded to multiples of {multiple}," if (ph, pw) != (h, w) else ""
+        raise ImageTooLarge(f"{name} is {w}x{h} = {w * h} pixels{padded}; the limit is {max_pixels}")
     if w < 1 or h < 1:
         raise InvalidImage(f"{name} has no pixels ({w}x{h})")
     try:

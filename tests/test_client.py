@@ -580,3 +580,27 @@ def test_live_api_key(tiny_model, start_server, photos):
         with pytest.raises(TokenizerError) as e:
             c.tokenize(photos[0])
         assert e.value.status == 401 and e.value.error_type == "unauthorized"
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF"])
+def test_formats_the_server_does_not_take_go_as_png(fmt, tmp_path):
+    """BMP, GIF and TIFF files that Pillow reads are converted to PNG (first frame), by path or by bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(IMG).save(buf, format=fmt)
+    (tmp_path / f"x.{fmt.lower()}").write_bytes(buf.getvalue())
+    script = Script(ok_tokens)
+    with mock_client(script) as c:
+        c.tokenize(buf.getvalue())
+        c.tokenize(tmp_path / f"x.{fmt.lower()}")
+    for r in script.requests:
+        assert r.headers["content-type"] == "image/png"
+        sent = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+        expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # GIF: its palette's colours
+        assert np.array_equal(sent, expected)
+
+
+def test_bytes_pillow_cannot_read_are_sent_for_the_server_to_name():
+    script = Script(ok_tokens)
+    with mock_client(script) as c:
+        c.tokenize(b"hello, not an image")
+    assert script.requests[0].content == b"hello, not an image"

@@ -883,3 +883,16 @@ def test_every_reference_in_the_schema_resolves(live_server):
     assert "#/components/schemas/DetokenizeResponse" in found
     missing = [r for r in found if r.split("/")[-1] not in spec["components"]["schemas"]]
     assert not missing
+
+
+def test_the_pixel_limit_counts_the_padded_image(live_server, tiny_model, start_server):
+    """A 1-pixel-wide image passes a limit on its own pixels but pads to 8 times as many: refused from its header.
+    A grid wider than the compressed format holds is refused with 413, not a 500."""
+    thin = png(np.zeros((1, 300_000, 3), np.uint8))  # 300,000 pixels, 2,400,000 once padded; the limit: 1,048,576
+    for route in ("/v1/tokenize", "/v1/compress"):
+        r = httpx.post(f"{live_server}{route}", content=thin, headers={"content-type": "image/png"}, timeout=60)
+        assert_error(r, 413, "image_too_large", "300000x1 = 300000 pixels, 300000x8 = 2400000 once padded")
+    big = start_server([tiny_model], "--max-image-pixels", "5000000")
+    wide = png(np.zeros((1, 530_000, 3), np.uint8))  # a 66,250 wide grid
+    r = httpx.post(f"{big.url}/v1/compress", content=wide, headers={"content-type": "image/png"}, timeout=60)
+    assert_error(r, 413, "image_too_large", "66250x1 token grid is past the compressed format's 65535 per side")

@@ -92,3 +92,41 @@ def test_the_same_tokens_as_the_server(tok, photo, live_server):
                        headers={"content-type": "image/png", "accept": NPY}, timeout=60)
         assert r.status_code == 200, r.text
         assert np.array_equal(np.load(io.BytesIO(r.content)).astype(np.int64), tok.encode(photo, fit=fit))
+
+
+def test_encode_takes_what_the_client_takes_paths_and_encoded_bytes(tok, photo, tmp_path):
+    data = io.BytesIO()
+    Image.fromarray(photo).save(data, format="PNG")
+    (tmp_path / "p.png").write_bytes(data.getvalue())
+    want = tok.encode(photo)
+    for given in (tmp_path / "p.png", str(tmp_path / "p.png"), data.getvalue(), bytearray(data.getvalue())):
+        assert np.array_equal(tok.encode(given), want), type(given)
+    assert np.array_equal(tok.encode([data.getvalue(), photo]), np.concatenate([want, want]))
+
+
+def mpo_bytes(img: np.ndarray) -> bytes:
+    """A two-frame MPO (a phone camera's layout): the first frame is the picture."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="MPO", save_all=True, append_images=[Image.fromarray(img[::-1])])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    return buf.getvalue()
+
+
+def test_mpo_is_its_first_frame_in_process_in_bulk_and_at_the_server(tok, photo, live_server, tmp_path):
+    from pathlib import Path
+
+    from gqtok.bulk.preprocess import Preprocess
+    from gqtok.bulk.shards import Job, file_views
+
+    data = mpo_bytes(photo)
+    first = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    want = tok.encode(first)
+    assert np.array_equal(tok.encode(data), want)
+    r = httpx.post(f"{live_server}/v1/tokenize", content=data, headers={"content-type": "image/jpeg",
+                                                                        "accept": NPY})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(np.load(io.BytesIO(r.content)), want)
+    (tmp_path / "phone.jpg").write_bytes(data)
+    views, entry = file_views(str(tmp_path / "phone.jpg"),
+                              Job((str(tmp_path / "phone.jpg"),), Path("unused"), Preprocess(size=0)), 8)
+    assert entry["status"] == "ok" and np.array_equal(tok.encode(views[0], fit="exact"), want)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from gqtok.core.bitstream import BitstreamError, Header
+from gqtok.core.bitstream import MAX_GRID_SIDE, BitstreamError, Header
 from gqtok.service import errors
 from gqtok.service.images import decode_image, png_bytes, fit_image
 from gqtok.service.requests import image_payloads, media_type, npy_bytes, read_body, wants_npy
@@ -44,8 +44,13 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
         raise errors.InvalidRequest(f"model {served.manifest.model_id} has no {name!r} prior; "
                                     f"choose from {', '.join(served.compressor.priors)}")
     state.admit(served.tokenize, 1)  # a full queue refuses before the image is decoded
-    img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels, "image", settings.alpha)
-    padded = fit_image(img, served.manifest.downsample, "pad")
+    f = served.manifest.downsample
+    img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels, "image", settings.alpha, f)
+    padded = fit_image(img, f, "pad")
+    if max(padded.shape[:2]) // f > MAX_GRID_SIDE:
+        raise errors.ImageTooLarge(f"image is {img.shape[1]}x{img.shape[0]}: its {padded.shape[1] // f}x"
+                                   f"{padded.shape[0] // f} token grid is past the compressed format's "
+                                   f"{MAX_GRID_SIDE} per side")
     (answer,), timing = await state.run_items(served.tokenize, [(padded.shape, padded)])
     ids = answer[0].astype(np.int64)  # tokenize_posterior's ids
     start = time.perf_counter()

@@ -71,7 +71,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
         for i, data in enumerate(payloads):
             name = "image" if len(payloads) == 1 else f"image {i}"
             try:
-                img = decode_image(data, settings.max_image_pixels, name, settings.alpha)
+                img = decode_image(data, settings.max_image_pixels, name, settings.alpha, f)
                 out.append((img.shape[:2], fit_image(img, f, mode, name)))
             except errors.ServiceError as e:
                 out.append(e)
