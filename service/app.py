@@ -43,6 +43,9 @@ from gqtok.service.state import ServiceState
 
 log = logging.getLogger("gqtok.service")
 DOCS_ASSETS = "/docs/static"  # Swagger UI's JavaScript and CSS, served from the fastapi-offline package
+# probes and scrapes are never refused for load: a balancer and a monitor must see an overloaded server as it is
+# (/health/* needs no API key either; /metrics does)
+NOT_LOAD_LIMITED = ("/health/", "/metrics")
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -113,6 +116,8 @@ class Gatekeeper:
             token = given[7:].encode() if given[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, self.api_key):  # constant time whatever the length of the guess
                 return errors.Unauthorized("missing or wrong API key (Authorization: Bearer KEY)"), "unauthorized"
+        if scope["path"].startswith(NOT_LOAD_LIMITED):
+            return None
         if state.draining:
             return errors.ShuttingDown("server is shutting down", headers={"Retry-After": "1"}), "draining"
         if state.inflight >= settings.max_concurrent_requests:

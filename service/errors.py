@@ -43,6 +43,16 @@ class UnsupportedMediaType(ServiceError):
     status, error_type = 415, "unsupported_media_type"
 
 
+class BodyTimeout(ServiceError):
+    status, error_type = 408, "body_timeout"
+
+
+class ClientClosed(ServiceError):
+    """The client went away before its body arrived: nobody reads the answer. Counted under nginx's 499, logged
+    without a traceback: a disconnect is the client's doing, not a server error."""
+    status, error_type = 499, "client_closed_request"
+
+
 class ModelMismatch(ServiceError):
     status, error_type = 409, "model_mismatch"
 

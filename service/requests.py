@@ -3,6 +3,7 @@ from raw, multipart or JSON bodies, and token grids from JSON or npy. Every refu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -10,6 +11,7 @@ import json
 
 import numpy as np
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
 from gqtok.service import errors
@@ -19,17 +21,24 @@ from gqtok.service.served import ServedModel
 from gqtok.service.settings import ServiceSettings
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it passes `limit` bytes, declared or streamed."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refusing (413) as soon as it passes `limit` bytes, declared or streamed, and (408) when it has
+    not all arrived within `timeout_s`; a client that disconnects raises ClientClosed."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise errors.PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise errors.BodyTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
+    except ClientDisconnect:
+        raise errors.ClientClosed(f"the client disconnected after {size} bytes of its body") from None
     request._body = b"".join(chunks)  # starlette's form() re-reads the body from here
     return request._body
 

@@ -64,7 +64,12 @@ class ServiceSettings(BaseSettings):
         "Compress/decompress requests entropy-coding at once (the context prior holds a core for about 0.2 s per "
         "768x512 image)."))
     request_timeout_s: float = Field(60.0, gt=0, description="Seconds per request for queue and inference; past it, 503.")
-    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, seconds that in-flight requests may take to finish.")
+    body_timeout_s: float = Field(10.0, gt=0, description=(
+        "Seconds a request's body may take to arrive; past it, 408 (a slow client holds an in-flight slot no "
+        "longer than this)."))
+    drain_timeout_s: float = Field(30.0, ge=0, description=(
+        "On SIGTERM, seconds from the signal to the exit: in-flight requests may finish within it, then the rest "
+        "are cut (keep it below the orchestrator's grace period: compose gives 40 s)."))
     api_key: SecretStr | None = Field(None, description=(
         "When set, every route but /health/* needs the header 'Authorization: Bearer KEY'."))
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")

@@ -896,3 +896,78 @@ def test_the_pixel_limit_counts_the_padded_image(live_server, tiny_model, start_
     wide = png(np.zeros((1, 530_000, 3), np.uint8))  # a 66,250 wide grid
     r = httpx.post(f"{big.url}/v1/compress", content=wide, headers={"content-type": "image/png"}, timeout=60)
     assert_error(r, 413, "image_too_large", "66250x1 token grid is past the compressed format's 65535 per side")
+
+
+# -- slow and vanishing clients ---------------------------------------------------------------------------------
+def raw_upload(url: str, declared: int, sent: bytes) -> "socket.socket":
+    """A POST /v1/tokenize that declares `declared` body bytes and sends only `sent`: a slow or vanished client."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST /v1/tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {declared}\r\n"
+                 "\r\n".encode() + sent)
+    return sock
+
+
+def read_answer(sock, timeout: float = 10) -> str:
+    """The whole answer on a raw socket: until the connection closes or the declared body is in."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+        if length and len(body) >= length[0]:
+            return data.decode(errors="replace")
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+
+
+def test_a_slow_body_gets_408_and_frees_its_slot_and_metrics_and_health_answer_under_overload(
+        tiny_model, start_server, photos):
+    """Uploads that stall fill the in-flight limit only until body_timeout_s: they get 408; meanwhile /metrics
+    and /health/live answer at once; afterwards the server takes work again."""
+    server = start_server([tiny_model], "--body-timeout-s", "2", "--max-concurrent-requests", "4")
+    start = time.monotonic()
+    stalled = [raw_upload(server.url, 100_000, png(photos[0])[:100]) for _ in range(4)]
+    time.sleep(0.5)
+    busy = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
+    assert_error(busy, 429, "too_many_requests")
+    for path in ("/metrics", "/health/live"):
+        t0 = time.monotonic()
+        assert httpx.get(f"{server.url}{path}", timeout=5).status_code == 200
+        assert time.monotonic() - t0 < 1.0
+    for sock in stalled:
+        answer = read_answer(sock)
+        assert answer.startswith("HTTP/1.1 408") and '"error_type":"body_timeout"' in answer, answer[:300]
+        sock.close()
+    assert time.monotonic() - start < 6
+    ok = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
+    assert ok.status_code == 200
+    assert 'route="/v1/tokenize",status="408"} 4.0' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_a_client_that_disconnects_mid_upload_is_a_client_abort_not_a_500(tiny_model, start_server, photos):
+    server = start_server([tiny_model], "--log-level", "info")
+    for _ in range(3):
+        raw_upload(server.url, 100_000, png(photos[0])[:500]).close()
+    time.sleep(1.0)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'route="/v1/tokenize",status="499"} 3.0' in metrics
+    assert 'status="500"' not in metrics
+    log = server.stop()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
+
+
+def test_shutdown_with_stalled_uploads_ends_within_the_drain_timeout(tiny_model, start_server, photos):
+    server = start_server([tiny_model], "--drain-timeout-s", "8", "--body-timeout-s", "60")
+    stalled = [raw_upload(server.url, 100_000, png(photos[0])[:100]) for _ in range(3)]
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    assert time.monotonic() - t0 < 8.5
+    for sock in stalled:
+        sock.close()

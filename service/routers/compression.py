@@ -34,7 +34,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
                    model: str | None = Query(None, description="Model id (default: the server's default)"),
                    prior: PriorName | None = Query(None, description="Entropy model (default: the model's strongest)")):
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
     if len(payloads) != 1:
@@ -70,7 +70,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
 async def decompress(request: Request, state: ServiceState = Depends(get_state)):
     """The model is the one the stream's header names (it must be loaded)."""
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     kind = media_type(request)
     if kind not in (COMPRESSED, OCTET):
         raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "

@@ -54,7 +54,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
                        "JSON answers also give each token's KL to N(0, I) in bits (kl_bits) and the mean of its "
                        "posterior sigmas (sigma_mean), grids like tokens"))):
     settings = state.settings  # one raw image meets a full queue in app.Gatekeeper, before its body is read
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
     mode = (options.fit or options.resize or fit or resize or Fit.pad).value
@@ -135,7 +135,7 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
     # millions of Python objects
     json_limit = json_tokens_limit(state.models.values(), settings.max_image_pixels, settings.max_images_per_request)
     body = await read_body(request, min(settings.max_body_bytes, json_limit) if kind == "application/json"
-                           else settings.max_body_bytes)
+                           else settings.max_body_bytes, settings.body_timeout_s)
     size = [int(v) for v in image_size.split(",")] if image_size is not None else None
     if kind == NPY:
         try:
