@@ -11,10 +11,12 @@ is bounded: past `max_queue` waiting items, `submit` raises QueueFull (429).
 A batch that raises is run again item by item, so that only the items that fail
 on their own get an error (500 inference_failed); the server stays up.
 
-Health: after FAILURES_UNTIL_UNHEALTHY inference calls in a row fail on their own (a sticky runtime fault,
-not one bad input), the batcher is unhealthy: its waiting items fail at once (503 not_ready), the model reports
-not ready, and every PROBE_INTERVAL_S the worker runs `probe` (a tiny inference); the first that succeeds
-makes it healthy again.
+Health: an item that fails on its own is followed by `probe` (a tiny inference on a known-good input): if the
+probe succeeds the runtime is fine and the item was bad (bad inputs never make the model unhealthy); if it fails
+too, that counts. After FAILURES_UNTIL_UNHEALTHY such failures in a row (a sticky runtime fault) the batcher is
+unhealthy: its waiting items fail at once (503 not_ready), the model reports not ready, and every
+PROBE_INTERVAL_S the worker runs `probe`; the first that succeeds makes it healthy again. A batch whose worker
+is cancelled (the server stopping) fails its items rather than leave their requests waiting.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class Batcher:
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.max_batch_pixels, self.pixels_of = max_batch_pixels, pixels_of  # pixels_of(key): pixels of one item
         self.on_batch = on_batch
+        # measured seconds of inference per pixel (an average over the recent batches): what backlog_s predicts
+        # from; None until a batch ran
+        self.seconds_per_pixel: float | None = None
         self.pending: list[_Item] = []
         self.reserved = 0  # slots held by admitted requests whose items are not queued yet (ServiceState.reserve)
         # worker_nice: the worker thread's nice value (runtime.set_thread_nice); onnxruntime's calling thread
@@ -142,6 +147,23 @@ class Batcher:
         item.future.add_done_callback(lambda f, it=item: setattr(it, "cancelled", f.cancelled()))
         return item.future
 
+    def work_s(self, keys: list[tuple]) -> float | None:
+        """Seconds of inference that items of these keys need at the measured rate; None before any measurement,
+        or when items have no pixel count."""
+        if self.seconds_per_pixel is None or self.pixels_of is None:
+            return None
+        return sum(map(self.pixels_of, keys)) * self.seconds_per_pixel
+
+    def backlog_s(self, keys: list[tuple] = ()) -> float | None:
+        """work_s of the waiting items and of `keys` (items about to be queued behind them)."""
+        return self.work_s([it.key for it in self.pending if not it.cancelled] + list(keys))
+
+    def _learn_rate(self, batch: list[_Item], seconds: float) -> None:
+        if self.pixels_of is None:
+            return
+        rate = seconds / max(1, sum(self.pixels_of(it.key) for it in batch))
+        self.seconds_per_pixel = rate if self.seconds_per_pixel is None else 0.8 * self.seconds_per_pixel + 0.2 * rate
+
     def batch_limit(self, key: tuple) -> int:
         """Items of this shape per batch: max_batch_size, fewer where their pixels pass max_batch_pixels."""
         if self.max_batch_pixels is None or self.pixels_of is None:
@@ -150,6 +172,42 @@ class Batcher:
 
     def _same_key(self, key: tuple) -> int:
         return sum(1 for it in self.pending if it.key == key and not it.cancelled)
+
+    async def _run(self, loop, batch: list[_Item]) -> list | None:
+        """Outputs of a batch (None where an item failed, which is failed), or None if the whole batch failed."""
+        start = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self.executor, self.run_batch, np.stack([it.payload for it in batch]))
+            self._record(True)
+            self._learn_rate(batch, time.perf_counter() - start)
+            return out
+        except Exception as e:
+            log.exception("%s batch of %d failed", self.name, len(batch))
+            if len(batch) == 1:
+                await self._failed_alone(loop, batch[0], e)
+                return None
+        # One bad item must not fail its neighbours: run the batch again one item at a time, so only the items
+        # that fail alone fail (a token's result does not depend on its batch).
+        out = []
+        for it in batch:
+            try:
+                out.append((await loop.run_in_executor(self.executor, self.run_batch, it.payload[None]))[0])
+                self._record(True)
+            except Exception as e_item:
+                await self._failed_alone(loop, it, e_item)
+                out.append(None)
+        return out
+
+    async def _failed_alone(self, loop, item: _Item, e: Exception) -> None:
+        """Count the failure against the runtime's health only if the probe fails too; then fail the item (its
+        request is answered once the server's health says what it is)."""
+        try:
+            if self.probe is None:
+                raise e
+            await loop.run_in_executor(self.executor, self.probe)
+        except Exception:
+            self._record(False)
+        fail(item, e)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -177,25 +235,14 @@ class Batcher:
             self.pending = [it for it in self.pending if id(it) not in taken]
             start = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self.executor, self.run_batch, np.stack([it.payload for it in batch]))
-                self._record(True)
-            except Exception as e:
-                log.exception("%s batch of %d failed", self.name, len(batch))
-                if len(batch) == 1:
-                    self._record(False)
-                    fail(batch[0], e)
-                    continue
-                # One bad item must not fail its neighbours: run the batch again one item at a time, so
-                # only the items that fail alone fail (a token's result does not depend on its batch).
-                out = []
+                out = await self._run(loop, batch)
+            except asyncio.CancelledError:
                 for it in batch:
-                    try:
-                        out.append((await loop.run_in_executor(self.executor, self.run_batch, it.payload[None]))[0])
-                        self._record(True)
-                    except Exception as e_item:
-                        self._record(False)
-                        fail(it, e_item)
-                        out.append(None)
+                    if not it.future.done():
+                        it.future.set_exception(InferenceFailed("server stopped while this item ran"))
+                raise
+            if out is None:
+                continue
             timing_end = time.perf_counter()
             for i, it in enumerate(batch):
                 if not it.future.done() and out[i] is not None:

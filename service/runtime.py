@@ -73,7 +73,7 @@ def share_threads(threads: int, nice: int = 0) -> bool:
 
     def make_pools():
         set_thread_nice(nice)
-        ort.set_global_thread_pool_sizes(threads or (os.cpu_count() or 1), 1)
+        ort.set_global_thread_pool_sizes(threads or default_threads(), 1)
         # a ThreadPoolExecutor starts a thread in the caller of submit() while none is idle: tasks that wait for
         # each other make all of the search pool's threads here
         search_threads = threads or default_threads()

@@ -186,6 +186,8 @@ class ModelList(BaseModel):
 class Ready(BaseModel):
     ready: bool
     draining: bool
+    saturated: bool = Field(description="Every in-flight slot taken, or a model's queue full: new work would be "
+                                        "refused now, so a balancer should send it elsewhere.")
     models: dict[str, bool]
 
 

@@ -34,6 +34,12 @@ class ServiceState:
     draining: bool = False
     inflight: int = 0
 
+    @property
+    def saturated(self) -> bool:
+        """New work would be refused now: every in-flight slot taken, or a queue full."""
+        full = any(b.depth + b.reserved >= b.max_queue for m in self.models.values() for b in (m.tokenize, m.detokenize))
+        return full or self.inflight >= self.settings.max_concurrent_requests
+
     def model(self, model_id: str | None) -> ServedModel:
         """The loaded, warmed-up model a request names (None: the default); 404 or 503 otherwise."""
         mid = model_id or self.default
@@ -78,9 +84,19 @@ class ServiceState:
         """Queue every item of one request (its reserved slot, if any, becomes one of them), wait for all under
         the request timeout; worst timing of the lot."""
         self.admit(batcher, len(items), scope)
+        timeout = self.settings.request_timeout_s
+        keys = [key for key, _ in items]
+        own, backlog = batcher.work_s(keys), batcher.backlog_s(keys)
+        if own is not None and own > timeout:  # alone it would time out: not worth a retry
+            raise errors.PayloadTooLarge(f"these {len(items)} items need about {own:.1f} s of inference at "
+                                         f"{batcher.name}'s measured rate, past the request timeout of {timeout:g} s; "
+                                         "send fewer or smaller ones per request")
+        if backlog is not None and backlog > timeout:  # it would time out in the queue: refuse it now, cheaply
+            raise errors.QueueFull(f"{batcher.name} has about {backlog:.1f} s of work queued with these items, past "
+                                   f"the request timeout of {timeout:g} s; retry later or send less at once",
+                                   headers={"Retry-After": str(max(1, round(backlog - timeout)))})
         self.unreserve(scope)
         futures = [batcher.submit(key, payload) for key, payload in items]
-        timeout = self.settings.request_timeout_s
         try:
             done = await asyncio.wait_for(asyncio.gather(*futures), timeout)
         except TimeoutError:

@@ -939,6 +939,8 @@ def test_a_slow_body_gets_408_and_frees_its_slot_and_metrics_and_health_answer_u
         t0 = time.monotonic()
         assert httpx.get(f"{server.url}{path}", timeout=5).status_code == 200
         assert time.monotonic() - t0 < 1.0
+    ready = httpx.get(f"{server.url}/health/ready")  # saturated: a balancer should send work elsewhere
+    assert ready.status_code == 503 and ready.json()["saturated"] is True
     for sock in stalled:
         answer = read_answer(sock)
         assert answer.startswith("HTTP/1.1 408") and '"error_type":"body_timeout"' in answer, answer[:300]
@@ -947,6 +949,8 @@ def test_a_slow_body_gets_408_and_frees_its_slot_and_metrics_and_health_answer_u
     ok = httpx.post(f"{server.url}/v1/tokenize", content=png(photos[0]), headers={"content-type": "image/png"})
     assert ok.status_code == 200
     assert 'route="/v1/tokenize",status="408"} 4.0' in httpx.get(f"{server.url}/metrics").text
+    assert httpx.get(f"{server.url}/health/ready").json() | {"models": None} == {
+        "ready": True, "draining": False, "saturated": False, "models": None}
 
 
 def test_a_client_that_disconnects_mid_upload_is_a_client_abort_not_a_500(tiny_model, start_server, photos):

@@ -40,6 +40,7 @@ import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -62,9 +63,18 @@ def coordinate_maxima(features: np.ndarray, low: np.ndarray, high: np.ndarray) -
     return np.where(a < 0, np.maximum(a * peak * peak + b * peak, ends), ends)
 
 
-def default_threads() -> int:
-    """One per core this process may run on."""
-    return len(os.sched_getaffinity(0))
+def default_threads(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """One per core this process may use: the cores it may run on, capped by a container's CPU quota (cgroup v2
+    cpu.max "QUOTA PERIOD", rounded up), so that a container limited to 2 CPUs on a 64-core host starts 2
+    threads per pool, not 64."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 @functools.cache  # one pool per size for the process: more models (more trees) add no threads

@@ -23,8 +23,10 @@ async def live():
             responses={503: {"model": Ready, "description": "not ready yet, or draining"}})
 async def ready(state: ServiceState = Depends(get_state)):
     models = {mid: m.ready for mid, m in state.models.items()}
-    ok = bool(models) and all(models.values()) and not state.draining
-    return JSONResponse({"ready": ok, "draining": state.draining, "models": models}, status_code=200 if ok else 503)
+    saturated = state.saturated
+    ok = bool(models) and all(models.values()) and not state.draining and not saturated
+    return JSONResponse({"ready": ok, "draining": state.draining, "saturated": saturated, "models": models},
+                        status_code=200 if ok else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
