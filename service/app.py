@@ -91,6 +91,9 @@ def apply_memory_budget(state: ServiceState) -> None:
     settings = state.settings
     state.memory = memory.plan(settings.max_memory_mb, {mid: m.runtime for mid, m in state.models.items()})
     limits = state.memory.limits(settings.max_image_pixels, settings.max_batch_pixels)
+    # what inference can take at its peak is bounded by the batch pixels; the rest of the budget is the requests'
+    state.request_memory = memory.RequestMemory(
+        state.memory.budget_bytes - state.memory.predicted_peak_bytes(limits["max_batch_pixels"]))
     state.settings = settings.model_copy(update=limits)
     for model in state.models.values():
         model.tokenize.max_batch_pixels = model.detokenize.max_batch_pixels = limits["max_batch_pixels"]
@@ -124,7 +127,19 @@ class Gatekeeper:
             return errors.TooManyRequests(f"{state.inflight} requests in flight, the limit is "
                                           f"{settings.max_concurrent_requests}; retry later",
                                           headers={"Retry-After": "1"}), "overloaded"
-        return self.queue_refusal(scope)
+        return self.memory_refusal(scope) or self.queue_refusal(scope)
+
+    def memory_refusal(self, scope) -> tuple[errors.ServiceError, str] | None:
+        """A declared body that does not fit the request memory now: refused before a byte of it is read (a body
+        without a length takes its memory as it arrives, in requests.read_body)."""
+        declared = Headers(scope=scope).get("content-length", "")
+        if self.state.request_memory is None or scope["method"] != "POST" or not declared.isdigit():
+            return None
+        try:
+            self.state.hold(scope, memory.BODY_COPIES * int(declared), "the request body")
+        except errors.ServiceError as e:
+            return e, "memory"
+        return None
 
     def queue_refusal(self, scope) -> tuple[errors.ServiceError, str] | None:
         """One raw image to /v1/tokenize (its count known from the headers) when its model's queue is full: the
@@ -172,6 +187,8 @@ class Gatekeeper:
         finally:
             self.state.inflight -= 1
             self.state.unreserve(scope)  # a request that ended before queuing its image
+            if self.state.request_memory is not None:
+                self.state.request_memory.release(scope)
             if not started:  # raised before answering: Starlette's error handler answers 500
                 metrics.count_request(route_of(scope), 500)
 

@@ -58,6 +58,18 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image", alpha: str =
         raise InvalidImage(f"{name} could not be decoded (truncated or corrupt): {e}") from None
 
 
+def padded_pixels(data: bytes, multiple: int) -> int:
+    """Pixels of an encoded image once padded to multiples of `multiple`, from its header alone; 0 when the
+    header cannot be read (decode_image then says what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception:
+        return 0
+    ph, pw = layout.padded_size(h, w, multiple)
+    return ph * pw
+
+
 def fit_image(img: np.ndarray, f: int, mode: str, name: str = "image") -> np.ndarray:
     """gqtok.core.layout.fit_to_grid (the contract's pad rule), its refusals as 422 invalid_image."""
     try:

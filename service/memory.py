@@ -173,3 +173,42 @@ def plan(budget_mb: float, runtimes: dict) -> MemoryPlan:
     log.info("memory budget %g MiB: %.0f MiB resident when ready, calls %.0f MiB + %.0f bytes per pixel; batches "
              "up to %d pixels", budget_mb, ready / MIB, fixed / MIB, per_pixel, pixels)
     return result
+
+
+# -- what requests hold outside inference ---------------------------------------------------------------------
+# Bytes a request holds per byte or pixel of what it sends or asks for, until it ends (estimates that err high):
+BODY_COPIES = 2  # a body as its chunks arrive and joined into one bytes object
+JSON_IMAGE_COPIES = 2  # a JSON body of base64 images: the parsed strings and the decoded files, beside the body
+JSON_TOKEN_BYTES = 24  # a JSON body of token grids, parsed: a Python int and a list slot (36 B) per 2-12 body bytes
+IMAGE_BYTES_PER_PIXEL = 9  # an image decoded or to be answered: RGB, its padded or cropped copy, its encoded answer
+
+
+class RequestMemory:
+    """One account of the bytes that requests hold outside inference: bodies as they arrive, parsed JSON,
+    decoded images waiting in the queue, answers being encoded. A request takes what it will hold before it reads
+    or decodes it and gives it all back when it ends (app.Gatekeeper); what does not fit is refused at once: 429
+    while others hold the memory, 413 when it could never fit. Inference's own working memory is bounded apart,
+    by the batch pixels of the MemoryPlan; this account gets what the plan leaves of the budget."""
+
+    SCOPE_KEY = "gqtok.memory"  # the bytes a request holds, in its ASGI scope
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.held = int(budget_bytes), 0
+
+    def take(self, scope: dict, n: int, what: str) -> None:
+        from gqtok.service import errors
+
+        n, own = int(n), scope.get(self.SCOPE_KEY, 0)
+        if own + n > self.budget:  # not even alone: not worth a retry
+            raise errors.PayloadTooLarge(f"{what} needs about {n / MIB:.0f} MiB of memory beside the "
+                                         f"{own / MIB:.0f} MiB this request holds; this server has "
+                                         f"{self.budget / MIB:.0f} MiB for requests (--max-memory-mb)")
+        if self.held + n > self.budget:
+            raise errors.TooManyRequests(f"{what} needs about {n / MIB:.1f} MiB of memory; requests in flight hold "
+                                         f"{self.held / MIB:.0f} of {self.budget / MIB:.0f} MiB; retry later",
+                                         headers={"Retry-After": "1"})
+        self.held += n
+        scope[self.SCOPE_KEY] = scope.get(self.SCOPE_KEY, 0) + n
+
+    def release(self, scope: dict) -> None:
+        self.held -= scope.pop(self.SCOPE_KEY, 0)

@@ -11,19 +11,23 @@ import json
 
 import numpy as np
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
 from gqtok.service import errors
 from gqtok.service.images import MEDIA_TYPES
+from gqtok.service.memory import BODY_COPIES
 from gqtok.service.schemas import NPY, TokenizeRequest
 from gqtok.service.served import ServedModel
 from gqtok.service.settings import ServiceSettings
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float, hold=None) -> bytes:
     """The body, refusing (413) as soon as it passes `limit` bytes, declared or streamed, and (408) when it has
-    not all arrived within `timeout_s`; a client that disconnects raises ClientClosed."""
+    not all arrived within `timeout_s`; a client that disconnects raises ClientClosed. hold(n): takes the memory
+    of n more bytes of a body whose length was not declared, as they arrive (a declared one took it at the door:
+    app.Gatekeeper.memory_refusal)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise errors.PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
@@ -34,6 +38,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                if hold is not None and not declared:
+                    hold(BODY_COPIES * len(chunk))
                 chunks.append(chunk)
     except TimeoutError:
         raise errors.BodyTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
@@ -94,17 +100,22 @@ async def image_payloads(request: Request, body: bytes,
             raise errors.InvalidRequest("multipart 'image' parts must be files")
         return [await p.read() for p in files], no_options
     if kind == "application/json":
-        req = parse_json(body, TokenizeRequest)
-        out = []
-        for i, s in enumerate(req.images):
-            try:
-                out.append(base64.b64decode(s, validate=True))
-            except (binascii.Error, ValueError):
-                raise errors.InvalidImage(f"images[{i}] is not valid base64") from None
-        return out, req
+        return await run_in_threadpool(json_images, body)  # parsing and base64 off the event loop
     raise errors.UnsupportedMediaType(
         f"content type {kind or '(none)'} is not accepted; send image/png, image/jpeg, image/webp, "
         "multipart/form-data or application/json")
+
+
+def json_images(body: bytes) -> tuple[list[bytes], TokenizeRequest]:
+    """A JSON tokenize body -> (the decoded image files, its options)."""
+    req = parse_json(body, TokenizeRequest)
+    out = []
+    for i, s in enumerate(req.images):
+        try:
+            out.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise errors.InvalidImage(f"images[{i}] is not valid base64") from None
+    return out, req
 
 
 def json_tokens_limit(models, max_pixels: int, max_grids: int) -> int:

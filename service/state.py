@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from gqtok.core.bitstream import BitstreamError
 from gqtok.service import errors
 from gqtok.service.batcher import Batcher, Timing
-from gqtok.service.memory import MemoryPlan
+from gqtok.service.images import padded_pixels
+from gqtok.service.memory import IMAGE_BYTES_PER_PIXEL, JSON_IMAGE_COPIES, MemoryPlan, RequestMemory
 from gqtok.service.metrics import ServiceMetrics
 from gqtok.service.served import ServedModel
 from gqtok.service.settings import ServiceSettings
@@ -31,8 +33,30 @@ class ServiceState:
     models: dict[str, ServedModel] = field(default_factory=dict)
     default: str | None = None
     memory: MemoryPlan | None = None  # with max_memory_mb: the measured memory model and the limits it set
+    request_memory: RequestMemory | None = None  # with max_memory_mb: what requests hold outside inference
     draining: bool = False
     inflight: int = 0
+
+    def hold(self, scope: dict, n: int, what: str) -> None:
+        """Take n bytes of the request memory for this request (nothing without a memory budget); 429 or 413."""
+        if self.request_memory is not None and n > 0:
+            self.request_memory.take(scope, n, what)
+
+    def body_holder(self, scope: dict):
+        """read_body's `hold`: a body without a declared length takes its memory as it arrives."""
+        return None if self.request_memory is None else lambda n: self.hold(scope, n, "the request body")
+
+    async def hold_parsed(self, scope: dict, kind: str, body: bytes) -> None:
+        """The memory of a body's parsed form (JSON objects, multipart parts) before it is parsed."""
+        copies = {"application/json": JSON_IMAGE_COPIES, "multipart/form-data": 1}.get(kind, 0)
+        self.hold(scope, copies * len(body), f"the parsed {kind} body")
+
+    async def hold_images(self, scope: dict, payloads: list[bytes], multiple: int) -> None:
+        """The memory of decoding these images (from their headers, before a pixel is decoded)."""
+        if self.request_memory is None:
+            return
+        pixels = await run_in_threadpool(lambda: sum(padded_pixels(d, multiple) for d in payloads))
+        self.hold(scope, IMAGE_BYTES_PER_PIXEL * pixels, f"decoding {len(payloads)} image(s) of {pixels} pixels")
 
     @property
     def saturated(self) -> bool:

@@ -75,3 +75,30 @@ def test_too_small_a_budget_stops_the_server_with_the_figure_it_needs(tiny_model
     assert out.returncode != 0
     text = out.stdout + out.stderr
     assert "--max-memory-mb 20 is too small" in text and "one 64x64 image needs at least" in text, text[-2000:]
+
+
+def test_request_memory_refuses_what_does_not_fit_and_gives_it_back(tiny_model, start_server):
+    """Concurrent JSON bodies of many images, each needing most of the request memory: those that do not fit get
+    429 (memory) before they are parsed or decoded, the server's peak resident memory stays under its budget, and
+    once they are done the memory is free again."""
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = start_server([tiny_model], "--max-memory-mb", "700", "--max-concurrent-requests", "64")
+    info = httpx.get(f"{server.url}/info").json()["memory"]
+    assert 0 < info["requests_mb"] < 700 and info["requests_held_mb"] == 0
+    body = {"images": [base64.b64encode(png(600)).decode()] * 8}  # about 11.5 MB of JSON, 8 x 360,000 pixels
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/tokenize", json=body, timeout=120), range(12)))
+    statuses = sorted(r.status_code for r in answers)
+    assert 200 in statuses and set(statuses) <= {200, 429}, statuses
+    refused = [r.json() for r in answers if r.status_code == 429]
+    assert refused and all("memory" in r["error"] for r in refused), refused[:2]
+    peak_mib = memory.status_kib("VmHWM", server.proc.pid) / 1024
+    assert peak_mib < 700, peak_mib
+    assert httpx.get(f"{server.url}/info").json()["memory"]["requests_held_mb"] == 0
+    alone = httpx.post(f"{server.url}/v1/tokenize", json=body, timeout=120)
+    assert alone.status_code == 200
+    too_big = {"images": [base64.b64encode(png(600)).decode()] * 16}  # could never fit: 413, not a retry
+    r = httpx.post(f"{server.url}/v1/tokenize", json=too_big, timeout=120)
+    assert r.status_code == 413 and "MiB for requests" in r.json()["error"], r.text

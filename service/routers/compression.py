@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from gqtok.core.bitstream import MAX_GRID_SIDE, BitstreamError, Header
 from gqtok.service import errors
 from gqtok.service.images import decode_image, png_bytes, fit_image
+from gqtok.service.memory import IMAGE_BYTES_PER_PIXEL
 from gqtok.service.requests import image_payloads, media_type, npy_bytes, read_body, wants_npy
 from gqtok.service.routers.tokens import IMAGE_BODY, RESPONSE_HEADERS
 from gqtok.service.schemas import COMPRESSED, NPY, OCTET, PNG, PriorName, binary, request_body
@@ -34,7 +35,8 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
                    model: str | None = Query(None, description="Model id (default: the server's default)"),
                    prior: PriorName | None = Query(None, description="Entropy model (default: the model's strongest)")):
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, state.body_holder(request.scope))
+    await state.hold_parsed(request.scope, media_type(request), body)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
     if len(payloads) != 1:
@@ -45,6 +47,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
                                     f"choose from {', '.join(served.compressor.priors)}")
     state.admit(served.tokenize, 1)  # a full queue refuses before the image is decoded
     f = served.manifest.downsample
+    await state.hold_images(request.scope, payloads, f)
     img = await run_in_threadpool(decode_image, payloads[0], settings.max_image_pixels, "image", settings.alpha, f)
     padded = fit_image(img, f, "pad")
     if max(padded.shape[:2]) // f > MAX_GRID_SIDE:
@@ -70,7 +73,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
 async def decompress(request: Request, state: ServiceState = Depends(get_state)):
     """The model is the one the stream's header names (it must be loaded)."""
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, state.body_holder(request.scope))
     kind = media_type(request)
     if kind not in (COMPRESSED, OCTET):
         raise errors.UnsupportedMediaType(f"content type {kind or '(none)'} is not accepted; "
@@ -84,6 +87,7 @@ async def decompress(request: Request, state: ServiceState = Depends(get_state))
     if hh * ww > settings.max_image_pixels:
         raise errors.ImageTooLarge(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is "
                                    f"{settings.max_image_pixels}")
+    state.hold(request.scope, IMAGE_BYTES_PER_PIXEL * hh * ww, "the decoded image")
     start = time.perf_counter()
     ids, _ = await state.run_coding(served.compressor.decompress, body, settings.max_image_pixels)
     coding_ms = 1e3 * (time.perf_counter() - start)

@@ -54,5 +54,7 @@ async def info(state: ServiceState = Depends(get_state)):
         "limits": {k: getattr(settings, k) for k in (
             "max_batch_size", "max_batch_pixels", "max_queue_delay_ms", "max_queue_size", "max_images_per_request",
             "max_body_bytes", "max_image_pixels", "request_timeout_s", "max_concurrent_requests", "max_memory_mb")},
-        "memory": state.memory.info() if state.memory else None,
+        "memory": state.memory.info() | {"requests_mb": round(state.request_memory.budget / 2**20, 1),
+                                         "requests_held_mb": round(state.request_memory.held / 2**20, 1)}
+        if state.memory else None,
     }

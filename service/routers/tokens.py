@@ -18,6 +18,7 @@ from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeRespon
                                    MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
 from gqtok.service.schemas import errors as error_responses
 from gqtok.service.batcher import Timing
+from gqtok.service.memory import IMAGE_BYTES_PER_PIXEL, JSON_TOKEN_BYTES
 from gqtok.service.state import ServiceState, get_state, response_headers
 
 router = APIRouter(prefix="/v1", tags=["tokens"])
@@ -54,7 +55,8 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
                        "JSON answers also give each token's KL to N(0, I) in bits (kl_bits) and the mean of its "
                        "posterior sigmas (sigma_mean), grids like tokens"))):
     settings = state.settings  # one raw image meets a full queue in app.Gatekeeper, before its body is read
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, state.body_holder(request.scope))
+    await state.hold_parsed(request.scope, media_type(request), body)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
     mode = (options.fit or options.resize or fit or resize or Fit.pad).value
@@ -65,6 +67,7 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
                                     f"{settings.max_images_per_request}")
     f = served.manifest.downsample
     state.admit(served.tokenize, len(payloads), request.scope)  # a full queue refuses before any decoding
+    await state.hold_images(request.scope, payloads, f)  # and so does a full memory
 
     def decode_all():  # off the event loop: decoding can take milliseconds per image
         out = []
@@ -135,7 +138,7 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
     # millions of Python objects
     json_limit = json_tokens_limit(state.models.values(), settings.max_image_pixels, settings.max_images_per_request)
     body = await read_body(request, min(settings.max_body_bytes, json_limit) if kind == "application/json"
-                           else settings.max_body_bytes, settings.body_timeout_s)
+                           else settings.max_body_bytes, settings.body_timeout_s, state.body_holder(request.scope))
     size = [int(v) for v in image_size.split(",")] if image_size is not None else None
     if kind == NPY:
         try:
@@ -143,6 +146,7 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
         except Exception:
             raise errors.InvalidTokens("body is not a valid .npy array") from None
     elif kind == "application/json":
+        state.hold(request.scope, JSON_TOKEN_BYTES * len(body), "the parsed JSON token grids")
         req = await run_in_threadpool(parse_json, body, DetokenizeRequest)  # off the event loop
         tokens, model = req.tokens, req.model or model
         size = req.image_size if req.image_size is not None else size
@@ -159,6 +163,8 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
     grids, single = await run_in_threadpool(parse_tokens, tokens, served, settings.max_image_pixels,
                                             settings.max_images_per_request)
     f = served.manifest.downsample
+    b, _, h, w = grids.shape
+    state.hold(request.scope, IMAGE_BYTES_PER_PIXEL * b * h * w * f * f, f"{b} decoded image(s)")
     if size is not None:
         if min(size) < 1:
             raise errors.InvalidRequest("image_size must be [H, W], two positive integers")
