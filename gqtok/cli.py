@@ -145,7 +145,7 @@ def cmd_eval(args) -> None:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1))
-        keep = ("images", "bpp", "tokens", "jpeg", "webp", "psnr_gap_to_jpeg", "psnr_gap_to_webp")
+        keep = ("images", "bpp", "tokens", "jpeg", "webp", "psnr_gap_to_jpeg", "psnr_gap_to_webp", "failed")
         print(json.dumps({size: {k: r[k] for k in keep if k in r} | {"per_source_psnr": {
             s: round(v["tokens"]["psnr"], 2) for s, v in r["per_source"].items()}} for size, r in results.items()},
             indent=1))

@@ -74,3 +74,15 @@ def test_classic_codecs_stay_under_the_target_rate(photos_dir):
         assert bpp <= 0.5 and decoded.shape == img.shape and 1 <= quality <= 95
         _, higher, q2 = classic_at_bpp(img, fmt, 2.0)
         assert higher > bpp and q2 > quality
+
+
+def test_an_unreadable_photo_is_listed_and_the_others_are_measured(tiny_model, own_photos, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(own_photos, folder)
+    (folder / "broken.jpg").write_bytes((folder / "holiday-0.jpg").read_bytes()[:300])
+    out = tmp_path / "eval.json"
+    summary = run_eval(capsys, str(tiny_model), "--photos", str(folder), "--split", "all", "--size", "64", "96",
+                       "--json", str(out))
+    r = json.loads(out.read_text())["64x96"]
+    assert r["images"] == 4 and [f["image"] for f in r["failed"]] == [str(folder / "broken.jpg")]
+    assert "OSError" in r["failed"][0]["error"] and summary["64x96"]["failed"] == r["failed"]

@@ -222,19 +222,24 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
     tokenize(uint8 [1, H, W, 3]) -> ids [1, T, h, w] and detokenize(ids) -> uint8 [1, H, W, 3] (an exported model's
     runtime, a server's client, a run's torch model), PSNR / SSIM / MS-SSIM of the tokens' reconstruction, and
     JPEG and WebP at the same bpp on the same crops. Results overall and per source (gqtok.photos.source_of).
-    png_out: a grid of the first photo of each source (up to 8): original | tokens | JPEG at the same bpp."""
+    png_out: a grid of the first photo of each source (up to 8): original | tokens | JPEG at the same bpp.
+    A photo that cannot be read or tokenized is listed under "failed" with its reason; the others are measured."""
     from tqdm import tqdm
 
     h, w = size
-    rows, skipped, grid_rows = [], [], {}
+    rows, skipped, failed, grid_rows = [], [], [], {}
     for path in tqdm(paths, desc=f"eval {name} {h}x{w}", disable=not progress, leave=False):
-        img = photo_files.load_rgb(path)
-        if img.shape[0] < h or img.shape[1] < w:
-            skipped.append(str(path))
+        try:
+            img = photo_files.load_rgb(path)
+            if img.shape[0] < h or img.shape[1] < w:
+                skipped.append(str(path))
+                continue
+            crop = np.ascontiguousarray(photo_files.center_crop(img, size))
+            ids = np.asarray(tokenize(crop[None]))
+            recon = np.asarray(detokenize(ids))[0]
+        except Exception as e:  # an unreadable file, a server's refusal: this photo only
+            failed.append({"image": str(path), "error": f"{type(e).__name__}: {e}"})
             continue
-        crop = np.ascontiguousarray(photo_files.center_crop(img, size))
-        ids = np.asarray(tokenize(crop[None]))
-        recon = np.asarray(detokenize(ids))[0]
         bpp = ids[0].size * bits_per_token / (h * w)
         row = {"image": str(path), "source": photo_files.source_of(path), "bpp": bpp,
                "tokens": image_metrics(crop, recon)}
@@ -246,7 +251,8 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
                     grid_rows[row["source"]] = np.concatenate([crop, recon, decoded], axis=1)
         rows.append(row)
     if not rows:
-        raise ValueError(f"no photo of at least {h}x{w} among the {len(paths)} given")
+        reasons = f"; {len(failed)} failed, the first: {failed[0]['error']}" if failed else ""
+        raise ValueError(f"no photo of at least {h}x{w} among the {len(paths)} given{reasons}")
     kinds = ["tokens"] + (["jpeg", "webp"] if classic else [])
 
     def summary(group: list[dict]) -> dict:
@@ -263,7 +269,7 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
     sources = sorted({r["source"] for r in rows})
     return {"model": name, "image_size": [h, w], "bits_per_token": bits_per_token, **summary(rows),
             "per_source": {s: summary([r for r in rows if r["source"] == s]) for s in sources},
-            "skipped_smaller_than_crop": skipped, "per_image": rows}
+            "skipped_smaller_than_crop": skipped, "failed": failed, "per_image": rows}
 
 
 def run_tokenizer(run_dir: Path, device: str = "cpu"):
