@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data/endless-sky
 
-.PHONY: serve test setup data clean
+.PHONY: serve test test-fast setup data clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,7 @@ data: setup
 # builds the images, runs pytest with GQTOK_IMAGE_TAG set, and stops the engine it started. IMAGES=0 skips that
 # (the image tests then skip, saying why); under CI=true an engine that cannot be had fails the run.
 IMAGES ?= 1
-PYTEST := GQTOK_DATA=$(DATA) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+PYTEST := GQTOK_DATA=$(DATA) $(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test: setup data
 ifeq ($(IMAGES),1)
@@ -33,6 +33,10 @@ ifeq ($(IMAGES),1)
 else
 	$(PYTEST)
 endif
+
+# The edit-test loop: everything not marked slow (no model trained, no server started, no images); minutes.
+test-fast: setup data
+	GQTOK_DATA=$(DATA) $(BIN)/python -m pytest -q -ra -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 serve: setup
 	$(BIN)/gqtok serve $(SERVE_ARGS)

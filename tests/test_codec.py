@@ -37,6 +37,7 @@ def tiny_codec(tiny_run, small_photos, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_codec_starts_from_the_gaussian_vae_it_names(tiny_run, tiny_codec):
     source = load_weights(tiny_run)[1]
     model, config = load_run(tiny_codec)
@@ -50,6 +51,7 @@ def test_codec_starts_from_the_gaussian_vae_it_names(tiny_run, tiny_codec):
     assert (gains[1:] > gains[:-1]).float().mean() > 0.8  # a higher lambda keeps more of the latent
 
 
+@pytest.mark.slow
 def test_rate_rises_with_lambda_when_coding(tiny_codec, small_photos):
     from gqtok.training import data as photo_data
 
@@ -66,6 +68,7 @@ def test_rate_rises_with_lambda_when_coding(tiny_codec, small_photos):
     assert errors[0] > errors[2]
 
 
+@pytest.mark.slow
 def test_codec_resume_continues_exactly(tiny_run, small_photos, tmp_path):
     kw = dict(data=small_photos, preset="tiny", progress=False)
     settings = {"quantizer": "uniform", "rate_lambdas": (0.01, 0.1), "init_from": str(tiny_run), "image_every": 0}
@@ -79,6 +82,7 @@ def test_codec_resume_continues_exactly(tiny_run, small_photos, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_codec_refuses_a_source_that_is_not_its_network(tiny_run, small_photos, tmp_path):
     with pytest.raises(ValueError, match="model settings cannot change"):
         train(tmp_path / "c", small_photos, "tiny", {"quantizer": "uniform", "init_from": str(tiny_run),
