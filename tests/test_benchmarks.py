@@ -173,3 +173,20 @@ def test_bulk_benchmark_compares_the_local_engine_with_the_ceiling(tiny_model, s
         steady / result["ceiling_images_per_s"], abs=2e-3)
     assert local["hours_per_million"] == pytest.approx((local["first_shard_s"] + 1e6 / steady) / 3600, abs=0.06)
     assert json.loads(out.read_text())["local"] == local
+
+
+def test_hostile_clients_stay_within_the_memory_budget(tmp_path):
+    """The hostile shapes (--quick) at the default model under compose's 1740 MiB budget and a refused flood at
+    800: peak memory under each budget, no 5xx, probes never fail, well-formed requests right or refused.
+    (The probes' latencies are the benchmark's to report, not a test's to time.)"""
+    from benchmarks import hostile
+
+    result = hostile.main(["--quick", "--out", str(tmp_path / "hostile.json")])
+    for name in ("hostile", "refused_flood"):
+        r = result[name]
+        assert r["peak_resident_mib"] < r["budget_mb"] and r["server_errors"] == 0, (name, r)
+        assert r["probe_failures"] == {} and r["probe_rounds"] > 0
+        assert set(r["well_formed"]["statuses"]) <= {"200", "429"} and r["well_formed"]["wrong_tokens"] == 0
+    waves = result["hostile"]["waves"]
+    assert waves["slow"]["statuses"] == {"408": 12}
+    assert any(w["statuses"].get("429") for w in waves.values())  # the budget did refuse something
