@@ -143,9 +143,13 @@ def serve_cases(name: str, model: Path, flags: list[str], pngs: list[bytes], gri
     rows = []
     try:
         info = httpx.get(f"{url}/info").json()
+        server = psutil.Process(proc.pid)
         for c in concurrencies:
             for route, bodies, ct in (("/v1/tokenize", pngs, "image/png"), ("/v1/detokenize", grids, NPY)):
+                cpu_before = sum(server.cpu_times()[:2])  # user + system, every thread of the server
                 row = asyncio.run(closed_loop(url, route, bodies, {"content-type": ct, "accept": NPY}, c, seconds))
+                row["server_cpu_ms_per_image"] = round(
+                    1e3 * (sum(server.cpu_times()[:2]) - cpu_before) / max(1, row["requests"] + row["errors"]), 2)
                 rows.append({"case": name, "route": route, **row})
                 print(f"{name:<15} {route:<15} c={c:<3} {row['images_per_s']:>7.2f} img/s  p50 {row['p50_ms']} ms  "
                       f"p95 {row['p95_ms']}  p99 {row['p99_ms']}  errors {row['errors']}", flush=True)
@@ -154,6 +158,15 @@ def serve_cases(name: str, model: Path, flags: list[str], pngs: list[bytes], gri
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     return rows, info
+
+
+def cpu_seconds_per_call(fn, calls: int = 5) -> float:
+    """CPU seconds (every thread of this process) per call of fn, after one warm-up call."""
+    fn()
+    start = time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.process_time() - start) / calls
 
 
 def per_call_seconds(fn, seconds: float, min_calls: int = 3) -> float:
@@ -209,8 +222,12 @@ def inprocess_cases(rt, images: list[np.ndarray], batch_sizes: list[int], second
         rt.quantizer.select(flat_mu, flat_lv, stats=stats)
         tok = per_call_seconds(lambda: rt.tokenize(batch), seconds / 4)  # what the server calls: encode + select
         det = per_call_seconds(lambda: rt.detokenize(grids), seconds / 4)
+        tok_cpu = cpu_seconds_per_call(lambda: rt.tokenize_posterior(batch))  # the server's call, PNG decode aside
+        det_cpu = cpu_seconds_per_call(lambda: rt.detokenize(grids))
         rows.append({"case": "inprocess", "batch_size": b,
                      "tokenize_images_per_s": round(b / tok, 2), "detokenize_images_per_s": round(b / det, 2),
+                     "tokenize_cpu_ms_per_image": round(1e3 * tok_cpu / b, 2),
+                     "detokenize_cpu_ms_per_image": round(1e3 * det_cpu / b, 2),
                      "encode_ms_per_image": round(1e3 * enc / b, 2), "select_ms_per_image": round(1e3 * sel / b, 2),
                      "select_float32_argmax_ms_per_image": round(1e3 * sel32 / b, 2),
                      "exact_select_over_float32_argmax": round(sel / sel32, 3),
@@ -360,10 +377,17 @@ def main(argv=None) -> dict:
         sat = max(r["images_per_s"] for r in served if r["route"] == route)
         sat_nb = max(r["images_per_s"] for r in nobatch if r["route"] == route)
         best = max(inprocess, key=lambda r: r[key])  # the ceiling: the best batch size the server could form
+        # CPU per image at the highest concurrency, against the in-process call at the batch the server forms there
+        top = max(r["concurrency"] for r in served)
+        server_cpu = next(r["server_cpu_ms_per_image"] for r in served if r["route"] == route and r["concurrency"] == top)
+        same_batch = next(r for r in inprocess if r["batch_size"] == min(top, args.max_batch_size))
         summary[name] = {"server_saturation_images_per_s": sat, "server_nobatch_saturation_images_per_s": sat_nb,
                          "inprocess_ceiling_images_per_s": best[key], "ceiling_batch_size": best["batch_size"],
                          "server_over_ceiling": round(sat / best[key], 3),
-                         "server_over_nobatch": round(sat / sat_nb, 3)}
+                         "server_over_nobatch": round(sat / sat_nb, 3),
+                         "server_cpu_ms_per_image": server_cpu,
+                         "inprocess_cpu_ms_per_image": same_batch[f"{name}_cpu_ms_per_image"],
+                         "server_cpu_over_inprocess": round(server_cpu / same_batch[f"{name}_cpu_ms_per_image"], 3)}
     at1 = inprocess[0]  # batch 1: per-image times of each stage
     enc_s = at1["encode_ms_per_image"] / 1e3
     dec_s = 1 / at1["detokenize_images_per_s"]
