@@ -1,0 +1,245 @@
+"""Entropy coding of the discretized-VAE codec's integer latents, the same on every machine.
+
+The codec (training/codec.py) sends two things: side information z (integers, under a factorized discretized
+Gaussian per channel) and the latents y, each element an integer symbol k under a discretized Gaussian whose mean
+and scale the hyperprior's synthesis h_s computes from z. Decoding must compute exactly the encoder's means and
+scales: a scale one rounding apart picks another CDF table and the rest of the stream decodes into noise. So:
+
+- h_s runs in integer arithmetic (IntegerSynthesis): activations are integers in units of 2^-ACT_BITS, weights
+  integers in units of 2^-WEIGHT_BITS, each convolution a float64 matrix product of integer-valued operands (exact
+  in any order, blocking or FMA while every partial sum stays below 2^53, which is checked from the operands'
+  magnitudes before each product), then floored back to activation units. ReLU and nearest upsampling are exact.
+- A scale is an index into a table of NUM_SCALES log-spaced scales, chosen by comparing the integer log-scale with
+  integer thresholds (no exp, no float comparison); each index has an integer frequency table fixed when the
+  tables are built (export), stored with the model, never recomputed at decode.
+- The mean is the integer mean in units of 2^-ACT_BITS; the encoder codes k = round(y - mean) and the decoder
+  rebuilds y_hat = k + mean exactly.
+
+Symbols outside a table's range are coded as its escape symbol followed by the value in 16 raw bits (a uniform
+over [-32768, 32767]). Frequencies sum to 2^16; constriction's range coder codes with them (its version is pinned).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ACT_BITS = 8  # activations of the integer synthesis: integers in units of 2^-8
+WEIGHT_BITS = 12  # its weights: integers in units of 2^-12
+EXACT_BELOW = 2.0**53  # float64 adds and multiplies integers exactly below this
+FREQ_BITS = 16  # every frequency table sums to 2^16
+TAIL_SCALES = 7.0  # a table covers |k| <= ceil(7 sigma) + 1; beyond that, the escape
+ESCAPE_RANGE = 2**15  # escaped values lie in [-32768, 32767]
+
+
+class LatentCodingError(ValueError):
+    """Latents that cannot be coded (or a stream that cannot be decoded) with these tables and synthesis."""
+
+
+# -- the integer synthesis ---------------------------------------------------------------------------------------
+@dataclass
+class IntegerSynthesis:
+    """h_s in integers: layers ("conv", W [Cout, Cin, k, k] int64, b [Cout] int64) | ("relu",) | ("up",)."""
+    layers: list[tuple]
+
+    @classmethod
+    def from_float(cls, layers: list[tuple]) -> "IntegerSynthesis":
+        """From float layers ("conv", W, b) | ("relu",) | ("up",): weights rounded to 2^-WEIGHT_BITS, biases to
+        2^-(ACT_BITS + WEIGHT_BITS), the units of a product before it is floored back."""
+        out = []
+        for layer in layers:
+            if layer[0] == "conv":
+                w, b = (np.asarray(v, np.float64) for v in layer[1:])
+                out.append(("conv", np.round(w * 2**WEIGHT_BITS).astype(np.int64),
+                            np.round(b * 2 ** (ACT_BITS + WEIGHT_BITS)).astype(np.int64)))
+            elif layer[0] in ("relu", "up"):
+                out.append((layer[0],))
+            else:
+                raise ValueError(f"unknown layer {layer[0]!r}")
+        return cls(out)
+
+    def __call__(self, z: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+        """Integer z [Cz, h, w] -> int64 [C_out, H, W] in units of 2^-ACT_BITS, cropped to out_hw."""
+        x = np.asarray(z, np.int64) << ACT_BITS
+        for layer in self.layers:
+            if layer[0] == "relu":
+                x = np.maximum(x, 0)
+            elif layer[0] == "up":
+                x = x.repeat(2, axis=1).repeat(2, axis=2)
+            else:
+                x = _conv(x, layer[1], layer[2])
+        return x[:, : out_hw[0], : out_hw[1]]
+
+    def arrays(self, prefix: str = "synthesis") -> dict[str, np.ndarray]:
+        """The layers as named arrays (for an npz file); `from_arrays` reads them back."""
+        kinds = np.array([layer[0] for layer in self.layers])
+        out = {f"{prefix}_kinds": kinds}
+        for i, layer in enumerate(self.layers):
+            if layer[0] == "conv":
+                out[f"{prefix}_{i}_w"], out[f"{prefix}_{i}_b"] = layer[1], layer[2]
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str = "synthesis") -> "IntegerSynthesis":
+        layers = []
+        for i, kind in enumerate(str(k) for k in arrays[f"{prefix}_kinds"]):
+            layers.append((kind, np.asarray(arrays[f"{prefix}_{i}_w"], np.int64),
+                           np.asarray(arrays[f"{prefix}_{i}_b"], np.int64)) if kind == "conv" else (kind,))
+        return cls(layers)
+
+
+def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A 'same' convolution of integer activations by integer weights, exact, floored back to activation units."""
+    cout, cin, k, _ = w.shape
+    c, h, wd = x.shape
+    if c != cin:
+        raise LatentCodingError(f"a layer takes {cin} channels, got {c}")
+    bound = float(np.abs(x).max(initial=0)) * float(np.abs(w).reshape(cout, -1).sum(1).max(initial=0)) \
+        + float(np.abs(b).max(initial=0))
+    if bound >= EXACT_BELOW:
+        raise LatentCodingError(f"the synthesis' partial sums could reach {bound:.3g}, past 2^53 where float64 "
+                                "stops being exact: these side latents are out of the range the model was made for")
+    p = k // 2
+    padded = np.pad(x, ((0, 0), (p, p), (p, p)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2))  # [Cin, H, W, k, k]
+    cols = windows.transpose(1, 2, 0, 3, 4).reshape(h * wd, cin * k * k).astype(np.float64)
+    acc = cols @ w.reshape(cout, -1).T.astype(np.float64)  # exact: integer-valued, every partial sum < 2^53
+    acc = acc.astype(np.int64) + b[None, :]
+    return np.floor_divide(acc, 1 << WEIGHT_BITS).T.reshape(cout, h, wd)
+
+
+# -- frequency tables --------------------------------------------------------------------------------------------
+def scale_levels(num: int, low: float, high: float) -> np.ndarray:
+    """`num` log-spaced scales from low to high."""
+    return np.exp(np.linspace(math.log(low), math.log(high), num))
+
+
+def scale_thresholds(levels: np.ndarray) -> np.ndarray:
+    """Integer log-scale thresholds (units of 2^-ACT_BITS) between neighbouring levels: index = the number of
+    thresholds at or below a log-scale (np.searchsorted(..., side="right")), the nearest level in log space."""
+    mids = (np.log(levels[1:]) + np.log(levels[:-1])) / 2
+    return np.ceil(mids * 2**ACT_BITS).astype(np.int64)
+
+
+def gaussian_frequencies(scale: float) -> np.ndarray:
+    """Integer frequencies (sum 2^FREQ_BITS, each >= 1) of a zero-mean Gaussian of `scale` discretized to the
+    integers in [-R, R], R = ceil(TAIL_SCALES * scale) + 1, and a last entry: the escape (everything beyond)."""
+    r = math.ceil(TAIL_SCALES * scale) + 1
+    k = np.arange(-r, r + 1, dtype=np.float64)
+    cdf = lambda t: 0.5 * (1 + np.vectorize(math.erf)(t / (scale * math.sqrt(2))))  # noqa: E731
+    mass = np.append(cdf(k + 0.5) - cdf(k - 0.5), 2 * (1 - cdf(np.array([r + 0.5])))[0])
+    total = 2**FREQ_BITS
+    freq = np.floor(mass * (total - len(mass))).astype(np.int64) + 1
+    freq[r] += total - freq.sum()  # the rounding's remainder to k = 0, the likeliest symbol (symmetry kept)
+    return freq
+
+
+@dataclass
+class FrequencyTables:
+    """One table per scale level: `freq[i]` for scale `levels[i]`, its symbols k in [-radius[i], radius[i]]."""
+    levels: np.ndarray
+    freqs: list[np.ndarray]
+
+    @classmethod
+    def build(cls, levels: np.ndarray) -> "FrequencyTables":
+        return cls(np.asarray(levels, np.float64), [gaussian_frequencies(float(s)) for s in levels])
+
+    def radius(self, i: int) -> int:
+        return (len(self.freqs[i]) - 2) // 2
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        lengths = np.array([len(f) for f in self.freqs])
+        return {f"{prefix}_levels": self.levels, f"{prefix}_lengths": lengths,
+                f"{prefix}_freqs": np.concatenate(self.freqs)}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "FrequencyTables":
+        ends = np.cumsum(arrays[f"{prefix}_lengths"])
+        flat = np.asarray(arrays[f"{prefix}_freqs"], np.int64)
+        return cls(np.asarray(arrays[f"{prefix}_levels"]), [flat[e - n:e] for e, n in
+                                                             zip(ends, arrays[f"{prefix}_lengths"])])
+
+
+# -- the coder ---------------------------------------------------------------------------------------------------
+def _constriction():
+    import constriction  # here: the rest of the contract needs only numpy
+
+    return constriction.stream.queue, constriction.stream.model
+
+
+def _encode_group(enc, model, symbols: np.ndarray, freq: np.ndarray) -> None:
+    """Symbols under one table (k in [-R, R], the escape past it), then the escaped values in raw 16 bits."""
+    r = (len(freq) - 2) // 2
+    escaped = np.abs(symbols) > r
+    if escaped.any() and np.abs(symbols[escaped]).max() >= ESCAPE_RANGE:
+        raise LatentCodingError(f"a latent of {int(np.abs(symbols).max())} is past the coder's +-{ESCAPE_RANGE}")
+    index = np.where(escaped, 2 * r + 1, symbols + r).astype(np.int32)
+    enc.encode(index, model.Categorical(freq.astype(np.float64), perfect=False))
+    if escaped.any():
+        enc.encode((symbols[escaped] + ESCAPE_RANGE).astype(np.int32), model.Uniform(2 * ESCAPE_RANGE))
+
+
+def _decode_group(dec, model, count: int, freq: np.ndarray) -> np.ndarray:
+    r = (len(freq) - 2) // 2
+    index = dec.decode(model.Categorical(freq.astype(np.float64), perfect=False), count).astype(np.int64)
+    symbols = index - r
+    escaped = index == 2 * r + 1
+    if escaped.any():
+        symbols[escaped] = dec.decode(model.Uniform(2 * ESCAPE_RANGE), int(escaped.sum())).astype(np.int64) \
+            - ESCAPE_RANGE
+    return symbols
+
+
+@dataclass
+class LatentCoder:
+    """Codes (z, y) of the discretized-VAE codec: z per channel under `z_tables` (one table per channel), y under
+    the table of each element's scale index from the integer synthesis."""
+    synthesis: IntegerSynthesis
+    y_tables: FrequencyTables
+    z_tables: FrequencyTables  # levels[c]: z channel c's scale
+
+    def __post_init__(self):
+        self.thresholds = scale_thresholds(self.y_tables.levels)
+
+    def entropy_parameters(self, z: np.ndarray, y_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(mean in units of 2^-ACT_BITS, scale index) of every y element, from the integer z."""
+        mean, log_scale = np.split(self.synthesis(z, y_hw), 2, axis=0)
+        return mean, np.searchsorted(self.thresholds, log_scale, side="right")
+
+    def symbols(self, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(y's integer symbols, y_hat) for the encoder's float y [C, h, w]: k = round(y - mean), y_hat = k + mean
+        (what the decoder rebuilds, exactly)."""
+        mean, _ = self.entropy_parameters(z, y.shape[1:])
+        m = mean.astype(np.float64) / 2**ACT_BITS
+        k = np.round(np.asarray(y, np.float64) - m).astype(np.int64)
+        return k, k + m
+
+    def encode(self, z: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """z [Cz, hz, wz] and y's symbols k [C, h, w] (integers) -> uint32 words."""
+        queue, model = _constriction()
+        enc = queue.RangeEncoder()
+        z = np.asarray(z, np.int64)
+        for c in range(z.shape[0]):
+            _encode_group(enc, model, z[c].reshape(-1), self.z_tables.freqs[c])
+        _, index = self.entropy_parameters(z, k.shape[1:])
+        flat_k, flat_i = np.asarray(k, np.int64).reshape(-1), index.reshape(-1)
+        for level in np.unique(flat_i):  # ascending: the decoder walks the same order
+            _encode_group(enc, model, flat_k[flat_i == level], self.y_tables.freqs[level])
+        return enc.get_compressed()
+
+    def decode(self, words: np.ndarray, z_shape: tuple[int, int, int],
+               y_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """uint32 words -> (z, y_hat as float64 [C, h, w]), y_hat = k + mean exactly as the encoder's."""
+        queue, model = _constriction()
+        dec = queue.RangeDecoder(np.asarray(words, np.uint32))
+        cz, hz, wz = z_shape
+        z = np.stack([_decode_group(dec, model, hz * wz, self.z_tables.freqs[c]).reshape(hz, wz) for c in range(cz)])
+        mean, index = self.entropy_parameters(z, y_shape[1:])
+        flat_i = index.reshape(-1)
+        k = np.zeros(flat_i.shape, np.int64)
+        for level in np.unique(flat_i):
+            where = flat_i == level
+            k[where] = _decode_group(dec, model, int(where.sum()), self.y_tables.freqs[level])
+        return z, k.reshape(y_shape) + mean.astype(np.float64) / 2**ACT_BITS
