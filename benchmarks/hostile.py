@@ -106,16 +106,16 @@ async def wave(port: int, request: bytes, seconds_per_byte: float, n: int) -> di
 
 
 def probe(url: str, started, stop, out) -> None:
-    """In its own process: GET /metrics and /health/live every 50 ms; their worst latencies, counts and failures.
-    `started` is set after the first round (the waves wait for it)."""
-    worst, failures, rounds = {"/metrics": 0.0, "/health/live": 0.0}, Counter(), 0
+    """In its own process: GET /metrics and /health/live every 50 ms; (time, path, latency) of each, failures and
+    the round count. `started` is set after the first round (the waves wait for it)."""
+    times, failures, rounds = [], Counter(), 0
     with httpx.Client(base_url=url, timeout=10) as client:
         while not stop.is_set() or rounds == 0:
-            for path in worst:
+            for path in ("/metrics", "/health/live"):
                 start = time.perf_counter()
                 try:
                     r = client.get(path)
-                    worst[path] = max(worst[path], time.perf_counter() - start)
+                    times.append((time.time(), path, time.perf_counter() - start))
                     if r.status_code != 200:
                         failures[f"{path} {r.status_code}"] += 1
                 except httpx.HTTPError as e:
@@ -123,7 +123,7 @@ def probe(url: str, started, stop, out) -> None:
             rounds += 1
             started.set()
             time.sleep(0.05)
-    out.put(({k: round(v, 3) for k, v in worst.items()}, dict(failures), rounds))
+    out.put((times, dict(failures), rounds))
 
 
 class Sampler(threading.Thread):
@@ -182,14 +182,21 @@ def run_server(model, budget_mb: float, waves: dict, n: int, photo: bytes, extra
         sampler.start()
         steady.start()
         results = {}
+        spans = {}
         for name, (request, pace) in waves.items():
-            t0 = time.perf_counter()
+            t0, start = time.perf_counter(), time.time()
             results[name] = asyncio.run(wave(port, request, pace, n)) | {"seconds": round(time.perf_counter() - t0, 1)}
+            spans[name] = (start, time.time())
             print(f"  {name}: {results[name]}", file=sys.stderr)
         steady.stop.set()
         steady.join()
         stop.set()
-        worst, failures, rounds = out.get(timeout=30)
+        times, failures, rounds = out.get(timeout=30)
+        worst = {path: round(max((s for _, p, s in times if p == path), default=0.0), 3)
+                 for path in ("/metrics", "/health/live")}
+        for name, (start, end) in spans.items():  # which wave slowed the probes
+            results[name]["probe_worst_s"] = {path: round(max((s for t, p, s in times if p == path and start <= t <= end),
+                                                              default=0.0), 3) for path in worst}
         prober.join()
         sampler.stop.set()
         peak = status_kib("VmHWM", proc.pid) / 1024

@@ -8,10 +8,10 @@ import base64
 import binascii
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
@@ -21,6 +21,17 @@ from gqtok.service.memory import BODY_COPIES
 from gqtok.service.schemas import NPY, TokenizeRequest
 from gqtok.service.served import ServedModel
 from gqtok.service.settings import ServiceSettings
+
+
+# JSON bodies are parsed (and base64 decoded, and token lists made arrays) one at a time on this thread: those
+# calls hold the GIL for their whole length (about 0.2 s for 28 MiB), and several at once in the default pool kept
+# the event loop, and so /metrics and /health, waiting behind all of them (benchmarks/hostile.py)
+PARSER = ThreadPoolExecutor(1, thread_name_prefix="parse")
+
+
+async def parsed(fn, *args):
+    """fn(*args) on the parser thread."""
+    return await asyncio.get_running_loop().run_in_executor(PARSER, fn, *args)
 
 
 async def read_body(request: Request, limit: int, timeout_s: float, hold=None) -> bytes:
@@ -100,7 +111,7 @@ async def image_payloads(request: Request, body: bytes,
             raise errors.InvalidRequest("multipart 'image' parts must be files")
         return [await p.read() for p in files], no_options
     if kind == "application/json":
-        return await run_in_threadpool(json_images, body)  # parsing and base64 off the event loop
+        return await parsed(json_images, body)  # parsing and base64 off the event loop
     raise errors.UnsupportedMediaType(
         f"content type {kind or '(none)'} is not accepted; send image/png, image/jpeg, image/webp, "
         "multipart/form-data or application/json")

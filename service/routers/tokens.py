@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from gqtok.service import errors
 from gqtok.service.images import FORMATS, decode_image, fit_image, png_bytes
 from gqtok.service.requests import (image_payloads, json_tokens_limit, media_type, npy_bytes, parse_json, parse_tokens,
-                                    read_body, wants_npy)
+                                    parsed, read_body, wants_npy)
 from gqtok.service.schemas import (NPY, PNG, DetokenizeRequest, DetokenizeResponse, Fit,
                                    MultipartImages, TokenizeRequest, TokenizeResponse, binary, request_body)
 from gqtok.service.schemas import errors as error_responses
@@ -147,7 +147,7 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
             raise errors.InvalidTokens("body is not a valid .npy array") from None
     elif kind == "application/json":
         state.hold(request.scope, JSON_TOKEN_BYTES * len(body), "the parsed JSON token grids")
-        req = await run_in_threadpool(parse_json, body, DetokenizeRequest)  # off the event loop
+        req = await parsed(parse_json, body, DetokenizeRequest)  # off the event loop
         tokens, model = req.tokens, req.model or model
         size = req.image_size if req.image_size is not None else size
         model_digest = req.model_digest or model_digest
@@ -160,7 +160,7 @@ async def detokenize(request: Request, state: ServiceState = Depends(get_state),
                                    f"model {served.manifest.model_id} here is {served.model_digest[:12]} "
                                    f"(version {served.manifest.model_version}): it would decode them into another "
                                    "picture")
-    grids, single = await run_in_threadpool(parse_tokens, tokens, served, settings.max_image_pixels,
+    grids, single = await parsed(parse_tokens, tokens, served, settings.max_image_pixels,
                                             settings.max_images_per_request)
     f = served.manifest.downsample
     b, _, h, w = grids.shape
