@@ -168,47 +168,57 @@ class WellFormed(threading.Thread):
 def run_server(model, budget_mb: float, waves: dict, n: int, photo: bytes, extra: list[str]) -> dict:
     proc, url = start_server(model, ["--max-memory-mb", str(budget_mb), "--max-concurrent-requests", str(2 * n),
                                      *extra])
-    port = int(url.rsplit(":", 1)[1])
     try:
-        info = httpx.get(f"{url}/info").json()["memory"]
-        expected = np.load(io.BytesIO(httpx.post(f"{url}/v1/tokenize", content=photo, headers={
-            "content-type": "image/png", "accept": "application/x-npy"}, timeout=60).content))
-        ctx = multiprocessing.get_context("spawn")
-        started, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
-        prober = ctx.Process(target=probe, args=(url, started, stop, out))
-        prober.start()
-        started.wait(60)
-        sampler, steady = Sampler(proc.pid), WellFormed(url, photo, expected)
-        sampler.start()
-        steady.start()
-        results = {}
-        spans = {}
-        for name, (request, pace) in waves.items():
-            t0, start = time.perf_counter(), time.time()
-            results[name] = asyncio.run(wave(port, request, pace, n)) | {"seconds": round(time.perf_counter() - t0, 1)}
-            spans[name] = (start, time.time())
-            print(f"  {name}: {results[name]}", file=sys.stderr)
-        steady.stop.set()
-        steady.join()
-        stop.set()
-        times, failures, rounds = out.get(timeout=30)
-        worst = {path: round(max((s for _, p, s in times if p == path), default=0.0), 3)
-                 for path in ("/metrics", "/health/live")}
-        for name, (start, end) in spans.items():  # which wave slowed the probes
-            results[name]["probe_worst_s"] = {path: round(max((s for t, p, s in times if p == path and start <= t <= end),
-                                                              default=0.0), 3) for path in worst}
-        prober.join()
-        sampler.stop.set()
-        peak = status_kib("VmHWM", proc.pid) / 1024
-        server_errors = sum(c for w in results.values() for s, c in w["statuses"].items() if s.startswith("5"))
-        return {"budget_mb": budget_mb, "request_memory_mb": info["requests_mb"], "waves": results,
-                "peak_resident_mib": round(peak, 1), "peak_sampled_mib": round(sampler.peak_mib, 1),
-                "under_budget": peak < budget_mb, "server_errors": server_errors,
-                "probe_worst_s": worst, "probe_rounds": rounds, "probe_failures": failures,
-                "well_formed": {"statuses": dict(steady.statuses), "wrong_tokens": steady.wrong}}
+        return attack(url, proc.pid, waves, n, photo)
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def attack(url: str, pid: int | None, waves: dict, n: int, photo: bytes) -> dict:
+    """The waves against a running server at `url`; its memory read from /proc/PID (None: not measured here,
+    e.g. a container, whose cgroup the caller reads)."""
+    port = int(url.rsplit(":", 1)[1])
+    info = httpx.get(f"{url}/info").json()["memory"]
+    budget_mb = info["budget_mb"]
+    expected = np.load(io.BytesIO(httpx.post(f"{url}/v1/tokenize", content=photo, headers={
+        "content-type": "image/png", "accept": "application/x-npy"}, timeout=60).content))
+    ctx = multiprocessing.get_context("spawn")
+    started, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    prober = ctx.Process(target=probe, args=(url, started, stop, out))
+    prober.start()
+    started.wait(60)
+    sampler, steady = Sampler(pid) if pid else None, WellFormed(url, photo, expected)
+    if sampler:
+        sampler.start()
+    steady.start()
+    results = {}
+    spans = {}
+    for name, (request, pace) in waves.items():
+        t0, start = time.perf_counter(), time.time()
+        results[name] = asyncio.run(wave(port, request, pace, n)) | {"seconds": round(time.perf_counter() - t0, 1)}
+        spans[name] = (start, time.time())
+        print(f"  {name}: {results[name]}", file=sys.stderr)
+    steady.stop.set()
+    steady.join()
+    stop.set()
+    times, failures, rounds = out.get(timeout=30)
+    worst = {path: round(max((s for _, p, s in times if p == path), default=0.0), 3)
+             for path in ("/metrics", "/health/live")}
+    for name, (start, end) in spans.items():  # which wave slowed the probes
+        results[name]["probe_worst_s"] = {path: round(max((s for t, p, s in times if p == path and start <= t <= end),
+                                                          default=0.0), 3) for path in worst}
+    prober.join()
+    peak = sampler_peak = None
+    if sampler:
+        sampler.stop.set()
+        peak, sampler_peak = status_kib("VmHWM", pid) / 1024, sampler.peak_mib
+    server_errors = sum(c for w in results.values() for s, c in w["statuses"].items() if s.startswith("5"))
+    return {"budget_mb": budget_mb, "request_memory_mb": info["requests_mb"], "waves": results,
+            "peak_resident_mib": peak and round(peak, 1), "peak_sampled_mib": sampler_peak and round(sampler_peak, 1),
+            "under_budget": peak is None or peak < budget_mb, "server_errors": server_errors,
+            "probe_worst_s": worst, "probe_rounds": rounds, "probe_failures": failures,
+            "well_formed": {"statuses": dict(steady.statuses), "wrong_tokens": steady.wrong}}
 
 
 def main(argv=None) -> dict:
@@ -218,6 +228,8 @@ def main(argv=None) -> dict:
     p.add_argument("--refused-budget-mb", type=float, default=800.0, help="the budget of the refused flood's server")
     p.add_argument("--quick", action="store_true", help="12 requests per wave, smaller JSON bodies, slow uploads "
                                                          "cut after 4 s (< 60 s)")
+    p.add_argument("--url", help="attack this running server instead (a container: its memory is the caller's to "
+                                 "read; no refused flood)")
     p.add_argument("--out", help="result JSON (default benchmarks/results/hostile[_quick].json)")
     args = p.parse_args(argv)
     n = 12 if args.quick else 64
@@ -225,6 +237,9 @@ def main(argv=None) -> dict:
     waves = shapes(args.quick)
     photo = png_bytes(test_images(1, 256)[0])
     t0 = time.perf_counter()
+    if args.url:
+        return {"benchmark": "hostile", "quick": args.quick, "requests_per_wave": n,
+                "hostile": attack(args.url, None, waves, n, photo), "seconds": round(time.perf_counter() - t0, 1)}
     result = {"benchmark": "hostile", "quick": args.quick, "requests_per_wave": n,
               "hostile": run_server(args.model, args.budget_mb, waves, n, photo, extra),
               "refused_flood": run_server(args.model, args.refused_budget_mb, {"json_big": waves["json_big"]}, n,

@@ -187,6 +187,31 @@ def test_memory_stays_under_the_compose_limit_at_the_largest_image(tokenizer_ser
         c.remove()
 
 
+def test_hostile_clients_do_not_get_the_container_killed(tokenizer_service, tmp_path):
+    """benchmarks/hostile.py --quick against the container as compose runs it (2 GiB, budget 1740 MiB): no OOM
+    kill, the cgroup's peak under the limit, no 5xx, well-formed requests right."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import hostile
+
+    limit = int(tokenizer_service["mem_limit"])
+    c = Container(f"gqtok-tokenizer:{TAG}", tokenizer_service)
+    try:
+        c.wait_healthy()
+        r = hostile.main(["--quick", "--url", c.url, "--out", str(tmp_path / "hostile.json")])["hostile"]
+        peak = max(int(c.exec("cat", p, check=False).stdout or 0) for p in (
+            "/sys/fs/cgroup/memory/memory.max_usage_in_bytes", "/sys/fs/cgroup/memory.peak"))
+        state = c.state()
+        assert state["Running"] and not state["OOMKilled"], state
+        assert 0 < peak < limit, f"peak {peak / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB"
+        assert r["server_errors"] == 0 and r["probe_failures"] == {}, r
+        assert set(r["well_formed"]["statuses"]) <= {"200", "429"} and r["well_formed"]["wrong_tokens"] == 0
+        print(f"hostile --quick in the container: peak {peak / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB")
+    finally:
+        c.remove()
+
+
 def test_docker_stop_drains_what_is_in_flight(tokenizer_service, photos_dir):
     """SIGTERM (docker stop) lets the requests already in flight finish with 200, then the server exits 0."""
     c = Container(f"gqtok-tokenizer:{TAG}", tokenizer_service, {"GQTOK_THREADS": "1"})
