@@ -126,7 +126,7 @@ def test_train_from_token_shards_checks_the_model(live_server, tiny_model, small
     stale = tmp_path / "stale"
     shutil.copytree(tokens, stale)
     meta = json.loads((stale / "meta.json").read_text())
-    meta["model"]["model_version"] = "an-older-export"
+    meta["model"] |= {"model_version": "an-older-export", "model_digest": "0" * 64}  # another export's tokens
     (stale / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenize the data again"):
         train_generator(tmp_path / "gen2", live_server, small_photos, {"n_layer": 1, "n_embd": 32},

@@ -117,7 +117,7 @@ def load_weights(source: Path, device: str = "cpu", ema: bool = True) -> tuple[d
     """(model config dict, model state dict) of a run directory (the EMA weights when it has them and `ema`) or of
     an exported model directory that ships weights.safetensors."""
     source = Path(source)
-    if not source.exists():  # a model's name on the search path ("default")
+    if not source.exists() and len(source.parts) == 1:  # a model's name on the search path ("default")
         from gqtok.core.models import find_model
 
         source = find_model(str(source))
