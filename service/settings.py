@@ -47,7 +47,9 @@ class ServiceSettings(BaseSettings):
     max_concurrent_requests: int = Field(64, ge=1, description=(
         "Requests in flight at once (health probes aside); past it, 429 before the body is read."))
     max_images_per_request: int = Field(32, ge=1, description="Images or grids in one request; past it, 400.")
-    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Request body limit in bytes; past it, 413.")
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description=(
+        "Request body limit in bytes; past it, 413. Image bodies are held lower, to what the pixel limit can need "
+        "(8 bytes per pixel and 1 MiB per image, a third more as base64 JSON)."))
     # Memory: on the CPU provider the default model's decoder held about 3.3 KB per pixel of a batch (onnxruntime's
     # arena after a batch of 8 at 256x256: 2.2 GiB), so the next two bound the working memory to a few GiB.
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=64, description=(

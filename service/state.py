@@ -42,6 +42,17 @@ class ServiceState:
         if self.request_memory is not None and n > 0:
             self.request_memory.take(scope, n, what)
 
+    def image_body_limit(self, kind: str) -> int:
+        """The most bytes an image body of this media type can need within the pixel limit (at most
+        max_body_bytes): per image, a 16-bit RGBA PNG stored uncompressed (8 bytes per pixel) and 1 MiB of
+        metadata; base64 adds a third in JSON; multipart and JSON carry max_images_per_request of them. A larger
+        body is refused (413) before it is read, so the limit follows the pixel limit (and a memory budget's)."""
+        s = self.settings
+        one = 8 * s.max_image_pixels + 2**20
+        need = {"application/json": s.max_images_per_request * one * 4 // 3,
+                "multipart/form-data": s.max_images_per_request * one}.get(kind, one)
+        return min(s.max_body_bytes, need)
+
     def body_holder(self, scope: dict):
         """read_body's `hold`: a body without a declared length takes its memory as it arrives."""
         return None if self.request_memory is None else lambda n: self.hold(scope, n, "the request body")

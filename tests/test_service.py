@@ -352,6 +352,14 @@ def test_body_limit(tiny_model, start_server, photos):
     r = httpx.post(f"{small.url}/v1/detokenize", json=big, timeout=30)
     assert_error(r, 413, "payload_too_large", f"the limit is {limit}")
     assert httpx.post(f"{small.url}/v1/detokenize", json={"tokens": [[[1, 2]], [[3, 4]]]}).status_code == 200
+    # image bodies: held to what the pixel limit can need (8 bytes per pixel and 1 MiB per image), far under
+    # --max-body-bytes; JSON carries a third more per image, for every image a request may hold
+    one = 8 * 4096 + 2**20
+    r = httpx.post(f"{small.url}/v1/tokenize", content=b"x" * (one + 1), headers={"content-type": "image/png"})
+    assert_error(r, 413, "payload_too_large", f"the limit is {one}")
+    r = httpx.post(f"{small.url}/v1/tokenize", content=b"x" * (one + 1), headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_request")  # under the JSON limit: read, then refused as JSON
+    assert tokenize_npy(small.url, photos[0][:32, :32]).shape[-2:] == (4, 4)
 
 
 def test_queue_full_gives_429_and_nothing_is_lost(tiny_model, start_server, photos):

@@ -35,7 +35,8 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
                    model: str | None = Query(None, description="Model id (default: the server's default)"),
                    prior: PriorName | None = Query(None, description="Entropy model (default: the model's strongest)")):
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, state.body_holder(request.scope))
+    body = await read_body(request, state.image_body_limit(media_type(request)), settings.body_timeout_s,
+                           state.body_holder(request.scope))
     await state.hold_parsed(request.scope, media_type(request), body)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)

@@ -55,7 +55,8 @@ async def tokenize(request: Request, state: ServiceState = Depends(get_state),
                        "JSON answers also give each token's KL to N(0, I) in bits (kl_bits) and the mean of its "
                        "posterior sigmas (sigma_mean), grids like tokens"))):
     settings = state.settings  # one raw image meets a full queue in app.Gatekeeper, before its body is read
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, state.body_holder(request.scope))
+    body = await read_body(request, state.image_body_limit(media_type(request)), settings.body_timeout_s,
+                           state.body_holder(request.scope))
     await state.hold_parsed(request.scope, media_type(request), body)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
