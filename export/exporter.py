@@ -87,6 +87,45 @@ def _eval_summary(run_dir: Path, eval_json: Path | None) -> dict | None:
     return {k: full[k] for k in keys if k in full}
 
 
+TREE_METRIC_PHOTOS = 16  # training photos whose 256x256 centre crops give the k-d tree's metric at export
+
+
+def tree_metric_from_photos(encode, paths: list[Path], beta: float, token_dim: int) -> list[float] | None:
+    """gqtok.core.select.tree_metric over the posteriors of up to TREE_METRIC_PHOTOS photos' 256x256 centre crops;
+    encode(uint8 [1, H, W, 3]) -> (mu, logvar) [1, C, h, w]. None when there is no photo to measure on."""
+    from gqtok.core import layout
+    from gqtok.core.select import tree_metric
+    from gqtok.photos import center_crop, load_rgb
+
+    mus, logvars = [], []
+    for path in paths[:: max(1, len(paths) // TREE_METRIC_PHOTOS)][:TREE_METRIC_PHOTOS]:
+        mu, logvar = encode(np.ascontiguousarray(center_crop(load_rgb(path), (256, 256)))[None])
+        mus.append(layout.group(np.asarray(mu), token_dim).reshape(-1, token_dim))
+        logvars.append(layout.group(np.asarray(logvar), token_dim).reshape(-1, token_dim))
+    return tree_metric(np.concatenate(mus), np.concatenate(logvars), beta) if mus else None
+
+
+def _run_tree_metric(model, config: dict) -> list[float] | None:
+    """The k-d tree's metric on the run's own training photos (config.json's data); None, with a warning, where
+    they are not on this machine (the server then takes the first selection's tokens)."""
+    import logging
+
+    from gqtok.training import data as photo_data
+
+    try:
+        paths, _ = photo_data.training_photos([s["folder"] for s in config.get("data") or []] or "data/endless-sky")
+    except (FileNotFoundError, ValueError) as e:
+        logging.getLogger("gqtok.export").warning("no training photos for the k-d tree's metric (%s)", e)
+        return None
+
+    @torch.no_grad()
+    def encode(images):
+        mu, logvar = model.encoder(photo_data.to_model_input(images))
+        return mu.numpy(), logvar.numpy()
+
+    return tree_metric_from_photos(encode, paths, model.cfg.gq_beta, model.cfg.token_dim)
+
+
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
 
 
@@ -154,6 +193,7 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
                               sha256=cb.codebook_digest(codebook)),
         opset=OPSET,
         gq_select_rows=ROWS,
+        gq_tree_metric=_run_tree_metric(model, config),
         files=files,
         eval=_eval_summary(run_dir, eval_json),
         training={"preset": config.get("preset"), "step": config.get("step"), "model": cfg.to_dict(),

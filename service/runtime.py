@@ -162,7 +162,8 @@ class TokenizerRuntime:
         # gq_select.onnx is checked by load_artifact either way; a session only where it runs (no idle thread pool)
         self.gq_select = (ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)
                           if selector == "onnx" else None)
-        self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta, threads=threads)
+        self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta, threads=threads,
+                                           metric=self.manifest.gq_tree_metric)
         log.info("model %s on %s (selector %s)", self.manifest.model_id, self.encoder.get_providers()[0], selector)
 
     @property

@@ -220,3 +220,26 @@ def test_the_codebook_file_is_the_same_bytes_on_every_export(tmp_path):
     with safe_open(str(path), "np") as f:
         assert np.array_equal(f.get_tensor("codebook"), codebook)
         assert f.metadata() == {"generator": cb.GENERATOR_NAME, "seed": "0"}
+
+
+def test_the_k_d_trees_metric_is_measured_at_export_and_used_by_the_runtime(tiny_model):
+    """Export measures the metric on the run's training photos; the runtime splits its tree in it, not in the
+    first call's tokens (a black warm-up image's posteriors are not typical). Ids do not depend on it."""
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.kdtree import CodebookTree
+    from gqtok.service.runtime import TokenizerRuntime
+
+    artifact = load_artifact(tiny_model)
+    metric = artifact.manifest.gq_tree_metric
+    assert metric is not None and len(metric) == artifact.manifest.token_dim and max(metric) > 0
+    rt = TokenizerRuntime(artifact, device="cpu")
+    black = np.zeros((1, 16, 16, 3), np.uint8)
+    ids = rt.tokenize(black)  # the first selection: a black image
+    expected = CodebookTree(artifact.codebook, np.asarray(metric))
+    assert np.array_equal(rt.quantizer.tree.ids, expected.ids)
+    unmeasured = artifact.manifest.model_copy(update={"gq_tree_metric": None})
+    from dataclasses import replace
+
+    other = TokenizerRuntime(replace(artifact, manifest=unmeasured), device="cpu")
+    assert np.array_equal(other.tokenize(black), ids)  # a tree split otherwise gives the same ids
+    assert not np.array_equal(other.quantizer.tree.ids, expected.ids)

@@ -86,6 +86,9 @@ class Manifest(BaseModel):
     input: InputSpec = InputSpec()
     opset: int | None = None
     gq_select_rows: int = Field(default=64, ge=1)  # fixed row count of gq_select.onnx
+    # the k-d tree's metric (gqtok.core.select.tree_metric), measured at export on real posteriors; None: taken
+    # from the first selection's tokens. Speed only: a token's id never depends on it
+    gq_tree_metric: list[float] | None = None
     files: dict[str, str] = {}  # file name -> sha256
     eval: dict | None = None  # the run's held-out figures, as `gqtok eval` wrote them
     training: dict | None = None  # preset, steps, budget: where the model came from

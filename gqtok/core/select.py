@@ -243,6 +243,17 @@ def kl_bits(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     return 0.5 * (mu**2 + np.exp(logvar) - 1.0 - logvar).sum(-1) / np.log(2.0)
 
 
+def tree_metric_of(features: np.ndarray, dim: int) -> np.ndarray:
+    """The k-d tree's metric from token features (token_features): the median of 1/sigma_i^2 - beta."""
+    return np.median(-features[:, :dim], axis=0)
+
+
+def tree_metric(mu: np.ndarray, logvar: np.ndarray, beta: float) -> list[float]:
+    """The k-d tree's metric from posteriors [N, d] (what export stores as Manifest.gq_tree_metric)."""
+    mu, logvar = (np.asarray(v, np.float32).reshape(-1, np.shape(v)[-1]) for v in (mu, logvar))
+    return [round(float(v), 6) for v in tree_metric_of(token_features(mu, logvar, beta), mu.shape[1])]
+
+
 class GaussianQuantizer:
     """Holds a codebook, its k-d tree and its features; selects and looks up codewords.
 
@@ -251,14 +262,16 @@ class GaussianQuantizer:
               0 reduces to picking the codeword most likely under q alone.
     threads:  threads of the tree search, each on its share of a call's tokens (0: one per core).
 
-    The tree is built at the first selection, in the metric of that call's tokens (the median over them of
-    1/sigma_i^2 - beta per coordinate: which coordinates the model's posteriors are sharp in). It sets how fast
-    later selections are, never their ids.
+    metric:   per coordinate, the median over real tokens of 1/sigma_i^2 - beta (which coordinates the model's
+              posteriors are sharp in), as export measured it (Manifest.gq_tree_metric; tree_metric); the k-d
+              tree is split in it. None: the metric of the first selection's tokens (a warm-up image's may not be
+              typical). It sets how fast selections are, never their ids.
     """
 
-    def __init__(self, codebook: np.ndarray, beta: float = 1.0, threads: int = 0):
+    def __init__(self, codebook: np.ndarray, beta: float = 1.0, threads: int = 0, metric=None):
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         self.beta, self.threads = float(beta), threads
+        self.metric = None if metric is None else np.asarray(metric, np.float64)
         self.tree: CodebookTree | None = None
         self._exhaustive: tuple[list[np.ndarray], np.ndarray] | None = None
         self._lock = threading.Lock()
@@ -275,8 +288,8 @@ class GaussianQuantizer:
         """The k-d tree, built at the first call in the metric of these token features."""
         with self._lock:
             if self.tree is None:
-                self.tree = CodebookTree(self.codebook, np.median(-features[:, : self.dim], axis=0),
-                                         threads=self.threads)
+                metric = self.metric if self.metric is not None else tree_metric_of(features, self.dim)
+                self.tree = CodebookTree(self.codebook, metric, threads=self.threads)
             return self.tree
 
     def exhaustive_features(self) -> tuple[list[np.ndarray], np.ndarray]:
