@@ -17,8 +17,7 @@ Every anchor's bpp counts every byte of its file, container included.
 Metrics: PSNR and MS-SSIM (training/evaluate.py). Per codec point: mean bpp, mean metrics, median
 encode and decode time per image (gqtok: tokenize + entropy coding, entropy decoding + detokenize;
 one image at a time on the CPU provider), and for gqtok the entropy coding alone (coding_encode_ms,
-coding_decode_ms). previous_context_prior: the rate of format 1's float context prior (from git history)
-beside the fixed-point prior's on the same tokens (the first model, scale 1).
+coding_decode_ms).
 BD-rate (Bjontegaard delta rate): the mean difference in log rate between two RD curves over the
 PSNR (or MS-SSIM in dB, -10 log10(1 - MS-SSIM)) range both cover, with log rate interpolated
 piecewise-linearly between measured points (each curve its lower convex hull in rate). Negative:
@@ -180,7 +179,6 @@ def run(args) -> dict:
     photos = heldout_photos(args.photos)
     h, w = photos[0].shape[:2]
     points, t_start = [], time.perf_counter()
-    grids = []  # the first model's token grids at scale 1, for the comparison with the previous context prior
     for index, model_dir in enumerate(args.model):
         compressor = ImageCompressor(load_artifact(model_dir), device="cpu", threads=args.threads)
         m = compressor.runtime.manifest
@@ -193,8 +191,6 @@ def run(args) -> dict:
                 t0 = time.perf_counter()  # tokenize once per photo: only the entropy coding differs by prior
                 ids = compressor.runtime.tokenize(fit_to_grid(small, m.downsample, "pad")[None])[0]
                 tokenize_s = time.perf_counter() - t0
-                if index == 0 and scale == 1.0:
-                    grids.append(ids)
                 for prior in priors:
                     t0 = time.perf_counter()
                     data = compressor.tokens.compress(ids, small.shape[:2], prior)
@@ -230,58 +226,14 @@ def run(args) -> dict:
         print(f"{codec}: {len(qualities)} settings done", file=sys.stderr)
 
     bd, savings = score(points)
-    previous = previous_prior(args.model[0], np.stack(grids)) if grids else None
     return {
         "benchmark": "rd", "quick": args.quick, "photos": len(photos), "size_hw": [h, w], "scales": args.scales,
         "models": [shown(d) for d in args.model], "machine": {"cpu": platform.processor() or platform.machine(),
                                                                  "threads": args.threads},
         "seconds": round(time.perf_counter() - t_start, 1),
-        "points": points, "bd_rate": bd, "prior_savings": savings, "previous_context_prior": previous,
+        "points": points, "bd_rate": bd, "prior_savings": savings,
         "skipped": skipped,
     }
-
-
-PREVIOUS_PRIOR = ("04cfde1", "models/default/prior_context.npz")  # format 1's float context prior, in git history
-
-
-def previous_prior(model_dir, grids: np.ndarray) -> dict | None:
-    """The rate of format 1's float32 context prior (full-K softmax, retired by issue 19) on the same token grids,
-    beside the fixed-point prior's, both as ideal code lengths (-log2 p); None unless model_dir is the default
-    model and git has the old file."""
-    import subprocess
-
-    from gqtok.core.artifact import load_artifact
-    from gqtok.core.priors import context_heads, latent_of, load_priors, neighbour_features
-    from gqtok.core.select import codeword_features, token_features
-
-    if Path(model_dir).resolve() != (REPO / "models" / "default").resolve():
-        return None
-    commit, path = PREVIOUS_PRIOR
-    blob = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{path}"], capture_output=True)
-    if blob.returncode:
-        return None
-    artifact = load_artifact(model_dir)
-    new = load_priors(artifact)["context"]
-    with np.load(io.BytesIO(blob.stdout)) as z:
-        w = {k: z[k].astype(np.float32) for k in z.files if k != "info"}
-    code_t = codeword_features(artifact.codebook).T
-    n, t, gh, gw = grids.shape
-    rows, cols = np.indices((gh, gw)).reshape(2, -1)
-    old_bits, new_bits = [], []
-    no_cells = {"w_cell": np.zeros((w["w1"].shape[1], 0), np.float32), "b_cell": np.zeros(0, np.float32)}
-    for g in grids:  # format 1's formula: MLP -> Gaussian scored on all K codewords + per-id bias, softmax
-        feats = neighbour_features(latent_of(artifact.codebook, g.reshape(t, -1).T).T.reshape(-1, gh, gw), rows, cols)
-        mean, log_s, _ = context_heads(feats, w | no_cells, w["w3"].shape[1] // 2, artifact.manifest.token_dim)
-        target = g[:, rows, cols].T.reshape(-1)
-        for a in range(0, len(target), 256):  # 256 tokens x K at a time (a whole grid's scores are gigabytes)
-            z = 0.5 * (token_features(mean[a : a + 256], 2.0 * log_s[a : a + 256], beta=0.0) @ code_t)
-            z = (z + w["bias"][np.arange(a, a + len(z)) % t]).astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            old_bits.append((np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), target[a : a + 256]]) / math.log(2))
-        new_bits.append(new.code_lengths(g))
-    old, fixed = float(np.concatenate(old_bits).mean()), float(np.concatenate(new_bits).mean())
-    return {"source": f"git {commit}:{path}", "grids": n, "float32_full_k_bits_per_token": old,
-            "fixed_point_bits_per_token": fixed, "ratio": fixed / old}
 
 
 def score(points: list[dict]) -> tuple[list[dict], list[dict]]:
