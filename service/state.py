@@ -57,7 +57,7 @@ class ServiceState:
         """read_body's `hold`: a body without a declared length takes its memory as it arrives."""
         return None if self.request_memory is None else lambda n: self.hold(scope, n, "the request body")
 
-    async def hold_parsed(self, scope: dict, kind: str, body: bytes) -> None:
+    def hold_parsed(self, scope: dict, kind: str, body: bytes) -> None:
         """The memory of a body's parsed form (JSON objects, multipart parts) before it is parsed."""
         copies = {"application/json": JSON_IMAGE_COPIES, "multipart/form-data": 1}.get(kind, 0)
         self.hold(scope, copies * len(body), f"the parsed {kind} body")

@@ -37,7 +37,7 @@ async def compress(request: Request, state: ServiceState = Depends(get_state),
     settings = state.settings
     body = await read_body(request, state.image_body_limit(media_type(request)), settings.body_timeout_s,
                            state.body_holder(request.scope))
-    await state.hold_parsed(request.scope, media_type(request), body)
+    state.hold_parsed(request.scope, media_type(request), body)
     payloads, options = await image_payloads(request, body, settings)
     served = state.model(options.model or model)
     if len(payloads) != 1:
