@@ -87,3 +87,38 @@ def test_codec_refuses_a_source_that_is_not_its_network(tiny_run, small_photos, 
     with pytest.raises(ValueError, match="model settings cannot change"):
         train(tmp_path / "c", small_photos, "tiny", {"quantizer": "uniform", "init_from": str(tiny_run),
                                                      "latent_channels": 16}, progress=False)
+
+
+@pytest.mark.slow
+def test_the_portable_coder_codes_what_the_model_estimates(tiny_codec, small_photos):
+    """A trained codec's latents through gqtok.core.latents: the words decode to the encoder's y_hat exactly,
+    cost about the bits the model estimates, and decode to the picture the float model makes."""
+    import numpy as np
+
+    from gqtok.training import data as photo_data
+    from gqtok.training.codec import discretized_gaussian_bits, portable_coder
+
+    model, _ = load_run(tiny_codec)
+    coder = portable_coder(model)
+    x = photo_data.to_model_input(photo_data.RandomCrops(sorted(small_photos.iterdir())[:1], 64, seed=5).batch(1))
+    for level in range(3):
+        with torch.no_grad():
+            gain = model.log_gain[level].exp()[None, :, None, None]
+            y = model.encoder(x)[0] * gain
+            z = torch.round(model.hyper.analysis(y))
+            _, _, estimated_z = model(x, torch.tensor([level]), noise=False)
+        z_int = z[0].numpy().astype(np.int64)
+        k, y_hat = coder.symbols(y[0].double().numpy(), z_int)
+        words = coder.encode(z_int, k)
+        z_back, y_back = coder.decode(words, z_int.shape, k.shape)
+        assert np.array_equal(z_back, z_int) and np.array_equal(y_back, y_hat)
+        # the bits the coder's integer means and tabled scales cost, against the float model's estimate
+        _, index = coder.entropy_parameters(z_int, k.shape[1:])
+        ideal_y = discretized_gaussian_bits(torch.tensor(k, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                                            torch.tensor(coder.y_tables.levels[index])).sum().item()
+        coded = 32 * len(words)
+        assert coded < 1.15 * (ideal_y + estimated_z.item()) + 64, (level, coded, ideal_y, estimated_z.item())
+        with torch.no_grad():
+            recon = model.decoder(torch.tensor(y_back, dtype=torch.float32)[None] / gain)
+            float_recon = model(x, torch.tensor([level]), noise=False)[0]
+        assert torch.mean((recon - float_recon) ** 2).item() < 1e-3  # integer means: the same picture, nearly

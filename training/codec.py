@@ -119,3 +119,27 @@ def rate_distortion_loss(x: torch.Tensor, recon: torch.Tensor, bits: torch.Tenso
     mse = F.mse_loss(recon.float(), x, reduction="none").flatten(1).mean(1) / 4.0  # [-1, 1] -> [0, 1]
     bpp = bits / pixels
     return (bpp + lam * 255.0**2 * mse).mean(), bpp, mse
+
+
+NUM_SCALE_LEVELS = 64  # the coder's table of scales, log-spaced over [SCALE_MIN, SCALE_MAX]
+
+
+def portable_coder(model: DiscretizedVAE):
+    """The coder that decodes this model's streams the same on every machine (gqtok.core.latents): its
+    hyperprior's synthesis in integers, a table per scale level for y, a table per channel for z."""
+    from gqtok.core.latents import FrequencyTables, IntegerSynthesis, LatentCoder, scale_levels
+
+    layers = []
+    for module in model.hyper.synthesis:
+        if isinstance(module, nn.Upsample):
+            layers.append(("up",))
+        elif isinstance(module, nn.ReLU):
+            layers.append(("relu",))
+        elif isinstance(module, nn.Conv2d):
+            layers.append(("conv", module.weight.detach().double().numpy(), module.bias.detach().double().numpy()))
+        else:
+            raise TypeError(f"the synthesis holds a {type(module).__name__}, which has no integer form")
+    z_scales = model.hyper.z_log_scale.detach().clamp(math.log(SCALE_MIN), math.log(SCALE_MAX)).exp()
+    return LatentCoder(IntegerSynthesis.from_float(layers),
+                       FrequencyTables.build(scale_levels(NUM_SCALE_LEVELS, SCALE_MIN, SCALE_MAX)),
+                       FrequencyTables.build(z_scales.double().numpy()))
