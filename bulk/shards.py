@@ -98,17 +98,19 @@ def read_bytes(path: str, archives: dict) -> bytes:
                 archives[archive] = tarfile.open(archive)
             return archives[archive].extractfile(member).read()
         except (OSError, tarfile.TarError, KeyError) as e:
-            archives.pop(path.split(TAR_MEMBER, 1)[0], None)  # reopen a broken archive on the next try
+            broken = archives.pop(path.split(TAR_MEMBER, 1)[0], None)  # reopened on the next try
+            if broken is not None:
+                broken.close()
             if attempt == READ_TRIES - 1:
                 raise ReadFailed(f"{path} could not be read after {READ_TRIES} tries: {type(e).__name__}: {e}") from e
             time.sleep(READ_RETRY_S * 2**attempt)
     raise AssertionError("unreachable")
 
 
-def read_files(paths, archives: dict | None = None):
+def read_files(paths):
     """(path, bytes) of each path in order, read one at a time (read_bytes); a file that could not be read comes
     as (path, ReadFailed), raised where it is consumed, so that the files before it are tokenized first."""
-    archives = {} if archives is None else archives
+    archives = {}
     try:
         for path in paths:
             try:
