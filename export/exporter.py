@@ -9,6 +9,12 @@ the run's eval figures). Graph conventions (recorded in the manifest):
   gq_select.onnx mu, logvar [R, d], codebook [K, d] -> ids int64 [R]  (R = ROWS fixed: the torch SelectGraph
                  of training/gq.py, the same score as every other selector)
 Batch, height and width are dynamic in the encoder and decoder.
+
+A discretized-VAE codec run (quantizer "uniform", training/codec.py) exports as a codec model instead: the same
+encoder.onnx and decoder.onnx (the decoder takes y_hat / gain), hyper_analysis.onnx (y float32 [B, C, h, w] ->
+side information z float32 [B, Cz, ceil(h/4), ceil(w/4)], rounded by the caller) and latent_coder.npz (the
+hyperprior's synthesis in integers, the frequency tables, the gains per quality: gqtok.core.latents), no
+codebook; the manifest's kind is "codec".
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import onnx
 import torch
 
 from gqtok.core import codebook as cb
-from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, load_artifact
-from gqtok.core.manifest import CodebookSpec, Manifest, file_sha256, model_digest_of
+from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, HYPER_ANALYSIS, LATENT_CODER, load_artifact
+from gqtok.core.manifest import CodebookSpec, CodecSpec, Manifest, file_sha256, model_digest_of
 from gqtok.training.gq import SelectGraph
 from gqtok.training.train import WEIGHTS, load_run
 
@@ -57,6 +63,17 @@ class DecoderGraph(torch.nn.Module):
 
     def forward(self, latent):
         return ((self.decoder(latent).clamp(-1.0, 1.0) + 1.0) * 0.5).permute(0, 2, 3, 1)
+
+
+class HyperAnalysisGraph(torch.nn.Module):
+    """The codec's latents y -> side information z (unrounded)."""
+
+    def __init__(self, analysis):
+        super().__init__()
+        self.analysis = analysis
+
+    def forward(self, latent):
+        return self.analysis(latent)
 
 
 def _export(module, examples: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -147,6 +164,76 @@ def save_tensors_exactly(tensors: dict[str, np.ndarray], path: Path, metadata: d
     path.chmod(0o644)
 
 
+def save_npz_exactly(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """An npz whose bytes depend only on its arrays (np.savez stamps each member with the time of writing, which
+    would give every export a new file digest and model digest). Mode 0644."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue(),
+                        compress_type=zipfile.ZIP_DEFLATED)
+    path.chmod(0o644)
+
+
+def _save_weights(model, out_dir: Path) -> None:
+    """The torch weights the graphs were made from (the EMA ones when the run kept them), for fine-tuning:
+    gqtok train --init-from MODEL_DIR."""
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS))
+    (out_dir / WEIGHTS).chmod(0o644)
+
+
+def _training_record(model, config: dict) -> dict:
+    return {"preset": config.get("preset"), "step": config.get("step"), "model": model.cfg.to_dict(),
+            "train": config.get("train"), "parameters": model.num_parameters()}
+
+
+def export_codec(model, config: dict, run_dir: Path, out_dir: Path, model_id: str | None = None,
+                 model_version: str | None = None, eval_json: Path | None = None) -> Manifest:
+    """A discretized-VAE codec run -> a codec model directory (see the module's docstring)."""
+    from gqtok.training.codec import portable_coder
+
+    cfg = model.cfg
+    f = cfg.downsample
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    hb, wb = torch.export.Dim("grid_h", min=1, max=MAX_SIDE // f), torch.export.Dim("grid_w", min=1, max=MAX_SIDE // f)
+    with torch.no_grad():
+        _export(EncoderGraph(model.encoder), (torch.zeros(2, 4 * f, 6 * f, 3, dtype=torch.uint8),), out_dir / ENCODER,
+                ["image"], ["mu", "logvar"], {"image": {0: batch, 1: f * hb, 2: f * wb}})
+        _export(DecoderGraph(model.decoder), (torch.zeros(2, cfg.latent_channels, 4, 6),), out_dir / DECODER,
+                ["latent"], ["image"], {"latent": {0: batch, 2: hb, 3: wb}})
+        _export(HyperAnalysisGraph(model.hyper.analysis), (torch.zeros(2, cfg.latent_channels, 4, 6),),
+                out_dir / HYPER_ANALYSIS, ["latent"], ["side"], {"latent": {0: batch, 2: hb, 3: wb}})
+        gain = model.log_gain.detach().double().exp().numpy()
+    order = np.argsort(cfg.rate_lambdas)  # quality 1 = the lowest lambda, the lowest rate
+    save_npz_exactly(portable_coder(model).arrays() | {"gain": gain[order], "inv_gain": 1.0 / gain[order]},
+                     out_dir / LATENT_CODER)
+    _save_weights(model, out_dir)
+    files = {name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, HYPER_ANALYSIS, LATENT_CODER, WEIGHTS)}
+    lambdas = sorted(float(v) for v in cfg.rate_lambdas)
+    manifest = Manifest(
+        kind="codec",
+        model_id=model_id or run_dir.name,
+        model_version=model_version or model_digest_of(files)[:12],
+        downsample=f,
+        latent_channels=cfg.latent_channels,
+        codec=CodecSpec(rate_lambdas=lambdas, default_quality=(len(lambdas) + 1) // 2,
+                        hyper_channels=cfg.hyper_channels),
+        opset=OPSET,
+        files=files,
+        eval=_eval_summary(run_dir, eval_json),
+        training=_training_record(model, config),
+    )
+    manifest.write(out_dir)
+    load_artifact(out_dir)  # what we wrote must pass the loader's checks
+    return manifest
+
+
 def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_version: str | None = None,
                eval_json: Path | None = None) -> Manifest:
     """The run's encoder, decoder and selection graph as ONNX, its codebook and torch weights, and the manifest
@@ -155,9 +242,12 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
     cfg = model.cfg
-    if cfg.quantizer != "gq":
-        raise ValueError(f"only GQ models export to the service; {run_dir} trained the {cfg.quantizer} baseline")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.quantizer == "uniform":
+        return export_codec(model, config, run_dir, out_dir, model_id, model_version, eval_json)
+    if cfg.quantizer != "gq":
+        raise ValueError(f"only GQ models and codecs export to the service; {run_dir} trained the "
+                         f"{cfg.quantizer} baseline")
     f = cfg.downsample
     batch = torch.export.Dim("batch", min=1, max=4096)
     hb, wb = torch.export.Dim("grid_h", min=1, max=MAX_SIDE // f), torch.export.Dim("grid_w", min=1, max=MAX_SIDE // f)
@@ -171,12 +261,7 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
         _export(SelectGraph(cfg.gq_beta), examples, out_dir / GQ_SELECT,
                 ["mu", "logvar", "codebook"], ["ids"], None)
 
-    # the torch weights the graphs were made from (the EMA ones when the run kept them), for fine-tuning:
-    # gqtok train --init-from MODEL_DIR
-    from safetensors.torch import save_file as save_torch
-
-    save_torch({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS))
-    (out_dir / WEIGHTS).chmod(0o644)
+    _save_weights(model, out_dir)
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
     save_tensors_exactly({"codebook": codebook}, out_dir / CODEBOOK,
                          metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
@@ -196,8 +281,7 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
         gq_tree_metric=_run_tree_metric(model, config),
         files=files,
         eval=_eval_summary(run_dir, eval_json),
-        training={"preset": config.get("preset"), "step": config.get("step"), "model": cfg.to_dict(),
-                  "train": config.get("train"), "parameters": model.num_parameters()},
+        training=_training_record(model, config),
     )
     manifest.write(out_dir)
     load_artifact(out_dir)  # what we wrote must pass the loader's checks

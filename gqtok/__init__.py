@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from gqtok.service.tokenizer import Tokenizer
 
         return Tokenizer
+    if name == "load_compressor":  # `gqtok.load_compressor("codec")`: compress in process (service/compressor.py)
+        from gqtok.service.compressor import load_compressor
+
+        return load_compressor
     raise AttributeError(f"module 'gqtok' has no attribute {name!r}")

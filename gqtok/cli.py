@@ -227,26 +227,27 @@ def _output_path(path: Path, force: bool) -> Path:
 def cmd_compress(args) -> None:
     import time
 
-    from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import read_header
-    from gqtok.core.models import find_model
-    from gqtok.service.compressor import ImageCompressor
+    from gqtok.service.compressor import load_compressor
     from gqtok.service.runtime import one_blas_thread
 
     one_blas_thread()  # as the server does: the same context-prior probabilities
     out = _output_path(Path(args.output or Path(args.image).with_suffix(".gqt")), args.force)
     image = _read_image(Path(args.image), args.max_pixels)
-    compressor = ImageCompressor(load_artifact(find_model(args.model)), device=args.device)
+    compressor = load_compressor(args.model, device=args.device)
     start = time.perf_counter()
-    data = compressor.compress(image, args.prior)
+    data = compressor.compress(image, args.prior, args.quality)
     seconds = time.perf_counter() - start
     out.write_bytes(data)
     header = read_header(data)
     h, w = image.shape[:2]
-    print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior, "bytes": len(data),
-                      "bits_per_pixel": round(8 * len(data) / (h * w), 5), "image_size": [h, w],
-                      "bits_per_token": round(8 * header.payload_length / math.prod(header.grid), 4),
-                      "seconds": round(seconds, 3)}))
+    summary = {"output": str(out), "model": header.model_id, "codec": header.codec, "prior": header.prior,
+               "bytes": len(data), "bits_per_pixel": round(8 * len(data) / (h * w), 5), "image_size": [h, w]}
+    if header.codec == "dvae":
+        summary["quality"] = header.quality
+    else:
+        summary["bits_per_token"] = round(8 * header.payload_length / math.prod(header.grid), 4)
+    print(json.dumps(summary | {"seconds": round(seconds, 3)}))
 
 
 def cmd_decompress(args) -> None:
@@ -255,7 +256,7 @@ def cmd_decompress(args) -> None:
     from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import BitstreamError, read_header
     from gqtok.core.models import find_model
-    from gqtok.service.compressor import ImageCompressor
+    from gqtok.service.compressor import CodecCompressor, ImageCompressor
     from gqtok.service.runtime import one_blas_thread
 
     one_blas_thread()
@@ -271,10 +272,11 @@ def cmd_decompress(args) -> None:
         artifact = match[0]
     else:  # the model the header names, on the model search path
         artifact = load_artifact(find_model(header.model_id))
-    image, _ = ImageCompressor(artifact, device=args.device).decompress(data, args.max_pixels)
+    kind = CodecCompressor if artifact.manifest.kind == "codec" else ImageCompressor  # a mismatch: refused by check
+    image, _ = kind(artifact, device=args.device).decompress(data, args.max_pixels)
     Image.fromarray(image).save(out)
-    print(json.dumps({"output": str(out), "model": header.model_id, "prior": header.prior,
-                      "image_size": list(image.shape[:2])}))
+    print(json.dumps({"output": str(out), "model": header.model_id, "codec": header.codec, "prior": header.prior,
+                      "image_size": list(image.shape[:2])} | ({"quality": header.quality} if header.codec == "dvae" else {})))
 
 
 def cmd_tokenize(args) -> None:
@@ -472,12 +474,17 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         _add_config_flags(pf, PriorConfig, "context prior")
     pf.set_defaults(func=cmd_priors_fit)
 
-    cp = sub.add_parser("compress", help="image -> compressed file (tokens entropy-coded with a prior)")
+    cp = sub.add_parser("compress", help="image -> compressed file (GQ tokens entropy-coded with a prior, or the "
+                                         "codec model's latents at a quality)")
     cp.add_argument("image", help="PNG, JPEG, WebP, ... of any size")
     cp.add_argument("-o", "--output", help="compressed file (default: IMAGE with suffix .gqt)")
-    cp.add_argument("--model", help="model directory or name on the model search path (default: the default model)")
+    cp.add_argument("--model", help="model directory or name on the model search path (default: the default model, "
+                                    "a GQ tokenizer at one rate; 'codec': the discretized-VAE codec, a rate you choose)")
+    cp.add_argument("--quality", type=int, metavar="N",
+                    help="codec models only: 1 (fewest bits) .. the model's qualities (6 for the bundled codec; "
+                         "default: its middle one; docs/compression.md lists their rates)")
     cp.add_argument("--prior", choices=["uniform", "frequency", "context"],
-                    help="entropy model of the tokens (default: the strongest the model has)")
+                    help="GQ tokenizers only: entropy model of the tokens (default: the strongest the model has)")
     cp.add_argument("--device", default="cpu", help="onnxruntime device: cpu (default), cuda or auto")
     cp.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     cp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,

@@ -37,7 +37,7 @@ from gqtok.service.requests import media_type
 from gqtok.service.routers import compression, health, models, tokens
 from gqtok.service.schemas import JSON_BODY_MODELS
 from gqtok.service.runtime import set_thread_nice
-from gqtok.service.served import load_models, warm_up
+from gqtok.service.served import load_codecs, load_models, warm_up, warm_up_codec
 from gqtok.service.settings import ServiceSettings
 from gqtok.service.state import ServiceState
 
@@ -63,11 +63,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         for model in loaded.values():
             model.tokenize.start()
             model.detokenize.start()
+        state.codecs = await run_in_threadpool(load_codecs, settings, set(loaded))
         for model in loaded.values():
             await run_in_threadpool(warm_up, model)
+        for codec in state.codecs.values():
+            await run_in_threadpool(warm_up_codec, codec)
         if settings.max_memory_mb:
             await run_in_threadpool(apply_memory_budget, state)
-        state.metrics.ready.set_function(lambda: float(all(m.ready for m in state.models.values())))
+        state.metrics.ready.set_function(
+            lambda: float(all(m.ready for m in [*state.models.values(), *state.codecs.values()])))
         yield
         for model in loaded.values():
             await model.tokenize.stop()

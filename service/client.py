@@ -106,9 +106,11 @@ class TokenizerClient:
                    for _, grids in chunks]
         return _images_out(chunks, answers, output)
 
-    def compress(self, image, *, prior: str | None = None, model: str | None = None) -> bytes:
-        """One image -> the compressed bitstream (prior: uniform, frequency, context; default the strongest)."""
-        return self._call(_compress_call(image, prior, model or self.model))
+    def compress(self, image, *, prior: str | None = None, model: str | None = None,
+                 quality: int | None = None) -> bytes:
+        """One image -> the compressed bitstream. A tokenizer: prior uniform, frequency or context (default the
+        strongest). A codec model (model="codec"): quality 1 (fewest bits) .. its qualities (default its middle)."""
+        return self._call(_compress_call(image, prior, model or self.model, quality))
 
     def decompress(self, data: bytes) -> Image.Image:
         """A bitstream from compress (or gqtok compress) -> the RGB image at its original size."""
@@ -204,8 +206,9 @@ class AsyncTokenizerClient:
                                          for _, grids in chunks))
         return _images_out(chunks, list(answers), output)
 
-    async def compress(self, image, *, prior: str | None = None, model: str | None = None) -> bytes:
-        return await self._call(_compress_call(image, prior, model or self.model))
+    async def compress(self, image, *, prior: str | None = None, model: str | None = None,
+                       quality: int | None = None) -> bytes:
+        return await self._call(_compress_call(image, prior, model or self.model, quality))
 
     async def decompress(self, data: bytes) -> Image.Image:
         return await self._call(_decompress_call(data))

@@ -193,9 +193,9 @@ def _detokenize_call(tokens, image_size, model: str | None, model_digest: str | 
                  content=json.dumps(body, separators=(",", ":")).encode())
 
 
-def _compress_call(image, prior: str | None, model: str | None) -> _Call:
+def _compress_call(image, prior: str | None, model: str | None, quality: int | None = None) -> _Call:
     data, kind = image_file(image)
-    return _Call("POST", "/v1/compress", lambda r: r.content, _model_params(model, prior=prior),
+    return _Call("POST", "/v1/compress", lambda r: r.content, _model_params(model, prior=prior, quality=quality),
                  {"content-type": kind, "accept": COMPRESSED}, content=data)
 
 

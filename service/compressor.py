@@ -1,7 +1,8 @@
-"""Images <-> compressed bytes for one model, in process: the tokenizer runtime plus gqtok.core.bitstream.
+"""Images <-> compressed bytes for one model, in process: a GQ tokenizer with gqtok.core.bitstream's priors
+(ImageCompressor, one rate), or the discretized-VAE codec with gqtok.core.latents (CodecCompressor, a quality).
 
-    compressor = ImageCompressor(load_artifact("models/default"))
-    data = compressor.compress(image_u8)             # uint8 [H, W, 3] -> bytes (any H, W), best prior
+    compressor = load_compressor("default")          # or "codec": either kind, by its manifest
+    data = compressor.compress(image_u8)             # uint8 [H, W, 3] -> bytes (any H, W); codec: quality=1..6
     image, header = compressor.decompress(data)      # -> uint8 [H, W, 3], the original size
 
 The image is padded to multiples of f by repeating its bottom and right edges (as /v1/tokenize's
@@ -12,10 +13,22 @@ runs the same two halves with its batchers in between (service/routers/compressi
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 
+from gqtok.core.artifact import DECODER, ENCODER, HYPER_ANALYSIS, load_artifact
 from gqtok.core.bitstream import Header, TokenCompressor
+from gqtok.core.latents import LatentCompressor
 from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS, fit_to_grid
-from gqtok.service.runtime import TokenizerRuntime
+from gqtok.core.models import find_model
+from gqtok.service.runtime import TokenizerRuntime, open_sessions, to_uint8
+
+
+def load_compressor(model: str | None = None, *, device: str = "auto", threads: int = 0):
+    """The compressor of a model (a directory or a name on the model search path; None: the default model):
+    ImageCompressor for a tokenizer, CodecCompressor for a codec."""
+    artifact = load_artifact(find_model(model))
+    kind = CodecCompressor if artifact.manifest.kind == "codec" else ImageCompressor
+    return kind(artifact, device=device, threads=threads)
 
 
 class ImageCompressor:
@@ -27,8 +40,12 @@ class ImageCompressor:
     def priors(self) -> list[str]:
         return list(self.tokens.priors)
 
-    def compress(self, image: np.ndarray, prior: str | None = None) -> bytes:
-        """prior: uniform, frequency or context; None = the strongest the model has."""
+    def compress(self, image: np.ndarray, prior: str | None = None, quality: int | None = None) -> bytes:
+        """prior: uniform, frequency or context; None = the strongest the model has. quality: codecs only."""
+        if quality is not None:
+            raise ValueError(f"model {self.runtime.manifest.model_id} is a GQ tokenizer: it compresses at one rate "
+                             "(16 bits per token before entropy coding); a quality is chosen with a codec model "
+                             "(kind codec, e.g. the bundled 'codec')")
         padded = fit_to_grid(image, self.runtime.manifest.downsample, "pad")
         ids = self.runtime.tokenize(padded[None])[0]
         return self.tokens.compress(ids, image.shape[:2], prior)
@@ -37,3 +54,43 @@ class ImageCompressor:
         ids, header = self.tokens.decompress(data, max_pixels)
         h, w = header.image_size
         return self.runtime.detokenize(ids[None])[0, :h, :w], header
+
+
+class CodecCompressor:
+    """The discretized-VAE codec in process: encoder.onnx -> y = mu * gain(quality) -> hyper_analysis.onnx ->
+    rounded side information z -> the portable latent coder (gqtok.core.latents); back through decoder.onnx.
+    The encoder side runs in float32 (where it rounds decides the stream); what a stream decodes to is computed
+    exactly up to the decoder network."""
+
+    priors = ["hyperprior"]
+
+    def __init__(self, artifact, device: str = "cpu", threads: int = 0):
+        self.latents = LatentCompressor(artifact)
+        self.manifest = artifact.manifest
+        self.encoder, self.providers, opts = open_sessions(artifact, ENCODER, device, threads)
+        self.hyper_analysis = ort.InferenceSession(str(artifact.path(HYPER_ANALYSIS)), opts, providers=self.providers)
+        self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
+
+    @property
+    def default_prior(self) -> str:
+        return "hyperprior"
+
+    def quality(self, quality: int | None) -> int:
+        return self.latents.quality(quality)
+
+    def compress(self, image: np.ndarray, prior: str | None = None, quality: int | None = None) -> bytes:
+        """quality: 1 (lowest rate) .. the model's qualities; None = the model's default."""
+        if prior not in (None, "hyperprior"):
+            raise ValueError(f"model {self.manifest.model_id} is a codec: its latents are coded with its "
+                             f"hyperprior, not the {prior!r} prior of GQ tokens")
+        q = self.latents.quality(quality)
+        padded = fit_to_grid(image, self.manifest.downsample, "pad")
+        mu = self.encoder.run(["mu"], {"image": np.ascontiguousarray(padded[None], dtype=np.uint8)})[0]
+        y = self.latents.scaled(mu, q)
+        z = np.rint(self.hyper_analysis.run(None, {"latent": y})[0][0]).astype(np.int64)
+        return self.latents.compress(y[0], z, image.shape[:2], q)
+
+    def decompress(self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, Header]:
+        latent, header = self.latents.decompress(data, max_pixels)
+        h, w = header.image_size
+        return to_uint8(self.decoder.run(None, {"latent": latent[None]})[0])[0, :h, :w], header

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gqtok.core import layout
-from gqtok.core.artifact import DECODER, ENCODER, GQ_SELECT, Artifact
+from gqtok.core.artifact import DECODER, ENCODER, GQ_SELECT, Artifact, require_kind
 from gqtok.core.kdtree import default_threads, thread_pool
 from gqtok.core.select import GaussianQuantizer, fixed_blocks, kl_bits
 
@@ -113,6 +113,44 @@ def one_blas_thread() -> None:
     threadpool_limits(1, user_api="blas")
 
 
+def session_options(threads: int) -> ort.SessionOptions:
+    """The options every gqtok session runs with (the shared pool after share_threads, else `threads`)."""
+    global _sessions_made
+    _sessions_made = True
+    opts = ort.SessionOptions()
+    if _shared_threads is not None:
+        opts.use_per_session_threads = False
+    else:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle pool threads sleep instead of spinning: spinning threads took the cores from the GQ selection
+    # and the other sessions (tokenize at batch 1: 187 ms per image spinning, 139 ms not).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No CPU arena: with it, rounds of 1440x720 tokenize + detokenize of the first default model grew past
+    # 8 GB resident until the kernel killed the process; without it, 3.0 GB at the peak and 270 MiB after each
+    # round (one process, 4 rounds, 2 threads; docs/service.md, memory).
+    opts.enable_cpu_mem_arena = False
+    return opts
+
+
+def open_sessions(artifact: Artifact, first: str, device: str, threads: int):
+    """(session of the artifact's file `first`, the providers it really runs on, the options for the model's other
+    sessions): onnxruntime-gpu offers CUDA whether or not a GPU is there and falls back to the CPU on its own, so
+    the first session tells which provider the model gets."""
+    providers = choose_providers(device)
+    opts = session_options(threads)
+    session = ort.InferenceSession(str(artifact.path(first)), opts, providers=providers)
+    if providers[0] != session.get_providers()[0]:
+        why = (f"onnxruntime offers {providers[0]} but could not use it (no GPU visible to this process, "
+               f"or no NVIDIA driver)")
+        if device == "cuda":
+            raise RuntimeError(f"device 'cuda' asked for: {why}")
+        log.warning("%s: model %s runs on %s", why, artifact.manifest.model_id, session.get_providers()[0])
+        providers = session.get_providers()
+    return session, providers, opts
+
+
 class TokenizerRuntime:
     """Sessions for one artifact.
 
@@ -129,32 +167,8 @@ class TokenizerRuntime:
 
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "exact"):
         self.artifact, self.manifest = artifact, artifact.manifest
-        self.providers = choose_providers(device)
-        global _sessions_made
-        _sessions_made = True
-        opts = ort.SessionOptions()
-        if _shared_threads is not None:
-            opts.use_per_session_threads = False
-        else:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle pool threads sleep instead of spinning: spinning threads took the cores from the GQ selection
-        # and the other sessions (tokenize at batch 1: 187 ms per image spinning, 139 ms not).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # No CPU arena: with it, rounds of 1440x720 tokenize + detokenize of the first default model grew past
-        # 8 GB resident until the kernel killed the process; without it, 3.0 GB at the peak and 270 MiB after each
-        # round (one process, 4 rounds, 2 threads; docs/service.md, memory).
-        opts.enable_cpu_mem_arena = False
-        self.encoder = ort.InferenceSession(str(artifact.path(ENCODER)), opts, providers=self.providers)
-        if self.providers[0] != self.encoder.get_providers()[0]:
-            # onnxruntime-gpu offers CUDA whether or not a GPU is there, and falls back to the CPU on its own
-            why = (f"onnxruntime offers {self.providers[0]} but could not use it (no GPU visible to this process, "
-                   f"or no NVIDIA driver)")
-            if device == "cuda":
-                raise RuntimeError(f"device 'cuda' asked for: {why}")
-            log.warning("%s: model %s runs on %s", why, self.manifest.model_id, self.encoder.get_providers()[0])
-            self.providers = self.encoder.get_providers()
+        require_kind(artifact, "tokenizer", "tokenizing")
+        self.encoder, self.providers, opts = open_sessions(artifact, ENCODER, device, threads)
         self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
         if selector not in self.SELECTORS:
             raise ValueError(f"selector must be one of {', '.join(self.SELECTORS)}, got {selector!r}")

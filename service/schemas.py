@@ -7,7 +7,7 @@ the compressed format where it sends bytes, and {"error", "error_type"} for ever
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -178,9 +178,26 @@ class ModelInfo(BaseModel):
     limits: dict[str, float | int]
 
 
+class CodecInfo(BaseModel):
+    """A codec model (the discretized-VAE image codec): no tokens, a quality to choose."""
+    kind: Literal["codec"] = "codec"
+    model_id: str
+    model_version: str
+    model_digest: str
+    ready: bool
+    downsample: int = Field(description="f: pixels per latent position side.")
+    latent_channels: int
+    qualities: int = Field(description="/v1/compress?quality= takes 1 (fewest bits) to this.")
+    default_quality: int
+    rate_lambdas: list[float] = Field(description="The rate-distortion weight each quality was trained for.")
+    provider: str
+    eval: dict | None
+
+
 class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
+    codecs: list[CodecInfo] = Field(description="Codec models: /v1/compress and /v1/decompress only.")
 
 
 class Ready(BaseModel):
@@ -201,6 +218,7 @@ class Info(BaseModel):
     onnxruntime: str
     default_model: str
     models: list[str]
+    codecs: list[str] = Field(description="Codec models (compress and decompress only).")
     providers: dict[str, str]
     selector: dict[str, str]
     threads: int

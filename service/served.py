@@ -1,4 +1,5 @@
-"""The models a server holds: loading and verifying each directory, its batchers, its token compressor, and warm-up."""
+"""The models a server holds: loading and verifying each directory, its batchers, its token compressor, and warm-up;
+and the codec models beside them (ServedCodec: compress and decompress only)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gqtok.core.priors import fit_record
 from gqtok.service.batcher import Batcher
 from gqtok.service.memory import returning_memory
 from gqtok.service.metrics import ServiceMetrics
+from gqtok.service.compressor import CodecCompressor
 from gqtok.service.runtime import TokenizerRuntime, one_blas_thread, share_threads
 from gqtok.service.settings import ServiceSettings
 
@@ -62,6 +64,9 @@ def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str,
     for spec in settings.models:
         directory = find_model(spec)
         artifact = load_artifact(directory)
+        if artifact.manifest.kind == "codec":
+            raise ArtifactError(f"{spec} is a codec model ({artifact.manifest.model_id}): serve it with --codec "
+                                f"{spec} (GQTOK_CODECS) beside a tokenizer")
         rt = TokenizerRuntime(artifact, device=settings.device, threads=settings.threads, selector=settings.selector)
         mid = artifact.manifest.model_id
         if mid in models:
@@ -97,3 +102,50 @@ def warm_up(model: ServedModel) -> None:
     ids = model.runtime.tokenize(np.zeros((1, 2 * f, 2 * f, 3), np.uint8))
     model.runtime.detokenize(ids)
     model.warmed = True
+
+
+@dataclass
+class ServedCodec:
+    """A codec model: /v1/compress?model=ID&quality=N and /v1/decompress of its streams. Its networks run inside a
+    coding slot (max_concurrent_coding at once), not on batchers."""
+    compressor: CodecCompressor
+    warmed: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed
+
+    @property
+    def manifest(self):
+        return self.compressor.manifest
+
+    @property
+    def headers(self) -> dict[str, str]:
+        m = self.manifest
+        return {"x-gqtok-model": m.model_id, "x-gqtok-model-version": m.model_version,
+                "x-gqtok-model-digest": m.model_digest}
+
+
+def load_codecs(settings: ServiceSettings, taken: set[str]) -> dict[str, ServedCodec]:
+    """Every codec model of settings.codecs (after load_models: the thread pool is shared); `taken`: the
+    tokenizers' ids, which a codec may not reuse."""
+    codecs: dict[str, ServedCodec] = {}
+    for spec in settings.codecs:
+        artifact = load_artifact(find_model(spec))
+        mid = artifact.manifest.model_id
+        if artifact.manifest.kind != "codec":
+            raise ArtifactError(f"{spec} is a {artifact.manifest.kind} model ({mid}), not a codec: serve it with "
+                                f"--model {spec}")
+        if mid in codecs or mid in taken:
+            raise ArtifactError(f"two model directories share the model id {mid!r}")
+        codecs[mid] = ServedCodec(CodecCompressor(artifact, device=settings.device, threads=settings.threads))
+        log.info("loaded codec %s from %s", mid, artifact.directory)
+    return codecs
+
+
+def warm_up_codec(codec: ServedCodec) -> None:
+    """One compress and decompress at every quality before the codec is reported ready."""
+    f = codec.manifest.downsample
+    for quality in range(1, codec.manifest.codec.qualities + 1):
+        codec.compressor.decompress(codec.compressor.compress(np.zeros((2 * f, 2 * f, 3), np.uint8), None, quality))
+    codec.warmed = True

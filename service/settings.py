@@ -23,6 +23,9 @@ class ServiceSettings(BaseSettings):
     models: list[Path] = Field([Path("default")], description=(
         "Model directories or names to serve (repeat --model; GQTOK_MODELS takes a JSON list). A name is looked "
         "up on the model search path (docs/service.md); the first model is the default."))
+    codecs: list[Path] = Field([], description=(
+        "Codec models to serve beside them (repeat --codec; GQTOK_CODECS takes a JSON list), e.g. the bundled "
+        "'codec': the discretized-VAE image codec, /v1/compress?model=codec&quality=N with a rate you choose."))
     default_model: str | None = Field(None, description="Model id used when a request names none (default: the first).")
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
@@ -104,7 +107,8 @@ def flags() -> list[tuple[str, str, object, object]]:
     for name, field in ServiceSettings.model_fields.items():
         default = field.get_default(call_default_factory=True)
         shown = "off" if default is None else ", ".join(map(str, default)) if isinstance(default, list) else default
-        out.append((name, "--model" if name == "models" else f"--{name.replace('_', '-')}", field, shown))
+        flag = {"models": "--model", "codecs": "--codec"}.get(name, f"--{name.replace('_', '-')}")
+        out.append((name, flag, field, shown))
     return out
 
 

@@ -17,7 +17,7 @@ from gqtok.service.batcher import Batcher, Timing
 from gqtok.service.images import padded_pixels
 from gqtok.service.memory import IMAGE_BYTES_PER_PIXEL, JSON_IMAGE_COPIES, MemoryPlan, RequestMemory
 from gqtok.service.metrics import ServiceMetrics
-from gqtok.service.served import ServedModel
+from gqtok.service.served import ServedCodec, ServedModel
 from gqtok.service.settings import ServiceSettings
 
 
@@ -31,6 +31,7 @@ class ServiceState:
     coding: asyncio.Semaphore  # entropy coding holds a core per request: max_concurrent_coding slots
     coding_pool: ThreadPoolExecutor  # as many threads as slots
     models: dict[str, ServedModel] = field(default_factory=dict)
+    codecs: dict[str, ServedCodec] = field(default_factory=dict)
     default: str | None = None
     memory: MemoryPlan | None = None  # with max_memory_mb: the measured memory model and the limits it set
     request_memory: RequestMemory | None = None  # with max_memory_mb: what requests hold outside inference
@@ -79,16 +80,29 @@ class ServiceState:
         """The loaded, warmed-up model a request names (None: the default); 404 or 503 otherwise."""
         mid = model_id or self.default
         served = self.models.get(mid)
+        if served is None and mid in self.codecs:
+            raise errors.InvalidRequest(f"{mid} is a codec model: it has no tokens; it compresses (/v1/compress?model="
+                                        f"{mid}&quality=N) and decompresses its own streams")
         if served is None:
             raise errors.UnknownModel(f"unknown model {mid!r}; loaded: {sorted(self.models)}")
         if not served.ready:
             raise errors.NotReady(f"model {mid} is still warming up", headers={"Retry-After": "1"})
         return served
 
+    def codec(self, model_id: str) -> ServedCodec:
+        """A loaded, warmed-up codec model; 404 or 503 otherwise."""
+        served = self.codecs.get(model_id)
+        if served is None:
+            raise errors.UnknownModel(f"unknown codec {model_id!r}; loaded codecs: {sorted(self.codecs)} (start the "
+                                      "server with --codec NAME)")
+        if not served.ready:
+            raise errors.NotReady(f"codec {model_id} is still warming up", headers={"Retry-After": "1"})
+        return served
+
     def known_model(self, model_id: str) -> ServedModel:
         """A loaded model by id, ready or not (metadata routes); 404 otherwise."""
         if model_id not in self.models:
-            raise errors.UnknownModel(f"unknown model {model_id!r}; loaded: {sorted(self.models)}")
+            self.model(model_id)  # a codec's id: 400 saying so; else 404
         return self.models[model_id]
 
     @staticmethod

@@ -158,6 +158,27 @@ class LiveServer:
                 self.proc.wait()
         return self.proc.stdout.read() if self.proc.stdout else ""
 
+@pytest.fixture(scope="session")
+def tiny_codec(tiny_run, small_photos, tmp_path_factory) -> Path:
+    """A real tiny discretized-VAE codec run: the tiny run's network fine-tuned (30 steps) at three lambdas."""
+    from gqtok.training.train import train
+
+    run = tmp_path_factory.mktemp("codec") / "codec"
+    train(run, small_photos, preset="tiny", progress=False,
+          overrides={"quantizer": "uniform", "rate_lambdas": (0.002, 0.02, 0.2), "init_from": str(tiny_run),
+                     "steps": 30, "image_every": 0})
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_model(tiny_codec, tmp_path_factory) -> Path:
+    """The tiny codec exported (id "tiny-codec"): a codec model directory the service and the CLI load."""
+    from gqtok.export.exporter import export_run
+
+    out = tmp_path_factory.mktemp("models") / "tiny-codec"
+    export_run(tiny_codec, out, model_id="tiny-codec")
+    return out
+
 
 @pytest.fixture(scope="session")
 def start_server():

@@ -189,14 +189,26 @@ def test_header_layout_is_stable():
     """The byte layout is the format: a change here must bump FORMAT_VERSION."""
     h = Header("m1", "frequency", b"\xaa" * 8, b"\xbb" * 8, (17, 9), (1, 3, 2), 256, 7, 8, 9, b"\xcc" * 8)
     packed = h.pack()
-    assert packed[:8] == b"GQTK\x03\x01\x02m" and packed[8:9] == b"1"
-    assert packed[9:33] == b"\xaa" * 8 + b"\xbb" * 8 + b"\xcc" * 8
-    assert struct.unpack_from("<II", packed, 33) == (17, 9)
+    assert packed[:8] == b"GQTK\x04\x01\x02m" and packed[8:9] == b"1"
+    assert packed[9:11] == b"\x00\x00"  # codec gq, no quality
+    assert packed[11:35] == b"\xaa" * 8 + b"\xbb" * 8 + b"\xcc" * 8
+    assert struct.unpack_from("<II", packed, 35) == (17, 9)
     assert struct.unpack("<I", packed[-4:])[0] == zlib.crc32(packed[:-4])
-    assert len(packed) == 7 + 2 + 24 + 8 + 6 + 4 * 4 + 4
+    assert len(packed) == 7 + 2 + 2 + 24 + 8 + 6 + 4 * 4 + 4
+    dvae = dataclasses.replace(h, codec="dvae", quality=5, prior="hyperprior", payload_length=4,
+                               payload_crc=zlib.crc32(b"abcd"))
+    packed_dvae = dvae.pack()
+    assert packed_dvae[5] == 3 and packed_dvae[9:11] == b"\x01\x05"
+    assert Header.unpack(packed_dvae + b"abcd") == (dvae, b"abcd")
+    for lie in (dataclasses.replace(dvae, prior="context"), dataclasses.replace(dvae, codec="gq")):
+        with pytest.raises(BitstreamError, match="cannot use the .* prior"):
+            Header.unpack(lie.pack() + b"abcd")
+    # version 3, as written until the codec byte: the digests right after the model id
+    v3 = dataclasses.replace(h, version=3).pack()
+    assert v3[4] == 3 and v3[9:33] == packed[11:35] and len(v3) == len(packed) - 2
     # version 2, as written until the model digest: no digest, the sizes right after the prior's digest
     v2 = dataclasses.replace(h, model_digest=b"", version=2).pack()
-    assert v2[4] == 2 and struct.unpack_from("<II", v2, 25) == (17, 9) and len(v2) == len(packed) - 8
+    assert v2[4] == 2 and struct.unpack_from("<II", v2, 25) == (17, 9) and len(v2) == len(v3) - 8
 
 
 def test_another_export_under_the_same_id_is_refused_by_digest(tiny_model, tiny_model_reexport, photo, photo_ids):

@@ -74,7 +74,7 @@ def test_round_trip_is_exact_and_near_the_ideal_rate(coder):
     k[0, 0, 0] = round(5000.25 - mean[0, 0, 0] / 2**ACT_BITS)
     y_hat[0, 0, 0] = k[0, 0, 0] + mean[0, 0, 0] / 2**ACT_BITS
     words = latent_coder.encode(z, k)
-    z_back, y_back = latent_coder.decode(words, z.shape, k.shape)
+    z_back, _, y_back = latent_coder.decode(words, z.shape, k.shape)
     assert np.array_equal(z_back, z) and np.array_equal(y_back, y_hat)
     ideal = sum(-math.log2(latent_coder.y_tables.freqs[i][kk + latent_coder.y_tables.radius(i)] / 2**FREQ_BITS)
                 for i, kk in zip(index.reshape(-1)[1:], k.reshape(-1)[1:]))
@@ -95,7 +95,7 @@ from test_latents import build
 coder = build()
 data = np.load(sys.argv[1])
 words = coder.encode(data["z"], data["k"])
-z, y_hat = coder.decode(data["words"], data["z"].shape, data["k"].shape)
+z, _, y_hat = coder.decode(data["words"], data["z"].shape, data["k"].shape)
 print(hashlib.sha256(words.tobytes()).hexdigest(), hashlib.sha256(y_hat.tobytes()).hexdigest())
 """
 

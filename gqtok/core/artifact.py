@@ -15,7 +15,8 @@ import numpy as np
 from gqtok.core.manifest import Manifest, file_sha256
 
 ENCODER, DECODER, GQ_SELECT, CODEBOOK = "encoder.onnx", "decoder.onnx", "gq_select.onnx", "codebook.safetensors"
-REQUIRED_FILES = (ENCODER, DECODER, GQ_SELECT)
+HYPER_ANALYSIS, LATENT_CODER = "hyper_analysis.onnx", "latent_coder.npz"  # a codec's side information and coder
+REQUIRED_FILES = {"tokenizer": (ENCODER, DECODER, GQ_SELECT), "codec": (ENCODER, DECODER, HYPER_ANALYSIS, LATENT_CODER)}
 
 
 class ArtifactError(ValueError):
@@ -26,7 +27,7 @@ class ArtifactError(ValueError):
 class Artifact:
     directory: Path
     manifest: Manifest
-    codebook: np.ndarray  # float32 [K, d], digest-checked
+    codebook: np.ndarray | None  # float32 [K, d], digest-checked (None for a codec)
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -40,7 +41,7 @@ def load_artifact(model_dir: Path | str) -> Artifact:
         raise ArtifactError(str(e)) from e
     except ValueError as e:
         raise ArtifactError(str(e)) from e
-    missing = [f for f in REQUIRED_FILES if f not in manifest.files]
+    missing = [f for f in REQUIRED_FILES[manifest.kind] if f not in manifest.files]
     if missing:
         raise ArtifactError(f"{model_dir}/manifest.json lists no digest for {', '.join(missing)}")
     for name, expected in manifest.files.items():
@@ -51,7 +52,16 @@ def load_artifact(model_dir: Path | str) -> Artifact:
         if actual != expected:
             raise ArtifactError(f"{path} has sha256 {actual}, manifest says {expected}: the file was changed or corrupted")
     try:
-        codebook = manifest.codebook.build()
+        codebook = manifest.codebook.build() if manifest.codebook is not None else None
     except ValueError as e:
         raise ArtifactError(f"{model_dir}/manifest.json: {e}") from e
     return Artifact(model_dir, manifest, codebook)
+
+
+def require_kind(artifact: Artifact, kind: str, use: str) -> None:
+    """ArtifactError unless the artifact is a `kind` model: a codec has no tokens, a tokenizer no rate knob."""
+    m = artifact.manifest
+    if m.kind != kind:
+        other = {"tokenizer": "it makes GQ tokens (gqtok tokenize, /v1/tokenize) and compresses at one rate",
+                 "codec": "it compresses images at a chosen quality (gqtok compress --quality, /v1/compress)"}
+        raise ArtifactError(f"model {m.model_id} is a {m.kind} model and cannot be used for {use}: {other[m.kind]}")

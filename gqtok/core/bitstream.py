@@ -4,12 +4,15 @@
     data = compressor.compress(ids, image_size=(H, W))   # int [T, h, w] -> bytes, with the model's best prior
     ids, header = compressor.decompress(data)             # checks the header against the model
 
-Header (little-endian; version 3):
+Header (little-endian; version 4):
 
     magic "GQTK" | format version u8 | prior id u8 | model id length u8 | model id (ASCII)
-    | codebook sha256[:8] | prior file sha256[:8] (zeros for uniform) | model digest[:8] (Manifest.model_digest)
-    | image H u32 | image W u32 | grid T u16 | h u16 | w u16 | K u32
-    | crc32 of the tokens (uint32 LE) u32 | payload length u32 | crc32 of the payload u32 | crc32 of the header so far u32
+    | codec u8 (0 gq: GQ tokens; 1 dvae: the discretized-VAE codec's latents) | quality u8 (dvae; 0 for gq)
+    | codebook sha256[:8] (zeros for dvae) | prior file sha256[:8] (zeros for uniform; dvae: latent_coder.npz)
+    | model digest[:8] (Manifest.model_digest) | image H u32 | image W u32
+    | grid T u16 | h u16 | w u16 (dvae: the latents' C, h, w) | K u32 (dvae: 0)
+    | crc32 of the tokens (uint32 LE; dvae: the latents' int32 symbols) u32 | payload length u32
+    | crc32 of the payload u32 | crc32 of the header so far u32
     then the payload: constriction range-coder words (uint32 LE).
 
 The header pins what decoding needs to agree on (model, its networks, codebook, prior file, sizes), so a stream
@@ -18,7 +21,8 @@ exports that share an id and a codebook. The payload checksum
 catches corruption before decoding; the token checksum is the last guard.
 
 Every prior computes its probabilities exactly (uniform and frequency from integer counts, context in
-fixed point), so a stream decodes the same on any machine. Version 3 added the model digest; version 2 streams
+fixed point), so a stream decodes the same on any machine. Version 4 added the codec and its quality (the
+dvae codec's streams, gqtok/core/latents.py); version 3 streams are GQ token streams and still decode. Version 3 added the model digest; version 2 streams
 still decode, checked against what they carry (id, codebook, prior). Version 2 changed only the context prior
 (version 1's ran in float32 and did not decode portably); version 1 streams of the uniform and frequency
 priors are coded exactly as in version 2 and still decode. The coder's word stream is constriction's range coder,
@@ -37,11 +41,18 @@ from gqtok.core.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPr
 from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 MAGIC = b"GQTK"
-FORMAT_VERSION = 3
-# older format versions this gqtok decodes, and for which priors
-OLD_VERSIONS_READ = {1: ("uniform", "frequency"), 2: ("uniform", "frequency", "context")}
-# after the model id: digests (codebook, prior, and from version 3 the model), sizes, K, checksums, payload length
-_FIXED = {3: struct.Struct("<8s8s8sIIHHHIIII"), 2: struct.Struct("<8s8sIIHHHIIII"), 1: struct.Struct("<8s8sIIHHHIIII")}
+FORMAT_VERSION = 4
+# older format versions this gqtok decodes, and for which priors (all of them GQ token streams)
+OLD_VERSIONS_READ = {1: ("uniform", "frequency"), 2: ("uniform", "frequency", "context"),
+                     3: ("uniform", "frequency", "context")}
+# after the model id: (from version 4) codec and quality, digests (codebook, prior, and from version 3 the
+# model), sizes, K, checksums, payload length
+_FIXED = {4: struct.Struct("<BB8s8s8sIIHHHIIII"), 3: struct.Struct("<8s8s8sIIHHHIIII"),
+          2: struct.Struct("<8s8sIIHHHIIII"), 1: struct.Struct("<8s8sIIHHHIIII")}
+CODEC_IDS = {"gq": 0, "dvae": 1}
+# the entropy model byte: the token priors, and the dvae codec's hyperprior (its only one)
+STREAM_PRIORS = {**PRIOR_IDS, "hyperprior": 3}
+CODEC_PRIORS = {"gq": tuple(PRIOR_IDS), "dvae": ("hyperprior",)}
 MAX_GRID_SIDE = 2**16 - 1
 
 
@@ -63,12 +74,15 @@ class Header:
     payload_crc: int
     model_digest: bytes = b""  # 8 bytes from version 3; empty in older streams
     version: int = FORMAT_VERSION
+    codec: str = "gq"  # from version 4; older streams are all gq
+    quality: int = 0  # the dvae codec's quality (1 = lowest rate); 0 for gq
 
     def pack(self) -> bytes:
         mid = self.model_id.encode("ascii")
         digests = (self.codebook_digest, self.prior_digest) + ((self.model_digest,) if self.version >= 3 else ())
-        head = MAGIC + bytes([self.version, PRIOR_IDS[self.prior], len(mid)]) + mid + _FIXED[self.version].pack(
-            *digests, *self.image_size, *self.grid, self.num_codes, self.token_crc, self.payload_length,
+        codec = (CODEC_IDS[self.codec], self.quality) if self.version >= 4 else ()
+        head = MAGIC + bytes([self.version, STREAM_PRIORS[self.prior], len(mid)]) + mid + _FIXED[self.version].pack(
+            *codec, *digests, *self.image_size, *self.grid, self.num_codes, self.token_crc, self.payload_length,
             self.payload_crc)
         return head + struct.pack("<I", zlib.crc32(head))
 
@@ -80,10 +94,12 @@ class Header:
         version, prior_id, id_len = data[4], data[5], data[6]
         if version != FORMAT_VERSION and version not in OLD_VERSIONS_READ:
             raise BitstreamError(f"format version {version}; this gqtok reads version {FORMAT_VERSION}")
-        names = {v: k for k, v in PRIOR_IDS.items()}
+        names = {v: k for k, v in STREAM_PRIORS.items()}
         if prior_id not in names:
             raise BitstreamError(f"unknown prior id {prior_id}")
         if version in OLD_VERSIONS_READ and names[prior_id] not in OLD_VERSIONS_READ[version]:
+            if names[prior_id] not in PRIOR_IDS:
+                raise BitstreamError(f"format version {version} has no {names[prior_id]} prior: the stream is corrupted")
             raise BitstreamError(f"format version {version} stream with the {names[prior_id]} prior: that prior "
                                  f"computed in float there and does not decode portably; this gqtok reads version "
                                  f"{version} only for the {' and '.join(OLD_VERSIONS_READ[version])} priors "
@@ -97,9 +113,16 @@ class Header:
             raise BitstreamError("header checksum mismatch: the stream is corrupted")
         model_id = data[7 : 7 + id_len].decode("ascii", errors="replace")
         fields = fixed.unpack_from(data, 7 + id_len)
+        codec, quality = ({v: k for k, v in CODEC_IDS.items()}.get(fields[0]), fields[1]) if version >= 4 else ("gq", 0)
+        if codec is None:
+            raise BitstreamError(f"unknown codec id {fields[0]}: a newer gqtok wrote this stream")
+        if names[prior_id] not in CODEC_PRIORS[codec]:
+            raise BitstreamError(f"a {codec} stream cannot use the {names[prior_id]} prior: the stream is corrupted")
+        fields = fields[2:] if version >= 4 else fields
         cb, pd, md = fields[:3] if version >= 3 else (*fields[:2], b"")
         hh, ww, t, h, w, k, tcrc, plen, pcrc = fields[3:] if version >= 3 else fields[2:]
-        header = cls(model_id, names[prior_id], cb, pd, (hh, ww), (t, h, w), k, tcrc, plen, pcrc, md, version)
+        header = cls(model_id, names[prior_id], cb, pd, (hh, ww), (t, h, w), k, tcrc, plen, pcrc, md, version,
+                     codec, quality)
         payload = data[end + 4 :]
         if len(payload) != plen:
             raise BitstreamError(f"payload is {len(payload)} bytes, the header says {plen}: "
@@ -243,6 +266,9 @@ class TokenCompressor:
     def check(self, header: Header) -> None:
         """Refuse a header this model cannot decode, naming the mismatch."""
         m = self.manifest
+        if header.codec != "gq":
+            raise BitstreamError(f"stream was made by the {header.codec} codec of model {header.model_id!r}; model "
+                                 f"{m.model_id} is a GQ tokenizer: decode it with the codec model that made it")
         if header.model_id != m.model_id:
             raise BitstreamError(f"stream was made by model {header.model_id!r}, this is {m.model_id!r}")
         if header.version >= 3 and header.model_digest != self.model_digest:

@@ -21,10 +21,16 @@ over [-32768, 32767]). Frequencies sum to 2^16; constriction's range coder codes
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from gqtok.core.bitstream import MAX_GRID_SIDE, BitstreamError, Header, grid_fits
+from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 ACT_BITS = 8  # activations of the integer synthesis: integers in units of 2^-8
 WEIGHT_BITS = 12  # its weights: integers in units of 2^-12
@@ -203,6 +209,15 @@ class LatentCoder:
     def __post_init__(self):
         self.thresholds = scale_thresholds(self.y_tables.levels)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything the coder is, as named integer and float64 arrays (latent_coder.npz); `from_arrays` reads it."""
+        return self.synthesis.arrays() | self.y_tables.arrays("y") | self.z_tables.arrays("z")
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "LatentCoder":
+        return cls(IntegerSynthesis.from_arrays(arrays), FrequencyTables.from_arrays(arrays, "y"),
+                   FrequencyTables.from_arrays(arrays, "z"))
+
     def entropy_parameters(self, z: np.ndarray, y_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(mean in units of 2^-ACT_BITS, scale index) of every y element, from the integer z."""
         mean, log_scale = np.split(self.synthesis(z, y_hw), 2, axis=0)
@@ -230,8 +245,9 @@ class LatentCoder:
         return enc.get_compressed()
 
     def decode(self, words: np.ndarray, z_shape: tuple[int, int, int],
-               y_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """uint32 words -> (z, y_hat as float64 [C, h, w]), y_hat = k + mean exactly as the encoder's."""
+               y_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint32 words -> (z, y's symbols k, y_hat as float64 [C, h, w]), y_hat = k + mean exactly as the
+        encoder's."""
         queue, model = _constriction()
         dec = queue.RangeDecoder(np.asarray(words, np.uint32))
         cz, hz, wz = z_shape
@@ -242,4 +258,121 @@ class LatentCoder:
         for level in np.unique(flat_i):
             where = flat_i == level
             k[where] = _decode_group(dec, model, int(where.sum()), self.y_tables.freqs[level])
-        return z, k.reshape(y_shape) + mean.astype(np.float64) / 2**ACT_BITS
+        k = k.reshape(y_shape)
+        return z, k, k + mean.astype(np.float64) / 2**ACT_BITS
+
+
+# -- the compressed stream ---------------------------------------------------------------------------------------
+def symbols_crc(k: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(k, dtype="<i4").tobytes())
+
+
+class LatentCompressor:
+    """Streams of one codec model (gqtok.core.bitstream's format, codec "dvae"): its coder and per-quality gains
+    from latent_coder.npz, checked against the header on the way back.
+
+        lc = LatentCompressor(load_artifact("models/codec"))
+        y = lc.scaled(mu, quality)                                   # the encoder's mean -> the latents to code
+        data = lc.compress(y, z, image_size, quality)                # z: the side information, rounded
+        latent, header = lc.decompress(data)                         # the decoder's input, float32 [C, h, w]
+    """
+
+    def __init__(self, artifact):
+        from gqtok.core.artifact import LATENT_CODER, require_kind
+
+        require_kind(artifact, "codec", "coding latents")
+        self.manifest = m = artifact.manifest
+        data = artifact.path(LATENT_CODER).read_bytes()  # digest-checked by load_artifact
+        self.coder_digest = hashlib.sha256(data).digest()[:8]
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            self.coder = LatentCoder.from_arrays(arrays)
+            # float64 [qualities, C]: y = mu * gain going in, latent = y_hat * inv_gain coming back (a product,
+            # never an exp or a division at decode: the same float32 on every machine)
+            self.gain, self.inv_gain = arrays["gain"], arrays["inv_gain"]
+        if self.gain.shape != (m.codec.qualities, m.latent_channels) or self.inv_gain.shape != self.gain.shape:
+            raise ValueError(f"{LATENT_CODER}: gains of shape {self.gain.shape}, model has "
+                             f"[{m.codec.qualities}, {m.latent_channels}]")
+        self.model_digest = bytes.fromhex(m.model_digest)[:8]
+
+    def quality(self, quality: int | None) -> int:
+        """The quality to code at (None: the model's default); ValueError outside 1 .. qualities."""
+        spec = self.manifest.codec
+        q = spec.default_quality if quality is None else quality
+        if not isinstance(q, (int, np.integer)) or not 1 <= q <= spec.qualities:
+            raise ValueError(f"quality must be an integer from 1 (lowest rate) to {spec.qualities} for model "
+                             f"{self.manifest.model_id}, got {quality!r}")
+        return int(q)
+
+    def scaled(self, mu: np.ndarray, quality: int) -> np.ndarray:
+        """The encoder's means [..., C, h, w] -> the latents y at this quality (float32)."""
+        return (np.asarray(mu, np.float64) * self.gain[quality - 1][:, None, None]).astype(np.float32)
+
+    def side_shape(self, hw: tuple[int, int]) -> tuple[int, int, int]:
+        """z's shape for latents of spatial size hw: two stride-2 convolutions, each rounding up."""
+        d = self.manifest.codec.hyper_downsample
+        return (self.manifest.codec.hyper_channels, -(-hw[0] // d), -(-hw[1] // d))
+
+    def compress(self, y: np.ndarray, z: np.ndarray, image_size: tuple[int, int], quality: int) -> bytes:
+        m = self.manifest
+        quality = self.quality(quality)
+        y, z = np.asarray(y), np.asarray(z)
+        if y.ndim != 3 or y.shape[0] != m.latent_channels or max(y.shape[1:]) > MAX_GRID_SIDE:
+            raise ValueError(f"latents must be [{m.latent_channels}, h, w] with h, w <= {MAX_GRID_SIDE}; "
+                             f"got {list(y.shape)}")
+        if z.shape != self.side_shape(y.shape[1:]):
+            raise ValueError(f"side information of shape {list(z.shape)}, latents {list(y.shape)} need "
+                             f"{list(self.side_shape(y.shape[1:]))}")
+        if not grid_fits(image_size, y.shape[1:], m.downsample):
+            raise ValueError(f"image size {image_size[0]}x{image_size[1]} is not what a {y.shape[1]}x{y.shape[2]} "
+                             f"grid at f={m.downsample} covers")
+        if not np.isfinite(y).all():
+            raise ValueError("the latents hold NaN or infinity")
+        k, _ = self.coder.symbols(y, z)
+        payload = self.coder.encode(z, k).astype("<u4").tobytes()
+        header = Header(m.model_id, "hyperprior", b"\0" * 8, self.coder_digest,
+                        (int(image_size[0]), int(image_size[1])), tuple(y.shape), 0, symbols_crc(k), len(payload),
+                        zlib.crc32(payload), self.model_digest, codec="dvae", quality=quality)
+        return header.pack() + payload
+
+    def check(self, header: Header) -> None:
+        """Refuse a header this codec cannot decode, naming the mismatch."""
+        m = self.manifest
+        if header.codec != "dvae":
+            raise BitstreamError(f"stream holds GQ tokens of model {header.model_id!r}; model {m.model_id} is a "
+                                 "dvae codec: decode it with the tokenizer that made it")
+        if header.model_id != m.model_id:
+            raise BitstreamError(f"stream was made by model {header.model_id!r}, this is {m.model_id!r}")
+        if header.model_digest != self.model_digest:
+            raise BitstreamError(f"stream was made by another export of model {m.model_id!r}: its networks' digest is "
+                                 f"{header.model_digest.hex()}, this model's is {self.model_digest.hex()} "
+                                 f"(version {m.model_version}); decode it with the model that made it")
+        if header.prior_digest != self.coder_digest:
+            raise BitstreamError(f"stream's latent coder ({header.prior_digest.hex()}) is not this model's "
+                                 f"({self.coder_digest.hex()})")
+        c, h, w = header.grid
+        if (c != m.latent_channels or not 1 <= header.quality <= m.codec.qualities
+                or not grid_fits(header.image_size, (h, w), m.downsample)):
+            raise BitstreamError(f"header sizes (latents {list(header.grid)}, quality {header.quality}, image "
+                                 f"{header.image_size[0]}x{header.image_size[1]}) do not fit model {m.model_id}")
+        if header.payload_length % 4:
+            raise BitstreamError("payload length is not a whole number of 32-bit words")
+
+    def decompress(self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, Header]:
+        """bytes -> (the decoder's input float32 [C, h, w], header); BitstreamError on anything wrong. A header
+        naming more than max_pixels image pixels is refused before anything is allocated."""
+        header, payload = Header.unpack(data)
+        hh, ww = header.image_size
+        if hh * ww > max_pixels:
+            raise BitstreamError(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is {max_pixels} "
+                                 "(raise max_pixels to decode it)")
+        self.check(header)
+        try:
+            _, k, y_hat = self.coder.decode(np.frombuffer(payload, "<u4"), self.side_shape(header.grid[1:]),
+                                            header.grid)
+        except Exception as e:  # the coder ran out of words, met an impossible state, or the synthesis' range
+            raise BitstreamError(f"payload does not decode with the latent coder: {e}") from None
+        if symbols_crc(k) != header.token_crc:
+            raise BitstreamError("decoded latents fail their checksum: the coder computed differently here than "
+                                 "where the stream was made")
+        latent = (y_hat * self.inv_gain[header.quality - 1][:, None, None]).astype(np.float32)
+        return latent, header

@@ -4,6 +4,9 @@ A model directory holds manifest.json plus the files it lists (ONNX graphs,
 codebook.safetensors). The manifest pins everything a client needs to agree
 with the server about tokens: grid geometry, token layout, the codebook's
 generator, seed and digest, and the input convention.
+
+Two kinds of model share it: "tokenizer" (GQ tokens; a codebook) and "codec" (the discretized-VAE image codec
+of training/codec.py: integer latents at a chosen rate; no codebook, a CodecSpec instead).
 """
 
 from __future__ import annotations
@@ -70,19 +73,46 @@ class InputSpec(BaseModel):
     value_range: tuple[float, float] = (-1.0, 1.0)
 
 
+class CodecSpec(BaseModel):
+    """The discretized-VAE codec: its rate levels and side information. Quality q (1 = the lowest rate) codes
+    with the per-channel gains trained for rate_lambdas[q - 1] (latent_coder.npz holds them and the coder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["dvae"] = "dvae"
+    rate_lambdas: list[float] = Field(min_length=1)  # ascending: quality 1 .. len
+    default_quality: int = Field(ge=1)
+    hyper_channels: int = Field(ge=1)  # channels of the side information z
+    hyper_downsample: int = 4  # z has one position per 4 x 4 latent positions
+
+    @model_validator(mode="after")
+    def _levels(self):
+        if list(self.rate_lambdas) != sorted(self.rate_lambdas):
+            raise ValueError(f"rate_lambdas must ascend (quality 1 is the lowest rate), got {self.rate_lambdas}")
+        if self.default_quality > len(self.rate_lambdas):
+            raise ValueError(f"default_quality {self.default_quality} is past the {len(self.rate_lambdas)} levels")
+        return self
+
+    @property
+    def qualities(self) -> int:
+        return len(self.rate_lambdas)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = FORMAT_VERSION
+    kind: Literal["tokenizer", "codec"] = "tokenizer"
     model_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     model_version: str = "1"
     downsample: int = Field(ge=1)  # f: one grid cell per f x f pixels
     latent_channels: int = Field(ge=1)  # C
-    token_dim: int = Field(ge=1)  # d
-    tokens_per_position: int = Field(ge=1)  # T = C / d
+    token_dim: int | None = Field(default=None, ge=1)  # d (tokenizers)
+    tokens_per_position: int | None = Field(default=None, ge=1)  # T = C / d (tokenizers)
     token_layout: Literal["strided"] = LAYOUT_NAME
     gq_beta: float = 1.0
-    codebook: CodebookSpec
+    codebook: CodebookSpec | None = None  # tokenizers only
+    codec: CodecSpec | None = None  # codecs only
     input: InputSpec = InputSpec()
     opset: int | None = None
     gq_select_rows: int = Field(default=64, ge=1)  # fixed row count of gq_select.onnx
@@ -98,6 +128,12 @@ class Manifest(BaseModel):
         bad = [n for n in self.files if "/" in n or "\\" in n or n in ("", ".", "..")]
         if bad:
             raise ValueError(f"file names must be plain names inside the model directory, got {bad}")
+        if self.kind == "codec":
+            if self.codec is None or self.codebook is not None:
+                raise ValueError("a codec manifest has a codec section and no codebook")
+            return self
+        if self.codebook is None or self.token_dim is None or self.tokens_per_position is None:
+            raise ValueError("a tokenizer manifest needs codebook, token_dim and tokens_per_position")
         if self.latent_channels != self.tokens_per_position * self.token_dim:
             raise ValueError(f"latent_channels {self.latent_channels} != tokens_per_position * token_dim")
         if self.codebook.dim != self.token_dim:

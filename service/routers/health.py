@@ -22,7 +22,7 @@ async def live():
 @router.get("/health/ready", summary="Models loaded, verified and warmed up", response_model=Ready,
             responses={503: {"model": Ready, "description": "not ready yet, or draining"}})
 async def ready(state: ServiceState = Depends(get_state)):
-    models = {mid: m.ready for mid, m in state.models.items()}
+    models = {mid: m.ready for mid, m in [*state.models.items(), *state.codecs.items()]}
     saturated = state.saturated
     ok = bool(models) and all(models.values()) and not state.draining and not saturated
     return JSONResponse({"ready": ok, "draining": state.draining, "saturated": saturated, "models": models},
@@ -47,7 +47,7 @@ async def info(state: ServiceState = Depends(get_state)):
     settings = state.settings
     return {
         "name": "gqtok", "version": gqtok.__version__, "onnxruntime": onnxruntime.__version__,
-        "default_model": state.default, "models": sorted(state.models),
+        "default_model": state.default, "models": sorted(state.models), "codecs": sorted(state.codecs),
         "providers": {mid: m.runtime.provider for mid, m in state.models.items()},
         "selector": {mid: m.runtime.selector for mid, m in state.models.items()}, "threads": settings.threads,
         "auth": settings.api_key is not None,

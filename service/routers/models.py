@@ -9,9 +9,9 @@ from fastapi.responses import Response
 from gqtok.core.artifact import CODEBOOK
 from gqtok.core.layout import SEQUENCE_ORDER
 from gqtok.service.requests import npy_bytes
-from gqtok.service.schemas import NPY, OCTET, CodebookFormat, ModelInfo, ModelList, binary
+from gqtok.service.schemas import NPY, OCTET, CodebookFormat, CodecInfo, ModelInfo, ModelList, binary
 from gqtok.service.schemas import errors as error_responses
-from gqtok.service.served import ServedModel
+from gqtok.service.served import ServedCodec, ServedModel
 from gqtok.service.state import ServiceState, get_state
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -37,14 +37,25 @@ def model_metadata(served: ServedModel, state: ServiceState) -> dict:
     }
 
 
+def codec_metadata(served: ServedCodec) -> dict:
+    m, spec = served.manifest, served.manifest.codec
+    return {"kind": "codec", "model_id": m.model_id, "model_version": m.model_version,
+            "model_digest": m.model_digest, "ready": served.ready, "downsample": m.downsample,
+            "latent_channels": m.latent_channels, "qualities": spec.qualities, "default_quality": spec.default_quality,
+            "rate_lambdas": spec.rate_lambdas, "provider": served.compressor.providers[0], "eval": m.eval}
+
+
 @router.get("", summary="Loaded models", response_model=ModelList, responses=error_responses(401, 503))
 async def list_models(state: ServiceState = Depends(get_state)):
-    return {"default": state.default, "models": [model_metadata(m, state) for m in state.models.values()]}
+    return {"default": state.default, "models": [model_metadata(m, state) for m in state.models.values()],
+            "codecs": [codec_metadata(c) for c in state.codecs.values()]}
 
 
-@router.get("/{model_id}", summary="One model's metadata", response_model=ModelInfo,
-            responses=error_responses(400, 401, 404, 503))
+@router.get("/{model_id}", summary="One model's metadata (a tokenizer's, or a codec's)",
+            response_model=ModelInfo | CodecInfo, responses=error_responses(400, 401, 404, 503))
 async def get_model_info(model_id: str, state: ServiceState = Depends(get_state)):
+    if model_id in state.codecs:
+        return codec_metadata(state.codecs[model_id])
     return model_metadata(state.known_model(model_id), state)
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 32's trainings: GQ + TDC against FSQ (and the rest) on the default preset's network, 128x128 crops,
+# 4,800 steps each (about 1.5 CPU-hours on one thread), one after another on one thread. Resumable: run it again
+# after an interruption and every run continues from its last checkpoint (finished runs are skipped).
+#   bash tools/train_quality.sh            the queue below, in order
+# Runs go to runs/quality32/NAME (logs NAME.out); benchmarks/quality.py evaluates them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+GQTOK=${GQTOK:-.venv/bin/gqtok}
+STEPS=${STEPS:-4800}
+ROOT=runs/quality32
+mkdir -p "$ROOT"
+
+run() {  # run NAME [train overrides...]: start, resume, or skip when finished
+  local name=$1 dir=$ROOT/$1; shift
+  if [ -f "$dir/trainer.pt" ]; then
+    local done_steps
+    done_steps=$(tail -n 1 "$dir/log.jsonl" 2>/dev/null | sed -n 's/.*"step": \([0-9]*\).*/\1/p')
+    [ "${done_steps:-0}" -ge "$STEPS" ] && return 0
+    "$GQTOK" train --out "$dir" --resume --steps "$STEPS" --quiet >> "$ROOT/$name.out" 2>&1
+  else
+    rm -rf "$dir"
+    "$GQTOK" train --preset default --out "$dir" --steps "$STEPS" --ckpt-every 250 --image-every 0 --quiet "$@" \
+      >> "$ROOT/$name.out" 2>&1
+  fi
+}
+
+# the two methods with two seeds first (the verdict's noise), then the single-seed ones
+run gq_tdc_floor3e-6_s0 --tdc-lam-floor 3e-6 --seed 0
+run fsq_s0 --quantizer fsq --latent-channels 6 --token-dim 6 --seed 0
+run gq_tdc_floor3e-6_s1 --tdc-lam-floor 3e-6 --seed 1
+run fsq_s1 --quantizer fsq --latent-channels 6 --token-dim 6 --seed 1
+run gq_tdc_s0 --seed 0
