@@ -124,6 +124,8 @@ def test_wrong_seed_is_refused(tiny_model, tmp_path):
     (lambda m: m["files"].__setitem__("../x", "0" * 64), "plain names"),
     (lambda m: m.__setitem__("token_dim", 3), "not a valid gqtok manifest"),
     (lambda m: m["codebook"].__setitem__("generator", "torch-sobol"), "generator torch-sobol"),
+    (lambda m: m.pop("codebook"), "a tokenizer manifest needs codebook"),
+    (lambda m: m.__setitem__("kind", "codec"), "a codec manifest has a codec section and no codebook"),
 ])
 def test_inconsistent_manifests_are_refused(tiny_model, tmp_path, edit, match):
     model = _copy(tiny_model, tmp_path)
@@ -243,3 +245,22 @@ def test_the_k_d_trees_metric_is_measured_at_export_and_used_by_the_runtime(tiny
     other = TokenizerRuntime(replace(artifact, manifest=unmeasured), device="cpu")
     assert np.array_equal(other.tokenize(black), ids)  # a tree split otherwise gives the same ids
     assert not np.array_equal(other.quantizer.tree.ids, expected.ids)
+
+
+def test_a_codec_run_exports_as_a_codec_model_with_the_same_bytes_every_time(tiny_codec, tiny_codec_model, tmp_path):
+    """kind codec: no codebook, its four files and the weights, qualities in ascending lambda; the coder file is
+    written without timestamps, so a second export of the run has the same files and model digest."""
+    import time
+
+    from gqtok.core.artifact import HYPER_ANALYSIS, LATENT_CODER
+    from gqtok.core.manifest import Manifest
+    from gqtok.export.exporter import export_run
+
+    m = Manifest.read(tiny_codec_model)
+    assert m.kind == "codec" and m.codebook is None and m.token_dim is None
+    assert {HYPER_ANALYSIS, LATENT_CODER, "encoder.onnx", "decoder.onnx"} <= set(m.files)
+    assert m.codec.rate_lambdas == [0.002, 0.02, 0.2] and m.codec.default_quality == 2
+    assert load_artifact(tiny_codec_model).codebook is None
+    time.sleep(2)  # a zip member's time stamp has 2 s resolution
+    again = export_run(tiny_codec, tmp_path / "again", model_id="tiny-codec")
+    assert again.files[LATENT_CODER] == m.files[LATENT_CODER] and again.model_digest == m.model_digest

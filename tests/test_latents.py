@@ -126,3 +126,164 @@ def test_same_words_and_latents_under_every_blas_kernel_thread_count_and_simd_se
     want = [hashlib.sha256(words.tobytes()).hexdigest(), hashlib.sha256(y_hat.tobytes()).hexdigest()]
     outputs = run_under_each_env(script, tmp_path / "latents.npz")
     assert all(out == want for out in outputs), (want, outputs)
+
+
+# -- the codec model's streams (LatentCompressor, through service/compressor.CodecCompressor) ---------------------
+@pytest.fixture(scope="module")
+def codec(tiny_codec_model):
+    from gqtok.service.compressor import load_compressor
+
+    return load_compressor(str(tiny_codec_model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def codec_photo(small_photos):
+    from gqtok.photos import center_crop, load_rgb
+
+    return center_crop(load_rgb(sorted(small_photos.iterdir())[2]), (203, 301))  # not multiples of 8 or 32
+
+
+def test_codec_round_trip_at_every_quality(codec, codec_photo):
+    """Each quality decodes to the original size, rates rise with quality, and the header says what made it."""
+    from gqtok.core.bitstream import read_header
+
+    sizes, errors = [], []
+    for quality in (1, 2, 3):
+        data = codec.compress(codec_photo, quality=quality)
+        header = read_header(data)
+        assert (header.codec, header.quality, header.prior, header.model_id) == ("dvae", quality, "hyperprior",
+                                                                                 "tiny-codec")
+        assert header.grid == (8, 26, 38) and header.image_size == (203, 301)
+        image, back = codec.decompress(data)
+        assert back == header and image.shape == codec_photo.shape and image.dtype == np.uint8
+        sizes.append(len(data))
+        errors.append(np.abs(image.astype(int) - codec_photo).mean())
+    assert sizes[0] < sizes[-1], sizes  # lambda 0.002 .. 0.2: more bits at the top
+    assert errors[-1] < 0.9 * errors[0], errors  # and they buy fidelity
+    default = read_header(codec.compress(codec_photo))
+    assert default.quality == codec.manifest.codec.default_quality == 2
+
+
+def test_codec_refuses_what_it_cannot_code(codec, codec_photo, tiny_model, tiny_codec_model):
+    from gqtok.core.artifact import ArtifactError, load_artifact
+    from gqtok.service.compressor import ImageCompressor
+    from gqtok.service.runtime import TokenizerRuntime
+
+    for bad in (0, 4, 2.5):
+        with pytest.raises(ValueError, match="quality must be an integer from 1 .* to 3"):
+            codec.compress(codec_photo, quality=bad)
+    with pytest.raises(ValueError, match="not the 'context' prior"):
+        codec.compress(codec_photo, prior="context")
+    with pytest.raises(ValueError, match="GQ tokenizer: it compresses at one rate"):
+        ImageCompressor(load_artifact(tiny_model)).compress(codec_photo, quality=2)
+    with pytest.raises(ArtifactError, match="tiny-codec is a codec model and cannot be used for tokenizing"):
+        TokenizerRuntime(load_artifact(tiny_codec_model))
+
+
+def test_streams_are_decoded_only_by_the_model_and_codec_that_made_them(codec, codec_photo, tiny_model,
+                                                                        tiny_codec_model, tmp_path):
+    """A codec stream through a tokenizer, a token stream through the codec, a re-exported codec (same id, other
+    networks), a forged quality and a corrupted payload: each refused, by name, never decoded into noise."""
+    import dataclasses
+    import json
+    import shutil
+
+    import onnx
+
+    from gqtok.core.artifact import load_artifact
+    from gqtok.core.bitstream import BitstreamError, Header
+    from gqtok.core.manifest import Manifest, file_sha256
+    from gqtok.service.compressor import CodecCompressor, ImageCompressor
+
+    data = codec.compress(codec_photo, quality=2)
+    tokens = ImageCompressor(load_artifact(tiny_model))
+    with pytest.raises(BitstreamError, match="made by the dvae codec of model 'tiny-codec'"):
+        tokens.decompress(data)
+    with pytest.raises(BitstreamError, match="holds GQ tokens of model 'tiny'"):
+        codec.decompress(tokens.compress(codec_photo))
+    # the same id and files but for one network changed: another model digest
+    other = tmp_path / "tiny-codec"
+    shutil.copytree(tiny_codec_model, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    graph = onnx.load(str(other / "decoder.onnx"))
+    graph.doc_string = "another export"  # other bytes, the same network: enough for another digest
+    onnx.save(graph, str(other / "decoder.onnx"))
+    manifest["files"]["decoder.onnx"] = file_sha256(other / "decoder.onnx")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert Manifest.read(other).model_digest != codec.manifest.model_digest
+    with pytest.raises(BitstreamError, match="another export of model 'tiny-codec'"):
+        CodecCompressor(load_artifact(other)).latents.decompress(data)
+
+    header, payload = Header.unpack(data)
+    forged = dataclasses.replace(header, quality=7).pack() + payload
+    with pytest.raises(BitstreamError, match="quality 7"):
+        codec.decompress(forged)
+    corrupted = bytearray(data)
+    corrupted[-3] ^= 0x20
+    with pytest.raises(BitstreamError, match="payload checksum"):
+        codec.decompress(bytes(corrupted))
+    lying = dataclasses.replace(header, payload_crc=0).pack()  # header checksum right, payload checksum wrong
+    with pytest.raises(BitstreamError):
+        codec.decompress(lying + payload)
+    too_big = dataclasses.replace(header, image_size=(40000, 40000), grid=(8, 5000, 5000)).pack() + payload
+    with pytest.raises(BitstreamError, match="pixels; the limit is"):
+        codec.decompress(too_big)
+
+
+CODEC_IN_A_SUBPROCESS = """
+import hashlib, sys
+import numpy as np
+from gqtok.service.compressor import load_compressor
+
+codec = load_compressor(sys.argv[1], device="cpu")
+photo, streams = np.load(sys.argv[2]), np.load(sys.argv[3])
+for quality in (1, 2, 3):
+    print(hashlib.sha256(codec.compress(photo, quality=quality)).hexdigest())
+    print(hashlib.sha256(codec.decompress(streams[f"q{quality}"].tobytes())[0].tobytes()).hexdigest())
+"""
+
+
+def test_codec_streams_are_the_same_bytes_and_pixels_under_every_blas_kernel_thread_count_and_simd_setting(
+        codec, codec_photo, tiny_codec_model, tmp_path):
+    """Compress at every quality here, then in subprocesses under other OpenBLAS kernels, thread counts and numpy
+    SIMD features: the same bytes, and this process's streams decode to the same pixels."""
+    import hashlib
+
+    from conftest import run_under_each_env
+
+    streams = {f"q{q}": codec.compress(codec_photo, quality=q) for q in (1, 2, 3)}
+    want = [h for q in (1, 2, 3) for h in (hashlib.sha256(streams[f"q{q}"]).hexdigest(),
+                                           hashlib.sha256(codec.decompress(streams[f"q{q}"])[0].tobytes()).hexdigest())]
+    np.save(tmp_path / "photo.npy", codec_photo)
+    np.savez(tmp_path / "streams.npz", **{k: np.frombuffer(v, np.uint8) for k, v in streams.items()})
+    script = tmp_path / "codec_hashes.py"
+    script.write_text(CODEC_IN_A_SUBPROCESS)
+    outputs = run_under_each_env(script, tiny_codec_model, tmp_path / "photo.npy", tmp_path / "streams.npz")
+    assert all(out == want for out in outputs), (want, outputs)
+
+
+def test_cli_compress_at_a_quality_and_decompress_by_the_header(codec, codec_photo, tiny_codec_model, tiny_model,
+                                                                 tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from gqtok.cli import main
+
+    src = tmp_path / "photo.png"
+    Image.fromarray(codec_photo).save(src)
+    main(["compress", str(src), "-o", str(tmp_path / "p.gqt"), "--model", str(tiny_codec_model), "--quality", "3"])
+    report = json.loads(capsys.readouterr().out)
+    data = (tmp_path / "p.gqt").read_bytes()
+    assert (report["codec"], report["quality"], report["bytes"]) == ("dvae", 3, len(data))
+    assert data == codec.compress(codec_photo, quality=3)
+    # decompress finds the codec among the models offered by the header's id
+    main(["decompress", str(tmp_path / "p.gqt"), "-o", str(tmp_path / "back.png"), "--model", str(tiny_model),
+          "--model", str(tiny_codec_model)])
+    assert json.loads(capsys.readouterr().out)["quality"] == 3
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "back.png")), codec.decompress(data)[0])
+    for args, message in (([str(tiny_codec_model), "--quality", "9"], "quality must be an integer from 1"),
+                          ([str(tiny_model), "--quality", "2"], "GQ tokenizer: it compresses at one rate")):
+        with pytest.raises(SystemExit):
+            main(["compress", str(src), "-o", str(tmp_path / "x.gqt"), "--force", "--model", *args])
+        assert message in capsys.readouterr().err

@@ -747,6 +747,61 @@ def test_compress_and_decompress_round_trip_over_http(live_server, tiny_model, p
     assert load_npy(d.content).shape == (59, 90, 3)
 
 
+def test_codec_model_compresses_at_the_quality_asked_over_http(tiny_model, tiny_codec_model, start_server,
+                                                               live_server, photos):
+    """A server with a tokenizer and a codec (--codec): the client's quality picks the rate, the header's codec
+    picks the decoder, the answers equal the in-process codec's, and what does not apply is refused by name."""
+    from gqtok.service.client import TokenizerClient, TokenizerError
+    from gqtok.service.compressor import load_compressor
+
+    server = start_server([tiny_model], "--codec", str(tiny_codec_model))
+    client = TokenizerClient(server.url)
+    listed = client.models()
+    assert [m["model_id"] for m in listed["models"]] == ["tiny"] and listed["default"] == "tiny"
+    assert [(c["model_id"], c["qualities"], c["default_quality"]) for c in listed["codecs"]] == [("tiny-codec", 3, 2)]
+    assert client.model_info("tiny-codec")["rate_lambdas"] == [0.002, 0.02, 0.2]
+    assert httpx.get(f"{server.url}/health/ready").json()["models"] == {"tiny": True, "tiny-codec": True}
+    local = load_compressor(str(tiny_codec_model), device="cpu")
+    img = photos[2][:59, :90]
+    sizes = []
+    for quality in (1, 3):
+        data = client.compress(img, model="tiny-codec", quality=quality)
+        assert data == local.compress(img, quality=quality)
+        assert np.array_equal(np.asarray(client.decompress(data)), local.decompress(data)[0])
+        sizes.append(len(data))
+    assert sizes[0] < sizes[1]
+    r = compress(server.url, img, model="tiny-codec")
+    assert r.headers["x-gqtok-quality"] == "2" and r.headers["x-gqtok-model"] == "tiny-codec"
+    assert r.headers["x-gqtok-model-digest"] == local.manifest.model_digest
+    # the tokenizer beside it still compresses at its one rate
+    assert client.decompress(client.compress(img)).size == (90, 59)
+    refusals = [(dict(model="tiny-codec", quality=4), 400, "quality must be an integer from 1 (lowest rate) to 3"),
+                (dict(model="tiny-codec", quality=0), 400, "quality"),
+                (dict(quality=2), 400, "tiny is a GQ tokenizer: it compresses at one rate"),
+                (dict(model="tiny-codec", prior="context"), 400, "its latents are coded with its hyperprior")]
+    for params, status, message in refusals:
+        assert_error(compress(server.url, img, **params), status, "invalid_request", message)
+    with pytest.raises(TokenizerError, match="tiny-codec is a codec model: it has no tokens"):
+        client.tokenize([img], model="tiny-codec")
+    # a codec stream sent to a server without that codec: named, not decoded by another model
+    lost = httpx.post(f"{live_server}/v1/decompress", content=local.compress(img),
+                      headers={"content-type": "application/x-gqtok"})
+    assert_error(lost, 404, "unknown_model", "unknown codec 'tiny-codec'")
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    params = {p["name"]: p for p in schema["paths"]["/v1/compress"]["post"]["parameters"]}
+    assert params["quality"]["schema"]["anyOf"][0]["minimum"] == 1
+    assert "CodecInfo" in schema["components"]["schemas"]
+    client.close()
+
+
+def test_a_codec_passed_as_a_tokenizer_stops_the_server_with_a_message(tiny_codec_model):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "gqtok.cli", "serve", "--port", "0", "--model", str(tiny_codec_model)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "is a codec model (tiny-codec): serve it with --codec" in out.stderr, out.stderr
+
+
 def test_a_file_the_server_compressed_decompresses_in_the_cli(live_server, tiny_model, photos, tmp_path):
     """Server and CLI run BLAS on one thread whatever the environment asks (service/runtime.py, one_blas_thread),
     so the context prior's float32 probabilities, and so the decoded tokens, agree between them."""
