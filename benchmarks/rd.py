@@ -1,6 +1,6 @@
 """Rate-distortion: gqtok as an image codec (tokens entropy-coded with each prior) against JPEG, WebP, AVIF, JPEG XL.
 
-    python benchmarks/rd.py [--model DIR ...] [--scales 1 0.75 0.5] [--photos 24] [--quick]
+    python benchmarks/rd.py [--model DIR ...] [--codec DIR ...] [--scales 1 0.75 0.5] [--photos 24] [--quick]
 
 One run, side by side, on the held-out photos (768x512 centre crops, data/endless-sky):
   gqtok     every model given (default: models/default) x every prior it has (uniform, frequency,
@@ -8,6 +8,9 @@ One run, side by side, on the held-out photos (768x512 centre crops, data/endles
             at f = 8 give 2 or 4 tokens per position). Scale is rate control by resolution: the photo is resized by
             `scale` (Pillow, bicubic), compressed, decompressed and resized back. bpp comes from the
             actual bytes of the bitstream, header included, over the 768x512 pixels.
+  dvae      every codec model given (default: models/codec, the discretized-VAE codec) at each of its qualities:
+            the rate knob itself, at full size. Also the side information's share of the bits (z's information
+            content under its tables) and the time of the networks and of the entropy coding apart
   jpeg      Pillow's JPEG (4:2:0, optimized Huffman tables) over a range of quality settings
   webp      Pillow's WebP (method 6) over a range of quality settings
   avif      Pillow's AVIF (libavif/aom, its default speed 6, 4:2:0) over a range of quality settings
@@ -22,6 +25,8 @@ BD-rate (Bjontegaard delta rate): the mean difference in log rate between two RD
 PSNR (or MS-SSIM in dB, -10 log10(1 - MS-SSIM)) range both cover, with log rate interpolated
 piecewise-linearly between measured points (each curve its lower convex hull in rate). Negative:
 gqtok needs fewer bits at equal quality. Null where the curves do not overlap.
+BD-rates are reported for each gqtok prior's curve (its scales) and each dvae codec's curve (its qualities)
+against every anchor, and for the dvae codec against the gqtok context-prior curve.
 Writes benchmarks/results/rd.json and rd.png (--quick: rd_quick.*).
 """
 
@@ -214,6 +219,8 @@ def run(args) -> dict:
                 print(f"{m.model_id} scale {scale:g} {prior:9s} {pt['bpp']:.4f} bpp  {pt['psnr']:.2f} dB  "
                       f"MS-SSIM {pt['ms_ssim']:.4f}  {pt['bits_per_token']:.2f} bits/token  "
                       f"enc {pt['encode_ms']:.0f} ms  dec {pt['decode_ms']:.0f} ms", file=sys.stderr)
+    for model_dir in args.codec:
+        points += codec_points(model_dir, photos, args)
     anchors, skipped = available_anchors(args.anchors)
     for codec, qualities in anchors.items():
         for q in qualities:
@@ -228,7 +235,7 @@ def run(args) -> dict:
     bd, savings = score(points)
     return {
         "benchmark": "rd", "quick": args.quick, "photos": len(photos), "size_hw": [h, w], "scales": args.scales,
-        "models": [shown(d) for d in args.model], "machine": {"cpu": platform.processor() or platform.machine(),
+        "models": [shown(d) for d in args.model], "codecs": [shown(d) for d in args.codec], "machine": {"cpu": platform.processor() or platform.machine(),
                                                                  "threads": args.threads},
         "seconds": round(time.perf_counter() - t_start, 1),
         "points": points, "bd_rate": bd, "prior_savings": savings,
@@ -236,27 +243,73 @@ def run(args) -> dict:
     }
 
 
+def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
+    """One RD point per quality of a codec model (the discretized-VAE codec), at full size."""
+    from gqtok.core.artifact import load_artifact
+    from gqtok.service.compressor import CodecCompressor
+    from gqtok.training.evaluate import image_metrics
+
+    codec = CodecCompressor(load_artifact(model_dir), device="cpu", threads=args.threads)
+    m = codec.manifest
+    h, w = photos[0].shape[:2]
+    points = []
+    n = m.codec.qualities
+    for quality in args.qualities or ([1, (n + 1) // 2, n] if args.quick else range(1, n + 1)):
+        rows = []
+        for i, img in enumerate(photos):
+            t0 = time.perf_counter()
+            y, z = codec.encode(img, quality)
+            t1 = time.perf_counter()
+            data = codec.latents.compress(y, z, img.shape[:2], quality)
+            t2 = time.perf_counter()
+            latent, _ = codec.latents.decompress(data)
+            t3 = time.perf_counter()
+            out = codec.decode(latent)[:h, :w]
+            t4 = time.perf_counter()
+            rows.append({"bpp": 8 * len(data) / (h * w), "side_bpp": codec.latents.coder.side_bits(z) / (h * w),
+                         "encode_s": t2 - t0, "decode_s": t4 - t2, "coding_encode_s": t2 - t1,
+                         "coding_decode_s": t3 - t2} | image_metrics(img, out))
+            print(f"  {m.model_id} quality {quality}: photo {i + 1}/{len(photos)}", end="\r", file=sys.stderr)
+        pt = summarize(rows, codec="dvae", model=m.model_id, quality=quality,
+                       rate_lambda=m.codec.rate_lambdas[quality - 1])
+        pt["side_bpp"] = float(np.mean([r["side_bpp"] for r in rows]))
+        pt["side_share"] = pt["side_bpp"] / pt["bpp"]
+        points.append(pt)
+        print(f"{m.model_id} quality {quality} {pt['bpp']:.4f} bpp ({100 * pt['side_share']:.0f}% side)  "
+              f"{pt['psnr']:.2f} dB  MS-SSIM {pt['ms_ssim']:.4f}  enc {pt['encode_ms']:.0f} ms  "
+              f"dec {pt['decode_ms']:.0f} ms", file=sys.stderr)
+    return points
+
+
 def score(points: list[dict]) -> tuple[list[dict], list[dict]]:
-    """BD-rates of each prior's curve against each anchor, per-point comparisons (added to the points), and
-    the bits each prior saves over uniform coding."""
+    """BD-rates of each prior's curve and each codec model's curve against each anchor (and the codec's against
+    the context prior's), per-point comparisons (added to the points), and the bits each prior saves over uniform
+    coding."""
     def curve(rows, metric):
         return [(r["bpp"], r["psnr"] if metric == "psnr" else ms_ssim_db(r["ms_ssim"])) for r in rows]
 
     anchors = {c: [p for p in points if p["codec"] == c] for c in ANCHORS if any(p["codec"] == c for p in points)}
     ours = [p for p in points if p["codec"] == "gqtok"]
+    codecs = [p for p in points if p["codec"] == "dvae"]
+    tested = [({"prior": prior}, [p for p in ours if p["prior"] == prior]) for prior in sorted({p["prior"] for p in ours})]
+    tested += [({"codec": "dvae", "model": model}, [p for p in codecs if p["model"] == model])
+               for model in sorted({p["model"] for p in codecs})]
+    if any(p["prior"] == "context" for p in ours):
+        anchors_of_codecs = {"gqtok-context": [p for p in ours if p["prior"] == "context"]}
+    else:
+        anchors_of_codecs = {}
     bd = []
-    for prior in sorted({p["prior"] for p in ours}):
-        rows = [p for p in ours if p["prior"] == prior]
-        for anchor_name, anchor in anchors.items():
-            entry = {"prior": prior, "anchor": anchor_name, "points": len(rows)}
+    for label, rows in tested:
+        for anchor_name, anchor in {**anchors, **(anchors_of_codecs if "codec" in label else {})}.items():
+            entry = label | {"anchor": anchor_name, "points": len(rows)}
             for metric in ("psnr", "ms_ssim"):
                 value, span = bd_rate(curve(rows, metric), curve(anchor, metric))
                 entry[f"bd_rate_{metric}_percent"] = value
                 entry[f"{metric}_range" + ("_db" if metric == "ms_ssim" else "")] = span
             bd.append(entry)
-    # Per gqtok point (defined even for one point): the rate the anchor needs for the same PSNR, and the PSNR
-    # the anchor reaches at the same rate.
-    for p in ours:
+    # Per gqtok and dvae point (defined even for one point): the rate the anchor needs for the same PSNR, and the
+    # PSNR the anchor reaches at the same rate.
+    for p in ours + codecs:
         for anchor_name, anchor in anchors.items():
             need = anchor_rate_at(p["psnr"], curve(anchor, "psnr"))
             p[f"{anchor_name}_bpp_at_same_psnr"] = need
@@ -297,6 +350,9 @@ def plot(result: dict, path: Path) -> None:
                     ax.plot(*zip(*pts), (marker + "--") if i == 0 else ["o", "s", "D"][i % 3], color=colors[prior],
                             ms=8 if i == 0 else 6, mfc=None if i == 0 else "none",
                             label=f"{model}, {prior} prior" + (" (scales)" if i == 0 and len(pts) > 1 else ""))
+        for model in dict.fromkeys(p["model"] for p in result["points"] if p["codec"] == "dvae"):
+            pts = sorted((p["bpp"], value(p)) for p in result["points"] if p["codec"] == "dvae" and p["model"] == model)
+            ax.plot(*zip(*pts), "P-", color="tab:brown", ms=7, label=f"{model} (dvae codec, qualities)")
         ax.set_xscale("log")
         ax.set_xlabel("bits per pixel (actual bytes)")
         ax.set_ylabel(label)
@@ -314,14 +370,18 @@ def main(argv=None) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.75, 0.5],
                    help="resize factors (rate control) for the first model; the others run at 1")
     p.add_argument("--priors", nargs="+", help="only these priors (default: every prior each model has)")
+    p.add_argument("--codec", action="append", help="codec model directory (repeat; default models/codec if present)")
+    p.add_argument("--qualities", type=int, nargs="+", help="only these codec qualities (default: all)")
     p.add_argument("--photos", type=int, default=24, help="held-out photos (default all 24)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
-    p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, fewer anchor settings (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, the codec's lowest, middle and "
+                                                         "highest quality, fewer anchor settings (< 60 s)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/rd.json, --quick: rd_quick.json)")
     p.add_argument("--rescore", action="store_true",
                    help="measure nothing: recompute BD-rates, comparisons and the plot from the points in --out")
     args = p.parse_args(argv)
     args.model = args.model or [str(REPO / "models" / "default")]
+    args.codec = args.codec or [str(d) for d in [REPO / "models" / "codec"] if (d / "manifest.json").exists()]
     args.anchors = ANCHORS
     if args.quick:
         args.photos, args.scales = min(args.photos, 3), [1.0, 0.5]

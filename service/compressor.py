@@ -84,13 +84,23 @@ class CodecCompressor:
             raise ValueError(f"model {self.manifest.model_id} is a codec: its latents are coded with its "
                              f"hyperprior, not the {prior!r} prior of GQ tokens")
         q = self.latents.quality(quality)
+        y, z = self.encode(image, q)
+        return self.latents.compress(y, z, image.shape[:2], q)
+
+    def encode(self, image: np.ndarray, quality: int) -> tuple[np.ndarray, np.ndarray]:
+        """The networks' half of compress: uint8 [H, W, 3] -> (latents y float32 [C, h, w], side information z
+        int64 [Cz, hz, wz]) at this quality (the image padded to multiples of f first)."""
         padded = fit_to_grid(image, self.manifest.downsample, "pad")
         mu = self.encoder.run(["mu"], {"image": np.ascontiguousarray(padded[None], dtype=np.uint8)})[0]
-        y = self.latents.scaled(mu, q)
+        y = self.latents.scaled(mu, quality)
         z = np.rint(self.hyper_analysis.run(None, {"latent": y})[0][0]).astype(np.int64)
-        return self.latents.compress(y[0], z, image.shape[:2], q)
+        return y[0], z
 
     def decompress(self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, Header]:
         latent, header = self.latents.decompress(data, max_pixels)
         h, w = header.image_size
-        return to_uint8(self.decoder.run(None, {"latent": latent[None]})[0])[0, :h, :w], header
+        return self.decode(latent)[:h, :w], header
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """The decoder's input float32 [C, h, w] -> uint8 [f h, f w, 3]."""
+        return to_uint8(self.decoder.run(None, {"latent": latent[None]})[0])[0]

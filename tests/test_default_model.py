@@ -187,3 +187,29 @@ def test_bundled_model_is_found_outside_the_repository(tmp_path, monkeypatch):
     assert find() == user and find("mine") == user
     with pytest.raises(FileNotFoundError, match="no model 'nope'"):
         find("nope")
+
+
+# -- the bundled codec (models/codec), pinned the same way: behaviour_codec_model.npz -------------------------------
+CODEC_FIXTURE = FIXTURE.with_name("behaviour_codec_model.npz")
+
+
+def test_bundled_codec_makes_and_decodes_the_recorded_streams():
+    """The bundled codec compresses crop a to the recorded bytes at qualities 1, 3, 6 and decodes them to the
+    recorded pixels; its rates rise with quality. (Re-record after re-exporting the codec:
+    python tests/fixtures/record_default_model.py codec.)"""
+    from gqtok.core.bitstream import read_header
+    from gqtok.service.compressor import load_compressor
+
+    with np.load(CODEC_FIXTURE) as z:
+        recorded = {k: z[k] for k in z.files}
+    codec = load_compressor("codec", device="cpu")
+    assert recorded["model_digest"].tobytes().decode() == codec.manifest.model_digest, \
+        "models/codec changed: re-record tests/fixtures/behaviour_codec_model.npz"
+    sizes = []
+    for q in (1, 3, 6):
+        data = codec.compress(recorded["image"], quality=q)
+        assert data == recorded[f"q{q}_stream"].tobytes(), q
+        assert read_header(data).quality == q
+        assert np.array_equal(codec.decompress(data)[0], recorded[f"q{q}_pixels"]), q
+        sizes.append(len(data))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]

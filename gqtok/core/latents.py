@@ -231,6 +231,18 @@ class LatentCoder:
         k = np.round(np.asarray(y, np.float64) - m).astype(np.int64)
         return k, k + m
 
+    def side_bits(self, z: np.ndarray) -> float:
+        """The information content of z under its tables (bits; escapes at their 16 raw bits): the side
+        information's share of a stream, for reports."""
+        bits = 0.0
+        for c, freq in enumerate(self.z_tables.freqs):
+            r = (len(freq) - 2) // 2
+            symbols = np.asarray(z[c], np.int64).reshape(-1)
+            escaped = np.abs(symbols) > r
+            index = np.where(escaped, 2 * r + 1, symbols + r)
+            bits += float(np.sum(FREQ_BITS - np.log2(freq[index]))) + 16.0 * int(escaped.sum())
+        return bits
+
     def encode(self, z: np.ndarray, k: np.ndarray) -> np.ndarray:
         """z [Cz, hz, wz] and y's symbols k [C, h, w] (integers) -> uint32 words."""
         queue, model = _constriction()
