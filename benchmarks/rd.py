@@ -2,7 +2,8 @@
 
     python benchmarks/rd.py [--model DIR ...] [--codec DIR ...] [--scales 1 0.75 0.5] [--photos 24] [--quick]
 
-One run, side by side, on the held-out photos (768x512 centre crops, data/endless-sky):
+One run, side by side, on the held-out photos (768x512 centre crops, data/endless-sky; --size 256 256 for
+256x256 crops, written to rd_256x256.json):
   gqtok     every model given (default: models/default) x every prior it has (uniform, frequency,
             context); the first model at every scale, the others at scale 1 (their own rate: d = 8 or 4
             at f = 8 give 2 or 4 tokens per position). Scale is rate control by resolution: the photo is resized by
@@ -10,7 +11,8 @@ One run, side by side, on the held-out photos (768x512 centre crops, data/endles
             actual bytes of the bitstream, header included, over the 768x512 pixels.
   dvae      every codec model given (default: models/codec, the discretized-VAE codec) at each of its qualities:
             the rate knob itself, at full size. Also the side information's share of the bits (z's information
-            content under its tables) and the time of the networks and of the entropy coding apart
+            content under its tables), the time of the networks and of the entropy coding apart, and the
+            network's ceiling: the decoder on the encoder's unrounded means (unrounded_psnr, unrounded_ms_ssim)
   jpeg      Pillow's JPEG (4:2:0, optimized Huffman tables) over a range of quality settings
   webp      Pillow's WebP (method 6) over a range of quality settings
   avif      Pillow's AVIF (libavif/aom, its default speed 6, 4:2:0) over a range of quality settings
@@ -56,7 +58,8 @@ ANCHORS = {  # codec -> the quality settings of its curve
 QUICK_ANCHORS = {"jpeg": (1, 5, 10, 30, 75), "webp": (0, 5, 20, 50), "avif": (2, 20, 50), "jxl": (5, 30, 60)}
 
 
-def heldout_photos(n: int) -> list[np.ndarray]:
+def heldout_photos(n: int, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """The first n held-out photos' centre crops of size (H, W) (default 512x768)."""
     from gqtok.photos import HELDOUT, HELDOUT_SIZE, center_crop, load_rgb
     from gqtok.training.data import DEFAULT_DATA_DIR
 
@@ -64,7 +67,7 @@ def heldout_photos(n: int) -> list[np.ndarray]:
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise SystemExit(f"held-out photos missing ({', '.join(missing[:3])}...): run `gqtok data fetch`")
-    return [center_crop(load_rgb(p), HELDOUT_SIZE) for p in paths]
+    return [center_crop(load_rgb(p), tuple(size or HELDOUT_SIZE)) for p in paths]
 
 
 def resize(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -181,7 +184,7 @@ def run(args) -> dict:
     from gqtok.core.layout import fit_to_grid
     from gqtok.training.evaluate import image_metrics
 
-    photos = heldout_photos(args.photos)
+    photos = heldout_photos(args.photos, args.size)
     h, w = photos[0].shape[:2]
     points, t_start = [], time.perf_counter()
     for index, model_dir in enumerate(args.model):
@@ -252,6 +255,13 @@ def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
     codec = CodecCompressor(load_artifact(model_dir), device="cpu", threads=args.threads)
     m = codec.manifest
     h, w = photos[0].shape[:2]
+    # the network's own ceiling: the decoder on the encoder's unrounded means (what infinite rate would give)
+    ceiling = []
+    for img in photos:
+        y, _ = codec.encode(img, 1)
+        mu = (y * codec.latents.inv_gain[0][:, None, None]).astype(np.float32)
+        ceiling.append(image_metrics(img, codec.decode(mu)[:h, :w]))
+    unrounded = {k: float(np.mean([c[k] for c in ceiling])) for k in ("psnr", "ms_ssim")}
     points = []
     n = m.codec.qualities
     for quality in args.qualities or ([1, (n + 1) // 2, n] if args.quick else range(1, n + 1)):
@@ -274,6 +284,7 @@ def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
                        rate_lambda=m.codec.rate_lambdas[quality - 1])
         pt["side_bpp"] = float(np.mean([r["side_bpp"] for r in rows]))
         pt["side_share"] = pt["side_bpp"] / pt["bpp"]
+        pt["unrounded_psnr"], pt["unrounded_ms_ssim"] = unrounded["psnr"], unrounded["ms_ssim"]
         points.append(pt)
         print(f"{m.model_id} quality {quality} {pt['bpp']:.4f} bpp ({100 * pt['side_share']:.0f}% side)  "
               f"{pt['psnr']:.2f} dB  MS-SSIM {pt['ms_ssim']:.4f}  enc {pt['encode_ms']:.0f} ms  "
@@ -358,7 +369,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"held-out endless-sky photos, {result['photos']} at 768x512 (not Kodak)")
+    h, w = result["size_hw"]
+    fig.suptitle(f"held-out endless-sky photos, {result['photos']} at {w}x{h} (not Kodak)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -373,6 +385,8 @@ def main(argv=None) -> None:
     p.add_argument("--codec", action="append", help="codec model directory (repeat; default models/codec if present)")
     p.add_argument("--qualities", type=int, nargs="+", help="only these codec qualities (default: all)")
     p.add_argument("--photos", type=int, default=24, help="held-out photos (default all 24)")
+    p.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"),
+                   help="centre crop of each photo (default 512 768)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
     p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, the codec's lowest, middle and "
                                                          "highest quality, fewer anchor settings (< 60 s)")
@@ -386,7 +400,8 @@ def main(argv=None) -> None:
     if args.quick:
         args.photos, args.scales = min(args.photos, 3), [1.0, 0.5]
         args.anchors = QUICK_ANCHORS
-    out = Path(args.out or RESULTS / ("rd_quick.json" if args.quick else "rd.json"))
+    stem = "rd" if args.size == [512, 768] else f"rd_{args.size[1]}x{args.size[0]}"
+    out = Path(args.out or RESULTS / (f"{stem}_quick.json" if args.quick else f"{stem}.json"))
     if args.rescore:
         result = json.loads(out.read_text())
         result["bd_rate"], result["prior_savings"] = score(result["points"])
