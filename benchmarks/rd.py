@@ -264,7 +264,8 @@ def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
     unrounded = {k: float(np.mean([c[k] for c in ceiling])) for k in ("psnr", "ms_ssim")}
     points = []
     n = m.codec.qualities
-    for quality in args.qualities or ([1, (n + 1) // 2, n] if args.quick else range(1, n + 1)):
+    wanted = [q for q in args.qualities if q <= n] if args.qualities else None
+    for quality in wanted or ([1, (n + 1) // 2, n] if args.quick else range(1, n + 1)):
         rows = []
         for i, img in enumerate(photos):
             t0 = time.perf_counter()
@@ -330,7 +331,10 @@ def score(points: list[dict]) -> tuple[list[dict], list[dict]]:
     savings = []
     for p in ours:
         if p["scale"] == 1.0 and p["prior"] != "uniform":
-            uni = next(u for u in ours if u["model"] == p["model"] and u["scale"] == 1.0 and u["prior"] == "uniform")
+            uni = next((u for u in ours if u["model"] == p["model"] and u["scale"] == 1.0 and u["prior"] == "uniform"),
+                       None)
+            if uni is None:  # --priors without uniform: nothing to compare with
+                continue
             savings.append({"model": p["model"], "prior": p["prior"], "bits_per_token": p["bits_per_token"],
                             "uniform_bits_per_token": uni["bits_per_token"],
                             "saved_bits_per_token": uni["bits_per_token"] - p["bits_per_token"],
@@ -383,7 +387,9 @@ def main(argv=None) -> None:
                    help="resize factors (rate control) for the first model; the others run at 1")
     p.add_argument("--priors", nargs="+", help="only these priors (default: every prior each model has)")
     p.add_argument("--codec", action="append", help="codec model directory (repeat; default models/codec if present)")
-    p.add_argument("--qualities", type=int, nargs="+", help="only these codec qualities (default: all)")
+    p.add_argument("--qualities", type=int, nargs="+",
+                   help="only these codec qualities (default: all; a codec with fewer runs its own)")
+    p.add_argument("--no-anchors", action="store_true", help="leave out JPEG, WebP, AVIF and JPEG XL")
     p.add_argument("--photos", type=int, default=24, help="held-out photos (default all 24)")
     p.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"),
                    help="centre crop of each photo (default 512 768)")
@@ -400,6 +406,8 @@ def main(argv=None) -> None:
     if args.quick:
         args.photos, args.scales = min(args.photos, 3), [1.0, 0.5]
         args.anchors = QUICK_ANCHORS
+    if args.no_anchors:
+        args.anchors = {}
     stem = "rd" if args.size == [512, 768] else f"rd_{args.size[1]}x{args.size[0]}"
     out = Path(args.out or RESULTS / (f"{stem}_quick.json" if args.quick else f"{stem}.json"))
     if args.rescore:

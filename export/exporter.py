@@ -164,6 +164,21 @@ def save_tensors_exactly(tensors: dict[str, np.ndarray], path: Path, metadata: d
     path.chmod(0o644)
 
 
+def _export_encoder_decoder(model, out_dir: Path) -> dict:
+    """encoder.onnx and decoder.onnx (batch, height and width dynamic); returns the latent grid's dynamic axes."""
+    cfg = model.cfg
+    f = cfg.downsample
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    hb, wb = torch.export.Dim("grid_h", min=1, max=MAX_SIDE // f), torch.export.Dim("grid_w", min=1, max=MAX_SIDE // f)
+    latent_axes = {0: batch, 2: hb, 3: wb}
+    with torch.no_grad():
+        _export(EncoderGraph(model.encoder), (torch.zeros(2, 4 * f, 6 * f, 3, dtype=torch.uint8),), out_dir / ENCODER,
+                ["image"], ["mu", "logvar"], {"image": {0: batch, 1: f * hb, 2: f * wb}})
+        _export(DecoderGraph(model.decoder), (torch.zeros(2, cfg.latent_channels, 4, 6),), out_dir / DECODER,
+                ["latent"], ["image"], {"latent": latent_axes})
+    return latent_axes
+
+
 def save_npz_exactly(arrays: dict[str, np.ndarray], path: Path) -> None:
     """An npz whose bytes depend only on its arrays (np.savez stamps each member with the time of writing, which
     would give every export a new file digest and model digest). Mode 0644."""
@@ -200,15 +215,10 @@ def export_codec(model, config: dict, run_dir: Path, out_dir: Path, model_id: st
 
     cfg = model.cfg
     f = cfg.downsample
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    hb, wb = torch.export.Dim("grid_h", min=1, max=MAX_SIDE // f), torch.export.Dim("grid_w", min=1, max=MAX_SIDE // f)
+    latent_axes = _export_encoder_decoder(model, out_dir)
     with torch.no_grad():
-        _export(EncoderGraph(model.encoder), (torch.zeros(2, 4 * f, 6 * f, 3, dtype=torch.uint8),), out_dir / ENCODER,
-                ["image"], ["mu", "logvar"], {"image": {0: batch, 1: f * hb, 2: f * wb}})
-        _export(DecoderGraph(model.decoder), (torch.zeros(2, cfg.latent_channels, 4, 6),), out_dir / DECODER,
-                ["latent"], ["image"], {"latent": {0: batch, 2: hb, 3: wb}})
         _export(HyperAnalysisGraph(model.hyper.analysis), (torch.zeros(2, cfg.latent_channels, 4, 6),),
-                out_dir / HYPER_ANALYSIS, ["latent"], ["side"], {"latent": {0: batch, 2: hb, 3: wb}})
+                out_dir / HYPER_ANALYSIS, ["latent"], ["side"], {"latent": latent_axes})
         gain = model.log_gain.detach().double().exp().numpy()
     order = np.argsort(cfg.rate_lambdas)  # quality 1 = the lowest lambda, the lowest rate
     save_npz_exactly(portable_coder(model).arrays() | {"gain": gain[order], "inv_gain": 1.0 / gain[order]},
@@ -249,13 +259,8 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
         raise ValueError(f"only GQ models and codecs export to the service; {run_dir} trained the "
                          f"{cfg.quantizer} baseline")
     f = cfg.downsample
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    hb, wb = torch.export.Dim("grid_h", min=1, max=MAX_SIDE // f), torch.export.Dim("grid_w", min=1, max=MAX_SIDE // f)
+    _export_encoder_decoder(model, out_dir)
     with torch.no_grad():
-        _export(EncoderGraph(model.encoder), (torch.zeros(2, 4 * f, 6 * f, 3, dtype=torch.uint8),), out_dir / ENCODER,
-                ["image"], ["mu", "logvar"], {"image": {0: batch, 1: f * hb, 2: f * wb}})
-        _export(DecoderGraph(model.decoder), (torch.zeros(2, cfg.latent_channels, 4, 6),), out_dir / DECODER,
-                ["latent"], ["image"], {"latent": {0: batch, 2: hb, 3: wb}})
         # three distinct example tensors: the exporter would merge one tensor passed twice into one graph input
         examples = (torch.zeros(ROWS, cfg.token_dim), torch.ones(ROWS, cfg.token_dim), torch.zeros(cfg.num_codes, cfg.token_dim))
         _export(SelectGraph(cfg.gq_beta), examples, out_dir / GQ_SELECT,

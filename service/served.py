@@ -43,9 +43,7 @@ class ServedModel:
     @property
     def headers(self) -> dict[str, str]:
         """Response headers naming what answered, so that a cache can notice a re-exported model."""
-        m = self.manifest
-        return {"x-gqtok-model": m.model_id, "x-gqtok-model-version": m.model_version,
-                "x-gqtok-model-digest": self.model_digest, "x-gqtok-codebook-sha256": m.codebook.sha256}
+        return identity_headers(self.manifest) | {"x-gqtok-codebook-sha256": self.manifest.codebook.sha256}
 
     @property
     def model_digest(self) -> str:
@@ -54,6 +52,12 @@ class ServedModel:
     @property
     def token_dtype(self):
         return np.uint16 if self.manifest.num_codes <= 2**16 else np.int32
+
+
+def identity_headers(m) -> dict[str, str]:
+    """The response headers that name the model that answered (id, version, the digest of its networks)."""
+    return {"x-gqtok-model": m.model_id, "x-gqtok-model-version": m.model_version,
+            "x-gqtok-model-digest": m.model_digest}
 
 
 def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str, ServedModel]:
@@ -121,9 +125,7 @@ class ServedCodec:
 
     @property
     def headers(self) -> dict[str, str]:
-        m = self.manifest
-        return {"x-gqtok-model": m.model_id, "x-gqtok-model-version": m.model_version,
-                "x-gqtok-model-digest": m.model_digest}
+        return identity_headers(self.manifest)
 
 
 def load_codecs(settings: ServiceSettings, taken: set[str]) -> dict[str, ServedCodec]:

@@ -140,6 +140,36 @@ def read_header(data: bytes) -> Header:
     return Header.unpack(data)[0]
 
 
+def open_stream(data: bytes, max_pixels: int) -> tuple[Header, bytes]:
+    """(header, payload) of an intact stream that decodes to at most max_pixels pixels, refused before anything is
+    allocated otherwise."""
+    header, payload = Header.unpack(data)
+    hh, ww = header.image_size
+    if hh * ww > max_pixels:
+        raise BitstreamError(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is {max_pixels} "
+                             "(raise max_pixels to decode it)")
+    if header.payload_length % 4:
+        raise BitstreamError("payload length is not a whole number of 32-bit words")
+    return header, payload
+
+
+def check_maker(header: Header, codec: str, manifest, model_digest: bytes) -> None:
+    """Refuse, by name, a stream made by another codec, another model, or another export of this model (its
+    networks' digest, from format 3)."""
+    m = manifest
+    if header.codec != codec:
+        made = {"gq": f"holds GQ tokens of model {header.model_id!r}",
+                "dvae": f"was made by the dvae codec of model {header.model_id!r}"}[header.codec]
+        this = {"gq": "a GQ tokenizer", "dvae": "a dvae codec"}[codec]
+        raise BitstreamError(f"stream {made}; model {m.model_id} is {this}: decode it with the model that made it")
+    if header.model_id != m.model_id:
+        raise BitstreamError(f"stream was made by model {header.model_id!r}, this is {m.model_id!r}")
+    if header.version >= 3 and header.model_digest != model_digest:
+        raise BitstreamError(f"stream was made by another export of model {m.model_id!r}: its networks' digest is "
+                             f"{header.model_digest.hex()}, this model's is {model_digest.hex()} "
+                             f"(version {m.model_version}); decode it with the model that made it")
+
+
 def grid_fits(image_size, grid_hw, f: int) -> bool:
     """Is (h, w) the grid that padding an image of image_size up to multiples of f gives?"""
     return all((g - 1) * f < s <= g * f for s, g in zip(image_size, grid_hw))
@@ -266,15 +296,7 @@ class TokenCompressor:
     def check(self, header: Header) -> None:
         """Refuse a header this model cannot decode, naming the mismatch."""
         m = self.manifest
-        if header.codec != "gq":
-            raise BitstreamError(f"stream was made by the {header.codec} codec of model {header.model_id!r}; model "
-                                 f"{m.model_id} is a GQ tokenizer: decode it with the codec model that made it")
-        if header.model_id != m.model_id:
-            raise BitstreamError(f"stream was made by model {header.model_id!r}, this is {m.model_id!r}")
-        if header.version >= 3 and header.model_digest != self.model_digest:
-            raise BitstreamError(f"stream was made by another export of model {m.model_id!r}: its networks' digest is "
-                                 f"{header.model_digest.hex()}, this model's is {self.model_digest.hex()} "
-                                 f"(version {m.model_version}); decode it with the model that made it")
+        check_maker(header, "gq", m, self.model_digest)
         if header.codebook_digest != self.codebook_digest:
             raise BitstreamError(f"stream's codebook digest {header.codebook_digest.hex()} does not match model "
                                  f"{m.model_id}'s {self.codebook_digest.hex()}")
@@ -288,17 +310,11 @@ class TokenCompressor:
                 header.image_size, (h, w), m.downsample):
             raise BitstreamError(f"header sizes (grid {list(header.grid)}, K {header.num_codes}, image "
                                  f"{header.image_size[0]}x{header.image_size[1]}) do not fit model {m.model_id}")
-        if header.payload_length % 4:
-            raise BitstreamError("payload length is not a whole number of 32-bit words")
 
     def decompress(self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, Header]:
         """bytes -> (int64 [T, h, w], header). BitstreamError on anything wrong, before or after decoding; a
         header naming more than `max_pixels` image pixels is refused before anything is allocated."""
-        header, payload = Header.unpack(data)
-        hh, ww = header.image_size
-        if hh * ww > max_pixels:
-            raise BitstreamError(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is {max_pixels} "
-                                 "(raise max_pixels to decode it)")
+        header, payload = open_stream(data, max_pixels)
         self.check(header)
         words = np.frombuffer(payload, dtype="<u4")
         try:

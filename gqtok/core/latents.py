@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gqtok.core.bitstream import MAX_GRID_SIDE, BitstreamError, Header, grid_fits
+from gqtok.core.bitstream import MAX_GRID_SIDE, BitstreamError, Header, check_maker, grid_fits, open_stream
 from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 ACT_BITS = 8  # activations of the integer synthesis: integers in units of 2^-8
@@ -349,15 +349,7 @@ class LatentCompressor:
     def check(self, header: Header) -> None:
         """Refuse a header this codec cannot decode, naming the mismatch."""
         m = self.manifest
-        if header.codec != "dvae":
-            raise BitstreamError(f"stream holds GQ tokens of model {header.model_id!r}; model {m.model_id} is a "
-                                 "dvae codec: decode it with the tokenizer that made it")
-        if header.model_id != m.model_id:
-            raise BitstreamError(f"stream was made by model {header.model_id!r}, this is {m.model_id!r}")
-        if header.model_digest != self.model_digest:
-            raise BitstreamError(f"stream was made by another export of model {m.model_id!r}: its networks' digest is "
-                                 f"{header.model_digest.hex()}, this model's is {self.model_digest.hex()} "
-                                 f"(version {m.model_version}); decode it with the model that made it")
+        check_maker(header, "dvae", m, self.model_digest)
         if header.prior_digest != self.coder_digest:
             raise BitstreamError(f"stream's latent coder ({header.prior_digest.hex()}) is not this model's "
                                  f"({self.coder_digest.hex()})")
@@ -366,17 +358,11 @@ class LatentCompressor:
                 or not grid_fits(header.image_size, (h, w), m.downsample)):
             raise BitstreamError(f"header sizes (latents {list(header.grid)}, quality {header.quality}, image "
                                  f"{header.image_size[0]}x{header.image_size[1]}) do not fit model {m.model_id}")
-        if header.payload_length % 4:
-            raise BitstreamError("payload length is not a whole number of 32-bit words")
 
     def decompress(self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, Header]:
         """bytes -> (the decoder's input float32 [C, h, w], header); BitstreamError on anything wrong. A header
         naming more than max_pixels image pixels is refused before anything is allocated."""
-        header, payload = Header.unpack(data)
-        hh, ww = header.image_size
-        if hh * ww > max_pixels:
-            raise BitstreamError(f"stream decodes to {hh}x{ww} = {hh * ww} pixels; the limit is {max_pixels} "
-                                 "(raise max_pixels to decode it)")
+        header, payload = open_stream(data, max_pixels)
         self.check(header)
         try:
             _, k, y_hat = self.coder.decode(np.frombuffer(payload, "<u4"), self.side_shape(header.grid[1:]),
