@@ -70,6 +70,22 @@ def heldout_photos(n: int, size: tuple[int, int] | None = None) -> list[np.ndarr
     return [center_crop(load_rgb(p), tuple(size or HELDOUT_SIZE)) for p in paths]
 
 
+def source_photos(folders: list[str], size: tuple[int, int]) -> list[np.ndarray]:
+    """Every photo under these folders at least `size` (H, W) large, centre-cropped to it (smaller ones are left
+    out, as gqtok eval does), in name order."""
+    from gqtok.photos import center_crop, list_images, load_rgb
+
+    crops = []
+    for folder in folders:
+        for path in list_images(Path(folder)):
+            img = load_rgb(path)
+            if img.shape[0] >= size[0] and img.shape[1] >= size[1]:
+                crops.append(center_crop(img, tuple(size)))
+    if not crops:
+        raise SystemExit(f"no photo of at least {size[1]}x{size[0]} under {', '.join(folders)}")
+    return crops
+
+
 def resize(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     if img.shape[:2] == tuple(size_hw):
         return img
@@ -184,7 +200,7 @@ def run(args) -> dict:
     from gqtok.core.layout import fit_to_grid
     from gqtok.training.evaluate import image_metrics
 
-    photos = heldout_photos(args.photos, args.size)
+    photos = source_photos(args.sources, args.size) if args.sources else heldout_photos(args.photos, args.size)
     h, w = photos[0].shape[:2]
     points, t_start = [], time.perf_counter()
     for index, model_dir in enumerate(args.model):
@@ -237,7 +253,8 @@ def run(args) -> dict:
 
     bd, savings = score(points)
     return {
-        "benchmark": "rd", "quick": args.quick, "photos": len(photos), "size_hw": [h, w], "scales": args.scales,
+        "benchmark": "rd", "quick": args.quick, "photos": len(photos), "sources": args.sources or ["endless-sky held-out"],
+        "size_hw": [h, w], "scales": args.scales,
         "models": [shown(d) for d in args.model], "codecs": [shown(d) for d in args.codec], "machine": {"cpu": platform.processor() or platform.machine(),
                                                                  "threads": args.threads},
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -374,7 +391,9 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     h, w = result["size_hw"]
-    fig.suptitle(f"held-out endless-sky photos, {result['photos']} at {w}x{h} (not Kodak)")
+    where = "held-out endless-sky photos" if result.get("sources", ["endless-sky held-out"]) == [
+        "endless-sky held-out"] else "photos of sources held out whole"
+    fig.suptitle(f"{where}, {result['photos']} at {w}x{h} (not Kodak)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -391,6 +410,9 @@ def main(argv=None) -> None:
                    help="only these codec qualities (default: all; a codec with fewer runs its own)")
     p.add_argument("--no-anchors", action="store_true", help="leave out JPEG, WebP, AVIF and JPEG XL")
     p.add_argument("--photos", type=int, default=24, help="held-out photos (default all 24)")
+    p.add_argument("--sources", nargs="+", metavar="DIR",
+                   help="instead of the held-out endless-sky photos: every photo under these folders at least --size "
+                        "large (e.g. the four sources held out whole, data/photos/kphotoalbum ...)")
     p.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"),
                    help="centre crop of each photo (default 512 768)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")

@@ -143,6 +143,7 @@ def codec_photo(small_photos):
     return center_crop(load_rgb(sorted(small_photos.iterdir())[2]), (203, 301))  # not multiples of 8 or 32
 
 
+@pytest.mark.slow  # trains the tiny codec
 def test_codec_round_trip_at_every_quality(codec, codec_photo):
     """Each quality decodes to the original size, rates rise with quality, and the header says what made it."""
     from gqtok.core.bitstream import read_header
@@ -164,6 +165,7 @@ def test_codec_round_trip_at_every_quality(codec, codec_photo):
     assert default.quality == codec.manifest.codec.default_quality == 2
 
 
+@pytest.mark.slow  # trains the tiny codec
 def test_codec_refuses_what_it_cannot_code(codec, codec_photo, tiny_model, tiny_codec_model):
     from gqtok.core.artifact import ArtifactError, load_artifact
     from gqtok.service.compressor import ImageCompressor
@@ -180,6 +182,7 @@ def test_codec_refuses_what_it_cannot_code(codec, codec_photo, tiny_model, tiny_
         TokenizerRuntime(load_artifact(tiny_codec_model))
 
 
+@pytest.mark.slow  # trains the tiny codec
 def test_streams_are_decoded_only_by_the_model_and_codec_that_made_them(codec, codec_photo, tiny_model,
                                                                         tiny_codec_model, tmp_path):
     """A codec stream through a tokenizer, a token stream through the codec, a re-exported codec (same id, other
@@ -243,6 +246,7 @@ for quality in (1, 2, 3):
 """
 
 
+@pytest.mark.slow  # trains the tiny codec
 def test_codec_streams_are_the_same_bytes_and_pixels_under_every_blas_kernel_thread_count_and_simd_setting(
         codec, codec_photo, tiny_codec_model, tmp_path):
     """Compress at every quality here, then in subprocesses under other OpenBLAS kernels, thread counts and numpy
@@ -262,6 +266,7 @@ def test_codec_streams_are_the_same_bytes_and_pixels_under_every_blas_kernel_thr
     assert all(out == want for out in outputs), (want, outputs)
 
 
+@pytest.mark.slow  # trains the tiny codec
 def test_cli_compress_at_a_quality_and_decompress_by_the_header(codec, codec_photo, tiny_codec_model, tiny_model,
                                                                  tmp_path, capsys):
     import json
