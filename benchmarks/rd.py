@@ -253,10 +253,10 @@ def run(args) -> dict:
 
     bd, savings = score(points)
     return {
-        "benchmark": "rd", "quick": args.quick, "photos": len(photos), "sources": args.sources or ["endless-sky held-out"],
-        "size_hw": [h, w], "scales": args.scales,
-        "models": [shown(d) for d in args.model], "codecs": [shown(d) for d in args.codec], "machine": {"cpu": platform.processor() or platform.machine(),
-                                                                 "threads": args.threads},
+        "benchmark": "rd", "quick": args.quick, "photos": len(photos),
+        "sources": args.sources or ["endless-sky held-out"], "size_hw": [h, w], "scales": args.scales,
+        "models": [shown(d) for d in args.model], "codecs": [shown(d) for d in args.codec],
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
         "seconds": round(time.perf_counter() - t_start, 1),
         "points": points, "bd_rate": bd, "prior_savings": savings,
         "skipped": skipped,
