@@ -252,12 +252,12 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
     cfg = model.cfg
+    if cfg.quantizer not in ("gq", "uniform"):
+        raise ValueError(f"only GQ models and codecs export to the service; {run_dir} trained the "
+                         f"{cfg.quantizer} baseline")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.quantizer == "uniform":
         return export_codec(model, config, run_dir, out_dir, model_id, model_version, eval_json)
-    if cfg.quantizer != "gq":
-        raise ValueError(f"only GQ models and codecs export to the service; {run_dir} trained the "
-                         f"{cfg.quantizer} baseline")
     f = cfg.downsample
     _export_encoder_decoder(model, out_dir)
     with torch.no_grad():

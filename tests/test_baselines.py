@@ -59,5 +59,6 @@ def test_export_refuses_a_baseline(small_photos, tmp_path):
 
     train(tmp_path / "fsq", small_photos, "tiny", {"quantizer": "fsq", "latent_channels": 6, "token_dim": 6,
                                                    "steps": 1, "crop": 32}, progress=False)
-    with pytest.raises(ValueError, match="only GQ models export"):
+    with pytest.raises(ValueError, match="only GQ models and codecs export to the service; .* the fsq baseline"):
         export_run(tmp_path / "fsq", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
