@@ -189,9 +189,10 @@ def anchor_quality_at(rate: float, anchor: list[tuple[float, float]]) -> float |
 
 
 def shown(path) -> str:
-    """A model path as the results file records it: relative to the repository when inside it."""
+    """A model path as the results file records it: relative to the repository when inside it, else its folder's
+    name (a results file never holds a path of this machine)."""
     p = Path(path).resolve()
-    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
 
 
 def run(args) -> dict:

@@ -256,7 +256,7 @@ def cmd_decompress(args) -> None:
     from gqtok.core.artifact import load_artifact
     from gqtok.core.bitstream import BitstreamError, read_header
     from gqtok.core.models import find_model
-    from gqtok.service.compressor import CodecCompressor, ImageCompressor
+    from gqtok.service.compressor import compressor_for
     from gqtok.service.runtime import one_blas_thread
 
     one_blas_thread()
@@ -272,8 +272,7 @@ def cmd_decompress(args) -> None:
         artifact = match[0]
     else:  # the model the header names, on the model search path
         artifact = load_artifact(find_model(header.model_id))
-    kind = CodecCompressor if artifact.manifest.kind == "codec" else ImageCompressor  # a mismatch: refused by check
-    image, _ = kind(artifact, device=args.device).decompress(data, args.max_pixels)
+    image, _ = compressor_for(artifact, device=args.device).decompress(data, args.max_pixels)
     Image.fromarray(image).save(out)
     print(json.dumps({"output": str(out), "model": header.model_id, "codec": header.codec, "prior": header.prior,
                       "image_size": list(image.shape[:2])} | ({"quality": header.quality} if header.codec == "dvae" else {})))

@@ -26,7 +26,11 @@ from gqtok.service.runtime import TokenizerRuntime, open_sessions, to_uint8
 def load_compressor(model: str | None = None, *, device: str = "auto", threads: int = 0):
     """The compressor of a model (a directory or a name on the model search path; None: the default model):
     ImageCompressor for a tokenizer, CodecCompressor for a codec."""
-    artifact = load_artifact(find_model(model))
+    return compressor_for(load_artifact(find_model(model)), device=device, threads=threads)
+
+
+def compressor_for(artifact, device: str = "cpu", threads: int = 0):
+    """The compressor of a loaded artifact, by its manifest's kind."""
     kind = CodecCompressor if artifact.manifest.kind == "codec" else ImageCompressor
     return kind(artifact, device=device, threads=threads)
 
@@ -62,18 +66,12 @@ class CodecCompressor:
     The encoder side runs in float32 (where it rounds decides the stream); what a stream decodes to is computed
     exactly up to the decoder network."""
 
-    priors = ["hyperprior"]
-
     def __init__(self, artifact, device: str = "cpu", threads: int = 0):
         self.latents = LatentCompressor(artifact)
         self.manifest = artifact.manifest
         self.encoder, self.providers, opts = open_sessions(artifact, ENCODER, device, threads)
         self.hyper_analysis = ort.InferenceSession(str(artifact.path(HYPER_ANALYSIS)), opts, providers=self.providers)
         self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
-
-    @property
-    def default_prior(self) -> str:
-        return "hyperprior"
 
     def quality(self, quality: int | None) -> int:
         return self.latents.quality(quality)
