@@ -13,6 +13,9 @@ One run, side by side, on the held-out photos (768x512 centre crops, data/endles
             the rate knob itself, at full size. Also the side information's share of the bits (z's information
             content under its tables), the time of the networks and of the entropy coding apart, and the
             network's ceiling: the decoder on the encoder's unrounded means (unrounded_psnr, unrounded_ms_ssim)
+            and the side information under a probabilistic circuit in place of its factorized prior (pc_side_bpp,
+            bpp_with_pc_side: an HCLT over z's channels at a position, learned per quality on --pc-side-photos
+            training photos; the ideal lengths of the circuit's coder, not a written stream)
   jpeg      Pillow's JPEG (4:2:0, optimized Huffman tables) over a range of quality settings
   webp      Pillow's WebP (method 6) over a range of quality settings
   avif      Pillow's AVIF (libavif/aom, its default speed 6, 4:2:0) over a range of quality settings
@@ -68,6 +71,42 @@ def heldout_photos(n: int, size: tuple[int, int] | None = None) -> list[np.ndarr
     if missing:
         raise SystemExit(f"held-out photos missing ({', '.join(missing[:3])}...): run `gqtok data fetch`")
     return [center_crop(load_rgb(p), tuple(size or HELDOUT_SIZE)) for p in paths]
+
+
+def training_photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
+    """The first n training photos (never the held-out ones) as centre crops of size (H, W)."""
+    from gqtok.photos import center_crop, list_images, load_rgb, split_heldout
+    from gqtok.training.data import DEFAULT_DATA_DIR
+
+    train, _ = split_heldout(list_images(REPO / DEFAULT_DATA_DIR))
+    return [center_crop(load_rgb(p), tuple(size)) for p in train[:n]]
+
+
+# The pc side prior: z's values as circuit variables, |z| <= PC_SIDE_RADIUS as themselves, beyond it an escape
+# followed by 16 raw bits (as the codec's own tables escape)
+PC_SIDE_RADIUS = 15
+
+
+def pc_side_symbols(z: np.ndarray) -> tuple[np.ndarray, int]:
+    """z [Cz, h, w] -> (one sample per position over the Cz channels, int [h * w, Cz]; escaped values)."""
+    flat = np.asarray(z, np.int64).reshape(z.shape[0], -1).T
+    escaped = np.abs(flat) > PC_SIDE_RADIUS
+    return np.where(escaped, 2 * PC_SIDE_RADIUS + 1, flat + PC_SIDE_RADIUS), int(escaped.sum())
+
+
+def pc_side_bits(codec, quality: int, train: list[np.ndarray], held_z: list[np.ndarray]) -> tuple[list[float], dict]:
+    """Learn an HCLT over the side information's channels at one position (gqtok/core/circuit.py; 16 hidden
+    states, 20 EM steps) on the training photos' z at this quality -> (bits of each held-out z under it, as the
+    coder's frequencies give them, escapes included; the fit's figures)."""
+    from gqtok.training.circuit import CircuitConfig, learn_hclt
+
+    x = np.concatenate([pc_side_symbols(codec.encode(img, quality)[1])[0] for img in train])
+    circuit, fit = learn_hclt(x, 2 * PC_SIDE_RADIUS + 2, CircuitConfig(hidden=16, em_steps=20), progress=False)
+    bits = []
+    for z in held_z:
+        symbols, escaped = pc_side_symbols(z)
+        bits.append(float(circuit.code_lengths(symbols).sum()) + 16.0 * escaped)
+    return bits, {"train_positions": len(x), "learn_cpu_s": fit["learn_cpu_s"]}
 
 
 def source_photos(folders: list[str], size: tuple[int, int]) -> list[np.ndarray]:
@@ -283,8 +322,9 @@ def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
     points = []
     n = m.codec.qualities
     wanted = [q for q in args.qualities if q <= n] if args.qualities else None
+    train = training_photos(args.pc_side_photos, (h, w)) if args.pc_side_photos else []
     for quality in wanted or ([1, (n + 1) // 2, n] if args.quick else range(1, n + 1)):
-        rows = []
+        rows, held_z = [], []
         for i, img in enumerate(photos):
             t0 = time.perf_counter()
             y, z = codec.encode(img, quality)
@@ -295,6 +335,7 @@ def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
             t3 = time.perf_counter()
             out = codec.decode(latent)[:h, :w]
             t4 = time.perf_counter()
+            held_z.append(z)
             rows.append({"bpp": 8 * len(data) / (h * w), "side_bpp": codec.latents.coder.side_bits(z) / (h * w),
                          "encode_s": t2 - t0, "decode_s": t4 - t2, "coding_encode_s": t2 - t1,
                          "coding_decode_s": t3 - t2} | image_metrics(img, out))
@@ -304,6 +345,11 @@ def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
         pt["side_bpp"] = float(np.mean([r["side_bpp"] for r in rows]))
         pt["side_share"] = pt["side_bpp"] / pt["bpp"]
         pt["unrounded_psnr"], pt["unrounded_ms_ssim"] = unrounded["psnr"], unrounded["ms_ssim"]
+        if train:  # the same stream with a circuit in place of z's factorized prior (ideal lengths of its coder)
+            bits, fit = pc_side_bits(codec, quality, train, held_z)
+            pt["pc_side_bpp"] = float(np.mean(bits)) / (h * w)
+            pt["bpp_with_pc_side"] = pt["bpp"] - pt["side_bpp"] + pt["pc_side_bpp"]
+            pt["pc_side_fit"] = fit
         points.append(pt)
         print(f"{m.model_id} quality {quality} {pt['bpp']:.4f} bpp ({100 * pt['side_share']:.0f}% side)  "
               f"{pt['psnr']:.2f} dB  MS-SSIM {pt['ms_ssim']:.4f}  enc {pt['encode_ms']:.0f} ms  "
@@ -417,6 +463,8 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"),
                    help="centre crop of each photo (default 512 768)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
+    p.add_argument("--pc-side-photos", type=int, default=40,
+                   help="training photos to learn the codec's pc side prior from, per quality (0: leave it out)")
     p.add_argument("--quick", action="store_true", help="3 photos, scales 1 and 0.5, the codec's lowest, middle and "
                                                          "highest quality, fewer anchor settings (< 60 s)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/rd.json, --quick: rd_quick.json)")
@@ -428,6 +476,7 @@ def main(argv=None) -> None:
     args.anchors = ANCHORS
     if args.quick:
         args.photos, args.scales = min(args.photos, 3), [1.0, 0.5]
+        args.pc_side_photos = min(args.pc_side_photos, 3)
         args.anchors = QUICK_ANCHORS
     if args.no_anchors:
         args.anchors = {}

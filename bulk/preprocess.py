@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from gqtok.core.layout import FIT_MODES, fit_to_grid
+from gqtok.core.layout import FIT_MODES, budget_size, fit_to_grid
+from gqtok.photos import resize_rgb
 
 CROPS = ("center", "random", "ten")
 
@@ -31,6 +32,7 @@ class Preprocess:
     seed: int = 0  # for crop=random and flip
     fit: str = "pad"  # with size=0: pad, crop or exact to multiples of f (the service's options)
     draft: bool = True  # JPEGs decode at the smallest 1/2, 1/4 or 1/8 scale still covering the resize (see below)
+    max_tokens: int = 0  # token budget: each view resized (aspect kept, never enlarged) to at most this many tokens
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -39,6 +41,8 @@ class Preprocess:
             raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {self.fit!r}")
         if self.size < 0:
             raise ValueError(f"size must be 0 (no resize) or positive, got {self.size}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be 0 (no budget) or positive, got {self.max_tokens}")
         if self.size == 0 and (self.crop != "center" or self.flip):
             raise ValueError("crop=random/ten and flip need a size (the views are size x size crops)")
 
@@ -61,8 +65,21 @@ class Preprocess:
         if scale < 0.5:
             im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
 
-    def views(self, img: np.ndarray, key: str, f: int) -> list[np.ndarray]:
-        """uint8 [H, W, 3] -> its views; `key` (the file's path) seeds the random ones; f: the model's downsample."""
+    def views(self, img: np.ndarray, key: str, f: int, t: int = 1) -> list[np.ndarray]:
+        """uint8 [H, W, 3] -> its views; `key` (the file's path) seeds the random ones; f: the model's downsample,
+        t: its tokens per position (for the token budget)."""
+        views = self._views(img, key, f)
+        if not self.max_tokens:
+            return views
+        return [fit_to_grid(resize_rgb(v, budget_size(*v.shape[:2], f, t, self.max_tokens)), f, "pad", key)
+                for v in views]
+
+    def budget_grid(self, f: int, t: int) -> tuple[int, int]:
+        """(h, w) of every view's grid when size is set."""
+        s = budget_size(self.size, self.size, f, t, self.max_tokens) if self.max_tokens else (self.size, self.size)
+        return -(-s[0] // f), -(-s[1] // f)
+
+    def _views(self, img: np.ndarray, key: str, f: int) -> list[np.ndarray]:
         if self.size == 0:
             return [fit_to_grid(img, f, self.fit, key)]
         if self.size % f:

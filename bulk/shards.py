@@ -126,15 +126,16 @@ def expected_grid(job: Job, manifest) -> tuple[int, int, int]:
     """(t, h, w) of every row: from the crop size, or (size=0) from the first input file that decodes."""
     f, t = manifest.downsample, manifest.tokens_per_position
     if job.preprocess.size:
-        return (t, job.preprocess.size // f, job.preprocess.size // f)
+        return (t, *job.preprocess.budget_grid(f, t))
     for path, data in read_files(job.paths):
-        views, _ = file_views(path, job, f, data)
+        views, _ = file_views(path, job, f, data, t)
         if views:
             return (t, views[0].shape[0] // f, views[0].shape[1] // f)
     raise ValueError("none of the input files decodes")
 
 
-def file_views(path: str, job: Job, f: int, data: bytes | ReadFailed | None = None) -> tuple[list[np.ndarray], dict]:
+def file_views(path: str, job: Job, f: int, data: bytes | ReadFailed | None = None,
+               t: int = 1) -> tuple[list[np.ndarray], dict]:
     """A file's views and its index entry, from its bytes (default: read here, read_bytes); a file that was read
     but cannot be used gets status "error" and its reason. ReadFailed passes through: not the file's fault."""
     entry: dict = {"path": path}
@@ -150,7 +151,7 @@ def file_views(path: str, job: Job, f: int, data: bytes | ReadFailed | None = No
             job.preprocess.prepare_decoding(im)
             img = to_rgb(im, job.alpha, path)
         entry["original_size"] = list(original_size)
-        views = job.preprocess.views(img, path, f)
+        views = job.preprocess.views(img, path, f, t)
     except UnidentifiedImageError:  # its message names a buffer's address: not the same bytes on a rerun
         return [], entry | {"status": "error", "rows": 0,
                             "error": "UnidentifiedImageError: not an image format Pillow can read"}
@@ -160,7 +161,7 @@ def file_views(path: str, job: Job, f: int, data: bytes | ReadFailed | None = No
 
 
 def decoded_files(job: Job, shards: list[int], f: int, pool: ThreadPoolExecutor | None = None,
-                  ahead: int = 0):
+                  ahead: int = 0, t: int = 1):
     """(views, index entry) of every file of `shards`, in order. With a pool, up to `ahead` files are decoded
     ahead of the consumer, across shard boundaries: the runtime does not wait for decoding at a shard's start,
     and memory holds `ahead` files' views, not a shard's (ten views of 1024 files are 2 GB at 256x256)."""
@@ -169,11 +170,11 @@ def decoded_files(job: Job, shards: list[int], f: int, pool: ThreadPoolExecutor 
 
     if pool is None:
         for path, data in files():
-            yield file_views(path, job, f, data)
+            yield file_views(path, job, f, data, t)
         return
     pending = deque()
     for path, data in files():
-        pending.append(pool.submit(file_views, path, job, f, data))
+        pending.append(pool.submit(file_views, path, job, f, data, t))
         if len(pending) > ahead:
             yield pending.popleft().result()
     while pending:
@@ -183,8 +184,9 @@ def decoded_files(job: Job, shards: list[int], f: int, pool: ThreadPoolExecutor 
 def tokenize_shard(job: Job, k: int, runtime, grid: tuple[int, int, int], decoded=None) -> tuple[np.ndarray, list[dict]]:
     """Shard k -> (tokens [rows, t, h, w] in the shards' dtype, one index entry per file). decoded: a
     decoded_files stream whose next files are shard k's (default: the shard decoded here, file after file)."""
-    f = runtime.manifest.downsample
-    decoded = itertools.islice(decoded if decoded is not None else decoded_files(job, [k], f), len(job.shard_paths(k)))
+    f, t = runtime.manifest.downsample, runtime.manifest.tokens_per_position
+    decoded = itertools.islice(decoded if decoded is not None else decoded_files(job, [k], f, t=t),
+                               len(job.shard_paths(k)))
     entries, pending, rows = [], [], []
     size = (grid[1] * f, grid[2] * f)
 
@@ -335,7 +337,8 @@ class RunClock:
 def run_shards(job: Job, shards: list[int], runtime, grid: tuple[int, int, int], pool: ThreadPoolExecutor):
     """Tokenize and write `shards` in order, the pool decoding ahead across them; yields each shard's file count.
     Both engines run their shards through here (the local one all of them, a Ray actor the ones it is given)."""
-    stream = decoded_files(job, shards, runtime.manifest.downsample, pool, decode_ahead(job))
+    m = runtime.manifest
+    stream = decoded_files(job, shards, m.downsample, pool, decode_ahead(job), m.tokens_per_position)
     for k in shards:
         tokens, entries = tokenize_shard(job, k, runtime, grid, stream)
         write_shard(job, k, tokens, entries)

@@ -283,7 +283,7 @@ def cmd_tokenize(args) -> None:
     from gqtok.bulk.shards import Job, list_inputs
 
     pre = Preprocess(size=args.size, crop=args.crop, flip=args.flip, seed=args.seed, fit=args.fit,
-                     draft=not args.full_decode)
+                     draft=not args.full_decode, max_tokens=args.max_tokens)
     job = Job(list_inputs(args.input), Path(args.out), pre, shard_size=args.shard_size, batch_size=args.batch_size,
               alpha=args.alpha, max_pixels=args.max_pixels)
     if args.engine == "ray":
@@ -482,7 +482,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     cp.add_argument("--quality", type=int, metavar="N",
                     help="codec models only: 1 (fewest bits) .. the model's qualities (6 for the bundled codec; "
                          "default: its middle one; docs/compression.md lists their rates)")
-    cp.add_argument("--prior", choices=["uniform", "frequency", "context"],
+    cp.add_argument("--prior", choices=["uniform", "frequency", "context", "pc"],
                     help="GQ tokenizers only: entropy model of the tokens (default: the strongest the model has)")
     cp.add_argument("--device", default="cpu", help="onnxruntime device: cpu (default), cuda or auto")
     cp.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
@@ -518,6 +518,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     tk.add_argument("--seed", type=int, default=0, help="seed of the random crops and flips (default 0)")
     tk.add_argument("--fit", choices=["pad", "crop", "exact"], default="pad",
                     help="with --size 0: make sides multiples of f as the service does (default pad)")
+    tk.add_argument("--max-tokens", type=int, default=0, metavar="N",
+                    help="token budget: each view resized (aspect kept, never enlarged) so that its grid has at most N "
+                         "tokens, then padded to multiples of f (e.g. 256 with --size 256: 128x128 views, 16x16 "
+                         "grids); 0 (default): no budget")
     tk.add_argument("--full-decode", action="store_true",
                     help="decode JPEGs at full size before resizing (default: at the smallest 1/2, 1/4 or 1/8 scale "
                          "still covering --size, libjpeg's DCT scaling: 2x faster on large photos, views within ~47 dB)")

@@ -186,6 +186,14 @@ def load_rgb(path: Path, alpha: str = "composite") -> np.ndarray:
         return to_rgb(im, alpha, name=str(path))
 
 
+def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] -> [h, w, 3] (size = (h, w)), Pillow's bicubic filter (antialiased when shrinking)."""
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
+
+
 def center_crop(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Centre crop [H, W, 3] to (h, w); images smaller than that are resized up first (aspect kept)."""
     h, w = size

@@ -64,10 +64,12 @@ class TokenizerClient:
             _sleep(delay)
             attempt += 1
 
-    def tokenize(self, images, *, fit: str = "pad", model: str | None = None) -> np.ndarray:
+    def tokenize(self, images, *, fit: str = "pad", model: str | None = None,
+                 max_tokens: int | None = None) -> np.ndarray:
         """Images (one or a list) -> token ids [batch, t, h, w] (uint16 when K <= 65536, else int32).
-        All images must give the same grid size; for mixed sizes use tokenize_json."""
-        return self._call(_tokenize_call(images, fit, model or self.model, npy=True))
+        All images must give the same grid size; for mixed sizes use tokenize_json. max_tokens: a token budget,
+        each image resized by the server (aspect kept) to fit it; tokenize_json says to what size."""
+        return self._call(_tokenize_call(images, fit, model or self.model, npy=True, max_tokens=max_tokens))
 
     def tokenize_many(self, images, *, fit: str = "pad", model: str | None = None) -> list:
         """Any number of images of any sizes -> one result per image, in order: its token ids, int64 [t, h, w],
@@ -86,30 +88,33 @@ class TokenizerClient:
             self._limit = int(self.info()["limits"]["max_images_per_request"])
         return self._limit
 
-    def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None) -> dict:
-        """Images -> the server's JSON answer: {"model", "results": [{"tokens", "grid_size", ...}]}."""
-        return self._call(_tokenize_call(images, fit, model or self.model, npy=False))
+    def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None,
+                      max_tokens: int | None = None) -> dict:
+        """Images -> the server's JSON answer: {"model", "results": [{"tokens", "grid_size", "original_size",
+        "resized_size", ...}]}."""
+        return self._call(_tokenize_call(images, fit, model or self.model, npy=False, max_tokens=max_tokens))
 
     def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None,
-                   model_digest: str | None = None):
+                   model_digest: str | None = None, output_size=None):
         """Token grids ([batch, t, h, w], [t, h, w], [h, w], a list of grids of any sizes, numpy arrays, torch
         tensors or nested lists) -> images, cropped by the server to image_size (H, W) when given. output: "pil"
         (list of RGB PIL images), "numpy" (uint8 [batch, H, W, 3]) or "torch" (float32 [batch, 3, H, W] in [0, 1]);
         grids of several sizes go one request per size and come back as a list, in order. Batches longer than
         the server's max_images_per_request (read once from /info) are split. model_digest (the model_digest of
         the model that made the tokens, from model_info()): refused with 409 unless the server's model is that
-        export."""
+        export. output_size (H, W): the server resizes the (cropped) images to it: under a token budget, pass
+        tokenize's resized_size as image_size and its original_size here to get the picture back at its size."""
         _check_output(output)
         grids = _grid_list(tokens)
         chunks = _grid_chunks(tokens, grids, self._images_per_request() if grids else 1)
-        answers = [self._call(_detokenize_call(grids, image_size, model or self.model, model_digest))
+        answers = [self._call(_detokenize_call(grids, image_size, model or self.model, model_digest, output_size))
                    for _, grids in chunks]
         return _images_out(chunks, answers, output)
 
     def compress(self, image, *, prior: str | None = None, model: str | None = None,
                  quality: int | None = None) -> bytes:
-        """One image -> the compressed bitstream. A tokenizer: prior uniform, frequency or context (default the
-        strongest). A codec model (model="codec"): quality 1 (fewest bits) .. its qualities (default its middle)."""
+        """One image -> the compressed bitstream. A tokenizer: prior uniform, frequency, context or pc (default
+        the strongest). A codec model (model="codec"): quality 1 (fewest bits) .. its qualities (default its middle)."""
         return self._call(_compress_call(image, prior, model or self.model, quality))
 
     def decompress(self, data: bytes) -> Image.Image:
@@ -176,9 +181,10 @@ class AsyncTokenizerClient:
             await _async_sleep(delay)
             attempt += 1
 
-    async def tokenize(self, images, *, fit: str = "pad", model: str | None = None) -> np.ndarray:
+    async def tokenize(self, images, *, fit: str = "pad", model: str | None = None,
+                       max_tokens: int | None = None) -> np.ndarray:
         """Images (one or a list) -> token ids [batch, t, h, w]; see TokenizerClient.tokenize."""
-        return await self._call(_tokenize_call(images, fit, model or self.model, npy=True))
+        return await self._call(_tokenize_call(images, fit, model or self.model, npy=True, max_tokens=max_tokens))
 
     async def tokenize_many(self, images, *, fit: str = "pad", model: str | None = None) -> list:
         """Per image its token ids or its TokenizerError; see TokenizerClient.tokenize_many. The chunks go
@@ -190,11 +196,12 @@ class AsyncTokenizerClient:
                                          for i in range(0, len(items), self._limit)))
         return [r for a in answers for r in _many_results(a)]
 
-    async def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None) -> dict:
-        return await self._call(_tokenize_call(images, fit, model or self.model, npy=False))
+    async def tokenize_json(self, images, *, fit: str = "pad", model: str | None = None,
+                            max_tokens: int | None = None) -> dict:
+        return await self._call(_tokenize_call(images, fit, model or self.model, npy=False, max_tokens=max_tokens))
 
     async def detokenize(self, tokens, *, image_size=None, output: str = "pil", model: str | None = None,
-                         model_digest: str | None = None):
+                         model_digest: str | None = None, output_size=None):
         """Token grids -> images; see TokenizerClient.detokenize. The requests go concurrently."""
         _check_output(output)
         grids = _grid_list(tokens)
@@ -202,7 +209,7 @@ class AsyncTokenizerClient:
             self._limit = int((await self.info())["limits"]["max_images_per_request"])
         chunks = _grid_chunks(tokens, grids, self._limit or 1)
         answers = await asyncio.gather(*(self._call(_detokenize_call(grids, image_size, model or self.model,
-                                                                     model_digest))
+                                                                     model_digest, output_size))
                                          for _, grids in chunks))
         return _images_out(chunks, list(answers), output)
 

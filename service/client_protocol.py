@@ -151,14 +151,16 @@ def _model_params(model: str | None, **extra) -> dict:
     return params
 
 
-def _tokenize_call(images, fit: str, model: str | None, npy: bool) -> _Call:
-    """One image -> a raw body; several -> multipart with repeated 'image' parts."""
+def _tokenize_call(images, fit: str, model: str | None, npy: bool, max_tokens: int | None = None) -> _Call:
+    """One image -> a raw body; several -> multipart with repeated 'image' parts. max_tokens: the token budget."""
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     encoded = [image_file(x) for x in _as_list(images)]
     headers = {"accept": NPY} if npy else {"accept": "application/json"}
     parse = _parse_npy if npy else _parse_json
-    params = _model_params(model, fit=fit)
+    params = _model_params(model, fit=fit, max_tokens=max_tokens)
     if len(encoded) == 1:
         data, kind = encoded[0]
         return _Call("POST", "/v1/tokenize", parse, params, {**headers, "content-type": kind}, content=data)
@@ -167,30 +169,29 @@ def _tokenize_call(images, fit: str, model: str | None, npy: bool) -> _Call:
     return _Call("POST", "/v1/tokenize", parse, params, headers, files=files)
 
 
-def _detokenize_call(tokens, image_size, model: str | None, model_digest: str | None = None) -> _Call:
-    """Token grids -> a .npy body (or JSON when image_size asks the server to crop); asks for npy back.
-    model_digest: the tokens' maker (tokenize's model_digest); the server refuses them (409) if it differs."""
+def _size_param(name: str, size) -> str | None:
+    """(H, W) -> "H,W" for the query, None stays None."""
+    if size is None:
+        return None
+    if len(size) != 2 or any(int(v) < 1 for v in size):
+        raise ValueError(f"{name} must be (H, W), two positive integers; got {size!r}")
+    return f"{int(size[0])},{int(size[1])}"
+
+
+def _detokenize_call(tokens, image_size, model: str | None, model_digest: str | None = None,
+                     output_size=None) -> _Call:
+    """Token grids -> a .npy body; asks for npy back. image_size: crop to (H, W); output_size: then resize to (H, W)
+    (a token budget's original size). model_digest: the tokens' maker (tokenize's model_digest); the server
+    refuses them (409) if it differs."""
     arr = np.asarray(tokens)
     if arr.dtype == bool or arr.dtype.kind not in "iu":
         raise TypeError(f"tokens must be integer token ids (got dtype {arr.dtype})")
-    headers = {"accept": NPY}
-    if image_size is None:
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-        return _Call("POST", "/v1/detokenize", _parse_images, _model_params(model, model_digest=model_digest),
-                     {**headers, "content-type": NPY},
-                     content=buf.getvalue())
-    if len(image_size) != 2:
-        raise ValueError(f"image_size must be (H, W); got {image_size!r}")
-    # The npy body has no place for image_size (the server reads it from a JSON body only), so the
-    # crop request goes as JSON; the answer is still npy.
-    body = {"tokens": arr.tolist(), "image_size": [int(v) for v in image_size]}
-    if model:
-        body["model"] = model
-    if model_digest:
-        body["model_digest"] = model_digest
-    return _Call("POST", "/v1/detokenize", _parse_images, {}, {**headers, "content-type": "application/json"},
-                 content=json.dumps(body, separators=(",", ":")).encode())
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    params = _model_params(model, model_digest=model_digest, image_size=_size_param("image_size", image_size),
+                           output_size=_size_param("output_size", output_size))
+    return _Call("POST", "/v1/detokenize", _parse_images, params, {"accept": NPY, "content-type": NPY},
+                 content=buf.getvalue())
 
 
 def _compress_call(image, prior: str | None, model: str | None, quality: int | None = None) -> _Call:

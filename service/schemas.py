@@ -29,6 +29,7 @@ class PriorName(str, Enum):
     uniform = "uniform"
     frequency = "frequency"
     context = "context"
+    pc = "pc"
 
 
 class CodebookFormat(str, Enum):
@@ -96,6 +97,9 @@ class TokenizeRequest(_Request):
     fit: Fit | None = Field(None, description="How sides become multiples of f (default pad).")
     resize: Fit | None = Field(None, description="Deprecated name of fit.", json_schema_extra={"deprecated": True})
     posterior: bool | None = Field(None, description="Also each token's kl_bits and sigma_mean (as the query option).")
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(None, description=(
+        "Token budget: each image is first resized (aspect kept, never enlarged) so that its grid has at most this "
+        "many tokens; resized_size says to what (as the query option)."))
 
 
 class MultipartImages(BaseModel):
@@ -106,7 +110,11 @@ class DetokenizeRequest(_Request):
     tokens: list[Any] = Field(description="One grid [h, w] (T = 1) or [T, h, w] of integer ids, or a list of grids.")
     model: StrictStr | None = Field(None, description="Model id; default: the server's default model.")
     image_size: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="[H, W]: crop the decoded images back to this size (the original_size of tokenize).")
+        None, description="[H, W]: crop the decoded images back to this size (the original_size of tokenize, or its "
+                          "resized_size under a token budget).")
+    output_size: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[H, W]: then resize the images to this size (bicubic): under a token budget, the "
+                          "original_size of tokenize gives the picture back at its own size.")
     model_digest: StrictStr | None = Field(None, description=(
         "The model_digest of the tokenize answer that made these tokens: refused (409 model_mismatch) unless the "
         "model decoding them is the same export."))
@@ -119,6 +127,8 @@ class TokenGrid(BaseModel):
     grid_size: list[int] = Field(description="[h, w].")
     tokens_per_position: int
     original_size: list[int] = Field(description="[H, W] of the image as displayed (EXIF orientation applied).")
+    resized_size: list[int] = Field(description="[H, W] after the token budget (max_tokens) resized it; the "
+                                                "original_size when there was none.")
     padded_size: list[int] = Field(description="[H, W] after fit: what the grid decodes to.")
     kl_bits: list | None = Field(None, description=(
         "posterior=true: each token's KL(posterior || N(0, I)) in bits, shaped like tokens (TDC holds it near "

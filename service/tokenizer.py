@@ -23,7 +23,7 @@ from gqtok.core import layout
 from gqtok.core.artifact import load_artifact
 from gqtok.core.models import find_model
 from gqtok.core.select import kl_bits
-from gqtok.photos import as_rgb, to_torch
+from gqtok.photos import as_rgb, resize_rgb, to_torch
 from gqtok.service.runtime import TokenizerRuntime
 
 
@@ -49,13 +49,21 @@ class Tokenizer:
     def downsample(self) -> int:
         return self.manifest.downsample
 
-    def prepare(self, images, fit: str = "pad", alpha: str = "composite") -> list[np.ndarray]:
-        """Images -> uint8 [H, W, 3] arrays, each H and W a multiple of f (fit: pad, crop or exact)."""
+    def prepare(self, images, fit: str = "pad", alpha: str = "composite",
+                max_tokens: int | None = None) -> list[np.ndarray]:
+        """Images -> uint8 [H, W, 3] arrays, each H and W a multiple of f (fit: pad, crop or exact). max_tokens: a
+        token budget, each image first resized (aspect kept, never enlarged) to fit it (budget_size says to what)."""
         items = _as_images(images)
         if not items:
             raise ValueError("no images")
-        return [layout.fit_to_grid(as_rgb(im, alpha, f"image {i}"), self.downsample, fit, f"image {i}")
-                for i, im in enumerate(items)]
+        arrays = [as_rgb(im, alpha, f"image {i}") for i, im in enumerate(items)]
+        if max_tokens is not None:
+            arrays = [resize_rgb(a, self.budget_size(a.shape[:2], max_tokens)) for a in arrays]
+        return [layout.fit_to_grid(a, self.downsample, fit, f"image {i}") for i, a in enumerate(arrays)]
+
+    def budget_size(self, size: tuple[int, int], max_tokens: int) -> tuple[int, int]:
+        """The (H, W) an image of `size` is resized to under a budget of max_tokens tokens (as the server does)."""
+        return layout.budget_size(*size, self.downsample, self.manifest.tokens_per_position, max_tokens)
 
     def _by_size(self, arrays: list[np.ndarray], fn):
         """fn over each group of same-sized arrays; one batch back when all share a size, else a list in order."""
@@ -70,11 +78,13 @@ class Tokenizer:
                 out[i] = row
         return out
 
-    def encode(self, images, *, fit: str = "pad", alpha: str = "composite"):
-        """Images -> token ids int64 [B, T, h, w] (a list of [T, h, w] when sizes differ)."""
-        return self._by_size(self.prepare(images, fit, alpha), self.runtime.tokenize)
+    def encode(self, images, *, fit: str = "pad", alpha: str = "composite", max_tokens: int | None = None):
+        """Images -> token ids int64 [B, T, h, w] (a list of [T, h, w] when sizes differ). max_tokens: a token
+        budget (prepare)."""
+        return self._by_size(self.prepare(images, fit, alpha, max_tokens), self.runtime.tokenize)
 
-    def encode_posterior(self, images, *, fit: str = "pad", alpha: str = "composite"):
+    def encode_posterior(self, images, *, fit: str = "pad", alpha: str = "composite",
+                         max_tokens: int | None = None):
         """Images -> (mu, sigma), float32 [B, T, h, w, d] each: the posterior of every token, whose GQ token is
         the codeword most likely under it (lists when sizes differ)."""
         d = self.manifest.token_dim
@@ -83,7 +93,7 @@ class Tokenizer:
             mu, logvar = self.runtime.encode(batch)
             return np.stack([layout.group(mu, d), np.exp(0.5 * layout.group(logvar, d))], axis=1)
 
-        both = self._by_size(self.prepare(images, fit, alpha), posterior)
+        both = self._by_size(self.prepare(images, fit, alpha, max_tokens), posterior)
         if isinstance(both, list):
             return [b[0] for b in both], [b[1] for b in both]
         return both[:, 0], both[:, 1]

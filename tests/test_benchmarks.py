@@ -183,3 +183,18 @@ def test_hostile_clients_stay_within_the_memory_budget(tmp_path):
     waves = result["hostile"]["waves"]
     assert waves["slow"]["statuses"] == {"408": 12}
     assert any(w["statuses"].get("429") for w in waves.values())  # the budget did refuse something
+
+
+def test_pc_benchmark_codes_digits_and_tokens(tiny_model, small_photos, tmp_path):
+    """--quick: the circuit beats the per-pixel frequency model and PNG on the held-out digits (its own round trip
+    is asserted inside), and the token priors are measured side by side on the same grids."""
+    from benchmarks import pc
+
+    result = pc.main(["--model", str(tiny_model), "--data", str(small_photos), "--quick",
+                      "--out", str(tmp_path / "pc.json")])
+    bpp = result["digits"]["bits_per_pixel"]
+    assert bpp["pc"] < bpp["frequency"] < bpp["png"] and abs(bpp["pc"] - bpp["pc_ideal"]) < 0.01
+    rows = {r["prior"]: r for r in result["tokens"]["priors"]}
+    assert set(rows) == {"frequency", "context", "pc"} and rows["pc"]["window"] == [1, 1]
+    assert all(0 < r["bits_per_token"] < 8 for r in rows.values())  # the tiny model has K = 256
+    assert json.loads((tmp_path / "pc.json").read_text()) == result

@@ -13,7 +13,7 @@ from gqtok.core.bitstream import FORMAT_VERSION, BitstreamError, TokenCompressor
 from gqtok.service.compressor import ImageCompressor
 
 pytestmark = pytest.mark.slow
-PRIORS = ("uniform", "frequency", "context")
+PRIORS = ("uniform", "frequency", "context", "pc")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_uniform_costs_log2_k_bits_and_fitted_priors_cost_less(image_compressor,
     header_bytes = sizes["uniform"] - read_header(image_compressor.tokens.compress(photo_ids, photo.shape[:2], "uniform")).payload_length
     tokens = photo_ids.size
     assert abs(8 * (sizes["uniform"] - header_bytes) - tokens * math.log2(256)) <= 64  # range coder: a word or two
-    assert sizes["context"] < sizes["frequency"] < sizes["uniform"]
+    assert sizes["context"] < sizes["frequency"] < sizes["uniform"] and sizes["pc"] < sizes["uniform"]
 
 
 def _repack(data: bytes, **changes) -> bytes:
@@ -143,7 +143,7 @@ from gqtok.service.compressor import ImageCompressor
 
 codec = ImageCompressor(load_artifact(sys.argv[1]))
 photo, streams = np.load(sys.argv[2]), np.load(sys.argv[3])
-for prior in ("uniform", "frequency", "context"):
+for prior in ("uniform", "frequency", "context", "pc"):
     print(hashlib.sha256(codec.compress(photo, prior)).hexdigest())
     print(hashlib.sha256(codec.decompress(streams[prior].tobytes())[0].tobytes()).hexdigest())
 """

@@ -44,6 +44,17 @@ def test_views_are_deterministic_per_file_and_the_right_size():
         Preprocess(size=0, crop="ten")
 
 
+def test_a_token_budget_resizes_every_view_to_fit_it():
+    img = np.random.default_rng(1).integers(0, 256, (90, 150, 3), dtype=np.uint8)
+    pre = Preprocess(size=64, crop="ten", max_tokens=32)  # t=2: 16 positions, so 32x32 views, 4x4 grids
+    views = pre.views(img, "a.jpg", 8, 2)
+    assert len(views) == 10 and all(v.shape == (32, 32, 3) for v in views) and pre.budget_grid(8, 2) == (4, 4)
+    (odd,) = Preprocess(size=0, max_tokens=20).views(img, "a.jpg", 8, 1)  # 3:5, padded to multiples of 8
+    assert odd.shape[0] % 8 == 0 and odd.shape[1] % 8 == 0 and (odd.shape[0] // 8) * (odd.shape[1] // 8) <= 20
+    with pytest.raises(ValueError, match="max_tokens must be"):
+        Preprocess(max_tokens=-1)
+
+
 def test_jpegs_decode_at_a_reduced_scale_close_to_a_full_decode(small_photos):
     """draft=True (the default) decodes a JPEG at the smallest DCT scale that still covers the resize: its views
     stay close to a full-size decode's; draft=False gives exactly the full decode's; the original size recorded
@@ -133,6 +144,13 @@ def test_shards_hold_the_tokenizers_tokens_in_order(local_tokens, tiny_model, da
         assert np.array_equal(shards.grids(i, i + 1), ids.astype(np.uint16))
         assert np.array_equal(shards[i], grids_to_sequences(ids)[0])  # the canonical sequence order
     assert np.array_equal(shards.grids(), np.stack([shards.grids(i, i + 1)[0] for i in range(15)]))
+
+
+def test_the_cli_writes_budgeted_grids(dataset, tiny_model, tmp_path):
+    summary = tokenize_cli(dataset, "--out", tmp_path / "budget", "--model", tiny_model, "--size", "64",
+                           "--max-tokens", "32", "--shard-size", "8", "--max-pixels", "1100000")
+    shards = TokenShards(tmp_path / "budget")
+    assert summary["ok"] == 15 and shards.grid == (2, 4, 4) and shards.meta["preprocess"]["max_tokens"] == 32
 
 
 def test_bad_files_are_recorded_with_their_reason(local_tokens):

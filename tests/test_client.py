@@ -314,14 +314,19 @@ def test_async_detokenize_splits_the_same_way():
     assert [int(a[0, 0, 0]) for a in asyncio.run(run())] == list(range(5))
 
 
-def test_detokenize_with_image_size_asks_the_server_to_crop():
+def test_detokenize_with_image_size_asks_the_server_to_crop_and_resize():
     script = Script(httpx.Response(200, content=npy(np.zeros((1, 13, 21, 3), np.uint8)), headers={"content-type": NPY}))
     with mock_client(script, model="tiny") as c:
-        out = c.detokenize(TOKENS[0].tolist(), image_size=(np.int64(13), 21))
+        out = c.detokenize(TOKENS[0].tolist(), image_size=(np.int64(13), 21), output_size=(26, 42))
     r = script.requests[0]
-    assert r.headers["content-type"] == "application/json" and r.headers["accept"] == NPY
-    assert json.loads(r.content) == {"tokens": TOKENS[0].tolist(), "image_size": [13, 21], "model": "tiny"}
+    assert r.headers["content-type"] == NPY and r.headers["accept"] == NPY
+    assert np.array_equal(np.load(io.BytesIO(r.content)), TOKENS[0])
+    assert dict(r.url.params) == {"model": "tiny", "image_size": "13,21", "output_size": "26,42"}
     assert out[0].size == (21, 13)
+    with mock_client(Script()) as c, pytest.raises(ValueError, match="output_size must be"):
+        c.detokenize(TOKENS[0], output_size=(0, 5))
+    with mock_client(Script()) as c, pytest.raises(ValueError, match="max_tokens must be"):
+        c.tokenize(np.zeros((8, 8, 3), np.uint8), max_tokens=0)
 
 
 def test_bad_input_is_refused_before_sending():
@@ -604,3 +609,36 @@ def test_bytes_pillow_cannot_read_are_sent_for_the_server_to_name():
     with mock_client(script) as c:
         c.tokenize(b"hello, not an image")
     assert script.requests[0].content == b"hello, not an image"
+
+
+@pytest.mark.slow
+def test_live_token_budget_with_both_clients(live_server, photos_dir):
+    """A 3:2 photo under a budget of 24 tokens (t=2: 12 positions): resized with its aspect kept to a grid within
+    the budget, and given back at its own size."""
+    import asyncio
+
+    photo = photo_files.center_crop(photo_files.load_rgb(photos_dir / f"{photo_files.HELDOUT[0]}.jpg"), (120, 180))
+    with TokenizerClient(live_server) as c:
+        ids = c.tokenize(photo, max_tokens=24)
+        result = c.tokenize_json(photo, max_tokens=24)["results"][0]
+        full = c.tokenize_json(photo)["results"][0]
+        back = c.detokenize(ids, image_size=result["resized_size"], output_size=result["original_size"],
+                            output="numpy")
+    h, w = result["grid_size"]
+    assert ids.shape[0] == 1 and ids.shape[1] * h * w <= 24 and (ids.shape[2], ids.shape[3]) == (h, w)
+    assert result["original_size"] == [120, 180] and full["resized_size"] == [120, 180]
+    rh, rw = result["resized_size"]
+    assert rh < 120 and abs(rw / rh - 1.5) < 0.1  # smaller, aspect kept
+    assert back.shape == (1, 120, 180, 3)
+
+    async def run_async():
+        from gqtok.service.client import AsyncTokenizerClient
+
+        async with AsyncTokenizerClient(live_server) as ac:
+            a_ids = await ac.tokenize(photo, max_tokens=24)
+            a_back = await ac.detokenize(a_ids, image_size=result["resized_size"],
+                                         output_size=result["original_size"], output="numpy")
+        return a_ids, a_back
+
+    a_ids, a_back = asyncio.run(run_async())
+    assert np.array_equal(a_ids, ids) and np.array_equal(a_back, back)

@@ -68,7 +68,7 @@ def test_the_schema_declares_real_media_types_and_our_error_body():
             assert ref == "#/components/schemas/ErrorBody", (path, status)
     assert "HTTPValidationError" not in str(spec)
     enums = spec["components"]["schemas"]
-    assert enums["Fit"]["enum"] == ["pad", "crop", "exact"] and enums["PriorName"]["enum"] == ["uniform", "frequency", "context"]
+    assert enums["Fit"]["enum"] == ["pad", "crop", "exact"] and enums["PriorName"]["enum"] == ["uniform", "frequency", "context", "pc"]
     assert {"TokenizeRequest", "DetokenizeRequest", "TokenizeResponse", "ErrorBody"} <= set(enums)
 
 

@@ -31,3 +31,30 @@ def test_channels_must_divide():
         layout.tokens_per_position(16, 5)
     with pytest.raises(ValueError):
         layout.group(np.zeros((1, 6, 2, 2)), 4)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_budget_size_fits_the_budget_keeps_the_aspect_and_never_enlarges(t):
+    import math
+
+    from gqtok.core.layout import budget_size
+
+    rng = np.random.default_rng(t)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 2000, 2))
+        budget = int(rng.integers(t, 5000))
+        bh, bw = budget_size(h, w, 8, t, budget)
+        assert 1 <= bh <= h and 1 <= bw <= w
+        assert t * math.ceil(bh / 8) * math.ceil(bw / 8) <= budget
+        if (bh, bw) == (h, w):
+            continue
+        # the aspect is kept to the pixel, unless a side hit its floor of one pixel
+        assert min(bh, bw) == 1 or abs(bh / h - bw / w) <= 1 / min(bh, bw)
+        # and it is the largest: by brute force over the scales where a side fills a whole number of cells
+        scales = [k * 8 / h for k in range(1, math.ceil(h / 8) + 1)] + [k * 8 / w for k in range(1, math.ceil(w / 8) + 1)]
+        fits = [s for s in scales if s <= 1 and t * math.ceil(max(1, math.floor(h * s)) / 8)
+                * math.ceil(max(1, math.floor(w * s)) / 8) <= budget]
+        best = max(fits, default=0)
+        assert bh >= math.floor(h * best) - 1 and bw >= math.floor(w * best) - 1, (h, w, budget, best)
+    with pytest.raises(ValueError, match="less than one position"):
+        budget_size(64, 64, 8, 2, 1)

@@ -726,7 +726,7 @@ def test_compress_and_decompress_round_trip_over_http(live_server, tiny_model, p
     img = photos[2][:59, :90]  # padded to 64x96 inside, cropped back on the way out
     local = ImageCompressor(load_artifact(tiny_model))
     sizes = {}
-    for prior in ("uniform", "frequency", "context"):
+    for prior in ("uniform", "frequency", "context", "pc"):
         r = compress(live_server, img, prior=prior)
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-gqtok", r.text
         assert r.headers["x-gqtok-prior"] == prior
@@ -824,9 +824,9 @@ def test_a_file_the_server_compressed_decompresses_in_the_cli(live_server, tiny_
 
 def test_model_metadata_lists_priors_with_their_held_out_bits(live_server):
     priors = httpx.get(f"{live_server}/v1/models/tiny").json()["priors"]
-    assert set(priors) == {"uniform", "frequency", "context"}
+    assert set(priors) == {"uniform", "frequency", "context", "pc"}
     bits = {k: v["heldout_bits_per_token"] for k, v in priors.items()}
-    assert bits["context"] < bits["frequency"] < bits["uniform"] == 8.0
+    assert bits["context"] < bits["frequency"] < bits["uniform"] == 8.0 and 0 < bits["pc"] < 8.0
 
 
 def test_bad_compress_and_decompress_requests(live_server, photos):
@@ -837,7 +837,7 @@ def test_bad_compress_and_decompress_requests(live_server, photos):
     url = live_server
     good = compress(url, photos[3]).content
     assert_error(compress(url, photos[3], prior="lzma"), 400, "invalid_request",
-                 "prior: Input should be 'uniform', 'frequency' or 'context'")
+                 "prior: Input should be 'uniform', 'frequency', 'context' or 'pc'")
     assert_error(compress(url, photos[3], model="nope"), 404, "unknown_model", "'nope'")
     two = httpx.post(f"{url}/v1/compress", files=[("image", ("a.png", png(photos[0]), "image/png"))] * 2)
     assert_error(two, 400, "invalid_request", "exactly one image")
@@ -892,6 +892,49 @@ def test_tokenize_can_answer_each_tokens_posterior(live_server, tiny_model, phot
     b64 = base64.b64encode(png(img)).decode()
     js = httpx.post(f"{live_server}/v1/tokenize", json={"images": [b64], "posterior": True}, timeout=60)
     assert js.json()["results"][0]["kl_bits"] == result["kl_bits"]
+
+
+def test_token_budget_resizes_keeps_the_aspect_and_detokenize_gives_the_original_size_back(
+        live_server, tiny_model, photos):
+    """max_tokens (query or JSON) resizes before tokenizing, exactly as the in-process Tokenizer does; the answer
+    says to what size; detokenize crops to it and resizes back to the original (npy query and JSON body)."""
+    from gqtok import Tokenizer
+
+    img = photos[1][:61, :90]  # 61x90 (t=2: 2 tokens per position)
+    r = httpx.post(f"{live_server}/v1/tokenize", content=png(img), params={"max_tokens": 40},
+                   headers={"content-type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    (gh, gw), (rh, rw) = res["grid_size"], res["resized_size"]
+    assert 2 * gh * gw <= 40 and res["original_size"] == [61, 90] and rh < 61 and abs(rw / rh - 90 / 61) < 0.15
+    assert res["padded_size"] == [gh * 8, gw * 8]
+    tok = Tokenizer.load(str(tiny_model), device="cpu")
+    assert tok.budget_size((61, 90), 40) == (rh, rw)
+    assert np.array_equal(np.array(res["tokens"]), tok.encode(img, max_tokens=40)[0])
+    js = httpx.post(f"{live_server}/v1/tokenize", timeout=60,
+                    json={"images": [base64.b64encode(png(img)).decode()], "max_tokens": 40}).json()["results"][0]
+    assert js["tokens"] == res["tokens"]
+    npy_answer = httpx.post(f"{live_server}/v1/tokenize", content=png(img), params={"max_tokens": 40}, timeout=60,
+                            headers={"content-type": "image/png", "accept": NPY})
+    assert npy_answer.headers["x-gqtok-resized-size"] == f"{rh},{rw}"
+    back = httpx.post(f"{live_server}/v1/detokenize", content=npy_answer.content, timeout=60,
+                      params={"image_size": f"{rh},{rw}", "output_size": "61,90"},
+                      headers={"content-type": NPY, "accept": NPY})
+    assert back.status_code == 200, back.text
+    assert load_npy(back.content).shape == (1, 61, 90, 3)
+    back_json = httpx.post(f"{live_server}/v1/detokenize", timeout=60, json={
+        "tokens": res["tokens"], "image_size": [rh, rw], "output_size": [61, 90]})
+    assert np.asarray(Image.open(io.BytesIO(back_json.content))).shape == (61, 90, 3)
+    # what cannot be done is refused by name
+    too_small = httpx.post(f"{live_server}/v1/tokenize", content=png(img), params={"max_tokens": 1},
+                           headers={"content-type": "image/png"}, timeout=60)
+    assert too_small.status_code == 400 and "max_tokens=1" in too_small.json()["error"]
+    zero = httpx.post(f"{live_server}/v1/tokenize", content=png(img), params={"max_tokens": 0},
+                      headers={"content-type": "image/png"}, timeout=60)
+    assert zero.status_code == 400 and "max_tokens" in zero.json()["error"]
+    huge = httpx.post(f"{live_server}/v1/detokenize", timeout=60, json={
+        "tokens": res["tokens"], "output_size": [100000, 100000]})
+    assert huge.status_code == 400 and "output_size" in huge.json()["error"]
 
 
 # -- model identity and the protocol ----------------------------------------------------------------------------

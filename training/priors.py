@@ -20,7 +20,7 @@ from torch import nn
 
 from gqtok.core.artifact import load_artifact
 from gqtok.core.manifest import Manifest, file_sha256
-from gqtok.core.priors import (NEIGHBOURS, PRIOR_FILES, ContextPrior, cell_count, cell_index, context_heads, context_param_shapes,
+from gqtok.core.priors import (NEIGHBOURS, PRIOR_FILES, CircuitPrior, ContextPrior, cell_count, cell_index, context_heads, context_param_shapes,
                                context_tables, latent_of, neighbour_features, save_context, save_frequency)
 from gqtok.core.select import codeword_features, token_features
 
@@ -34,6 +34,11 @@ class PriorConfig:
     crop: tuple[int, int] = (512, 768)  # (H, W) centre crop of each photo before tokenizing
     max_photos: int = 0  # training photos to tokenize; 0 = all
     seed: int = 0
+    priors: tuple[str, ...] = ("frequency", "context", "pc")  # which to fit (the others' files are kept)
+    pc_window: tuple[int, int] = (4, 4)  # the pc prior's window of grid positions (rows, columns)
+    pc_hidden: int = 16  # its hidden states per variable
+    pc_em_steps: int = 20  # its EM iterations
+    pc_max_windows: int = 60000  # training windows it learns from (a random subset when there are more)
 
 
 def partition_codebook(codebook: np.ndarray, cells: int) -> np.ndarray:
@@ -162,23 +167,66 @@ def fit_priors(model_dir: Path, data_dir: Path, tokenize, config: PriorConfig | 
     held_grids = tokenize_photos(tokenize, held_paths, cfg.crop, progress) if held_paths else train_grids[:0]
     tokenize_s = time.perf_counter() - t0
 
-    # Frequency prior: counts per slot, plus one so every id stays codable.
-    counts = np.stack([np.bincount(train_grids[:, s].ravel(), minlength=m.num_codes)
-                       for s in range(m.tokens_per_position)]) + 1
-
-    weights, cells, fit = fit_context(train_grids, artifact.codebook, m.token_dim, counts, cfg, progress)
-
-    # Held-out bits per token, with the fixed-point prior exactly as the codec runs it.
+    unknown = set(cfg.priors) - set(PRIOR_FILES)
+    if unknown:
+        raise ValueError(f"unknown priors {sorted(unknown)}: choose from {', '.join(PRIOR_FILES)}")
+    base = {"config": asdict(cfg), "train_photos": len(train_grids), "tokenize_s": round(tokenize_s, 1)}
     held = {"photos": len(held_grids), "crop": list(cfg.crop), "uniform": math.log2(m.num_codes)}
-    if len(held_grids):
-        held["frequency"] = _frequency_bits(counts, held_grids)
-        held["context"] = context_bits(context_prior(weights, cells, artifact.codebook, m.token_dim), held_grids)
-    info = {"config": asdict(cfg), "train_photos": len(train_grids), "tokenize_s": round(tokenize_s, 1)} | fit | {
-        "heldout_bits_per_token": held}
-    save_frequency(Path(model_dir) / PRIOR_FILES["frequency"], counts)
-    save_context(Path(model_dir) / PRIOR_FILES["context"], weights, cells, info)
-    add_files_to_manifest(Path(model_dir), list(PRIOR_FILES.values()))
+    cells = partition_codebook(artifact.codebook, cell_count(m.num_codes))
+    info = {}
+    if "frequency" in cfg.priors or "context" in cfg.priors:
+        # Frequency prior: counts per slot, plus one so every id stays codable.
+        counts = np.stack([np.bincount(train_grids[:, s].ravel(), minlength=m.num_codes)
+                           for s in range(m.tokens_per_position)]) + 1
+        weights, fit = fit_context(train_grids, artifact.codebook, cells, m.token_dim, counts, cfg, progress)
+        # Held-out bits per token, with the fixed-point prior exactly as the codec runs it.
+        if len(held_grids):
+            held["frequency"] = _frequency_bits(counts, held_grids)
+            held["context"] = context_bits(context_prior(weights, cells, artifact.codebook, m.token_dim), held_grids)
+        info = base | fit | {"heldout_bits_per_token": dict(held)}
+        save_frequency(Path(model_dir) / PRIOR_FILES["frequency"], counts)
+        save_context(Path(model_dir) / PRIOR_FILES["context"], weights, cells, info)
+    if "pc" in cfg.priors:
+        pc_info = base | fit_pc(Path(model_dir) / PRIOR_FILES["pc"], train_grids, held_grids, artifact.codebook, cfg, progress)
+        held["pc"] = pc_info["heldout_bits_per_token"]["pc"]
+        info = info | {"pc": pc_info, "heldout_bits_per_token": held}
+    add_files_to_manifest(Path(model_dir), [PRIOR_FILES[p] for p in cfg.priors])
     return info
+
+
+def grid_windows(prior_shape: CircuitPrior, grids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, T, h, w] grids -> (variables [n, D], present [n, D]) of all their windows."""
+    parts = [prior_shape.to_variables(g) for g in grids]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def fit_pc(path: Path, train_grids: np.ndarray, held_grids: np.ndarray, codebook: np.ndarray, cfg: PriorConfig,
+           progress: bool = True) -> dict:
+    """Learn the pc prior (an HCLT over windows of cfg.pc_window positions) on the training grids' complete
+    windows, write it to path, and measure it on the held-out grids -> figures of the fit."""
+    from gqtok.core.circuit import HCLT, save_circuit
+    from gqtok.training.circuit import CircuitConfig, learn_hclt
+
+    t = train_grids.shape[1]
+    order = partition_codebook(codebook, len(codebook)).reshape(-1)  # the k-d order: one codeword per leaf
+    base = CircuitPrior.base
+    digits = max(1, int(np.ceil(np.log2(len(codebook)) / np.log2(base))))
+    d = digits * t * cfg.pc_window[0] * cfg.pc_window[1]
+    blank = HCLT(np.r_[-1, np.zeros(d - 1, dtype=np.int64)], np.ones(1), np.ones((d, 1, 1)), np.ones((d, 1, base)))
+    shape = CircuitPrior(blank, order, cfg.pc_window, t, b"")
+    x, present = grid_windows(shape, train_grids)
+    x = x[present.all(axis=1)]
+    rng = np.random.default_rng(cfg.seed)
+    if len(x) > cfg.pc_max_windows:
+        x = x[rng.choice(len(x), cfg.pc_max_windows, replace=False)]
+    circuit, fit = learn_hclt(x, base, CircuitConfig(hidden=cfg.pc_hidden, em_steps=cfg.pc_em_steps,
+                                                     seed=cfg.seed), progress=progress)
+    prior = CircuitPrior(circuit, order, cfg.pc_window, t, b"")
+    fit["window"] = list(cfg.pc_window)
+    if len(held_grids):
+        fit["heldout_bits_per_token"] = {"pc": float(np.mean(np.concatenate([prior.code_lengths(g) for g in held_grids])))}
+    save_circuit(path, circuit, fit, order=order, window=np.asarray(cfg.pc_window, dtype=np.int64))
+    return fit
 
 
 def context_prior(weights: dict, cells: np.ndarray, codebook: np.ndarray, token_dim: int) -> ContextPrior:
@@ -186,14 +234,13 @@ def context_prior(weights: dict, cells: np.ndarray, codebook: np.ndarray, token_
     return ContextPrior(weights | {"cells": cells} | context_tables(), codebook, token_dim, b"")
 
 
-def fit_context(grids: np.ndarray, codebook: np.ndarray, token_dim: int, counts: np.ndarray,
-                cfg: PriorConfig, progress: bool = True) -> tuple[dict, np.ndarray, dict]:
-    """Train the context model on [N, T, h, w] token grids -> (float weights, cells, figures of the fit)."""
+def fit_context(grids: np.ndarray, codebook: np.ndarray, cells: np.ndarray, token_dim: int, counts: np.ndarray,
+                cfg: PriorConfig, progress: bool = True) -> tuple[dict, dict]:
+    """Train the context model on [N, T, h, w] token grids -> (float weights, figures of the fit)."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    cells = partition_codebook(codebook, cell_count(len(codebook)))
     feats, targets = context_dataset(grids, codebook)
     log_freq = np.log(counts / counts.sum(axis=1, keepdims=True))
     net = ContextNet(feats.shape[1] // len(NEIGHBOURS) - 1, token_dim, codebook, log_freq, cfg.hidden, cells)
@@ -216,7 +263,7 @@ def fit_context(grids: np.ndarray, codebook: np.ndarray, token_dim: int, counts:
             bar.set_postfix(bits_per_token=f"{ema:.3f}")
     fit = {"train_positions": int(len(feats)), "cells": list(cells.shape), "final_train_bits_per_token_ema": ema,
            "train_s": round(time.perf_counter() - t0, 1)}
-    return net.weights(), cells, fit
+    return net.weights(), fit
 
 
 def add_files_to_manifest(model_dir: Path, names: list[str]) -> Manifest:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gqtok.core.priors import PRIOR_IDS, ContextPrior, FrequencyPrior, UniformPrior, load_priors, wavefront
+from gqtok.core.priors import PRIOR_IDS, CircuitPrior, ContextPrior, FrequencyPrior, UniformPrior, load_priors, wavefront
 from gqtok.core.layout import DEFAULT_MAX_IMAGE_PIXELS
 
 MAGIC = b"GQTK"
@@ -211,6 +211,8 @@ def entropy_code(ids: np.ndarray, prior) -> np.ndarray:
             return cells, code_members
 
         _run_context(prior, ids.shape, ids, code)
+    elif isinstance(prior, CircuitPrior):
+        return prior.encode(ids)
     else:
         raise TypeError(f"not a prior: {prior!r}")
     return enc.get_compressed()
@@ -235,6 +237,8 @@ def entropy_decode(words: np.ndarray, prior, grid: tuple[int, int, int]) -> np.n
             return cells, lambda member_freq: prior.cells[cells, dec.decode(categorical, member_freq)]
 
         _run_context(prior, grid, ids, code)
+    elif isinstance(prior, CircuitPrior):
+        ids = prior.decode(words, grid)
     else:
         raise TypeError(f"not a prior: {prior!r}")
     return np.asarray(ids, dtype=np.int64)

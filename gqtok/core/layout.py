@@ -17,6 +17,7 @@ decoders crop back to it, so every producer must pad the same way.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -77,6 +78,23 @@ DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024
 def padded_size(h: int, w: int, f: int) -> tuple[int, int]:
     """(H, W) rounded up to multiples of f: what fit 'pad' makes and what a grid of h/f x w/f tokens decodes to."""
     return math.ceil(h / f) * f, math.ceil(w / f) * f
+
+
+def budget_size(h: int, w: int, f: int, tokens_per_position: int, max_tokens: int) -> tuple[int, int]:
+    """The size (H', W') an h x w image is resized to so that its padded grid has at most max_tokens tokens: the
+    largest scale s <= 1 (aspect kept; never enlarged) with ceil(floor(s h) / f) * ceil(floor(s w) / f) * T <=
+    max_tokens, found exactly (in fractions) by trying every grid height. ValueError when not one position fits."""
+    positions = max_tokens // tokens_per_position
+    if positions < 1:
+        raise ValueError(f"max_tokens={max_tokens} is less than one position's {tokens_per_position} tokens")
+    gh, gw = math.ceil(h / f), math.ceil(w / f)
+    if gh * gw <= positions:
+        return h, w
+    # with r rows and c columns of cells, floor(s h) <= r f and floor(s w) <= c f hold for every s below
+    # min((r f + 1) / h, (c f + 1) / w): the sides just under it are ceil(s h) - 1 and ceil(s w) - 1
+    best = max(min(Fraction(r * f + 1, h), Fraction(min(positions // r, gw) * f + 1, w))
+               for r in range(1, min(gh, positions) + 1))
+    return max(1, math.ceil(h * best) - 1), max(1, math.ceil(w * best) - 1)
 
 
 def fit_to_grid(img: np.ndarray, f: int, mode: str = "pad", name: str = "image") -> np.ndarray:

@@ -13,6 +13,11 @@ Three priors, all over the K ids of one model:
              gqtok/core/select.py with beta = 0), plus a learned per-id bias. P + M probabilities per
              token instead of K. It runs in fixed point (ContextPrior), so it gives the same bits everywhere.
 
+- pc:        a probabilistic circuit (gqtok/core/circuit.py, a hidden Chow-Liu tree) over windows of the grid
+             (`prior_pc.npz`): each token is a few base-16 digits of its rank in a k-d order of the codebook,
+             a window's digits are coded in the tree's order, and windows that overhang the grid's edge
+             marginalize the missing tokens exactly. Integer arithmetic throughout.
+
 Decoding order for the context prior is a wavefront: position (r, c) is step 2r + c. Every
 neighbour in NEIGHBOURS lies on an earlier step, so all positions of one step are coded together
 (2h + w - 2 steps per grid instead of h * w). training/priors.py fits both files.
@@ -29,8 +34,9 @@ import numpy as np
 
 from gqtok.core import layout
 
-PRIOR_IDS = {"uniform": 0, "frequency": 1, "context": 2}  # the byte each bitstream header carries
-PRIOR_FILES = {"frequency": "prior_frequency.npz", "context": "prior_context.npz"}
+# the byte each bitstream header carries (3 is the dvae codec's hyperprior, gqtok/core/bitstream.py)
+PRIOR_IDS = {"uniform": 0, "frequency": 1, "context": 2, "pc": 4}
+PRIOR_FILES = {"frequency": "prior_frequency.npz", "context": "prior_context.npz", "pc": "prior_pc.npz"}
 NEIGHBOURS = ((0, -1), (0, -2), (-1, -1), (-1, 0), (-1, 1), (-2, 0))  # (dy, dx): left, left 2, up-left, up, up-right, up 2
 LOG_SCALE_RANGE = (-5.0, 3.0)  # clamp of the predicted log s, as in training
 
@@ -250,6 +256,83 @@ class ContextPrior:
                 + np.log2(member_freq.sum(1)) - np.log2(member_freq[n, index]))
 
 
+class CircuitPrior:
+    """The pc prior: one HCLT over the windows of wh x ww grid positions, the same circuit for every window.
+
+    A token is too many categories for one variable, so it is split into base-16 digits of its rank in a k-d
+    order of the codebook (`order`: the ids sorted so that every leading digit is a region of latent space,
+    halved at the median of its widest coordinate, as the context prior's cells are): the first digit says
+    roughly where the codeword lies, the last which of 16 close neighbours it is. Variables are position-major,
+    then slot, then digit (most significant first)."""
+
+    name = "pc"
+    base = 16
+
+    def __init__(self, circuit, order: np.ndarray, window: tuple[int, int], tokens_per_position: int, digest: bytes):
+        self.circuit, self.window, self.digest = circuit, tuple(int(v) for v in window), digest
+        self.order = np.asarray(order, dtype=np.int64).reshape(-1)
+        self.rank = np.empty_like(self.order)
+        self.rank[self.order] = np.arange(len(self.order))
+        self.digits = max(1, int(np.ceil(np.log2(len(self.order)) / np.log2(self.base))))
+        self.tokens_per_position = tokens_per_position
+        wh, ww = self.window
+        if circuit.num_vars != self.digits * tokens_per_position * wh * ww or circuit.num_values != self.base:
+            raise ValueError(f"pc prior: a circuit over {circuit.num_vars} variables of {circuit.num_values} values "
+                             f"does not fit windows of {wh}x{ww} positions, T={tokens_per_position}, "
+                             f"{self.digits} base-{self.base} digits per token")
+
+    def _grid_shape(self, h: int, w: int) -> tuple[int, int]:
+        return -(-h // self.window[0]), -(-w // self.window[1])
+
+    def to_variables(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int [T, h, w] -> (variables int [n, D] of the n windows, row-major; present bool [n, D])."""
+        t, h, w = ids.shape
+        (wh, ww), (nh, nw) = self.window, self._grid_shape(h, w)
+        padded = np.zeros((t, nh * wh, nw * ww), dtype=np.int64)
+        padded[:, :h, :w] = self.rank[ids]
+        present = np.zeros(padded.shape + (self.digits,), dtype=bool)
+        present[:, :h, :w] = True
+        powers = self.base ** np.arange(self.digits - 1, -1, -1)
+        digits = padded[..., None] // powers % self.base  # [T, H, W, digits]
+
+        def windows(a):  # [T, nh*wh, nw*ww, digits] -> [nh*nw, wh*ww*T*digits]
+            return a.reshape(t, nh, wh, nw, ww, -1).transpose(1, 3, 2, 4, 0, 5).reshape(nh * nw, -1)
+
+        return windows(digits), windows(present)
+
+    def from_variables(self, x: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+        """The inverse of to_variables: int [n, D] -> int64 [T, h, w]."""
+        t, h, w = grid
+        (wh, ww), (nh, nw) = self.window, self._grid_shape(h, w)
+        digits = x.reshape(nh, nw, wh, ww, t, -1).transpose(4, 0, 2, 1, 3, 5).reshape(t, nh * wh, nw * ww, -1)
+        rank = digits @ (self.base ** np.arange(self.digits - 1, -1, -1))
+        return self.order[rank.clip(0, len(self.order) - 1)][:, :h, :w]
+
+    def code_lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Bits of every token of one grid (int [T, h, w]) under the coder's frequencies, in window order."""
+        x, present = self.to_variables(ids)
+        bits = self.circuit.code_lengths(x, present).reshape(len(x), -1, self.digits).sum(axis=2)
+        return bits[present[:, :: self.digits]]
+
+    def encode(self, ids: np.ndarray) -> np.ndarray:
+        x, present = self.to_variables(ids)
+        return self.circuit.encode(x, present)
+
+    def decode(self, words: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+        _, present = self.to_variables(np.zeros(grid, dtype=np.int64))
+        return self.from_variables(self.circuit.decode(words, len(present), present), grid)
+
+
+def circuit_prior(data: bytes, tokens_per_position: int, num_codes: int, digest: bytes) -> CircuitPrior:
+    """bytes of prior_pc.npz (training/priors.py writes it) -> the pc prior."""
+    from gqtok.core.circuit import load_circuit
+
+    circuit, _, extra = load_circuit(data)
+    if "order" not in extra or "window" not in extra or not np.array_equal(np.sort(extra["order"]), np.arange(num_codes)):
+        raise ValueError(f"{PRIOR_FILES['pc']}: needs an order of the model's {num_codes} ids and a window")
+    return CircuitPrior(circuit, extra["order"], tuple(extra["window"]), tokens_per_position, digest)
+
+
 def cell_index(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int [P, M] cells (a partition of the K ids) -> (cell of each id, its index in the cell), int64 [K] each."""
     cell_of, index_in_cell = np.empty(cells.size, dtype=np.int64), np.empty(cells.size, dtype=np.int64)
@@ -317,7 +400,9 @@ def load_priors(artifact) -> dict:
         data = artifact.path(file).read_bytes()
         digest = hashlib.sha256(data).digest()[:8]
         arrays = _load_npz(data)
-        if name == "frequency":
+        if name == "pc":
+            priors[name] = circuit_prior(data, m.tokens_per_position, m.num_codes, digest)
+        elif name == "frequency":
             if arrays["counts"].shape != (m.tokens_per_position, m.num_codes):
                 raise ValueError(f"{file}: counts of shape {arrays['counts'].shape}, model has "
                                  f"[{m.tokens_per_position}, {m.num_codes}]")
@@ -329,10 +414,19 @@ def load_priors(artifact) -> dict:
 
 
 def fit_record(artifact) -> dict:
-    """What training/priors.py recorded when it fitted the priors (kept in the context prior's file): settings,
-    timings and held-out bits per token of every prior. Empty when the model has no fitted priors."""
-    file = PRIOR_FILES["context"]
-    if file not in artifact.manifest.files:
-        return {}
-    arrays = _load_npz(artifact.path(file).read_bytes())
-    return json.loads(arrays["info"].tobytes()) if "info" in arrays else {}
+    """What training/priors.py recorded when it fitted the priors (kept in the context prior's file, and the pc
+    prior's own record in its file): settings, timings and held-out bits per token of every prior. Empty when the
+    model has no fitted priors."""
+    record = {}
+    for name in ("context", "pc"):
+        file = PRIOR_FILES[name]
+        if file not in artifact.manifest.files:
+            continue
+        arrays = _load_npz(artifact.path(file).read_bytes())
+        info = json.loads(arrays["info"].tobytes()) if "info" in arrays else {}
+        if name == "context":
+            record = info
+        else:
+            record = record | {"pc": info, "heldout_bits_per_token": record.get("heldout_bits_per_token", {})
+                               | info.get("heldout_bits_per_token", {})}
+    return record
