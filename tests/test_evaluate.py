@@ -39,6 +39,7 @@ def test_own_folder_with_an_exported_model(tiny_model, own_photos, tmp_path, cap
     assert r["images"] == 4 and len(r["skipped_smaller_than_crop"]) == 1  # the 40x30 thumbnail is not upscaled
     assert r["bpp"] == pytest.approx(2 * 8 / 64)  # tiny: 2 tokens of 8 bits per 8x8 patch
     assert 10 < r["tokens"]["psnr"] < 40
+    assert r["tokens"]["colour_shift"] >= 0 and r["tokens"]["delta_e76"] > 0 and r["jpeg"]["grey_images"] >= 0
     for row in r["per_image"]:  # matched rate, unless even quality 1 is above it (headers of tiny crops)
         assert all(row[k]["bpp"] <= row["bpp"] or row[k]["quality"] == 1 for k in ("jpeg", "webp"))
     assert r["psnr_gap_to_jpeg"] == pytest.approx(r["tokens"]["psnr"] - r["jpeg"]["psnr"])
@@ -86,3 +87,20 @@ def test_an_unreadable_photo_is_listed_and_the_others_are_measured(tiny_model, o
     r = json.loads(out.read_text())["64x96"]
     assert r["images"] == 4 and [f["image"] for f in r["failed"]] == [str(folder / "broken.jpg")]
     assert "OSError" in r["failed"][0]["error"] and summary["64x96"]["failed"] == r["failed"]
+
+
+def test_colour_metrics_see_a_cast_and_a_tinted_grey():
+    from gqtok.training.evaluate import colour_metrics, srgb_to_lab
+
+    # CIELAB of sRGB white, black and red (the standard D65 values)
+    lab = srgb_to_lab(np.array([[255, 255, 255], [0, 0, 0], [255, 0, 0]], np.uint8))
+    assert np.allclose(lab, [[100, 0, 0], [0, 0, 0], [53.24, 80.09, 67.20]], atol=0.02)
+    grey = np.tile(np.linspace(20, 230, 64, dtype=np.uint8)[:, None, None], (1, 48, 3))
+    blue = grey.copy()
+    blue[..., 2] = np.minimum(255, blue[..., 2].astype(int) + 8)
+    cast = colour_metrics(grey, blue)
+    assert cast["grey_chroma"] > 2 and cast["colour_shift"] > 2 and cast["delta_e76"] >= cast["colour_shift"] - 1e-9
+    same = colour_metrics(grey, grey)
+    assert same["colour_shift"] == 0 and same["delta_e76"] == 0 and same["grey_chroma"] < 1e-3
+    colour = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert colour_metrics(colour, colour)["grey_chroma"] is None  # a colour photo has no grey figure

@@ -66,3 +66,27 @@ def test_kl_bits_per_token():
     assert kl.shape == (1, 2, 2, 2)
     assert kl[0, 0].flatten().tolist() == pytest.approx([0.5 / math.log(2)] * 4)
     assert torch.all(kl[0, 1] == 0)
+
+
+def test_a_coarser_grid_grows_from_a_finer_model():
+    """grown_state: the f=8 decoder becomes the f=16 decoder's finer levels (one level down), the new coarsest
+    level and what changed shape start fresh, and the grown model loads strictly."""
+    from gqtok.training.model import grown_state
+
+    torch.manual_seed(0)
+    small = VAEConfig(**PRESETS["tiny"]["model"])  # f=8, patch 1: 4 levels
+    big = VAEConfig(**{**PRESETS["tiny"]["model"], "downsample": 16, "channel_mult": (1, 1, 2, 2, 2)})
+    source, target = GaussianVAE(small), GaussianVAE(big)
+    state, fresh = grown_state(source.state_dict(), small, big, target.state_dict())
+    target.load_state_dict(state, strict=True)
+    src, out = source.state_dict(), target.state_dict()
+    per_level = big.blocks_per_level + 2
+    for key, value in src.items():
+        if key.startswith("decoder.up."):
+            index, rest = key[len("decoder.up."):].split(".", 1)
+            assert torch.equal(out[f"decoder.up.{int(index) + per_level}.{rest}"], value), key
+    assert torch.equal(out["decoder.conv_in.weight"], src["decoder.conv_in.weight"])
+    assert torch.equal(out["decoder.conv_out.weight"], src["decoder.conv_out.weight"])
+    assert any(k.startswith("decoder.up.0.") for k in fresh) and not any(k.startswith("decoder.conv_out") for k in fresh)
+    x = torch.rand(1, 3, 64, 64)
+    assert target.encoder(x)[0].shape[-2:] == (4, 4)  # a 16x16 patch per position

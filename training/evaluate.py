@@ -46,6 +46,32 @@ def image_metrics(x_u8: np.ndarray, y_u8: np.ndarray) -> dict:
     return out
 
 
+def srgb_to_lab(img_u8: np.ndarray) -> np.ndarray:
+    """uint8 sRGB [..., 3] -> CIELAB (D65 white) float64 [..., 3]."""
+    c = np.asarray(img_u8, np.float64) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124564, 0.2126729, 0.0193339], [0.3575761, 0.7151522, 0.1191920],
+                             [0.1804375, 0.0721750, 0.9503041]])
+    t = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+GREY_CHROMA = 1.0  # an original whose mean chroma C*ab is below this is a greyscale photo
+
+
+def colour_metrics(x_u8: np.ndarray, y_u8: np.ndarray) -> dict:
+    """Colour fidelity of a reconstruction y of x, in CIELAB: colour_shift, the CIE76 distance between their mean
+    colours (a cast); delta_e76, the mean per-pixel CIE76 distance; grey_chroma, for a greyscale original only
+    (mean chroma below GREY_CHROMA), the reconstruction's mean chroma C*ab = sqrt(a*^2 + b*^2): a tint that a
+    grey photo should not have (None otherwise)."""
+    lx, ly = srgb_to_lab(x_u8).reshape(-1, 3), srgb_to_lab(y_u8).reshape(-1, 3)
+    grey = float(np.hypot(lx[:, 1], lx[:, 2]).mean()) < GREY_CHROMA
+    return {"colour_shift": float(np.linalg.norm(lx.mean(axis=0) - ly.mean(axis=0))),
+            "delta_e76": float(np.linalg.norm(lx - ly, axis=1).mean()),
+            "grey_chroma": float(np.hypot(ly[:, 1], ly[:, 2]).mean()) if grey else None}
+
+
 def _mean(rows: list[dict], key: str):
     vals = [r[key] for r in rows if r[key] is not None]
     return float(np.mean(vals)) if vals else None
@@ -221,7 +247,8 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
     """Any tokenizer on any photos: centre crops of `size` (photos smaller than it are skipped, not upscaled),
     tokenize(uint8 [1, H, W, 3]) -> ids [1, T, h, w] and detokenize(ids) -> uint8 [1, H, W, 3] (an exported model's
     runtime, a server's client, a run's torch model), PSNR / SSIM / MS-SSIM of the tokens' reconstruction, and
-    JPEG and WebP at the same bpp on the same crops. Results overall and per source (gqtok.photos.source_of).
+    JPEG and WebP at the same bpp on the same crops, and the colour figures of colour_metrics for each. Results
+    overall and per source (gqtok.photos.source_of).
     png_out: a grid of the first photo of each source (up to 8): original | tokens | JPEG at the same bpp.
     A photo that cannot be read or tokenized is listed under "failed" with its reason; the others are measured."""
     from tqdm import tqdm
@@ -242,11 +269,12 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
             continue
         bpp = ids[0].size * bits_per_token / (h * w)
         row = {"image": str(path), "source": photo_files.source_of(path), "bpp": bpp,
-               "tokens": image_metrics(crop, recon)}
+               "tokens": image_metrics(crop, recon) | colour_metrics(crop, recon)}
         if classic:
             for fmt in ("JPEG", "WEBP"):
                 decoded, fbpp, q = classic_at_bpp(crop, fmt, bpp)
-                row[fmt.lower()] = image_metrics(crop, decoded) | {"bpp": fbpp, "quality": q}
+                row[fmt.lower()] = image_metrics(crop, decoded) | colour_metrics(crop, decoded) | {"bpp": fbpp,
+                                                                                                   "quality": q}
                 if fmt == "JPEG" and png_out and row["source"] not in grid_rows and len(grid_rows) < 8:
                     grid_rows[row["source"]] = np.concatenate([crop, recon, decoded], axis=1)
         rows.append(row)
@@ -258,7 +286,9 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
     def summary(group: list[dict]) -> dict:
         out = {"images": len(group), "bpp": float(np.mean([r["bpp"] for r in group]))}
         for k in kinds:
-            out[k] = {m: _mean([r[k] for r in group], m) for m in ("psnr", "ssim", "ms_ssim")}
+            out[k] = {m: _mean([r[k] for r in group], m) for m in ("psnr", "ssim", "ms_ssim", "colour_shift",
+                                                                       "delta_e76", "grey_chroma")}
+            out[k]["grey_images"] = sum(r[k]["grey_chroma"] is not None for r in group)
             if k != "tokens":
                 out[k]["bpp"] = float(np.mean([r[k]["bpp"] for r in group]))
                 out[f"psnr_gap_to_{k}"] = out["tokens"]["psnr"] - out[k]["psnr"]

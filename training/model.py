@@ -204,6 +204,29 @@ def build_baseline_quantizer(cfg: VAEConfig) -> nn.Module:
     return q
 
 
+def grown_state(state: dict, source: VAEConfig, target: VAEConfig, own: dict) -> tuple[dict, list[str]]:
+    """A state dict for a model with a coarser grid (target.downsample = 2 x source's) started from a trained one:
+    the decoder's levels move one level down (the new coarsest level is new), every tensor whose name and shape
+    match is taken, the rest keep `own` (the new model's initial values; its encoder trunk's new stage from
+    ImageNet). -> (state, names of the tensors that are new)."""
+    extra = len(target.channel_mult) - len(source.channel_mult)
+    per_level = target.blocks_per_level + 2  # ResBlocks, then Upsample and Conv between levels
+    moved = {}
+    for key, value in state.items():
+        if key.startswith("decoder.up."):
+            index, rest = key[len("decoder.up."):].split(".", 1)
+            key = f"decoder.up.{int(index) + extra * per_level}.{rest}"
+        moved[key] = value
+    out = dict(own)
+    fresh = []
+    for key, value in own.items():
+        if key in moved and moved[key].shape == value.shape:
+            out[key] = moved[key]
+        else:
+            fresh.append(key)
+    return out, fresh
+
+
 class GaussianVAE(nn.Module):
     """The encoder-decoder; with cfg.quantizer != "gq" a baseline quantizer sits between them."""
 
@@ -271,6 +294,18 @@ PRESETS: dict[str, dict] = {
         ),
         train=dict(crop=128, batch_size=8, steps=18_000, lr=1e-3, lr_schedule="cosine", warmup_steps=500,
                    lr_final_ratio=0.1, ema_decay=0.999, crop_window_max=3.0, recon_loss="mse"),
+    ),
+    # The 256-token model (issue 31): one 16-bit token per 16x16 patch (0.0625 bpp; a 256x256 image is a 16x16
+    # grid). Grown from the default model's weights (grown_state): its decoder becomes this one's finer levels
+    # under a new coarsest one, its encoder trunk gains EfficientNet's stride-16 stage.
+    "f16": dict(
+        model=dict(
+            downsample=16, latent_channels=16, token_dim=16, codebook_bits=16, encoder="effnet-lite0", patch=2,
+            base_channels=32, channel_mult=(2, 2, 4, 4), blocks_per_level=1, attention=False, groups=16,
+        ),
+        train=dict(crop=128, batch_size=8, steps=24_000, lr=5e-4, lr_schedule="cosine", warmup_steps=300,
+                   lr_final_ratio=0.1, ema_decay=0.999, crop_window_max=3.0, recon_loss="mse",
+                   init_from="default"),
     ),
     # The discretized-VAE codec (training/codec.py): the default model's network, fine-tuned from its weights
     # (its encoder and decoder) for bits + lambda * 255^2 * MSE at six lambdas in one model (a gain per level),

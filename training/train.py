@@ -109,8 +109,9 @@ def build_configs(preset: str, overrides: dict | None = None) -> tuple[VAEConfig
     return VAEConfig(**model_kw), TrainConfig(**train_kw)
 
 
-WEIGHTS = "weights.safetensors"
-CODEC_SETTINGS = ("quantizer", "rate_lambdas", "hyper_channels")  # what the codec adds to a network it starts from  # the torch weights an exported model ships beside its ONNX files
+WEIGHTS = "weights.safetensors"  # the torch weights an exported model ships beside its ONNX files
+CODEC_SETTINGS = ("quantizer", "rate_lambdas", "hyper_channels")  # what the codec adds to a network it starts from
+GROW_SETTINGS = ("downsample", "channel_mult")  # what a model with a coarser grid changes in the one it starts from
 
 
 def load_weights(source: Path, device: str = "cpu", ema: bool = True) -> tuple[dict, dict]:
@@ -211,7 +212,15 @@ class Trainer:
 
             self.perceptual = DeepFeatureDistance().to(self.device)
         if train_cfg.init_from:
-            _, state = load_weights(Path(train_cfg.init_from), str(self.device))
+            source_cfg, state = load_weights(Path(train_cfg.init_from), str(self.device))
+            if source_cfg.get("downsample", model_cfg.downsample) != model_cfg.downsample:  # a coarser grid
+                from gqtok.training.model import grown_state
+
+                if model_cfg.encoder == "effnet-lite0":
+                    self.model.encoder.trunk.load_imagenet()  # the stage the source lacks
+                state, fresh = grown_state(state, VAEConfig(**source_cfg), model_cfg, self.model.state_dict())
+                print(f"grown from {train_cfg.init_from} (f={source_cfg['downsample']} -> {model_cfg.downsample}): "
+                      f"{len(fresh)} tensors new ({', '.join(sorted({k.rsplit('.', 2)[0] for k in fresh})[:6])} ...)")
             missing, unexpected = self.model.load_state_dict(state, strict=not self.codec)
             if self.codec:  # the codec takes the Gaussian VAE's encoder and decoder; its hyperprior and gains are new
                 new = [k for k in missing if not k.startswith(("hyper.", "log_gain"))]
@@ -452,6 +461,8 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
             source = load_weights(Path(train_cfg.init_from))[0]
             # ... except the codec's own settings: it takes a Gaussian VAE's network and adds its hyperprior
             own = CODEC_SETTINGS if model_cfg.quantizer == "uniform" else ()
+            if source.get("downsample") != model_cfg.downsample:  # a coarser grid grown from a finer model
+                own = own + GROW_SETTINGS
             changed = sorted(k for k in (overrides or {}) if k in source and k not in own)
             if changed:
                 raise ValueError(f"--init-from takes the model of {train_cfg.init_from}; model settings cannot change "
