@@ -3,7 +3,7 @@
 # weights, 24,000 steps on one thread (the issue allows 6 CPU-hours; the run's cpu_seconds in config.json and
 # log.jsonl count them). Resumable: run it again after an interruption.
 #   bash tools/train_f16.sh
-# The run goes to runs/f16 (log runs/f16.out); `gqtok export runs/f16 models/f16 --model-id gqtok-f16` ships it.
+# The run goes to runs/f16 (log runs/f16.out); `gqtok export runs/f16 --out models/f16 --model-id gqtok-f16` ships it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
