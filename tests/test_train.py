@@ -204,6 +204,22 @@ def test_random_resized_crops_see_wider_windows(small_photos):
         RandomCrops(photos[:1], 64, window_max=0.5)
 
 
+def test_grey_and_dark_crops_come_at_their_rates(small_photos):
+    from gqtok.training.data import RandomCrops, training_photos
+    from gqtok.training.train import TrainConfig
+
+    photos, _ = training_photos(str(small_photos))
+    plain = RandomCrops(photos[:2], 32, seed=3).batch(64)
+    both = RandomCrops(photos[:2], 32, seed=3, grey_prob=0.5, dark_prob=0.5).batch(64)
+    grey = np.array([np.all(b[..., 0] == b[..., 1]) and np.all(b[..., 1] == b[..., 2]) for b in both])
+    assert 16 <= grey.sum() <= 48 and not any(np.all(b[..., 0] == b[..., 2]) for b in plain)
+    assert both.mean() < plain.mean() * 0.9  # half of them darkened to 15-60 %
+    none = RandomCrops(photos[:2], 32, seed=3, grey_prob=0.0, dark_prob=0.0).batch(64)
+    assert np.array_equal(none, plain)  # off: the same crops as before (a resumed run draws the same)
+    with pytest.raises(ValueError, match="grey_prob"):
+        TrainConfig(grey_prob=1.5)
+
+
 def test_cosine_schedule_warms_up_then_decays():
     from gqtok.training.train import TrainConfig
 
@@ -297,3 +313,15 @@ def test_init_from_a_model_without_weights_says_so(tmp_path):
         load_weights(old)
     with pytest.raises(FileNotFoundError, match="neither a training run"):
         load_weights(tmp_path / "nothing-here")
+
+
+def test_colour_terms_train_and_resume_to_the_same_weights(small_photos, tmp_path):
+    """The colour fine-tune's settings (low-frequency term, grey and dark crops) train, and a run stopped half way
+    resumes to the same weights: the crops' extra random draws are part of the checkpointed data stream."""
+    kw = dict(data=small_photos, preset="tiny", progress=False)
+    base = {"steps": 8, "image_every": 0, "colour_weight": 2.0, "grey_prob": 0.5, "dark_prob": 0.5}
+    last = train(tmp_path / "straight", overrides=base, **kw)
+    train(tmp_path / "split", overrides={**base, "steps": 4}, **kw)
+    train(tmp_path / "split", overrides={"steps": 8}, resume=True, **kw)
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and np.isfinite(last["loss"])

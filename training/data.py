@@ -117,13 +117,17 @@ class RandomCrops:
     window_max: random resized crops: each crop is a square window of side crop * U(1, window_max) (capped by
                 the photo), resized to crop (bicubic); the high-resolution photos then give views at several
                 scales. 1 (the default) cuts plain crops, with no resampling.
+    grey_prob:  each crop made grey (its luma, ITU-R BT.601, in all three channels) with this probability
+    dark_prob:  each crop darkened (times U(0.15, 0.6)) with this probability: low light
     """
 
     def __init__(self, paths: list[Path], crop: int, seed: int = 0, progress: bool = False,
-                 weights: np.ndarray | None = None, window_max: float = 1.0):
+                 weights: np.ndarray | None = None, window_max: float = 1.0, grey_prob: float = 0.0,
+                 dark_prob: float = 0.0):
         from tqdm import tqdm
 
         self.crop, self.weights, self.window_max = crop, weights, float(window_max)
+        self.grey_prob, self.dark_prob = grey_prob, dark_prob
         if self.window_max < 1:
             raise ValueError(f"window_max must be at least 1, got {window_max}")
         self.images = []
@@ -156,4 +160,8 @@ class RandomCrops:
             if side != self.crop:
                 patch = np.asarray(Image.fromarray(patch).resize((self.crop, self.crop), Image.BICUBIC))
             out[i] = patch[:, ::-1] if self.rng.random() < 0.5 else patch
+            if self.grey_prob and self.rng.random() < self.grey_prob:
+                out[i] = np.rint(out[i] @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
+            if self.dark_prob and self.rng.random() < self.dark_prob:
+                out[i] = np.rint(out[i] * self.rng.uniform(0.15, 0.6)).astype(np.uint8)
         return out

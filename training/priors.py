@@ -37,7 +37,7 @@ class PriorConfig:
     priors: tuple[str, ...] = ("frequency", "context", "pc")  # which to fit (the others' files are kept)
     pc_window: tuple[int, int] = (4, 4)  # the pc prior's window of grid positions (rows, columns)
     pc_hidden: int = 16  # its hidden states per variable
-    pc_em_steps: int = 20  # its EM iterations
+    pc_em_steps: int = 30  # its EM iterations
     pc_max_windows: int = 60000  # training windows it learns from (a random subset when there are more)
 
 
@@ -200,6 +200,15 @@ def grid_windows(prior_shape: CircuitPrior, grids: np.ndarray) -> tuple[np.ndarr
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def sign_order(codebook: np.ndarray) -> np.ndarray:
+    """The codebook's ids sorted by their codewords' sign patterns (the first coordinate most significant), ties
+    by id. A token's rank in this order, written in base-16 digits, says the signs of its coordinates, four per
+    digit: the same meaning in every token, so that neighbouring tokens' digits agree where their latents do.
+    (GQ's codebook has one codeword per orthant at K = 2^d, so there the rank is the sign pattern itself.)"""
+    signs = np.asarray(codebook) > 0
+    return np.lexsort((np.arange(len(codebook)),) + tuple(signs[:, j] for j in reversed(range(signs.shape[1]))))
+
+
 def fit_pc(path: Path, train_grids: np.ndarray, held_grids: np.ndarray, codebook: np.ndarray, cfg: PriorConfig,
            progress: bool = True) -> dict:
     """Learn the pc prior (an HCLT over windows of cfg.pc_window positions) on the training grids' complete
@@ -208,7 +217,7 @@ def fit_pc(path: Path, train_grids: np.ndarray, held_grids: np.ndarray, codebook
     from gqtok.training.circuit import CircuitConfig, learn_hclt
 
     t = train_grids.shape[1]
-    order = partition_codebook(codebook, len(codebook)).reshape(-1)  # the k-d order: one codeword per leaf
+    order = sign_order(codebook)
     base = CircuitPrior.base
     digits = max(1, int(np.ceil(np.log2(len(codebook)) / np.log2(base))))
     d = digits * t * cfg.pc_window[0] * cfg.pc_window[1]

@@ -55,6 +55,12 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     recon_loss: str = "l1"  # "l1" or "mse", mean over pixels in [-1, 1]
     perceptual_weight: float = 0.0  # weight of the EfficientNet-Lite0 deep-feature distance; 0 = off
+    # Colour fidelity (issue 31): the mean squared error of 8x8-averaged pixels, the low frequencies where a colour
+    # cast lives and where MSE on pixels gives it little weight; and crops made grey or dark with these
+    # probabilities, the photos whose cast the default model's training data (a game's art) rarely shows
+    colour_weight: float = 0.0
+    grey_prob: float = 0.0
+    dark_prob: float = 0.0
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     kl_mode: str = "tdc"  # "tdc": adaptive per-token constraint; "fixed": kl_weight * KL (the plain-KL baseline)
     kl_weight: float = 1e-5  # KL weight when kl_mode == "fixed" (per bit, summed over tokens, mean over images)
@@ -73,6 +79,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.recon_loss not in ("l1", "mse"):
             raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
+        if not (0 <= self.grey_prob <= 1 and 0 <= self.dark_prob <= 1) or self.colour_weight < 0:
+            raise ValueError("grey_prob and dark_prob must lie in [0, 1] and colour_weight be >= 0")
         if self.kl_mode not in ("tdc", "fixed"):
             raise ValueError(f"kl_mode must be 'tdc' or 'fixed', got {self.kl_mode!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -243,7 +251,8 @@ class Trainer:
                         [data] if isinstance(data, (str, Path)) else data)]
         self.data = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=train_cfg.seed + 1000 * self.rank,
                                            progress=self.progress, weights=weights,
-                                           window_max=train_cfg.crop_window_max)
+                                           window_max=train_cfg.crop_window_max, grey_prob=train_cfg.grey_prob,
+                                           dark_prob=train_cfg.dark_prob)
         self.fixed = photo_data.to_model_input(
             photo_data.RandomCrops(train_paths, train_cfg.crop, seed=12345).batch(8)).to(self.device)
         if self.codec:  # a resumed run loads its own gains over these
@@ -317,6 +326,8 @@ class Trainer:
                 loss = rec + self.tcfg.kl_weight * kl_tok.flatten(1).sum(1).mean()
         if self.perceptual is not None:
             loss = loss + self.tcfg.perceptual_weight * self.perceptual(recon, x).mean()
+        if self.tcfg.colour_weight:
+            loss = loss + self.tcfg.colour_weight * F.mse_loss(F.avg_pool2d(recon, 8), F.avg_pool2d(x, 8))
         lr = self.tcfg.lr_at(self.step)
         self.optimize(loss)
         logs["lr"] = lr

@@ -14,7 +14,7 @@ Three priors, all over the K ids of one model:
              token instead of K. It runs in fixed point (ContextPrior), so it gives the same bits everywhere.
 
 - pc:        a probabilistic circuit (gqtok/core/circuit.py, a hidden Chow-Liu tree) over windows of the grid
-             (`prior_pc.npz`): each token is a few base-16 digits of its rank in a k-d order of the codebook,
+             (`prior_pc.npz`): each token is a few base-16 digits of its rank in a stored order of the codebook,
              a window's digits are coded in the tree's order, and windows that overhang the grid's edge
              marginalize the missing tokens exactly. Integer arithmetic throughout.
 
@@ -259,11 +259,10 @@ class ContextPrior:
 class CircuitPrior:
     """The pc prior: one HCLT over the windows of wh x ww grid positions, the same circuit for every window.
 
-    A token is too many categories for one variable, so it is split into base-16 digits of its rank in a k-d
-    order of the codebook (`order`: the ids sorted so that every leading digit is a region of latent space,
-    halved at the median of its widest coordinate, as the context prior's cells are): the first digit says
-    roughly where the codeword lies, the last which of 16 close neighbours it is. Variables are position-major,
-    then slot, then digit (most significant first)."""
+    A token is too many categories for one variable, so it is split into base-16 digits of its rank in an order
+    of the codebook stored with the circuit (`order`; training/priors.py uses the codewords' sign patterns, so a
+    digit says the signs of four coordinates). Variables are position-major, then slot, then digit (most
+    significant first)."""
 
     name = "pc"
     base = 16
