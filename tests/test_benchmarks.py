@@ -198,3 +198,15 @@ def test_pc_benchmark_codes_digits_and_tokens(tiny_model, small_photos, tmp_path
     assert set(rows) == {"frequency", "context", "pc"} and rows["pc"]["window"] == [1, 1]
     assert all(0 < r["bits_per_token"] < 8 for r in rows.values())  # the tiny model has K = 256
     assert json.loads((tmp_path / "pc.json").read_text()) == result
+
+
+def test_kl_size_benchmark_reports_rate_and_gq_cost_per_size(tiny_model, tmp_path):
+    from benchmarks import kl_size
+
+    result = kl_size.main(["--model", str(tiny_model), "--quick", "--out", str(tmp_path / "kl.json")])
+    sizes = result["sizes"]
+    assert list(sizes) == ["128x128", "256x256"]
+    for row in sizes.values():
+        p5, p50, p95 = row["kl_p5_p50_p95"]
+        assert row["photos"] == 3 and p5 <= p50 <= p95 and row["target_bits"] == 8.0
+        assert row["gq_cost_db"] == pytest.approx(row["psnr_continuous"] - row["psnr_tokens"])
