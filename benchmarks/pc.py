@@ -1,6 +1,6 @@
 """Probabilistic circuits as lossless coders (issue 30): the paper's own setting, then GQ tokens.
 
-    python benchmarks/pc.py [--windows 1x1 2x2 ...] [--hidden 16] [--em-steps 20] [--train-photos 120] [--quick]
+    python benchmarks/pc.py [--windows 1x1 2x2 ...] [--hidden 16] [--em-steps 30] [--train-photos 120] [--quick]
 
 digits   scikit-learn's load_digits (1,797 8x8 digits, 17 grey levels), a fixed 80/20 split. On the held-out
          digits: bits per pixel of the HCLT coder (the bytes constriction wrote), of a per-pixel frequency model
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=str(REPO / "data" / "endless-sky"))
     ap.add_argument("--windows", nargs="+", default=["1x1", "2x2", "4x4"], help="pc windows, ROWSxCOLUMNS")
     ap.add_argument("--hidden", type=int, default=16)
-    ap.add_argument("--em-steps", type=int, default=20)
+    ap.add_argument("--em-steps", type=int, default=30)
     ap.add_argument("--train-photos", type=int, default=120)
     ap.add_argument("--skip-tokens", action="store_true", help="the digits part only")
     ap.add_argument("--quick", action="store_true")
