@@ -21,7 +21,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
 
 
 def measure(runtime, photos: list[np.ndarray]) -> dict:
@@ -62,9 +61,9 @@ def main(argv=None) -> dict:
     result = {"model": runtime.manifest.model_id, "model_version": runtime.manifest.model_version,
               "quick": args.quick, "sizes": {f"{h}x{w}": measure(runtime, heldout_photos(n, (h, w)))
                                              for h, w in sizes}}
-    out = Path(args.out) if args.out else RESULTS / ("kl_size_quick.json" if args.quick else "kl_size.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    from benchmarks.service import write_result
+
+    write_result(result, "kl_size", args.quick, args.out)
     print(json.dumps(result, indent=1))
     return result
 

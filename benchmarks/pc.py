@@ -29,7 +29,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
 
 
 def timed(fn, repeats: int):
@@ -181,9 +180,9 @@ def main(argv=None) -> dict:
             result["tokens"] = tokens_benchmark(Path(args.model), Path(args.data), args.quick, windows, args.hidden,
                                                 args.em_steps, args.train_photos)
         result["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out) if args.out else RESULTS / ("pc_quick.json" if args.quick else "pc.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    from benchmarks.service import write_result
+
+    write_result(result, "pc", args.quick, args.out)
     print(json.dumps(result, indent=1))
     return result
 
