@@ -69,19 +69,22 @@ def test_rd_benchmark_runs_every_prior_the_codec_and_the_anchors(tiny_model, tin
     result = rd.main(["--model", str(tiny_model), "--codec", str(tiny_codec_model), "--quick", "--photos", "1",
                       "--out", str(out)])
     ours = [p for p in result["points"] if p["codec"] == "gqtok"]
-    assert {(p["prior"], p["scale"]) for p in ours} == {(p, s) for p in ("uniform", "frequency", "context")
-                                                        for s in (1.0, 0.5)}
+    priors = ("uniform", "frequency", "context", "pc")
+    assert {(p["prior"], p["scale"]) for p in ours} == {(p, s) for p in priors for s in (1.0, 0.5)}
     at_1 = {p["prior"]: p for p in ours if p["scale"] == 1.0}
     assert at_1["context"]["bpp"] < at_1["frequency"]["bpp"] < at_1["uniform"]["bpp"]
     assert len({p["psnr"] for p in at_1.values()}) == 1  # same tokens, same pixels: only the rate differs
     anchors = ("jpeg", "webp", "avif", "jxl")  # Pillow's AVIF and imagecodecs' JPEG XL come with the dev extra
     assert {p["codec"] for p in result["points"]} == {"gqtok", "dvae", *anchors} and result["skipped"] == {}
     assert {(b["prior"], b["anchor"]) for b in result["bd_rate"] if "prior" in b} == {
-        (p, a) for p in ("uniform", "frequency", "context") for a in anchors}
+        (p, a) for p in priors for a in anchors}
     # the codec: its lowest, middle and highest quality, rate rising, each against every anchor and the tokens
     codec = sorted((p for p in result["points"] if p["codec"] == "dvae"), key=lambda p: p["quality"])
     assert [p["quality"] for p in codec] == [1, 2, 3] and codec[0]["bpp"] < codec[-1]["bpp"]
     assert all(0 < p["side_bpp"] < p["bpp"] and 0 < p["coding_decode_ms"] < p["decode_ms"] for p in codec)
+    # the side information under a circuit learned on training photos: the same stream but for z's bits
+    assert all(p["pc_side_bpp"] > 0 and p["bpp_with_pc_side"] == pytest.approx(p["bpp"] - p["side_bpp"]
+                                                                              + p["pc_side_bpp"]) for p in codec)
     assert codec[0]["unrounded_psnr"] > codec[0]["psnr"]  # rounding costs the lowest quality something
     assert {b["anchor"] for b in result["bd_rate"] if b.get("codec") == "dvae"} == {*anchors, "gqtok-context"}
     for codec in anchors:  # every anchor's curve: rate rises with its quality setting
