@@ -37,7 +37,7 @@ def test_manifest_records_the_contract(tiny_model, tiny_run):
     assert m["codebook"]["generator"] == "sobol-ds-acklam" and m["codebook"]["num_codes"] == 256
     # the four files of the export, plus the two priors the fixture fits afterwards
     assert set(m["files"]) == {"encoder.onnx", "decoder.onnx", "gq_select.onnx", "codebook.safetensors",
-                               "weights.safetensors", "prior_frequency.npz", "prior_context.npz"}
+                               "weights.safetensors", "prior_frequency.npz", "prior_context.npz", "prior_pc.npz"}
     assert m["eval"]["quantized"]["psnr"] == json.loads((tiny_run / "eval.json").read_text())["quantized"]["psnr"]
     assert m["input"]["encoder_input"] == "uint8 NHWC"
 
