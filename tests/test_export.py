@@ -35,7 +35,7 @@ def test_manifest_records_the_contract(tiny_model, tiny_run):
     assert m["model_id"] == "tiny" and m["token_layout"] == "strided" and m["opset"] >= 17
     assert (m["downsample"], m["latent_channels"], m["token_dim"], m["tokens_per_position"]) == (8, 8, 4, 2)
     assert m["codebook"]["generator"] == "sobol-ds-acklam" and m["codebook"]["num_codes"] == 256
-    # the four files of the export, plus the two priors the fixture fits afterwards
+    # the four files of the export, plus the three priors the fixture fits afterwards
     assert set(m["files"]) == {"encoder.onnx", "decoder.onnx", "gq_select.onnx", "codebook.safetensors",
                                "weights.safetensors", "prior_frequency.npz", "prior_context.npz", "prior_pc.npz"}
     assert m["eval"]["quantized"]["psnr"] == json.loads((tiny_run / "eval.json").read_text())["quantized"]["psnr"]
