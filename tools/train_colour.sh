@@ -4,18 +4,13 @@
 # dark_prob). TDC's weight starts low (1e-6): a fine-tune does not inherit the source's, and the default 1e-4
 # pulled KL from 16 to 7 bits per token in 150 steps. Resumable: run it again after an interruption. Then
 # measure before adopting it:
-#   gqtok export runs/colour --out /tmp/colour-model --model-id gqtok-default
-#   gqtok eval /tmp/colour-model --photos data/photos --split all --size 512 768 --size 256 256
+#   gqtok export runs/colour --out runs/colour-model --model-id gqtok-default
+#   gqtok eval runs/colour-model --photos data/photos --split all --size 512 768 --size 256 256
 # and compare with benchmarks/results/colour_default.json (colour_shift, grey_chroma, PSNR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 GQTOK=${GQTOK:-.venv/bin/gqtok}
-dir=runs/colour
-if [ -f "$dir/trainer.pt" ]; then
-  "$GQTOK" train --out "$dir" --resume --steps 3000 --quiet >> runs/colour.out 2>&1
-else
-  rm -rf "$dir"
-  "$GQTOK" train --preset default --init-from default --out "$dir" --steps 3000 --lr 2e-4 --warmup-steps 100 \
-    --tdc-lam-init 1e-6 --colour-weight 4 --grey-prob 0.1 --dark-prob 0.1 --ckpt-every 250 --image-every 1000 --quiet >> runs/colour.out 2>&1
-fi
+source tools/resume_run.sh
+resume_or_start runs/colour 3000 runs/colour.out --preset default --init-from default --lr 2e-4 --warmup-steps 100 \
+  --tdc-lam-init 1e-6 --colour-weight 4 --grey-prob 0.1 --dark-prob 0.1 --image-every 1000

@@ -8,10 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 GQTOK=${GQTOK:-.venv/bin/gqtok}
-dir=runs/f16
-if [ -f "$dir/trainer.pt" ]; then
-  "$GQTOK" train --out "$dir" --resume --steps 24000 --quiet >> runs/f16.out 2>&1
-else
-  rm -rf "$dir"
-  "$GQTOK" train --preset f16 --out "$dir" --ckpt-every 250 --image-every 2000 --quiet >> runs/f16.out 2>&1
-fi
+source tools/resume_run.sh
+resume_or_start runs/f16 24000 runs/f16.out --preset f16 --image-every 2000
