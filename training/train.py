@@ -414,6 +414,10 @@ class Trainer:
         self.save()
         if log:
             log.close()
+        if self.distributed:
+            # no rank tears its process group down while a peer is still writing or gathering: gloo aborts the
+            # process ("terminate called without an active exception") when a peer's sockets close under it
+            dist.barrier()
         return last
 
     @torch.no_grad()
