@@ -1,8 +1,9 @@
 """`gqtok export RUN --out models/NAME`: a training run -> ONNX graphs + verified manifest.
 
-Writes encoder.onnx, decoder.onnx, gq_select.onnx, codebook.safetensors, weights.safetensors (the torch
-weights, for `gqtok train --init-from`) and manifest.json (every file's sha256, the codebook's generator, seed and digest,
-the run's eval figures). Graph conventions (recorded in the manifest):
+Writes encoder.onnx, decoder.onnx, gq_select.onnx, weights.safetensors (the torch weights, for `gqtok train
+--init-from`; left out with --no-weights) and manifest.json (every file's sha256, the codebook's generator, seed and
+digest, the run's eval figures). The manifest also lists codebook.safetensors, a file derived from the seed that is
+not written (gqtok.core.artifact rebuilds and checks it). Graph conventions (recorded in the manifest):
   encoder.onnx   image uint8 [B, H, W, 3] RGB (H, W multiples of f) -> mu, logvar float32 [B, C, H/f, W/f]
                  (the x / 127.5 - 1 normalization is inside the graph)
   decoder.onnx   latent float32 [B, C, h, w] -> image float32 [B, 8h, 8w, 3] in [0, 1] (clamped; round to uint8 yourself)
@@ -19,9 +20,9 @@ codebook; the manifest's kind is "codec".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import struct
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,8 @@ import onnx
 import torch
 
 from gqtok.core import codebook as cb
-from gqtok.core.artifact import CODEBOOK, DECODER, ENCODER, GQ_SELECT, HYPER_ANALYSIS, LATENT_CODER, load_artifact
+from gqtok.core.artifact import (CODEBOOK, DECODER, ENCODER, GQ_SELECT, HYPER_ANALYSIS, LATENT_CODER, codebook_file_bytes,
+                                 load_artifact)
 from gqtok.core.manifest import CodebookSpec, CodecSpec, Manifest, file_sha256, model_digest_of
 from gqtok.training.gq import SelectGraph
 from gqtok.training.train import WEIGHTS, load_run
@@ -143,27 +145,6 @@ def _run_tree_metric(model, config: dict) -> list[float] | None:
     return tree_metric_from_photos(encode, paths, model.cfg.gq_beta, model.cfg.token_dim)
 
 
-SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
-
-
-def save_tensors_exactly(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
-    """A safetensors file whose bytes depend only on its contents: header keys sorted, tensors in name order.
-    safetensors' own writer puts the metadata map in no fixed order, so the same codebook got a new file digest
-    (and a new manifest entry) on every export. Mode 0644: a non-root server must read it."""
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-    offset, blobs = 0, []
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        blobs.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
-    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
-    path.chmod(0o644)
-
-
 def _export_encoder_decoder(model, out_dir: Path) -> dict:
     """encoder.onnx and decoder.onnx (batch, height and width dynamic); returns the latent grid's dynamic axes."""
     cfg = model.cfg
@@ -194,13 +175,18 @@ def save_npz_exactly(arrays: dict[str, np.ndarray], path: Path) -> None:
     path.chmod(0o644)
 
 
-def _save_weights(model, out_dir: Path) -> None:
+def _save_weights(model, out_dir: Path, weights: bool) -> tuple[str, ...]:
     """The torch weights the graphs were made from (the EMA ones when the run kept them), for fine-tuning:
-    gqtok train --init-from MODEL_DIR."""
+    gqtok train --init-from MODEL_DIR. weights=False ships the graphs alone (a smaller directory; such a model
+    cannot be fine-tuned from). Returns the file names to list in the manifest."""
     from safetensors.torch import save_file as save_torch
 
+    if not weights:
+        (out_dir / WEIGHTS).unlink(missing_ok=True)  # a stale file from an earlier export would not be listed
+        return ()
     save_torch({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS))
     (out_dir / WEIGHTS).chmod(0o644)
+    return (WEIGHTS,)
 
 
 def _training_record(model, config: dict) -> dict:
@@ -209,7 +195,7 @@ def _training_record(model, config: dict) -> dict:
 
 
 def export_codec(model, config: dict, run_dir: Path, out_dir: Path, model_id: str | None = None,
-                 model_version: str | None = None, eval_json: Path | None = None) -> Manifest:
+                 model_version: str | None = None, eval_json: Path | None = None, weights: bool = True) -> Manifest:
     """A discretized-VAE codec run -> a codec model directory (see the module's docstring)."""
     from gqtok.training.codec import portable_coder
 
@@ -223,8 +209,8 @@ def export_codec(model, config: dict, run_dir: Path, out_dir: Path, model_id: st
     order = np.argsort(cfg.rate_lambdas)  # quality 1 = the lowest lambda, the lowest rate
     save_npz_exactly(portable_coder(model).arrays() | {"gain": gain[order], "inv_gain": 1.0 / gain[order]},
                      out_dir / LATENT_CODER)
-    _save_weights(model, out_dir)
-    files = {name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, HYPER_ANALYSIS, LATENT_CODER, WEIGHTS)}
+    shipped = _save_weights(model, out_dir, weights)
+    files = {name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, HYPER_ANALYSIS, LATENT_CODER, *shipped)}
     lambdas = sorted(float(v) for v in cfg.rate_lambdas)
     manifest = Manifest(
         kind="codec",
@@ -245,9 +231,9 @@ def export_codec(model, config: dict, run_dir: Path, out_dir: Path, model_id: st
 
 
 def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_version: str | None = None,
-               eval_json: Path | None = None) -> Manifest:
-    """The run's encoder, decoder and selection graph as ONNX, its codebook and torch weights, and the manifest
-    that lists them with their digests. model_version: None gives the first 12 hex digits of the model digest
+               eval_json: Path | None = None, weights: bool = True) -> Manifest:
+    """The run's encoder, decoder and selection graph as ONNX, its torch weights (unless weights=False), and the
+    manifest that lists them and the codebook with their digests. model_version: None gives the first 12 hex digits of the model digest
     (Manifest.model_digest), so that two different exports never share a version by default."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, config = load_run(run_dir)
@@ -257,7 +243,7 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
                          f"{cfg.quantizer} baseline")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.quantizer == "uniform":
-        return export_codec(model, config, run_dir, out_dir, model_id, model_version, eval_json)
+        return export_codec(model, config, run_dir, out_dir, model_id, model_version, eval_json, weights)
     f = cfg.downsample
     _export_encoder_decoder(model, out_dir)
     with torch.no_grad():
@@ -266,11 +252,11 @@ def export_run(run_dir: Path, out_dir: Path, model_id: str | None = None, model_
         _export(SelectGraph(cfg.gq_beta), examples, out_dir / GQ_SELECT,
                 ["mu", "logvar", "codebook"], ["ids"], None)
 
-    _save_weights(model, out_dir)
+    shipped = _save_weights(model, out_dir, weights)
     codebook = cb.make_codebook(cfg.codebook_seed, cfg.num_codes, cfg.token_dim)
-    save_tensors_exactly({"codebook": codebook}, out_dir / CODEBOOK,
-                         metadata={"generator": cb.GENERATOR_NAME, "seed": str(cfg.codebook_seed)})
-    files = {name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, GQ_SELECT, CODEBOOK, WEIGHTS)}
+    files = {name: file_sha256(out_dir / name) for name in (ENCODER, DECODER, GQ_SELECT, *shipped)}
+    # derived, not written: the loader rebuilds it from the seed (gqtok.core.artifact)
+    files[CODEBOOK] = hashlib.sha256(codebook_file_bytes(codebook, cfg.codebook_seed)).hexdigest()
     manifest = Manifest(
         model_id=model_id or run_dir.name,
         model_version=model_version or model_digest_of(files)[:12],

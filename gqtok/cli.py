@@ -165,7 +165,7 @@ def cmd_export(args) -> None:
     from gqtok.export.exporter import export_run
 
     manifest = export_run(Path(args.run), Path(args.out), model_id=args.model_id, model_version=args.model_version,
-                          eval_json=args.eval)
+                          eval_json=args.eval, weights=not args.no_weights)
     print(json.dumps({"model_id": manifest.model_id, "out": args.out, "files": manifest.files}, indent=1))
 
 
@@ -455,6 +455,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ex.add_argument("run", help="run directory")
     ex.add_argument("--out", required=True, help="model directory to write, e.g. models/NAME")
     ex.add_argument("--model-id", help="model id (default: the run directory's name)")
+    ex.add_argument("--no-weights", action="store_true",
+                    help="ship the ONNX graphs without the torch weights (smaller; the model cannot be fine-tuned from)")
     ex.add_argument("--model-version", help="model version (default: the first 12 hex digits of the model digest, "
                                             "which differs between any two exports of different networks)")
     ex.add_argument("--eval", help="eval JSON to embed (default: RUN/eval.json if present)")

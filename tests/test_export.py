@@ -42,12 +42,34 @@ def test_manifest_records_the_contract(tiny_model, tiny_run):
     assert m["input"]["encoder_input"] == "uint8 NHWC"
 
 
-def test_codebook_file_matches_the_seed(tiny_model):
-    from safetensors.numpy import load_file
+def test_the_codebook_file_is_derived_and_checked(tiny_model, tmp_path):
+    """codebook.safetensors is not shipped: its digest in the manifest pins the bytes rebuilt from the seed, which
+    safetensors reads back as the codebook. A model whose manifest pins other bytes is refused."""
+    import hashlib
+    import shutil
+
+    from safetensors.numpy import load
 
     art = load_artifact(tiny_model)
-    stored = load_file(str(tiny_model / "codebook.safetensors"))["codebook"]
+    assert not (tiny_model / "codebook.safetensors").exists()
+    data = art.codebook_file()
+    assert hashlib.sha256(data).hexdigest() == art.manifest.files["codebook.safetensors"]
+    stored = load(data)["codebook"]
     assert codebook_digest(stored) == art.manifest.codebook.sha256 and np.array_equal(stored, art.codebook)
+    # the same bytes as a file an older export wrote beside the graphs: such a directory still loads
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model, old)
+    (old / "codebook.safetensors").write_bytes(data)
+    load_artifact(old)
+    (old / "codebook.safetensors").write_bytes(data[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="codebook.safetensors has sha256"):
+        load_artifact(old)
+    (old / "codebook.safetensors").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"]["codebook.safetensors"] = "0" * 64
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="codebook.safetensors has sha256"):
+        load_artifact(old)
 
 
 def test_the_default_selector_is_exact(runtime):
@@ -203,25 +225,18 @@ print(shared, one, count(), runtimes[0].gq_select)
     assert gq_select == "None"  # the CPU default (exact) opens no gq_select session
 
 
-def test_the_codebook_file_is_the_same_bytes_on_every_export(tmp_path):
-    """The codebook file's bytes (and so the manifest's digest) depend only on the codebook: safetensors' own
-    writer ordered the metadata differently from one export to the next. The library still reads it."""
-    from safetensors import safe_open
+def test_the_codebook_file_is_the_same_bytes_every_time():
+    """The derived codebook file's bytes (and so the manifest's digest) depend only on the codebook: safetensors'
+    own writer ordered the metadata differently from one call to the next. The library still reads it."""
+    from safetensors.numpy import load
 
     from gqtok.core import codebook as cb
-    from gqtok.export.exporter import save_tensors_exactly
+    from gqtok.core.artifact import codebook_file_bytes
 
     codebook = cb.make_codebook(0, 256, 4)
-    digests = set()
-    for i in range(4):
-        path = tmp_path / f"codebook{i}.safetensors"
-        save_tensors_exactly({"codebook": codebook}, path, {"seed": "0", "generator": cb.GENERATOR_NAME})
-        digests.add(path.read_bytes())
-        assert path.stat().st_mode & 0o777 == 0o644
-    assert len(digests) == 1
-    with safe_open(str(path), "np") as f:
-        assert np.array_equal(f.get_tensor("codebook"), codebook)
-        assert f.metadata() == {"generator": cb.GENERATOR_NAME, "seed": "0"}
+    assert len({codebook_file_bytes(codebook, 0) for _ in range(4)}) == 1
+    assert codebook_file_bytes(codebook, 1) != codebook_file_bytes(codebook, 0)  # the seed is in the metadata
+    assert np.array_equal(load(codebook_file_bytes(codebook, 0))["codebook"], codebook)
 
 
 def test_the_k_d_trees_metric_is_measured_at_export_and_used_by_the_runtime(tiny_model):
@@ -264,3 +279,22 @@ def test_a_codec_run_exports_as_a_codec_model_with_the_same_bytes_every_time(tin
     time.sleep(2)  # a zip member's time stamp has 2 s resolution
     again = export_run(tiny_codec, tmp_path / "again", model_id="tiny-codec")
     assert again.files[LATENT_CODER] == m.files[LATENT_CODER] and again.model_digest == m.model_digest
+
+
+def test_no_weights_ships_the_graphs_alone(tiny_run, tiny_model, tmp_path):
+    """gqtok export --no-weights: no torch weights in the directory or the manifest (an older export's file is
+    removed, not left unlisted); the graphs give the same tokens."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "slim"
+    out.mkdir()
+    (out / "weights.safetensors").write_bytes(b"stale")
+    subprocess.run([sys.executable, "-m", "gqtok.cli", "export", str(tiny_run), "--out", str(out), "--model-id", "slim",
+                    "--no-weights"], check=True, capture_output=True, timeout=300)
+    assert not (out / "weights.safetensors").exists() and not (out / "codebook.safetensors").exists()
+    art = load_artifact(out)
+    assert "weights.safetensors" not in art.manifest.files
+    image = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    slim, full = (TokenizerRuntime(a, device="cpu", threads=1) for a in (art, load_artifact(tiny_model)))
+    assert np.array_equal(slim.tokenize(image), full.tokenize(image))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import signal
 import sys
@@ -159,7 +160,7 @@ def test_models_codebook_info_metrics(live_server, tiny_model, photos):
     cb = load_npy(httpx.get(f"{live_server}/v1/models/tiny/codebook").content)
     assert np.array_equal(cb, art.codebook)
     st = httpx.get(f"{live_server}/v1/models/tiny/codebook", params={"format": "safetensors"}).content
-    assert st == (tiny_model / "codebook.safetensors").read_bytes()
+    assert st == art.codebook_file() and hashlib.sha256(st).hexdigest() == art.manifest.files["codebook.safetensors"]
     info = httpx.get(f"{live_server}/info").json()
     assert info["providers"]["tiny"] == "CPUExecutionProvider" and info["auth"] is False
     assert httpx.get(f"{live_server}/health/live").json() == {"live": True}

@@ -6,7 +6,6 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
-from gqtok.core.artifact import CODEBOOK
 from gqtok.core.layout import SEQUENCE_ORDER
 from gqtok.service.requests import npy_bytes
 from gqtok.service.schemas import NPY, OCTET, CodebookFormat, CodecInfo, ModelInfo, ModelList, binary
@@ -68,4 +67,4 @@ async def get_codebook(model_id: str, state: ServiceState = Depends(get_state),
     served = state.known_model(model_id)
     if format is CodebookFormat.npy:
         return Response(npy_bytes(served.runtime.artifact.codebook), media_type=NPY)
-    return Response(served.runtime.artifact.path(CODEBOOK).read_bytes(), media_type=OCTET)
+    return Response(served.runtime.artifact.codebook_file(), media_type=OCTET)
