@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig, kl_bits_per_token
+from gqtok.training.model import PRESETS, GaussianVAE, VAEConfig, build_model, kl_bits_per_token
 
 
 @pytest.mark.parametrize("f,mult,attention,hw", [(8, (1, 1, 2, 2), False, (40, 56)), (8, (1, 2, 2, 2), True, (64, 24)),
@@ -90,3 +90,38 @@ def test_a_coarser_grid_grows_from_a_finer_model():
     assert any(k.startswith("decoder.up.0.") for k in fresh) and not any(k.startswith("decoder.conv_out") for k in fresh)
     x = torch.rand(1, 3, 64, 64)
     assert target.encoder(x)[0].shape[-2:] == (4, 4)  # a 16x16 patch per position
+
+
+def _centre_of_decoding(model, image: torch.Tensor, border: int) -> torch.Tensor:
+    with torch.no_grad():
+        y = model(image, sample=False)[0]
+    return y[..., border:-border, border:-border]
+
+
+def test_fixed_norms_make_the_output_independent_of_the_image_size():
+    """GroupNorm's per-image statistics change a pixel's reconstruction with what else is in the image (the
+    default model's blue cast grew with size); fixed norms, calibrated on crops, do not: the same 64x64 middle of
+    a picture decodes to the same pixels in a 320x320 crop and inside the 512x512 picture (up to float rounding)."""
+    from gqtok.training.model import calibrate_fixed_norms
+
+    torch.manual_seed(0)
+    group = build_model(VAEConfig(**PRESETS["tiny"]["model"])).eval()
+    fixed = build_model(VAEConfig(**{**PRESETS["tiny"]["model"], "norm": "fixed"})).eval()
+    fixed.load_state_dict(group.state_dict(), strict=False)
+    crops = [torch.rand(4, 3, 64, 64) * 2 - 1 for _ in range(3)]
+    assert calibrate_fixed_norms(fixed, crops) == sum(isinstance(m, torch.nn.GroupNorm) for m in group.modules())
+    # the first layer's statistics are its input's per-crop group means and variances, averaged over the crops
+    first = fixed.encoder.down[0].norm1
+    with torch.no_grad():
+        h = fixed.encoder.conv_in(fixed.encoder.stem(torch.cat(crops))).reshape(12, first.num_groups, -1)
+    assert torch.allclose(first.stat_mean, h.mean(-1).mean(0), atol=1e-5)
+    assert torch.allclose(first.stat_var, h.var(-1, unbiased=False).mean(0), atol=1e-5)
+
+    # the tiny model sees about 128 pixels around a pixel (its receptive field), so 128 pixels of margin
+    big = torch.rand(1, 3, 512, 512) * 2 - 1
+    big[..., :96, :] = -0.8  # the rest of the picture is darker than its middle
+    middle = big[..., 96:416, 96:416]
+    for model, same in ((fixed, True), (group, False)):
+        alone = _centre_of_decoding(model, middle, 128)
+        inside = _centre_of_decoding(model, big, 224)
+        assert torch.allclose(alone, inside, atol=1e-4) is same

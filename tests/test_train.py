@@ -325,3 +325,34 @@ def test_colour_terms_train_and_resume_to_the_same_weights(small_photos, tmp_pat
     train(tmp_path / "split", overrides={"steps": 8}, resume=True, **kw)
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and np.isfinite(last["loss"])
+
+
+def test_a_fine_tune_freezes_the_norms_and_exports_them(tiny_run, small_photos, tmp_path):
+    """--norm fixed on a fine-tune measures the source's GroupNorm statistics on training crops and keeps them
+    in the checkpoint, a later fine-tune keeps the source's fixed norms unless told otherwise, and the ONNX
+    graphs compute what torch does."""
+    from gqtok.core.artifact import load_artifact
+    from gqtok.export.exporter import export_run
+    from gqtok.service.runtime import TokenizerRuntime
+    from gqtok.training.train import load_run
+
+    run = tmp_path / "fixed"
+    train(run, small_photos, "tiny", {"steps": 4, "image_every": 0, "init_from": str(tiny_run), "norm": "fixed"},
+          progress=False)
+    assert json.loads((run / "config.json").read_text())["model"]["norm"] == "fixed"
+    state = load_file(str(run / "model.safetensors"))
+    var = [k for k in state if k.endswith("stat_var")]
+    assert var and all(k.replace("stat_var", "stat_mean") in state for k in var)
+    assert not any(torch.equal(state[k], torch.ones_like(state[k])) for k in var)  # measured, not the initial 1s
+    again = tmp_path / "again"
+    train(again, small_photos, "tiny", {"steps": 2, "image_every": 0, "init_from": str(run)}, progress=False)
+    assert json.loads((again / "config.json").read_text())["model"]["norm"] == "fixed"
+
+    export_run(run, tmp_path / "model", model_id="fixed")
+    model, _ = load_run(run)
+    image = torch.rand(1, 3, 96, 128) * 2 - 1
+    runtime = TokenizerRuntime(load_artifact(tmp_path / "model"), device="cpu", threads=1)
+    mu, _ = runtime.encode(((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    with torch.no_grad():
+        expected = ((model.decoder(torch.from_numpy(mu)) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(runtime.decode(mu) - expected).max() < 1e-4

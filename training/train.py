@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gqtok.training import data as photo_data
-from gqtok.training.model import PRESETS, VAEConfig, build_model, kl_bits_per_token
+from gqtok.training.model import PRESETS, VAEConfig, build_model, calibrate_fixed_norms, kl_bits_per_token
 from gqtok.training.tdc import TDC
 
 
@@ -120,6 +120,9 @@ def build_configs(preset: str, overrides: dict | None = None) -> tuple[VAEConfig
 WEIGHTS = "weights.safetensors"  # the torch weights an exported model ships beside its ONNX files
 CODEC_SETTINGS = ("quantizer", "rate_lambdas", "hyper_channels")  # what the codec adds to a network it starts from
 GROW_SETTINGS = ("downsample", "channel_mult")  # what a model with a coarser grid changes in the one it starts from
+NORM_SETTINGS = ("norm",)  # a fine-tune may freeze its source's GroupNorm statistics (model.py, FixedGroupNorm)
+STAT_KEYS = ("stat_mean", "stat_var")  # FixedGroupNorm's buffers
+NORM_CALIBRATION_BATCHES = 8  # of 16 crops: 128 crops measure each layer's statistics
 
 
 def load_weights(source: Path, device: str = "cpu", ema: bool = True) -> tuple[dict, dict]:
@@ -219,6 +222,7 @@ class Trainer:
             from gqtok.training.perceptual import DeepFeatureDistance
 
             self.perceptual = DeepFeatureDistance().to(self.device)
+        refreeze = False
         if train_cfg.init_from:
             source_cfg, state = load_weights(Path(train_cfg.init_from), str(self.device))
             if source_cfg.get("downsample", model_cfg.downsample) != model_cfg.downsample:  # a coarser grid
@@ -229,7 +233,14 @@ class Trainer:
                 state, fresh = grown_state(state, VAEConfig(**source_cfg), model_cfg, self.model.state_dict())
                 print(f"grown from {train_cfg.init_from} (f={source_cfg['downsample']} -> {model_cfg.downsample}): "
                       f"{len(fresh)} tensors new ({', '.join(sorted({k.rsplit('.', 2)[0] for k in fresh})[:6])} ...)")
-            missing, unexpected = self.model.load_state_dict(state, strict=not self.codec)
+            # a network moving to fixed norms (model.py) lacks their statistics: measured below, on training crops
+            refreeze = model_cfg.norm == "fixed" and source_cfg.get("norm", "group") == "group"
+            if refreeze and self.codec:
+                raise ValueError("freeze the norms of the Gaussian VAE first (--norm fixed), then start the codec from it")
+            missing, unexpected = self.model.load_state_dict(state, strict=not (self.codec or refreeze))
+            if refreeze and not self.codec and (unexpected or any(not k.endswith(STAT_KEYS) for k in missing)):
+                raise ValueError(f"{train_cfg.init_from} does not match this network (missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]})")
             if self.codec:  # the codec takes the Gaussian VAE's encoder and decoder; its hyperprior and gains are new
                 new = [k for k in missing if not k.startswith(("hyper.", "log_gain"))]
                 if new or unexpected:
@@ -255,6 +266,13 @@ class Trainer:
                                            dark_prob=train_cfg.dark_prob)
         self.fixed = photo_data.to_model_input(
             photo_data.RandomCrops(train_paths, train_cfg.crop, seed=12345).batch(8)).to(self.device)
+        if train_cfg.init_from and refreeze:  # before the EMA copies the weights; a resumed run loads its own
+            crops = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=54321, window_max=train_cfg.crop_window_max)
+            calibrate_fixed_norms(self.model, (photo_data.to_model_input(crops.batch(16)).to(self.device)
+                                               for _ in range(NORM_CALIBRATION_BATCHES)))
+            if self.ema is not None:
+                self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()
+                            if v.is_floating_point()}
         if self.codec:  # a resumed run loads its own gains over these
             self.model.calibrate_gains(self.fixed)
             self.lambdas = torch.tensor(model_cfg.rate_lambdas, device=self.device)
@@ -476,6 +494,8 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
             source = load_weights(Path(train_cfg.init_from))[0]
             # ... except the codec's own settings: it takes a Gaussian VAE's network and adds its hyperprior
             own = CODEC_SETTINGS if model_cfg.quantizer == "uniform" else ()
+            if "norm" in (overrides or {}):  # asked for; otherwise the source's norms, whatever the preset says
+                own = own + NORM_SETTINGS
             if source.get("downsample") != model_cfg.downsample:  # a coarser grid grown from a finer model
                 own = own + GROW_SETTINGS
             changed = sorted(k for k in (overrides or {}) if k in source and k not in own)
