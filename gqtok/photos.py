@@ -186,6 +186,12 @@ def load_rgb(path: Path, alpha: str = "composite") -> np.ndarray:
         return to_rgb(im, alpha, name=str(path))
 
 
+def to_grey(img: np.ndarray) -> np.ndarray:
+    """uint8 RGB [..., 3] -> the same shape in grey: its luma (ITU-R BT.601) in all three channels."""
+    luma = np.rint(np.asarray(img, np.float64) @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)
+    return np.repeat(luma[..., None], 3, axis=-1)
+
+
 def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 [H, W, 3] -> [h, w, 3] (size = (h, w)), Pillow's bicubic filter (antialiased when shrinking)."""
     h, w = size

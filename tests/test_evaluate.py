@@ -104,3 +104,21 @@ def test_colour_metrics_see_a_cast_and_a_tinted_grey():
     assert same["colour_shift"] == 0 and same["delta_e76"] == 0 and same["grey_chroma"] < 1e-3
     colour = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     assert colour_metrics(colour, colour)["grey_chroma"] is None  # a colour photo has no grey figure
+
+
+def test_every_photo_made_grey_measures_a_tint(own_photos):
+    """greyed_chroma: each crop made grey goes through the tokenizer too; a tokenizer that gives back what it got
+    scores 0, one that adds blue does not."""
+    from gqtok import photos
+    from gqtok.training.evaluate import evaluate_tokenizer
+
+    def blue(ids):
+        out = ids.astype(int)
+        out[..., 2] += 8
+        return np.minimum(out, 255).astype(np.uint8)
+
+    paths = photos.list_images(own_photos)
+    same = evaluate_tokenizer(lambda x: x, lambda ids: ids, paths, (64, 96), 8.0, classic=False, progress=False)
+    tinted = evaluate_tokenizer(lambda x: x, blue, paths, (64, 96), 8.0, classic=False, progress=False)
+    assert same["tokens"]["greyed_chroma"] < 1e-3 and tinted["tokens"]["greyed_chroma"] > 2
+    assert all(row["tokens"]["greyed_chroma"] > 2 for row in tinted["per_image"])

@@ -21,7 +21,7 @@ import numpy as np
 
 from PIL import Image
 
-from gqtok.photos import center_crop, list_images, load_rgb, split_heldout
+from gqtok.photos import center_crop, list_images, load_rgb, split_heldout, to_grey
 
 DEFAULT_DATA_DIR = Path("data/endless-sky")
 PACKAGES = {  # variant -> (Debian package, folder of photos inside it)
@@ -161,7 +161,7 @@ class RandomCrops:
                 patch = np.asarray(Image.fromarray(patch).resize((self.crop, self.crop), Image.BICUBIC))
             out[i] = patch[:, ::-1] if self.rng.random() < 0.5 else patch
             if self.grey_prob and self.rng.random() < self.grey_prob:
-                out[i] = np.rint(out[i] @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
+                out[i] = to_grey(out[i])
             if self.dark_prob and self.rng.random() < self.dark_prob:
                 out[i] = np.rint(out[i] * self.rng.uniform(0.15, 0.6)).astype(np.uint8)
         return out
