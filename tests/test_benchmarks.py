@@ -206,10 +206,13 @@ def test_pc_benchmark_codes_digits_and_tokens(tiny_model, small_photos, tmp_path
 def test_kl_size_benchmark_reports_rate_and_gq_cost_per_size(tiny_model, tmp_path):
     from benchmarks import kl_size
 
-    result = kl_size.main(["--model", str(tiny_model), "--quick", "--out", str(tmp_path / "kl.json")])
-    sizes = result["sizes"]
-    assert list(sizes) == ["128x128", "256x256"]
-    for row in sizes.values():
-        p5, p50, p95 = row["kl_p5_p50_p95"]
-        assert row["photos"] == 3 and p5 <= p50 <= p95 and row["target_bits"] == 8.0
-        assert row["gq_cost_db"] == pytest.approx(row["psnr_continuous"] - row["psnr_tokens"])
+    result = kl_size.main(["--model", str(tiny_model), "--model", "default", "--quick", "--out", str(tmp_path / "kl.json")])
+    assert list(result["models"]) == [str(tiny_model), "default"]  # side by side, in the order given
+    for spec, bits in ((str(tiny_model), 8.0), ("default", 16.0)):
+        sizes = result["models"][spec]["sizes"]
+        assert list(sizes) == ["128x128", "256x256"]
+        for row in sizes.values():
+            p5, p50, p95 = row["kl_p5_p50_p95"]
+            assert row["photos"] == 3 and p5 <= p50 <= p95 and row["target_bits"] == bits
+            assert row["gq_cost_db"] == pytest.approx(row["psnr_continuous"] - row["psnr_tokens"])
+            assert len(row["signed_error_rgb"]) == 3 and np.isfinite(row["signed_error_rgb"]).all()
