@@ -74,6 +74,20 @@ def test_resume_continues_exactly(small_photos, tmp_path):
     assert after and min(after) >= mid_cpu > 0 and [r["cpu_s"] for r in rows] == sorted(r["cpu_s"] for r in rows)
 
 
+def test_stop_at_pauses_a_schedule_that_a_resume_finishes(small_photos, tmp_path):
+    """stop_at ends a run early without shortening its learning-rate schedule: a cosine run stopped at step 20 of
+    40 and resumed gives the 40 straight steps' weights (a schedule of 20 steps would not)."""
+    kw = dict(data=small_photos, preset="tiny", progress=False)
+    cosine = {"steps": 40, "image_every": 0, "lr_schedule": "cosine", "warmup_steps": 0}
+    train(tmp_path / "straight", overrides=cosine, **kw)
+    train(tmp_path / "stopped", overrides={**cosine, "stop_at": 20}, **kw)
+    assert json.loads((tmp_path / "stopped" / "config.json").read_text())["step"] == 20
+    train(tmp_path / "stopped", overrides={"stop_at": 0}, resume=True, **kw)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_model_changes_and_overwrites(small_photos, tmp_path):
     train(tmp_path / "r", small_photos, "tiny", {"steps": 2}, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):

@@ -16,6 +16,7 @@ model and the same three scalars.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from gqtok.training.tdc import TDC
 class TrainConfig:
     steps: int = 10_000  # optimizer steps in total (a resumed run continues up to this)
     time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0 = no limit
+    stop_at: int = 0  # stop (and checkpoint) at this step, the learning-rate schedule still that of `steps`; 0 = at steps
     batch_size: int = 8  # images per step per rank
     crop: int = 128  # random square crop size
     # random resized crops: windows of side crop * U(1, crop_window_max), resized to crop; 1 = plain crops
@@ -411,7 +413,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc="train")
         log = open(self.run_dir / "log.jsonl", "a") if self.rank == 0 else None
         self.model.train()
-        while self.step < cfg.steps:
+        while self.step < (min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps):
             last = self.train_step()
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -482,8 +484,9 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
         saved = json.loads((run_dir / "config.json").read_text())
         preset = saved["preset"]
         model_cfg = VAEConfig(**saved["model"])
-        train_kw = {**saved["train"], **{k: v for k, v in (overrides or {}).items() if k in saved["train"]}}
-        if set(overrides or {}) - set(train_kw):
+        settings = {f.name for f in dataclasses.fields(TrainConfig)}  # a run saved before a setting existed takes it
+        train_kw = {**saved["train"], **{k: v for k, v in (overrides or {}).items() if k in settings}}
+        if set(overrides or {}) - settings:
             raise ValueError("only training settings can change on --resume, not the model's")
         train_cfg = TrainConfig(**train_kw)
     else:
