@@ -1,6 +1,7 @@
 """The discretized-VAE codec's training side (training/codec.py): its likelihood, its rate levels, fine-tuning from
 a Gaussian VAE, resume."""
 
+import json
 import math
 
 import pytest
@@ -113,3 +114,16 @@ def test_the_portable_coder_codes_what_the_model_estimates(tiny_codec, small_pho
             recon = model.decoder(torch.tensor(y_back, dtype=torch.float32)[None] / gain)
             float_recon = model(x, torch.tensor([level]), noise=False)[0]
         assert torch.mean((recon - float_recon) ** 2).item() < 1e-3  # integer means: the same picture, nearly
+
+
+def test_a_codec_freezes_its_norms_and_keeps_its_gains(tiny_codec, small_photos, tmp_path):
+    """--norm fixed on a codec started from a codec: the norms' statistics are measured through the codec (every
+    rate level), its trained gains and hyperprior are kept, not calibrated afresh."""
+    run = tmp_path / "fixed-codec"
+    train(run, small_photos, "tiny", {"steps": 1, "image_every": 0, "init_from": str(tiny_codec), "norm": "fixed",
+                                      "lr": 1e-12}, progress=False)
+    before, after = (load_file(str(r / "model.safetensors")) for r in (tiny_codec, run))
+    assert json.loads((run / "config.json").read_text())["model"]["norm"] == "fixed"
+    assert torch.allclose(after["model.log_gain"], before["model.log_gain"], atol=1e-6)  # one step at lr 1e-12
+    stats = [k for k in after if k.startswith("model.") and k.endswith("stat_var")]
+    assert stats and not any(torch.equal(after[k], torch.ones_like(after[k])) for k in stats)

@@ -129,10 +129,11 @@ def norm_layer(cfg: VAEConfig, channels: int) -> nn.Module:
 
 
 @torch.no_grad()
-def calibrate_fixed_norms(model: nn.Module, batches) -> int:
+def calibrate_fixed_norms(model: nn.Module, batches, forward=None) -> int:
     """Fill every FixedGroupNorm's statistics from the model's forward passes over `batches` (model inputs in
     [-1, 1]), each layer measured as GroupNorm would see it: the frozen network starts where the per-image one
-    was, on average over the batches. Returns how many layers were calibrated."""
+    was, on average over the batches. forward(x): how to run the model (default: a Gaussian VAE decoding its
+    posterior means). Returns how many layers were calibrated."""
     layers = [m for m in model.modules() if isinstance(m, FixedGroupNorm)]
     for layer in layers:
         layer.calibrating, layer.seen = True, []
@@ -140,7 +141,7 @@ def calibrate_fixed_norms(model: nn.Module, batches) -> int:
     model.eval()
     try:
         for x in batches:
-            model(x, sample=False)
+            forward(x) if forward else model(x, sample=False)
     finally:
         model.train(was_training)
         for layer in layers:

@@ -224,7 +224,7 @@ class Trainer:
             from gqtok.training.perceptual import DeepFeatureDistance
 
             self.perceptual = DeepFeatureDistance().to(self.device)
-        refreeze = False
+        refreeze, fresh_gains = False, self.codec
         if train_cfg.init_from:
             source_cfg, state = load_weights(Path(train_cfg.init_from), str(self.device))
             if source_cfg.get("downsample", model_cfg.downsample) != model_cfg.downsample:  # a coarser grid
@@ -235,19 +235,16 @@ class Trainer:
                 state, fresh = grown_state(state, VAEConfig(**source_cfg), model_cfg, self.model.state_dict())
                 print(f"grown from {train_cfg.init_from} (f={source_cfg['downsample']} -> {model_cfg.downsample}): "
                       f"{len(fresh)} tensors new ({', '.join(sorted({k.rsplit('.', 2)[0] for k in fresh})[:6])} ...)")
-            # a network moving to fixed norms (model.py) lacks their statistics: measured below, on training crops
+            # what a starting point may lack: a codec's hyperprior and gains (it starts from a Gaussian VAE), and
+            # the statistics of norms being frozen (measured below, on training crops; model.py FixedGroupNorm)
             refreeze = model_cfg.norm == "fixed" and source_cfg.get("norm", "group") == "group"
-            if refreeze and self.codec:
-                raise ValueError("freeze the norms of the Gaussian VAE first (--norm fixed), then start the codec from it")
-            missing, unexpected = self.model.load_state_dict(state, strict=not (self.codec or refreeze))
-            if refreeze and not self.codec and (unexpected or any(not k.endswith(STAT_KEYS) for k in missing)):
-                raise ValueError(f"{train_cfg.init_from} does not match this network (missing {missing[:5]}, "
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            new = [k for k in missing if not (self.codec and k.startswith(("hyper.", "log_gain")))
+                   and not (refreeze and k.endswith(STAT_KEYS))]
+            if new or unexpected:
+                raise ValueError(f"{train_cfg.init_from} does not match this network (missing {new[:5]}, "
                                  f"unexpected {unexpected[:5]})")
-            if self.codec:  # the codec takes the Gaussian VAE's encoder and decoder; its hyperprior and gains are new
-                new = [k for k in missing if not k.startswith(("hyper.", "log_gain"))]
-                if new or unexpected:
-                    raise ValueError(f"{train_cfg.init_from} does not match the codec's encoder and decoder "
-                                     f"(missing {new[:5]}, unexpected {unexpected[:5]})")
+            fresh_gains = self.codec and "log_gain" in missing
         elif model_cfg.encoder == "effnet-lite0":  # a resumed run then loads its own weights over these
             self.model.encoder.trunk.load_imagenet()
         # EMA of every floating-point entry of the state dict (weights and buffers), updated after each step
@@ -268,15 +265,20 @@ class Trainer:
                                            dark_prob=train_cfg.dark_prob)
         self.fixed = photo_data.to_model_input(
             photo_data.RandomCrops(train_paths, train_cfg.crop, seed=12345).batch(8)).to(self.device)
-        if train_cfg.init_from and refreeze:  # before the EMA copies the weights; a resumed run loads its own
-            crops = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=54321, window_max=train_cfg.crop_window_max)
-            calibrate_fixed_norms(self.model, (photo_data.to_model_input(crops.batch(16)).to(self.device)
-                                               for _ in range(NORM_CALIBRATION_BATCHES)))
-            if self.ema is not None:
-                self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()
-                            if v.is_floating_point()}
-        if self.codec:  # a resumed run loads its own gains over these
+        if fresh_gains:  # a resumed run, or a codec started from a codec, loads its own gains over these
             self.model.calibrate_gains(self.fixed)
+        if refreeze:  # a resumed run loads its own
+            crops = photo_data.RandomCrops(train_paths, train_cfg.crop, seed=54321, window_max=train_cfg.crop_window_max)
+            batches = [photo_data.to_model_input(crops.batch(16)).to(self.device) for _ in range(NORM_CALIBRATION_BATCHES)]
+            levels = torch.Generator().manual_seed(0)
+            # a codec's decoder sees every rate level's latents: each crop at a level drawn at random
+            codec_forward = (lambda x: self.model(x, torch.randint(len(model_cfg.rate_lambdas), (len(x),),
+                                                                   generator=levels).to(self.device), noise=False))
+            calibrate_fixed_norms(self.model, batches, codec_forward if self.codec else None)
+        if (fresh_gains or refreeze) and self.ema is not None:  # the EMA starts from the calibrated values
+            self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()
+                        if v.is_floating_point()}
+        if self.codec:
             self.lambdas = torch.tensor(model_cfg.rate_lambdas, device=self.device)
 
     # -- checkpoints ---------------------------------------------------------
