@@ -117,7 +117,7 @@ def bits_per_token(model: ARTransformer, seqs: torch.Tensor, batch: int = 64) ->
 
 def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrides: dict | None = None,
                     train_overrides: dict | None = None, api_key: str | None = None, progress: bool = True,
-                    tokens_dir: Path | None = None) -> dict:
+                    tokens_dir: Path | None = None, tokenizer_model: str | None = None) -> dict:
     from tqdm import tqdm
 
     from gqtok.service.client import TokenizerClient
@@ -125,9 +125,11 @@ def train_generator(out: Path, tokenizer_url: str, data_dir: Path, model_overrid
     cfg = GeneratorTrainConfig(**(train_overrides or {}))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with TokenizerClient(tokenizer_url, api_key=api_key, timeout=300) as client:
-        meta = client.model_info()
-        codebook = client.codebook()
+    # tokenizer_model: one of the server's models by name (None: its default); its id goes into the summary, and
+    # the generator's own server decodes with it
+    with TokenizerClient(tokenizer_url, api_key=api_key, model=tokenizer_model, timeout=300) as client:
+        meta = client.model_info(tokenizer_model)
+        codebook = client.codebook(tokenizer_model)
         from_tokenizer = {"vocab_size": meta["num_codes"], "tokens_per_position": meta["tokens_per_position"]}
         if tokens_dir is not None:
             train_grids, val_grids = from_shards(Path(tokens_dir), meta)

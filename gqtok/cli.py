@@ -140,12 +140,14 @@ def cmd_eval(args) -> None:
         tokenize, detokenize, bits, name = tokenizer_for(args.target, args.device)
         results = {f"{h}x{w}": evaluate_tokenizer(
             tokenize, detokenize, paths, (h, w), bits, name=name, classic=not args.no_classic,
-            progress=not args.quiet, png_out=Path(args.png).with_suffix(f".{h}x{w}.jpg") if args.png else None)
+            progress=not args.quiet, png_out=Path(args.png).with_suffix(f".{h}x{w}.jpg") if args.png else None,
+            fd=args.fd)
             for h, w in sizes}
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1))
-        keep = ("images", "bpp", "tokens", "jpeg", "webp", "psnr_gap_to_jpeg", "psnr_gap_to_webp", "failed")
+        keep = ("images", "bpp", "tokens", "jpeg", "webp", "psnr_gap_to_jpeg", "psnr_gap_to_webp", "fd_effnet_lite0",
+                "failed")
         print(json.dumps({size: {k: r[k] for k in keep if k in r} | {"per_source_psnr": {
             s: round(v["tokens"]["psnr"], 2) for s, v in r["per_source"].items()}} for size, r in results.items()},
             indent=1))
@@ -336,7 +338,8 @@ def cmd_generator_train(args) -> None:
     train_kw = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     summary = train_generator(Path(args.out), args.tokenizer_url, Path(args.data), model_kw, train_kw,
                               api_key=args.api_key, progress=not args.quiet,
-                              tokens_dir=Path(args.tokens) if args.tokens else None)
+                              tokens_dir=Path(args.tokens) if args.tokens else None,
+                              tokenizer_model=args.tokenizer_model)
     print(json.dumps({k: summary[k] for k in ("val_bits_per_token", "log2_k", "parameters", "train_sequences",
                                               "val_sequences")} | {"out": args.out}))
 
@@ -565,6 +568,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     gt.add_argument("--data", default="data/endless-sky", help="photos (held-out ones validate)")
     gt.add_argument("--tokens", help="train from these token shards (gqtok tokenize) instead of tokenizing --data "
                                      "over HTTP; rows of held-out photos validate")
+    gt.add_argument("--tokenizer-model", metavar="NAME",
+                    help="which of the server's models makes the tokens, e.g. gqtok-f16 (default: the server's default)")
     gt.add_argument("--quiet", action="store_true")
     if argv[:2] == ["generator", "train"]:
         from gqtok.generator.model import GeneratorConfig

@@ -147,18 +147,33 @@ def check_compressed_bytes(compressor, recorded):
 
 
 def test_streams_of_older_formats_still_decode_to_the_recorded_pixels(recorded):
-    """The streams recorded under format 2 (before the model digest) decode with today's reader."""
+    """The streams recorded in formats 1 to 3 (the same payloads under the older headers) decode with today's
+    reader."""
     from gqtok.service.compressor import ImageCompressor
 
     compressor = ImageCompressor(load_artifact(find_model()))
-    older = [k for k in recorded if "_v" in k]
-    assert {k.split("_v")[-1] for k in older} >= {"2", "3"} and len(older) >= 12
+    older = [k for k in recorded if "_v" in k and not k.startswith("replaced")]
+    assert {k.split("_v")[-1] for k in older} == {"1", "2", "3"} and len(older) == 16
     for key in older:
         name = key.split("_")[0]
         assert recorded[key][4] == int(key.split("_v")[-1])  # the format version byte
         decoded, _ = compressor.decompress(recorded[key].tobytes())
         h, w = recorded[f"{name}_image"].shape[:2]
         assert np.array_equal(decoded, recorded[f"{name}_pixels"][:h, :w]), key
+
+
+def test_streams_of_the_replaced_default_model_are_refused_by_name(recorded):
+    """The default model before this one made the replaced_* streams (same model id): the model digest and the
+    prior files' digests in their headers tell them apart, so they are refused, never decoded into other pixels."""
+    from gqtok.core.bitstream import BitstreamError
+    from gqtok.service.compressor import ImageCompressor
+
+    compressor = ImageCompressor(load_artifact(find_model()))
+    replaced = [k for k in recorded if k.startswith("replaced_")]
+    assert len(replaced) >= 6
+    for key in replaced:
+        with pytest.raises(BitstreamError, match="model|prior"):
+            compressor.decompress(recorded[key].tobytes())
 
 
 def test_the_server_answers_the_recorded_tokens_and_bytes(start_server, recorded):
@@ -213,3 +228,51 @@ def test_bundled_codec_makes_and_decodes_the_recorded_streams():
         assert np.array_equal(codec.decompress(data)[0], recorded[f"q{q}_pixels"]), q
         sizes.append(len(data))
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+# -- the bundled 256-token model (models/f16), beside the default ----------------------------------------------------
+F16 = DEFAULT.with_name("f16")
+
+
+def test_the_256_token_model_is_complete_and_models_stay_under_40_mb():
+    art = load_artifact(F16)
+    m = art.manifest
+    assert (m.downsample, m.token_dim, m.num_codes, m.tokens_per_position) == (16, 16, 2**16, 1)
+    assert m.model_id == "gqtok-f16" and m.training["model"]["norm"] == "fixed"
+    bundled = [p for d in DEFAULT.parent.iterdir() if d.is_dir() for p in d.iterdir()]
+    assert sum(p.stat().st_size for p in bundled) <= 40 * 2**20
+
+
+def test_both_models_by_name_in_every_front_end(start_server, photos_dir, tmp_path):
+    """gqtok serve with both models lists both; the server, the client, the in-process API and gqtok tokenize each
+    take either by name: a 256x256 photo is 256 tokens with gqtok-f16 and 1,024 with the default, the same
+    tokens everywhere."""
+    import subprocess
+    import sys
+
+    from gqtok import Tokenizer
+    from gqtok.core.shards import TokenShards
+    from gqtok.service.client import TokenizerClient
+
+    _, held = photo_files.split_heldout(photo_files.list_images(photos_dir))
+    img = photo_files.center_crop(photo_files.load_rgb(held[0]), (256, 256))
+    server = start_server(["default", "f16"])
+    listed = httpx.get(f"{server.url}/v1/models").json()
+    assert {m["model_id"] for m in listed["models"]} == {"gqtok-default", "gqtok-f16"}
+    expected = {"gqtok-default": (32, 32), "gqtok-f16": (16, 16)}
+    with TokenizerClient(server.url) as client:
+        for model_id, grid in expected.items():
+            local = Tokenizer.load(model_id, device="cpu").encode(img)
+            assert local.shape == (1, 1, *grid)
+            assert np.array_equal(client.tokenize(img, model=model_id), local)
+            if model_id == "gqtok-f16":  # decoded back to a picture of the same size, and close to it
+                recon = np.asarray(client.detokenize(local[0], model=model_id)[0].convert("RGB"), float)
+                assert recon.shape == img.shape and 10 * np.log10(255**2 / np.mean((recon - img) ** 2)) > 20
+    photo_dir = tmp_path / "in"
+    photo_dir.mkdir()
+    Image.fromarray(img).save(photo_dir / "photo.png")
+    subprocess.run([sys.executable, "-m", "gqtok.cli", "tokenize", str(photo_dir), "--out", str(tmp_path / "out"),
+                    "--model", "f16", "--size", "256"], check=True, capture_output=True, timeout=300)
+    shards = TokenShards(tmp_path / "out")
+    assert shards.meta["model"]["model_id"] == "gqtok-f16"
+    assert np.array_equal(shards.grids()[0], Tokenizer.load("f16", device="cpu").encode(img)[0])

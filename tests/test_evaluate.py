@@ -108,7 +108,7 @@ def test_colour_metrics_see_a_cast_and_a_tinted_grey():
 
 def test_every_photo_made_grey_measures_a_tint(own_photos):
     """greyed_chroma: each crop made grey goes through the tokenizer too; a tokenizer that gives back what it got
-    scores 0, one that adds blue does not."""
+    scores 0, one that adds blue does not. The same for the Frechet distance (fd=True)."""
     from gqtok import photos
     from gqtok.training.evaluate import evaluate_tokenizer
 
@@ -118,7 +118,10 @@ def test_every_photo_made_grey_measures_a_tint(own_photos):
         return np.minimum(out, 255).astype(np.uint8)
 
     paths = photos.list_images(own_photos)
-    same = evaluate_tokenizer(lambda x: x, lambda ids: ids, paths, (64, 96), 8.0, classic=False, progress=False)
-    tinted = evaluate_tokenizer(lambda x: x, blue, paths, (64, 96), 8.0, classic=False, progress=False)
+    same = evaluate_tokenizer(lambda x: x, lambda ids: ids, paths, (64, 96), 8.0, classic=False, progress=False,
+                              fd=True)
+    tinted = evaluate_tokenizer(lambda x: x, blue, paths, (64, 96), 8.0, classic=False, progress=False, fd=True)
     assert same["tokens"]["greyed_chroma"] < 1e-3 and tinted["tokens"]["greyed_chroma"] > 2
+    # --fd in this report too: the same pictures are at distance 0, tinted ones are not
+    assert abs(same["fd_effnet_lite0"]["tokens"]) < 1e-3 < tinted["fd_effnet_lite0"]["tokens"]
     assert all(row["tokens"]["greyed_chroma"] > 2 for row in tinted["per_image"])

@@ -243,7 +243,7 @@ def classic_at_bpp(img: np.ndarray, fmt: str, target_bpp: float) -> tuple[np.nda
 
 def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int, int], bits_per_token: float,
                        name: str = "model", classic: bool = True, progress: bool = True,
-                       png_out: Path | None = None) -> dict:
+                       png_out: Path | None = None, fd: bool = False) -> dict:
     """Any tokenizer on any photos: centre crops of `size` (photos smaller than it are skipped, not upscaled),
     tokenize(uint8 [1, H, W, 3]) -> ids [1, T, h, w] and detokenize(ids) -> uint8 [1, H, W, 3] (an exported model's
     runtime, a server's client, a run's torch model), PSNR / SSIM / MS-SSIM of the tokens' reconstruction, and
@@ -251,11 +251,14 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
     tokens also greyed_chroma, the mean chroma C*ab of the reconstruction of each crop made grey (gqtok.photos.
     to_grey; a grey picture's should be 0). Results overall and per source (gqtok.photos.source_of).
     png_out: a grid of the first photo of each source (up to 8): original | tokens | JPEG at the same bpp.
+    fd: also fd_effnet_lite0, the Frechet distance on EfficientNet-Lite0 features between the crops and each
+    method's reconstructions (over all crops; comparable only on the same photos, and not FID).
     A photo that cannot be read or tokenized is listed under "failed" with its reason; the others are measured."""
     from tqdm import tqdm
 
     h, w = size
     rows, skipped, failed, grid_rows = [], [], [], {}
+    fd_sets: dict[str, list[np.ndarray]] = {"original": [], "tokens": [], "jpeg": [], "webp": []}
     for path in tqdm(paths, desc=f"eval {name} {h}x{w}", disable=not progress, leave=False):
         try:
             img = photo_files.load_rgb(path)
@@ -283,6 +286,11 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
                                                                                                    "quality": q}
                 if fmt == "JPEG" and png_out and row["source"] not in grid_rows and len(grid_rows) < 8:
                     grid_rows[row["source"]] = np.concatenate([crop, recon, decoded], axis=1)
+                if fd:
+                    fd_sets[fmt.lower()].append(decoded)
+        if fd:
+            fd_sets["original"].append(crop)
+            fd_sets["tokens"].append(recon)
         rows.append(row)
     if not rows:
         reasons = f"; {len(failed)} failed, the first: {failed[0]['error']}" if failed else ""
@@ -305,7 +313,14 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
     if png_out and grid_rows:
         save_grid([grid_rows[k] for k in sorted(grid_rows)], png_out)
     sources = sorted({r["source"] for r in rows})
-    return {"model": name, "image_size": [h, w], "bits_per_token": bits_per_token, **summary(rows),
+    extra = {}
+    if fd:
+        from gqtok.training.perceptual import fd_effnet_lite0
+
+        originals = photo_data.to_model_input(np.stack(fd_sets["original"]))
+        extra["fd_effnet_lite0"] = {k: fd_effnet_lite0(originals, photo_data.to_model_input(np.stack(v)))
+                                    for k, v in fd_sets.items() if k != "original" and v}
+    return {"model": name, "image_size": [h, w], "bits_per_token": bits_per_token, **summary(rows), **extra,
             "per_source": {s: summary([r for r in rows if r["source"] == s]) for s in sources},
             "skipped_smaller_than_crop": skipped, "failed": failed, "per_image": rows}
 
