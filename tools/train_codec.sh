@@ -4,7 +4,7 @@
 #   bash tools/train_codec.sh singles    one lambda per model at two of those lambdas, 4,000 steps each: the same
 #                                        CPU time per rate as the variable model (a sixth of it), to choose by
 #   bash tools/train_codec.sh fixed      the variable model's norms frozen (--norm fixed, training/model.py) at
-#                                        the step it reached, then 4,000 steps (the size-independent codec)
+#                                        the step it reached (18,559), then 2,000 steps (the size-independent codec)
 # Runs go to runs/codec-*; logs to runs/codec-*.out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ case "${1:-}" in
         --rate-lambdas "$lam"
     done ;;
   fixed)
-    resume_or_start runs/codec-fixed 4000 runs/codec-fixed.out --preset codec --init-from runs/codec-variable \
+    resume_or_start runs/codec-fixed 2000 runs/codec-fixed.out --preset codec --init-from runs/codec-variable \
       --norm fixed --lr 1.5e-4 --warmup-steps 100 --image-every 2000 ;;
   *) echo "usage: $0 variable|singles|fixed" >&2; exit 2 ;;
 esac
