@@ -340,7 +340,8 @@ def codec_points(model_dir, photos: list[np.ndarray], args) -> list[dict]:
                          "encode_s": t2 - t0, "decode_s": t4 - t2, "coding_encode_s": t2 - t1,
                          "coding_decode_s": t3 - t2} | image_metrics(img, out))
             print(f"  {m.model_id} quality {quality}: photo {i + 1}/{len(photos)}", end="\r", file=sys.stderr)
-        pt = summarize(rows, codec="dvae", model=m.model_id, quality=quality,
+        # id@version: two exports of one codec (a retrained gqtok-codec beside the shipped one) are two curves
+        pt = summarize(rows, codec="dvae", model=f"{m.model_id}@{m.model_version}", quality=quality,
                        rate_lambda=m.codec.rate_lambdas[quality - 1])
         pt["side_bpp"] = float(np.mean([r["side_bpp"] for r in rows]))
         pt["side_share"] = pt["side_bpp"] / pt["bpp"]

@@ -81,6 +81,9 @@ def test_rd_benchmark_runs_every_prior_the_codec_and_the_anchors(tiny_model, tin
     # the codec: its lowest, middle and highest quality, rate rising, each against every anchor and the tokens
     codec = sorted((p for p in result["points"] if p["codec"] == "dvae"), key=lambda p: p["quality"])
     assert [p["quality"] for p in codec] == [1, 2, 3] and codec[0]["bpp"] < codec[-1]["bpp"]
+    from gqtok.core.manifest import Manifest
+
+    assert {p["model"] for p in codec} == {f"tiny-codec@{Manifest.read(tiny_codec_model).model_version}"}
     assert all(0 < p["side_bpp"] < p["bpp"] and 0 < p["coding_decode_ms"] < p["decode_ms"] for p in codec)
     # the side information under a circuit learned on training photos: the same stream but for z's bits
     assert all(p["pc_side_bpp"] > 0 and p["bpp_with_pc_side"] == pytest.approx(p["bpp"] - p["side_bpp"]
