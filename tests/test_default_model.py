@@ -243,7 +243,7 @@ def test_the_256_token_model_is_complete_and_models_stay_under_40_mb():
     assert sum(p.stat().st_size for p in bundled) <= 40 * 2**20
 
 
-def test_both_models_by_name_in_every_front_end(start_server, photos_dir, tmp_path):
+def test_both_models_by_name_in_every_front_end(start_server, photos_dir, small_photos, tmp_path):
     """gqtok serve with both models lists both; the server, the client, the in-process API and gqtok tokenize each
     take either by name: a 256x256 photo is 256 tokens with gqtok-f16 and 1,024 with the default, the same
     tokens everywhere."""
@@ -276,3 +276,12 @@ def test_both_models_by_name_in_every_front_end(start_server, photos_dir, tmp_pa
     shards = TokenShards(tmp_path / "out")
     assert shards.meta["model"]["model_id"] == "gqtok-f16"
     assert np.array_equal(shards.grids()[0], Tokenizer.load("f16", device="cpu").encode(img)[0])
+    # the generator tokenizes through the server with the model it is told, not the server's default
+    from gqtok.generator.train import train_generator
+
+    summary = train_generator(tmp_path / "gen", server.url, small_photos, {"grid": (2, 2), "n_layer": 2, "n_embd": 64},
+                              {"steps": 2, "batch_size": 4, "crops_per_photo": 1, "eval_every": 2}, progress=False,
+                              tokenizer_model="gqtok-f16")
+    f16 = load_artifact(F16).manifest
+    assert (summary["tokenizer"]["tokenizer_model"], summary["tokenizer"]["model_version"]) == (
+        "gqtok-f16", f16.model_version)
