@@ -333,12 +333,23 @@ def test_colour_terms_train_and_resume_to_the_same_weights(small_photos, tmp_pat
     """The colour fine-tune's settings (low-frequency term, grey and dark crops) train, and a run stopped half way
     resumes to the same weights: the crops' extra random draws are part of the checkpointed data stream."""
     kw = dict(data=small_photos, preset="tiny", progress=False)
-    base = {"steps": 8, "image_every": 0, "colour_weight": 2.0, "grey_prob": 0.5, "dark_prob": 0.5}
+    base = {"steps": 8, "image_every": 0, "colour_weight": 2.0, "chroma_weight": 4.0, "grey_prob": 0.5, "dark_prob": 0.5}
     last = train(tmp_path / "straight", overrides=base, **kw)
     train(tmp_path / "split", overrides={**base, "steps": 4}, **kw)
     train(tmp_path / "split", overrides={"steps": 8}, resume=True, **kw)
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and np.isfinite(last["loss"])
+
+
+def test_opponent_chroma_is_zero_exactly_on_grey():
+    from gqtok.training.train import opponent_chroma
+
+    grey = torch.rand(2, 1, 4, 4).expand(2, 3, 4, 4)
+    assert opponent_chroma(grey).shape == (2, 2, 4, 4) and opponent_chroma(grey).abs().max() == 0
+    tinted = grey.clone()
+    tinted[:, 2] += 0.1  # bluer: (R + G) / 2 - B falls by 0.1, R - G stays
+    assert torch.allclose(opponent_chroma(tinted)[:, 1], torch.full((2, 4, 4), -0.1))
+    assert opponent_chroma(tinted)[:, 0].abs().max() == 0
 
 
 def test_a_fine_tune_freezes_the_norms_and_exports_them(tiny_run, small_photos, tmp_path):

@@ -61,6 +61,9 @@ class TrainConfig:
     # cast lives and where MSE on pixels gives it little weight; and crops made grey or dark with these
     # probabilities, the photos whose cast the default model's training data (a game's art) rarely shows
     colour_weight: float = 0.0
+    # ... and chroma_weight times the MSE of the opponent-colour channels (R - G, (R + G) / 2 - B): colour errors,
+    # which a per-pixel RGB MSE weighs little; on a grey crop, exactly its reconstruction's tint
+    chroma_weight: float = 0.0
     grey_prob: float = 0.0
     dark_prob: float = 0.0
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
@@ -81,8 +84,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.recon_loss not in ("l1", "mse"):
             raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
-        if not (0 <= self.grey_prob <= 1 and 0 <= self.dark_prob <= 1) or self.colour_weight < 0:
-            raise ValueError("grey_prob and dark_prob must lie in [0, 1] and colour_weight be >= 0")
+        if not (0 <= self.grey_prob <= 1 and 0 <= self.dark_prob <= 1) or min(self.colour_weight, self.chroma_weight) < 0:
+            raise ValueError("grey_prob and dark_prob must lie in [0, 1], colour_weight and chroma_weight be >= 0")
         if self.kl_mode not in ("tdc", "fixed"):
             raise ValueError(f"kl_mode must be 'tdc' or 'fixed', got {self.kl_mode!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -165,6 +168,12 @@ def load_run(run_dir: Path, device: str = "cpu", ema: bool = True) -> tuple[Gaus
     model = build_model(VAEConfig(**model_config))
     model.load_state_dict(state)
     return model.to(device).eval(), config
+
+
+def opponent_chroma(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] RGB -> [B, 2, H, W]: R - G and (R + G) / 2 - B, zero wherever a pixel is grey."""
+    r, g, b = images.unbind(1)
+    return torch.stack([r - g, (r + g) / 2 - b], dim=1)
 
 
 def _grid_png(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int = 8) -> None:
@@ -350,6 +359,8 @@ class Trainer:
             loss = loss + self.tcfg.perceptual_weight * self.perceptual(recon, x).mean()
         if self.tcfg.colour_weight:
             loss = loss + self.tcfg.colour_weight * F.mse_loss(F.avg_pool2d(recon, 8), F.avg_pool2d(x, 8))
+        if self.tcfg.chroma_weight:
+            loss = loss + self.tcfg.chroma_weight * F.mse_loss(opponent_chroma(recon), opponent_chroma(x))
         lr = self.tcfg.lr_at(self.step)
         self.optimize(loss)
         logs["lr"] = lr
