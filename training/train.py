@@ -256,9 +256,6 @@ class Trainer:
             fresh_gains = self.codec and "log_gain" in missing
         elif model_cfg.encoder == "effnet-lite0":  # a resumed run then loads its own weights over these
             self.model.encoder.trunk.load_imagenet()
-        # EMA of every floating-point entry of the state dict (weights and buffers), updated after each step
-        self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()}
-                    if train_cfg.ema_decay else None)
         self.step, self.ranks, self.interrupted = 0, [], False
         self.cpu_start, self.cpu_before = time.process_time(), 0.0
         if threading.current_thread() is threading.main_thread():
@@ -284,9 +281,10 @@ class Trainer:
             codec_forward = (lambda x: self.model(x, torch.randint(len(model_cfg.rate_lambdas), (len(x),),
                                                                    generator=levels).to(self.device), noise=False))
             calibrate_fixed_norms(self.model, batches, codec_forward if self.codec else None)
-        if (fresh_gains or refreeze) and self.ema is not None:  # the EMA starts from the calibrated values
-            self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()
-                        if v.is_floating_point()}
+        # EMA of every floating-point entry of the state dict (weights and buffers, calibrated ones included),
+        # updated after each step
+        self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()}
+                    if train_cfg.ema_decay else None)
         if self.codec:
             self.lambdas = torch.tensor(model_cfg.rate_lambdas, device=self.device)
 
