@@ -127,3 +127,26 @@ def test_a_codec_freezes_its_norms_and_keeps_its_gains(tiny_codec, small_photos,
     assert torch.allclose(after["model.log_gain"], before["model.log_gain"], atol=1e-6)  # one step at lr 1e-12
     stats = [k for k in after if k.startswith("model.") and k.endswith("stat_var")]
     assert stats and not any(torch.equal(after[k], torch.ones_like(after[k])) for k in stats)
+
+
+def test_gains_resampled_to_new_levels_keep_the_trained_ones_and_extend_the_ends():
+    from gqtok.training.codec import resampled_gains
+
+    log_gain = torch.tensor([[0.0, 1.0], [1.0, 3.0], [2.0, 4.0]])  # levels at lambda 0.01, 0.1, 1 (a decade apart)
+    out = resampled_gains(log_gain, [0.01, 0.1, 1.0], [0.01, math.sqrt(0.1), 1.0, 10.0, 0.001])
+    assert torch.allclose(out[0], log_gain[0]) and torch.allclose(out[2], log_gain[2])
+    assert torch.allclose(out[1], torch.tensor([1.5, 3.5]), atol=1e-6)  # halfway in log(lambda)
+    assert torch.allclose(out[3], torch.tensor([3.0, 5.0]), atol=1e-6)  # the last decade's slope, continued
+    assert torch.allclose(out[4], torch.tensor([-1.0, -1.0]), atol=1e-6)  # and the first's, below
+
+
+def test_a_codec_grows_rate_levels_from_a_codec(tiny_codec, small_photos, tmp_path):
+    """--rate-lambdas on a codec started from a codec: its trained levels keep their gains, new ones are extended
+    from them (not calibrated afresh)."""
+    run = tmp_path / "more-levels"
+    train(run, small_photos, "tiny", {"steps": 1, "image_every": 0, "init_from": str(tiny_codec), "lr": 1e-12,
+                                      "quantizer": "uniform", "rate_lambdas": (0.002, 0.02, 0.2, 2.0)}, progress=False)
+    before, after = (load_file(str(r / "model.safetensors"))["model.log_gain"] for r in (tiny_codec, run))
+    assert json.loads((run / "config.json").read_text())["model"]["rate_lambdas"] == [0.002, 0.02, 0.2, 2.0]
+    assert after.shape == (4, before.shape[1]) and torch.allclose(after[:3], before, atol=1e-6)
+    assert torch.allclose(after[3], 2 * before[2] - before[1], atol=1e-5)

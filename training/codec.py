@@ -113,6 +113,23 @@ class DiscretizedVAE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def resampled_gains(log_gain: torch.Tensor, source_lambdas, lambdas) -> torch.Tensor:
+    """A codec's per-level log-gains [levels, C] moved to other lambdas (a codec started from a codec with more or
+    other rate levels): per channel, piecewise linear in log(lambda) between the trained levels and extended
+    along the last segment at either end (gain grows with lambda about as a power law)."""
+    x = torch.tensor(source_lambdas, dtype=torch.float64).log()
+    if len(x) == 1:  # one trained level: every level starts from its gains
+        return log_gain[:1].repeat(len(lambdas), 1)
+    order = x.argsort()
+    x, g = x[order], log_gain.detach().double()[order]
+    rows = []
+    for t in torch.tensor(lambdas, dtype=torch.float64).log():
+        i = int(torch.searchsorted(x, t).clamp(1, len(x) - 1))
+        w = (t - x[i - 1]) / (x[i] - x[i - 1])
+        rows.append(g[i - 1] + w * (g[i] - g[i - 1]))
+    return torch.stack(rows).to(log_gain.dtype)
+
+
 def rate_distortion_loss(x: torch.Tensor, recon: torch.Tensor, bits: torch.Tensor, lam: torch.Tensor):
     """(loss, bpp per image, MSE per image on the [0, 1] scale): mean of bpp + lambda * 255^2 * MSE."""
     pixels = x.shape[-2] * x.shape[-1]

@@ -247,6 +247,13 @@ class Trainer:
             # what a starting point may lack: a codec's hyperprior and gains (it starts from a Gaussian VAE), and
             # the statistics of norms being frozen (measured below, on training crops; model.py FixedGroupNorm)
             refreeze = model_cfg.norm == "fixed" and source_cfg.get("norm", "group") == "group"
+            if self.codec and "log_gain" in state and list(source_cfg["rate_lambdas"]) != list(model_cfg.rate_lambdas):
+                from gqtok.training.codec import resampled_gains
+
+                state = {**state, "log_gain": resampled_gains(state["log_gain"], source_cfg["rate_lambdas"],
+                                                              model_cfg.rate_lambdas)}
+                print(f"rate levels {source_cfg['rate_lambdas']} -> {list(model_cfg.rate_lambdas)}: gains "
+                      "interpolated in log(lambda), extended at the ends")
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             new = [k for k in missing if not (self.codec and k.startswith(("hyper.", "log_gain")))
                    and not (refreeze and k.endswith(STAT_KEYS))]
