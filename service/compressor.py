@@ -13,7 +13,6 @@ runs the same two halves with its batchers in between (service/routers/compressi
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
 from gqtok.core.artifact import DECODER, ENCODER, HYPER_ANALYSIS, load_artifact
 from gqtok.core.bitstream import Header, TokenCompressor
@@ -69,9 +68,8 @@ class CodecCompressor:
     def __init__(self, artifact, device: str = "cpu", threads: int = 0):
         self.latents = LatentCompressor(artifact)
         self.manifest = artifact.manifest
-        self.encoder, self.providers, opts = open_sessions(artifact, ENCODER, device, threads)
-        self.hyper_analysis = ort.InferenceSession(str(artifact.path(HYPER_ANALYSIS)), opts, providers=self.providers)
-        self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
+        (self.encoder, self.hyper_analysis, self.decoder), self.providers = open_sessions(
+            artifact, [ENCODER, HYPER_ANALYSIS, DECODER], device, threads)
 
     def quality(self, quality: int | None) -> int:
         return self.latents.quality(quality)

@@ -53,40 +53,49 @@ def preload_cuda_libraries() -> None:
             log.warning("could not preload the CUDA libraries: %s", e)
 
 
-_shared_threads: int | None = None  # the process-wide intra-op pool's size, once share_threads made it
-_sessions_made = False
+_inference_nice = 0  # the nice value at which sessions made from now on start their threads (inference_threads)
 
 
-def share_threads(threads: int, nice: int = 0) -> bool:
-    """Make every onnxruntime session of this process share one intra-op thread pool of `threads` threads (0:
-    one per core) instead of a pool each: the server holds an encoder and a decoder per model, and their pools
-    together ran several times as many threads as cores. Must come before the first session; False (sessions
-    keep their own pools) when one exists already. `nice`: the pool's threads, and those of the exact GQ
-    search's pool of as many threads (process-wide too, gqtok.core.kdtree), run at that nice value (see
-    set_thread_nice)."""
-    global _shared_threads
-    if _shared_threads is not None:
-        return True
-    if _sessions_made:
-        log.warning("onnxruntime sessions exist already: each keeps its own thread pool")
-        return False
+def inference_threads(threads: int, nice: int = 0) -> None:
+    """Run the inference threads made from now on at nice value `nice` (see set_thread_nice): every later
+    session's intra-op pool, and the exact GQ search's process-wide pool of `threads` threads (0: one per core),
+    made here. Each session keeps a pool of its own, idle threads asleep (session_options): onnxruntime's
+    process-wide pool (set_global_thread_pool_sizes) spins between calls and its Python API cannot stop it;
+    shared, it cost a 256x256 tokenize 46-54 ms of CPU instead of 27-30 (docs/results.md, the request path)."""
+    global _inference_nice
+    _inference_nice = nice
 
-    def make_pools():
+    def make_search_pool():
         set_thread_nice(nice)
-        ort.set_global_thread_pool_sizes(threads or default_threads(), 1)
         # a ThreadPoolExecutor starts a thread in the caller of submit() while none is idle: tasks that wait for
         # each other make all of the search pool's threads here
         search_threads = threads or default_threads()
         started = threading.Barrier(search_threads)
         list(thread_pool(search_threads).map(lambda _: started.wait(), range(search_threads)))
 
-    # The pools' threads inherit the nice value of the thread that starts them, which a thread cannot lower
-    # again: so a short-lived thread makes them.
-    maker = threading.Thread(target=make_pools, name="pool-maker")
+    at_inference_nice(make_search_pool)
+
+
+def at_inference_nice(fn):
+    """fn() in a short-lived thread at the inference nice value, its result or exception passed on: threads
+    inherit the nice value of the thread that starts them, which a thread cannot lower again."""
+    if _inference_nice <= 0:
+        return fn()
+    outcome = {}
+
+    def run():
+        set_thread_nice(_inference_nice)
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # re-raised in the caller
+            outcome["error"] = e
+
+    maker = threading.Thread(target=run, name="session-maker")
     maker.start()
     maker.join()
-    _shared_threads = threads
-    return True
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def set_thread_nice(nice: int) -> None:
@@ -114,15 +123,10 @@ def one_blas_thread() -> None:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """The options every gqtok session runs with (the shared pool after share_threads, else `threads`)."""
-    global _sessions_made
-    _sessions_made = True
+    """The options every gqtok session runs with: its own pool of `threads` threads (0: one per core)."""
     opts = ort.SessionOptions()
-    if _shared_threads is not None:
-        opts.use_per_session_threads = False
-    else:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle pool threads sleep instead of spinning: spinning threads took the cores from the GQ selection
     # and the other sessions (tokenize at batch 1: 187 ms per image spinning, 139 ms not).
@@ -134,29 +138,30 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-def open_sessions(artifact: Artifact, first: str, device: str, threads: int):
-    """(session of the artifact's file `first`, the providers it really runs on, the options for the model's other
-    sessions): onnxruntime-gpu offers CUDA whether or not a GPU is there and falls back to the CPU on its own, so
-    the first session tells which provider the model gets."""
+def open_sessions(artifact: Artifact, files: list[str], device: str, threads: int):
+    """(a session for each of the artifact's `files`, the providers they really run on), made at the inference
+    nice value (inference_threads). onnxruntime-gpu offers CUDA whether or not a GPU is there and falls back to
+    the CPU on its own, so the first session tells which provider the model gets."""
     providers = choose_providers(device)
     opts = session_options(threads)
-    session = ort.InferenceSession(str(artifact.path(first)), opts, providers=providers)
-    if providers[0] != session.get_providers()[0]:
+    first = at_inference_nice(lambda: ort.InferenceSession(str(artifact.path(files[0])), opts, providers=providers))
+    if providers[0] != first.get_providers()[0]:
         why = (f"onnxruntime offers {providers[0]} but could not use it (no GPU visible to this process, "
                f"or no NVIDIA driver)")
         if device == "cuda":
             raise RuntimeError(f"device 'cuda' asked for: {why}")
-        log.warning("%s: model %s runs on %s", why, artifact.manifest.model_id, session.get_providers()[0])
-        providers = session.get_providers()
-    return session, providers, opts
+        log.warning("%s: model %s runs on %s", why, artifact.manifest.model_id, first.get_providers()[0])
+        providers = first.get_providers()
+    rest = at_inference_nice(lambda: [ort.InferenceSession(str(artifact.path(f)), opts, providers=providers)
+                                      for f in files[1:]])
+    return [first, *rest], providers
 
 
 class TokenizerRuntime:
     """Sessions for one artifact.
 
     device:   "auto", "cpu" or "cuda" (see choose_providers)
-    threads:  intra-op threads per session; 0 lets onnxruntime choose (ignored after share_threads: the shared
-              pool serves every session); also the exact selection's threads (0: one per core)
+    threads:  intra-op threads per session, and the exact selection's threads (0: one per core)
     selector: "exact" (gqtok/core/select.py's exact selection: the k-d tree search, on the CPU, on `threads`
               threads; with CUDA too, so that a token's id is the same on every machine) or "onnx"
               (gq_select.onnx: the float32 argmax, on the model's provider: the scores stay on a GPU, and a
@@ -168,14 +173,13 @@ class TokenizerRuntime:
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, selector: str = "exact"):
         self.artifact, self.manifest = artifact, artifact.manifest
         require_kind(artifact, "tokenizer", "tokenizing")
-        self.encoder, self.providers, opts = open_sessions(artifact, ENCODER, device, threads)
-        self.decoder = ort.InferenceSession(str(artifact.path(DECODER)), opts, providers=self.providers)
         if selector not in self.SELECTORS:
             raise ValueError(f"selector must be one of {', '.join(self.SELECTORS)}, got {selector!r}")
         self.selector = selector
         # gq_select.onnx is checked by load_artifact either way; a session only where it runs (no idle thread pool)
-        self.gq_select = (ort.InferenceSession(str(artifact.path(GQ_SELECT)), opts, providers=self.providers)
-                          if selector == "onnx" else None)
+        sessions, self.providers = open_sessions(
+            artifact, [ENCODER, DECODER] + ([GQ_SELECT] if selector == "onnx" else []), device, threads)
+        self.encoder, self.decoder, self.gq_select = (sessions + [None])[:3]
         self.quantizer = GaussianQuantizer(artifact.codebook, self.manifest.gq_beta, threads=threads,
                                            metric=self.manifest.gq_tree_metric)
         log.info("model %s on %s (selector %s)", self.manifest.model_id, self.encoder.get_providers()[0], selector)

@@ -16,7 +16,7 @@ from gqtok.service.batcher import Batcher
 from gqtok.service.memory import returning_memory
 from gqtok.service.metrics import ServiceMetrics
 from gqtok.service.compressor import CodecCompressor
-from gqtok.service.runtime import TokenizerRuntime, one_blas_thread, share_threads
+from gqtok.service.runtime import TokenizerRuntime, inference_threads, one_blas_thread
 from gqtok.service.settings import ServiceSettings
 
 log = logging.getLogger("gqtok.service")
@@ -63,7 +63,7 @@ def identity_headers(m) -> dict[str, str]:
 def load_models(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str, ServedModel]:
     """Find, load, verify and wrap every model; raises ArtifactError or FileNotFoundError naming what is wrong."""
     models: dict[str, ServedModel] = {}
-    share_threads(settings.threads, settings.inference_nice)  # one intra-op pool for every session of every model
+    inference_threads(settings.threads, settings.inference_nice)  # sessions' and the search's, at the inference nice
     one_blas_thread()
     for spec in settings.models:
         directory = find_model(spec)

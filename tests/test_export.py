@@ -197,32 +197,38 @@ def test_network_variants_export_and_match(tmp_path, network):
     assert np.abs(rt.decode(mu_t.numpy()) - pixels_t.numpy()).max() < 1e-4
 
 
-def test_sessions_share_one_thread_pool(tiny_model):
-    """After share_threads, more models add no intra-op threads, nor threads of the exact GQ search (in a fresh
-    process: the pools are process-wide). The 128x128 images have enough tokens for the search to use threads."""
+def test_inference_threads_start_at_the_inference_nice_and_sleep_when_idle(tiny_model):
+    """After inference_threads(2, nice=7), the threads that sessions and the exact search start run at nice 7
+    while the calling thread keeps nice 0 (in a fresh process: the search's pool is process-wide); each session
+    has its own pool (1 thread beside the caller at 2 threads), and idle pools do not spin: a process holding 4
+    models' sessions spends almost no CPU while it sleeps."""
     import subprocess
     import sys
 
     code = f"""
-import os
+import os, time
 from gqtok.core.artifact import load_artifact
-from gqtok.service.runtime import TokenizerRuntime, share_threads
+from gqtok.service.runtime import TokenizerRuntime, inference_threads
 import numpy as np
-count = lambda: len(os.listdir("/proc/self/task"))
-shared = share_threads(3)
-runtimes = [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu")]
+def nices():
+    return [int(open(f"/proc/self/task/{{t}}/stat").read().rsplit(")", 1)[1].split()[16]) for t in os.listdir("/proc/self/task")]
+inference_threads(2, nice=7)
 image = np.random.default_rng(0).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
-runtimes[0].tokenize(image)
-one = count()
-runtimes += [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu") for _ in range(3)]
+plain = len(nices()) - nices().count(7)
+runtimes = [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu", threads=2)]
+runtimes[0].detokenize(runtimes[0].tokenize(image))
+one = nices().count(7)
+runtimes += [TokenizerRuntime(load_artifact({str(tiny_model)!r}), device="cpu", threads=2) for _ in range(3)]
 for rt in runtimes:
     rt.detokenize(rt.tokenize(image))
-print(shared, one, count(), runtimes[0].gq_select)
+cpu = time.process_time(); time.sleep(1.0); idle_cpu = time.process_time() - cpu
+print(os.getpriority(os.PRIO_PROCESS, 0), plain, len(nices()) - nices().count(7), one, nices().count(7), idle_cpu)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    shared, one, four, gq_select = out.stdout.split()
-    assert shared == "True" and int(four) == int(one), out.stdout  # three more models, not one thread more
-    assert gq_select == "None"  # the CPU default (exact) opens no gq_select session
+    caller, plain_before, plain_after, one, four, idle_cpu = out.stdout.split()
+    assert int(caller) == 0 and plain_after == plain_before, out.stdout  # every thread they started is niced
+    assert int(four) - int(one) == 3 * 2, out.stdout  # 3 more models: encoder and decoder, 1 thread each
+    assert float(idle_cpu) < 0.05, out.stdout  # spinning pools would take about a core-second each
 
 
 def test_the_codebook_file_is_the_same_bytes_every_time():
