@@ -123,10 +123,23 @@ def json_images(body: bytes) -> tuple[list[bytes], TokenizeRequest]:
     out = []
     for i, s in enumerate(req.images):
         try:
-            out.append(base64.b64decode(s, validate=True))
+            out.append(b64decode_in_pieces(s))
         except (binascii.Error, ValueError):
             raise errors.InvalidImage(f"images[{i}] is not valid base64") from None
     return out, req
+
+
+B64_PIECE_CHARS = 1 << 20  # a multiple of 4: whole quads, about 3 ms of decoding each
+
+
+def b64decode_in_pieces(s: str) -> bytes:
+    """base64.b64decode(s, validate=True), a piece at a time: one call on 28 MiB holds the GIL for about 70 ms,
+    and every request the event loop serves meanwhile waits (a /metrics scrape, which needs the GIL many times,
+    waited for several such calls). Padding is refused anywhere but at the end, as the one call does."""
+    if "=" in s[:-2]:
+        raise binascii.Error("padding before the end")
+    return b"".join(base64.b64decode(s[i:i + B64_PIECE_CHARS], validate=True)
+                    for i in range(0, len(s), B64_PIECE_CHARS)) if s else b""
 
 
 def json_tokens_limit(models, max_pixels: int, max_grids: int) -> int:

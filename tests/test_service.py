@@ -218,6 +218,8 @@ def test_bad_images(live_server, photos):
     assert_error(post(png(photos[0]), params={"model": "nope"}), 404, "unknown_model", "nope")
     r = httpx.post(f"{live_server}/v1/tokenize", json={"images": ["%%%"]})
     assert_error(r, 422, "invalid_image", "base64")
+    r = httpx.post(f"{live_server}/v1/tokenize", json={"images": [base64.b64encode(b"ab").decode() + "QUJD"]})
+    assert_error(r, 422, "invalid_image", "base64")  # padding in the middle
     r = httpx.post(f"{live_server}/v1/tokenize", content=b"{not json", headers={"content-type": "application/json"})
     assert_error(r, 400, "invalid_request", "JSON")
     r = httpx.post(f"{live_server}/v1/tokenize", json={"images": []})
@@ -1082,3 +1084,23 @@ def test_shutdown_with_stalled_uploads_ends_within_the_drain_timeout(tiny_model,
     assert time.monotonic() - t0 < 8.5
     for sock in stalled:
         sock.close()
+
+
+def test_base64_decoded_in_pieces_is_the_one_call_exactly():
+    """The JSON body's images are decoded a piece at a time (service/requests.py): the same bytes as one
+    b64decode for every length around the piece size, and the same refusals, padding at a piece's end included."""
+    import binascii
+
+    from gqtok.service.requests import B64_PIECE_CHARS, b64decode_in_pieces
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 3, B64_PIECE_CHARS // 4 * 3 - 1, B64_PIECE_CHARS // 4 * 3, B64_PIECE_CHARS // 4 * 3 + 1,
+              2 * B64_PIECE_CHARS + 5):
+        raw = rng.bytes(n)
+        assert b64decode_in_pieces(base64.b64encode(raw).decode()) == raw
+    whole_piece = base64.b64encode(rng.bytes(B64_PIECE_CHARS // 4 * 3 - 1)).decode()  # ends in "=" at the boundary
+    for bad in ("QQ==QUJD", "QQ=", "Q", "QUJ$", whole_piece + "QUJD"):
+        with pytest.raises(binascii.Error):
+            base64.b64decode(bad, validate=True)
+        with pytest.raises(binascii.Error):
+            b64decode_in_pieces(bad)
