@@ -150,3 +150,32 @@ def test_a_codec_grows_rate_levels_from_a_codec(tiny_codec, small_photos, tmp_pa
     assert json.loads((run / "config.json").read_text())["model"]["rate_lambdas"] == [0.002, 0.02, 0.2, 2.0]
     assert after.shape == (4, before.shape[1]) and torch.allclose(after[:3], before, atol=1e-6)
     assert torch.allclose(after[3], 2 * before[2] - before[1], atol=1e-5)
+
+
+def test_a_codec_widens_its_latents_and_starts_from_the_same_pictures(tiny_codec, small_photos, tmp_path):
+    """--latent-channels on a codec started from a codec: the trained channels keep their weights, the new ones
+    start disconnected from the decoder and the hyperprior, so every rate level decodes the source's pictures at
+    step 0; narrowing is refused."""
+    from gqtok.training import data as photo_data
+    from gqtok.training.train import load_run
+
+    source_channels = json.loads((tiny_codec / "config.json").read_text())["model"]["latent_channels"]
+    run = tmp_path / "wider"
+    train(run, small_photos, "tiny", {"steps": 1, "image_every": 0, "init_from": str(tiny_codec), "lr": 1e-12,
+                                      "quantizer": "uniform", "rate_lambdas": (0.002, 0.02, 0.2),
+                                      "latent_channels": 2 * source_channels}, progress=False)
+    (before, _), (after, _) = load_run(tiny_codec), load_run(run)
+    assert after.cfg.latent_channels == 2 * source_channels
+    x = photo_data.to_model_input(photo_data.RandomCrops(photo_data.training_photos(small_photos)[0], 32,
+                                                         seed=3).batch(2))
+    with torch.no_grad():
+        for level in range(3):
+            levels = torch.full((2,), level)
+            a, bits_a, _ = before(x, levels, noise=False)
+            b, bits_b, _ = after(x, levels, noise=False)
+            assert torch.allclose(a, b, atol=1e-5), level
+            assert (bits_b >= bits_a - 1e-3).all()  # the new channels cost bits, they carry no picture yet
+    with pytest.raises(ValueError, match="widen"):
+        train(tmp_path / "narrower", small_photos, "tiny", {"steps": 1, "init_from": str(tiny_codec),
+                                                            "quantizer": "uniform", "latent_channels": 4},
+              progress=False)

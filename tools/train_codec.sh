@@ -5,9 +5,10 @@
 #                                        CPU time per rate as the variable model (a sixth of it), to choose by
 #   bash tools/train_codec.sh fixed      the variable model's norms frozen (--norm fixed, training/model.py) at
 #                                        the step it reached (18,559), then 2,000 steps (the size-independent codec)
-#   bash tools/train_codec.sh wide       the fixed codec with four more rate levels above its six (lambda 0.093 to
-#                                        0.7: issue 29's span up to 0.8 bpp), 4,000 steps; the new levels' gains
-#                                        start extended from the trained ones (training/codec.py resampled_gains)
+#   bash tools/train_codec.sh wide       the fixed codec widened from 16 to 48 latent channels (the 16 cap the
+#                                        rate: at lambda 0.7 it reached its unquantized ceiling) with four more
+#                                        rate levels above its six (lambda 0.093 to 0.7: issue 29's span up to
+#                                        0.8 bpp), 3,000 steps (training/codec.py widened_state, resampled_gains)
 # Runs go to runs/codec-*; logs to runs/codec-*.out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,9 @@ case "${1:-}" in
     resume_or_start runs/codec-fixed 2000 runs/codec-fixed.out --preset codec --init-from runs/codec-variable \
       --norm fixed --lr 1.5e-4 --warmup-steps 100 --image-every 2000 ;;
   wide)
-    resume_or_start runs/codec-wide 4000 runs/codec-wide.out --preset codec --init-from runs/codec-fixed \
-      --rate-lambdas 0.0018,0.0035,0.0067,0.013,0.025,0.0483,0.093,0.18,0.35,0.7 --lr 2e-4 --warmup-steps 100 \
+    resume_or_start runs/codec-wide 3000 runs/codec-wide.out --preset codec --init-from runs/codec-fixed \
+      --latent-channels 48 --rate-lambdas 0.0018,0.0035,0.0067,0.013,0.025,0.0483,0.093,0.18,0.35,0.7 \
+      --lr 3e-4 --warmup-steps 100 \
       --image-every 2000 ;;
   *) echo "usage: $0 variable|singles|fixed|wide" >&2; exit 2 ;;
 esac

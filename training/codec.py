@@ -130,6 +130,35 @@ def resampled_gains(log_gain: torch.Tensor, source_lambdas, lambdas) -> torch.Te
     return torch.stack(rows).to(log_gain.dtype)
 
 
+def widened_state(state: dict, channels_from: int, fresh: dict) -> dict:
+    """A codec's weights for more latent channels (a codec started from one with fewer: the higher rates need
+    more than the 16 a Gaussian VAE's token carries). The trained channels keep their weights; a new channel
+    starts as the fresh network makes it on the encoder's side (so it carries something from the first step),
+    disconnected from the decoder and the hyperprior's analysis (zero input weights: the reconstruction is the
+    source's at step 0), with a predicted mean of 0 and the gain that is the mean of the trained channels'.
+    `fresh`: the state dict of the wider network as built."""
+    out = dict(state)
+    for name, trained in state.items():
+        target = fresh[name]
+        if target.shape == trained.shape:
+            continue
+        if name == "log_gain":  # [levels, C]
+            extra = trained.mean(dim=1, keepdim=True).expand(-1, target.shape[1] - channels_from)
+            out[name] = torch.cat([trained, extra], dim=1)
+            continue
+        w = target.detach().clone()
+        if trained.shape[0] != target.shape[0]:  # output rows: two halves of 2C (mu | logvar, mean | log-scale)
+            half = target.shape[0] // 2
+            w[:channels_from], w[half:half + channels_from] = trained[:channels_from], trained[channels_from:]
+            if name.startswith("hyper.synthesis"):
+                w[channels_from:half] = 0  # the new channels' predicted means
+        else:  # input channels
+            w.zero_()
+            w[:, :channels_from] = trained
+        out[name] = w
+    return out
+
+
 def rate_distortion_loss(x: torch.Tensor, recon: torch.Tensor, bits: torch.Tensor, lam: torch.Tensor):
     """(loss, bpp per image, MSE per image on the [0, 1] scale): mean of bpp + lambda * 255^2 * MSE."""
     pixels = x.shape[-2] * x.shape[-1]

@@ -247,6 +247,13 @@ class Trainer:
             # what a starting point may lack: a codec's hyperprior and gains (it starts from a Gaussian VAE), and
             # the statistics of norms being frozen (measured below, on training crops; model.py FixedGroupNorm)
             refreeze = model_cfg.norm == "fixed" and source_cfg.get("norm", "group") == "group"
+            widen_from = source_cfg.get("latent_channels", model_cfg.latent_channels)
+            if self.codec and widen_from < model_cfg.latent_channels:
+                from gqtok.training.codec import widened_state
+
+                state = widened_state(state, widen_from, self.model.state_dict())
+                print(f"latent channels {widen_from} -> {model_cfg.latent_channels}: the new ones start "
+                      "disconnected from the decoder")
             if self.codec and "log_gain" in state and list(source_cfg["rate_lambdas"]) != list(model_cfg.rate_lambdas):
                 from gqtok.training.codec import resampled_gains
 
@@ -515,6 +522,11 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
             source = load_weights(Path(train_cfg.init_from))[0]
             # ... except the codec's own settings: it takes a Gaussian VAE's network and adds its hyperprior
             own = CODEC_SETTINGS if model_cfg.quantizer == "uniform" else ()
+            if own and "latent_channels" in (overrides or {}):  # a codec may widen its latents (widened_state)
+                if overrides["latent_channels"] < source.get("latent_channels", 0):
+                    raise ValueError(f"a codec can widen its latents, not narrow them ({source['latent_channels']} "
+                                     f"in {train_cfg.init_from})")
+                own = own + ("latent_channels",)
             if "norm" in (overrides or {}):  # asked for; otherwise the source's norms, whatever the preset says
                 own = own + NORM_SETTINGS
             if source.get("downsample") != model_cfg.downsample:  # a coarser grid grown from a finer model
