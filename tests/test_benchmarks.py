@@ -219,3 +219,26 @@ def test_kl_size_benchmark_reports_rate_and_gq_cost_per_size(tiny_model, tmp_pat
             assert row["photos"] == 3 and p5 <= p50 <= p95 and row["target_bits"] == bits
             assert row["gq_cost_db"] == pytest.approx(row["psnr_continuous"] - row["psnr_tokens"])
             assert len(row["signed_error_rgb"]) == 3 and np.isfinite(row["signed_error_rgb"]).all()
+
+
+def test_quality_recipe_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_path):
+    """--quick: two tiny runs (GQ + TDC, FSQ) trained by the harness, measured with frozen norms; a run short of
+    its steps is listed as unfinished, not measured; the KL per token only for the Gaussian VAE."""
+    from benchmarks import quality_recipe
+    from gqtok.training.train import train
+
+    runs = tmp_path / "runs"
+    train(runs / "vq_s0", small_photos, "tiny", {"steps": 20, "stop_at": 5, "image_every": 0},
+          progress=False)
+    result = quality_recipe.main(["--quick", "--runs", str(runs), "--photos", str(small_photos), "--data",
+                                  str(small_photos), "--out", str(tmp_path / "q.json")])
+    assert result["unfinished"] == {"vq_s0": "step 5 of 20"}
+    assert sorted(r["run"] for r in result["rows"]) == ["fsq_s0", "gq_tdc_s0"]
+    assert (runs / "_frozen" / "gq_tdc_s0" / "config.json").exists()
+    frozen = json.loads((runs / "_frozen" / "gq_tdc_s0" / "config.json").read_text())["model"]
+    assert frozen["norm"] == "fixed"
+    gq, fsq = result["by_method"]["gq_tdc"]["64x64"], result["by_method"]["fsq"]["64x64"]
+    assert gq["kl_bits_per_token"]["mean"] > 0 and "kl_bits_per_token" not in fsq
+    for stats in (gq, fsq):
+        assert 0 < stats["codebook_usage"]["mean"] <= 1 and stats["psnr"]["mean"] > 5
+        assert stats["psnr"]["spread"] == 0  # one seed each

@@ -5,7 +5,8 @@
 # aside in runs/quality32-4800). Resumable: run it again
 # after an interruption and every run continues from its last checkpoint (finished runs are skipped).
 #   bash tools/train_quality.sh            the queue below, in order
-# Runs go to runs/quality32/NAME (logs NAME.out); benchmarks/quality.py evaluates them.
+# Runs go to runs/quality32/NAME (logs NAME.out); benchmarks/quality_recipe.py evaluates the finished ones
+# (with their norms frozen, on the four sources held out whole, at 768x512 and 256x256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

@@ -1,0 +1,191 @@
+"""GQ + TDC against FSQ, VQ, plain KL and TokenBridge at the default recipe, equal steps (issue 32).
+
+    bash tools/train_quality.sh                            # the runs: about 14 CPU-hours, resumable
+    python benchmarks/quality_recipe.py [--runs runs/quality32] [--photos data/photos] [--quick]
+
+Evaluates every run in RUNS that has reached the steps its config asks for (the others are listed as
+unfinished): the runs train with GroupNorm on 128x128 crops, so each is first given frozen norms measured on
+training crops (`gqtok train --init-from RUN --norm fixed --steps 0`, ten CPU-seconds, no training: the same
+for every method; GroupNorm's statistics would make a 768x512 photo a different input from the crops, see
+training/model.py), then measured on the photos of the four sources held out whole, centre crops of 512x768
+and 256x256 (training.evaluate.evaluate_tokenizer): PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on
+EfficientNet-Lite0 features; not FID), colour shift; and on the same crops codebook usage (share of the codes
+used, perplexity) and, for the Gaussian VAEs, the KL per token. A run named NAME_sS is seed S of NAME: the
+table gives each method's mean and the spread (max - min) over its seeds. Writes
+benchmarks/results/quality_recipe.json (--quick: _quick, a tiny run trained here in seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.service import write_result  # noqa: E402
+
+SIZES = ((512, 768), (256, 256))
+METRICS = ("psnr", "ssim", "ms_ssim", "colour_shift")
+
+
+def finished(run: Path) -> tuple[int, int]:
+    """(steps reached at the last checkpoint, steps asked) of a run, from its config.json."""
+    config = json.loads((run / "config.json").read_text())
+    return config.get("step", 0), config["train"]["steps"]
+
+
+def frozen(run: Path, data: Path, cache: Path) -> Path:
+    """The run with frozen norms (cached beside the runs); a run trained with them already is itself."""
+    from gqtok.training.train import train
+
+    if json.loads((run / "config.json").read_text())["model"].get("norm") == "fixed":
+        return run
+    out = cache / run.name
+    if not (out / "model.safetensors").exists():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        train(out, data, "default", {"init_from": str(run), "norm": "fixed", "steps": 0, "image_every": 0},
+              progress=False)
+    return out
+
+
+def usage_and_kl(run: Path, paths: list[Path], size: tuple[int, int]) -> dict:
+    """Codebook usage (share of codes used, perplexity 2^entropy) and, for a Gaussian VAE, the mean KL per token
+    in bits, on the centre crops that evaluate_tokenizer measures."""
+    import torch
+
+    from gqtok import photos as photo_files
+    from gqtok.training import data as photo_data
+    from gqtok.training.evaluate import run_tokenizer
+    from gqtok.training.model import kl_bits_per_token
+    from gqtok.training.train import load_run
+
+    tokenize, _, bits = run_tokenizer(run)
+    model, _ = load_run(run)
+    counts, kl = {}, []
+    for path in paths:
+        img = photo_files.load_rgb(path)
+        if img.shape[0] < size[0] or img.shape[1] < size[1]:
+            continue
+        crop = np.ascontiguousarray(photo_files.center_crop(img, size))[None]
+        ids, n = np.unique(np.asarray(tokenize(crop)), return_counts=True)
+        for i, c in zip(ids.tolist(), n.tolist()):
+            counts[i] = counts.get(i, 0) + c
+        if model.cfg.quantizer == "gq":
+            with torch.no_grad():
+                mu, logvar = model.encoder(photo_data.to_model_input(crop))
+            kl.append(float(kl_bits_per_token(mu, logvar, model.cfg.token_dim).mean()))
+    p = np.array(list(counts.values()), dtype=np.float64)
+    p /= p.sum()
+    return {"codes": 2 ** round(bits), "codebook_usage": len(counts) / 2 ** round(bits),
+            "perplexity": float(2 ** -(p * np.log2(p)).sum()), "kl_bits_per_token": float(np.mean(kl)) if kl else None}
+
+
+def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes) -> dict:
+    from gqtok.training.evaluate import evaluate_tokenizer, run_tokenizer
+
+    config = json.loads((run / "config.json").read_text())
+    model = frozen(run, data, cache)
+    tokenize, detokenize, bits = run_tokenizer(model)
+    row = {"run": run.name, "method": re.sub(r"_s\d+$", "", run.name), "seed": config["train"]["seed"],
+           "quantizer": config["model"]["quantizer"], "token_dim": config["model"]["token_dim"],
+           "bits_per_token": bits, "steps": config["step"], "cpu_hours": round(config.get("cpu_seconds", 0) / 3600, 2),
+           "sizes": {}}
+    for size in sizes:
+        r = evaluate_tokenizer(tokenize, detokenize, paths, size, bits, name=run.name, classic=False,
+                               progress=False, fd=True)
+        row["sizes"][f"{size[0]}x{size[1]}"] = {"images": r["images"], "bpp": r["bpp"],
+                                                **{m: r["tokens"][m] for m in METRICS},
+                                                "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
+                                                **usage_and_kl(model, paths, size)}
+    return row
+
+
+def by_method(rows: list[dict]) -> dict:
+    """Each method's mean and spread (max - min) over its seeds, per size and metric."""
+    out = {}
+    for method in sorted({r["method"] for r in rows}):
+        group = [r for r in rows if r["method"] == method]
+        out[method] = {"seeds": sorted(r["seed"] for r in group), "bpp": group[0]["sizes"][next(iter(group[0]["sizes"]))]["bpp"]}
+        for size in group[0]["sizes"]:
+            stats = {}
+            for m in (*METRICS, "fd_effnet_lite0", "codebook_usage", "kl_bits_per_token"):
+                values = [r["sizes"][size][m] for r in group if r["sizes"][size][m] is not None]
+                if values:
+                    stats[m] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values))}
+            out[method][size] = stats
+    return out
+
+
+def table(summary: dict, size: str) -> str:
+    lines = [f"| method ({size}) | seeds | bpp | PSNR (dB) | MS-SSIM | FD-EffNetLite0 | codebook usage | KL bits/token |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(stats, m, fmt):
+        if m not in stats:
+            return "-"
+        s = stats[m]
+        return f"{s['mean']:{fmt}}" + (f" (±{s['spread'] / 2:{fmt}})" if s["spread"] else "")
+
+    for method, s in summary.items():
+        st = s.get(size, {})
+        lines.append(f"| {method} | {len(s['seeds'])} | {s['bpp']:.3f} | {cell(st, 'psnr', '.2f')} | "
+                     f"{cell(st, 'ms_ssim', '.4f')} | {cell(st, 'fd_effnet_lite0', '.1f')} | "
+                     f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} |")
+    return "\n".join(lines)
+
+
+def quick_runs(root: Path, data: Path) -> None:
+    """Two tiny runs (GQ + TDC, FSQ) trained here in seconds: the harness end to end, not a verdict."""
+    from gqtok.training.train import train
+
+    for name, settings in (("gq_tdc_s0", {}), ("fsq_s0", {"quantizer": "fsq", "latent_channels": 6, "token_dim": 6})):
+        if not (root / name / "model.safetensors").exists():
+            train(root / name, data, "tiny", {"steps": 10, "image_every": 0, **settings}, progress=False)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default=None, help="default runs/quality32 (--quick: runs/quality-recipe-quick)")
+    ap.add_argument("--photos", default=str(REPO / "data" / "photos"), help="the sources held out whole")
+    ap.add_argument("--data", default=str(REPO / "data" / "endless-sky"), help="training photos (norm statistics)")
+    ap.add_argument("--quick", action="store_true", help="two tiny runs trained here, 4 photos at 64x64 (< 60 s)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from gqtok.cli import collect_photos
+
+    start = time.monotonic()
+    runs_dir = Path(args.runs or REPO / "runs" / ("quality-recipe-quick" if args.quick else "quality32"))
+    sizes, paths = SIZES, collect_photos([args.photos], "all")
+    if args.quick:
+        sizes, paths = ((64, 64),), paths[:4]
+        quick_runs(runs_dir, Path(args.data))
+    runs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists() and not p.name.startswith("_"))
+    done = [r for r in runs if (lambda s: s[0] >= s[1])(finished(r))]
+    unfinished = {r.name: "step {} of {}".format(*finished(r)) for r in runs if r not in done}
+    rows = []
+    for run in done:
+        rows.append(evaluate_run(run, Path(args.data), paths, runs_dir / "_frozen", sizes))
+        print(f"{run.name}: " + ", ".join(f"{s} {v['psnr']:.2f} dB" for s, v in rows[-1]["sizes"].items()), flush=True)
+    summary = by_method(rows)
+    result = {"benchmark": "quality_recipe", "quick": args.quick, "runs": str(runs_dir.relative_to(REPO))
+              if runs_dir.is_relative_to(REPO) else str(runs_dir), "photos": len(paths),
+              "sizes": [f"{h}x{w}" for h, w in sizes], "unfinished": unfinished, "rows": rows, "by_method": summary,
+              "seconds": round(time.monotonic() - start, 1)}
+    for size in result["sizes"]:
+        print(table(summary, size))
+    if unfinished:
+        print("unfinished:", unfinished)
+    write_result(result, "quality_recipe", args.quick, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
