@@ -8,7 +8,8 @@
 #   bash tools/train_codec.sh wide       the fixed codec widened from 16 to 48 latent channels (the 16 cap the
 #                                        rate: at lambda 0.7 it reached its unquantized ceiling) with four more
 #                                        rate levels above its six (lambda 0.093 to 0.7: issue 29's span up to
-#                                        0.8 bpp), 3,000 steps (training/codec.py widened_state, resampled_gains)
+#                                        0.8 bpp), 3,000 steps (training/codec.py widened_state, resampled_gains);
+#                                        measured and not shipped: docs/results.md, the discretized-VAE codec
 # Runs go to runs/codec-*; logs to runs/codec-*.out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
