@@ -5,6 +5,8 @@
 # aside in runs/quality32-4800). Resumable: run it again
 # after an interruption and every run continues from its last checkpoint (finished runs are skipped).
 #   bash tools/train_quality.sh            the queue below, in order
+#   bash tools/train_quality.sh & bash tools/train_quality.sh &     both cores: each takes the next run that the
+#                                          other does not hold (a lock file per run, flock)
 # Runs go to runs/quality32/NAME (logs NAME.out); benchmarks/quality_recipe.py evaluates the finished ones
 # (with their norms frozen, on the four sources held out whole, at 768x512 and 256x256).
 set -euo pipefail
@@ -15,18 +17,22 @@ STEPS=${STEPS:-8700}
 ROOT=runs/quality32
 mkdir -p "$ROOT"
 
-run() {  # run NAME [train overrides...]: start, resume, or skip when finished
-  local name=$1 dir=$ROOT/$1; shift
+run() {  # run NAME [train overrides...]: start, resume, or skip when finished or held by another instance
+  local name=$1 dir=$ROOT/$1 lock; shift
+  exec {lock}>"$ROOT/$name.lock"
+  flock -n "$lock" || { exec {lock}>&-; return 0; }
   if [ -f "$dir/trainer.pt" ]; then
     local done_steps
     done_steps=$(tail -n 1 "$dir/log.jsonl" 2>/dev/null | sed -n 's/.*"step": \([0-9]*\).*/\1/p')
-    [ "${done_steps:-0}" -ge "$STEPS" ] && return 0
-    "$GQTOK" train --out "$dir" --resume --steps "$STEPS" --quiet >> "$ROOT/$name.out" 2>&1
+    if [ "${done_steps:-0}" -lt "$STEPS" ]; then
+      "$GQTOK" train --out "$dir" --resume --steps "$STEPS" --quiet >> "$ROOT/$name.out" 2>&1
+    fi
   else
     rm -rf "$dir"
     "$GQTOK" train --preset default --out "$dir" --steps "$STEPS" --ckpt-every 250 --image-every 0 --quiet "$@" \
       >> "$ROOT/$name.out" 2>&1
   fi
+  exec {lock}>&-
 }
 
 # the two methods with two seeds first (the verdict's noise), then the single-seed ones
@@ -35,3 +41,7 @@ run fsq_s0 --quantizer fsq --latent-channels 6 --token-dim 6 --seed 0
 run gq_tdc_floor3e-6_s1 --tdc-lam-floor 3e-6 --seed 1
 run fsq_s1 --quantizer fsq --latent-channels 6 --token-dim 6 --seed 1
 run gq_tdc_s0 --seed 0
+run plain_kl_1e-5_s0 --kl-mode fixed --kl-weight 1e-5 --seed 0     # plain KL, then GQ (and TokenBridge at eval)
+run gq_tdc_d8_s0 --token-dim 8 --seed 0                            # 8-dim tokens: 0.5 bpp
+# still to add: VQ with the practitioners' remedies (k-means or EMA codebook, dead-code restarts, a normalized
+# low-dimensional lookup; training/quantizers/vq.py has none of them yet) and FSQ at 0.5 bpp
