@@ -522,7 +522,8 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
             source = load_weights(Path(train_cfg.init_from))[0]
             # ... except the codec's own settings: it takes a Gaussian VAE's network and adds its hyperprior
             own = CODEC_SETTINGS if model_cfg.quantizer == "uniform" else ()
-            if own and "latent_channels" in (overrides or {}):  # a codec may widen its latents (widened_state)
+            # a codec started from a codec may widen its latents (widened_state); from a Gaussian VAE it takes them
+            if own and source.get("quantizer") == "uniform" and "latent_channels" in (overrides or {}):
                 if overrides["latent_channels"] < source.get("latent_channels", 0):
                     raise ValueError(f"a codec can widen its latents, not narrow them ({source['latent_channels']} "
                                      f"in {train_cfg.init_from})")
