@@ -56,19 +56,17 @@ def frozen(run: Path, data: Path, cache: Path) -> Path:
     return out
 
 
-def usage_and_kl(run: Path, paths: list[Path], size: tuple[int, int]) -> dict:
+def usage_and_kl(model, tokenize, bits: float, paths: list[Path], size: tuple[int, int]) -> dict:
     """Codebook usage (share of codes used, perplexity 2^entropy) and, for a Gaussian VAE, the mean KL per token
-    in bits, on the centre crops that evaluate_tokenizer measures."""
+    in bits, on the centre crops that evaluate_tokenizer measures (its own pass: evaluate_tokenizer also
+    tokenizes each crop made grey, which usage must not count). `model`: the run's torch model, `tokenize` its
+    token path (training.evaluate.run_tokenizer)."""
     import torch
 
     from gqtok import photos as photo_files
     from gqtok.training import data as photo_data
-    from gqtok.training.evaluate import run_tokenizer
     from gqtok.training.model import kl_bits_per_token
-    from gqtok.training.train import load_run
 
-    tokenize, _, bits = run_tokenizer(run)
-    model, _ = load_run(run)
     counts, kl = {}, []
     for path in paths:
         img = photo_files.load_rgb(path)
@@ -90,10 +88,12 @@ def usage_and_kl(run: Path, paths: list[Path], size: tuple[int, int]) -> dict:
 
 def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes) -> dict:
     from gqtok.training.evaluate import evaluate_tokenizer, run_tokenizer
+    from gqtok.training.train import load_run
 
     config = json.loads((run / "config.json").read_text())
-    model = frozen(run, data, cache)
-    tokenize, detokenize, bits = run_tokenizer(model)
+    measured = frozen(run, data, cache)
+    tokenize, detokenize, bits = run_tokenizer(measured)
+    model, _ = load_run(measured)
     row = {"run": run.name, "method": re.sub(r"_s\d+$", "", run.name), "seed": config["train"]["seed"],
            "quantizer": config["model"]["quantizer"], "token_dim": config["model"]["token_dim"],
            "bits_per_token": bits, "steps": config["step"], "cpu_hours": round(config.get("cpu_seconds", 0) / 3600, 2),
@@ -104,7 +104,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes) -
         row["sizes"][f"{size[0]}x{size[1]}"] = {"images": r["images"], "bpp": r["bpp"],
                                                 **{m: r["tokens"][m] for m in METRICS},
                                                 "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
-                                                **usage_and_kl(model, paths, size)}
+                                                **usage_and_kl(model, tokenize, bits, paths, size)}
     return row
 
 
@@ -113,7 +113,8 @@ def by_method(rows: list[dict]) -> dict:
     out = {}
     for method in sorted({r["method"] for r in rows}):
         group = [r for r in rows if r["method"] == method]
-        out[method] = {"seeds": sorted(r["seed"] for r in group), "bpp": group[0]["sizes"][next(iter(group[0]["sizes"]))]["bpp"]}
+        out[method] = {"seeds": sorted(r["seed"] for r in group),
+                       "bpp": next(iter(group[0]["sizes"].values()))["bpp"]}  # the rate: the same at every size
         for size in group[0]["sizes"]:
             stats = {}
             for m in (*METRICS, "fd_effnet_lite0", "codebook_usage", "kl_bits_per_token"):
@@ -168,8 +169,9 @@ def main(argv=None) -> dict:
         sizes, paths = ((64, 64),), paths[:4]
         quick_runs(runs_dir, Path(args.data))
     runs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists() and not p.name.startswith("_"))
-    done = [r for r in runs if (lambda s: s[0] >= s[1])(finished(r))]
-    unfinished = {r.name: "step {} of {}".format(*finished(r)) for r in runs if r not in done}
+    progress = {r: finished(r) for r in runs}
+    done = [r for r, (reached, asked) in progress.items() if reached >= asked]
+    unfinished = {r.name: "step {} of {}".format(*progress[r]) for r in runs if r not in done}
     rows = []
     for run in done:
         rows.append(evaluate_run(run, Path(args.data), paths, runs_dir / "_frozen", sizes))
