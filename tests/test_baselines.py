@@ -6,7 +6,7 @@ import torch
 
 from gqtok.training.evaluate import evaluate
 from gqtok.training.quantizers.tokenbridge import GaussianScalarQuantizer
-from gqtok.training.train import train
+from gqtok.training.train import load_run, train
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,28 @@ def test_baseline_trains_and_evaluates(quantizer, channels, bits, small_photos, 
     assert 0 < r["quantized"]["psnr"] < 60 and r["codebook"]["tokens_counted"] == 64
     with pytest.raises(ValueError, match="GQ needs a Gaussian VAE"):
         evaluate(run, small_photos, size=(64, 64), limit=1, progress=False, method="gq")
+
+
+def test_two_tokens_per_position_and_vq_remedies(small_photos, tmp_path):
+    """FSQ at twice the rate (12 channels, two 6-channel tokens per position, one grid for both) and VQ with the
+    practitioners' remedies (EMA codebook, dead-code restarts, normalized lookup) through training and evaluation."""
+    fsq = train(tmp_path / "fsq2", small_photos, "tiny", {"quantizer": "fsq", "latent_channels": 12, "token_dim": 6,
+                                                        "steps": 3, "crop": 32}, progress=False)
+    r = evaluate(tmp_path / "fsq2", small_photos, size=(64, 64), limit=1, progress=False)
+    assert r["rate"]["tokens_per_image"] == 2 * 64 and r["rate"]["bpp"] == pytest.approx(2 * np.log2(64000) / 64)
+    assert r["codebook"]["tokens_counted"] == 128 and 0 < r["quantized"]["psnr"] < 60 and "q_usage" in fsq
+    train(tmp_path / "vq", small_photos, "tiny", {"quantizer": "vq", "vq_remedies": True, "latent_channels": 8,
+                                                  "token_dim": 8, "steps": 3, "crop": 32}, progress=False)
+    model, _ = load_run(tmp_path / "vq")
+    q = model.quantizer
+    assert q.ema_decay == 0.99 and q.normalize and q.dead_code_restart
+    assert "quantizer.codebook" not in dict(model.named_parameters())  # the EMA moves it, not the optimizer
+    assert not torch.equal(q.ema_count, torch.ones_like(q.ema_count))  # three steps of EMA were saved
+    r = evaluate(tmp_path / "vq", small_photos, size=(64, 64), limit=1, progress=False)
+    assert r["method"] == "vq" and 0 < r["quantized"]["psnr"] < 60
+    with pytest.raises(ValueError, match="vq_remedies applies to the vq quantizer"):
+        train(tmp_path / "bad", small_photos, "tiny", {"quantizer": "fsq", "vq_remedies": True, "latent_channels": 6,
+                                                       "token_dim": 6, "steps": 1}, progress=False)
 
 
 def test_plain_kl_with_gq_and_tokenbridge(small_photos, tmp_path):

@@ -254,6 +254,45 @@ def test_vq_dead_code_restart():
     assert torch.equal(q.codebook, before)
 
 
+def test_vq_ema_codebook_is_online_k_means():
+    """With ema_decay the codebook is a buffer that moves to the mean of the tokens each codeword wins (no
+    gradient reaches it): two clusters, two codewords seeded near them, and after enough steps each codeword
+    sits at its cluster's mean; the loss is the commitment term alone."""
+    q = make("vq", num_codes=2, dim=2, ema_decay=0.9)
+    assert "codebook" not in dict(q.named_parameters()) and "ema_sum" in q.state_dict()
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        q.ema_sum.copy_(q.codebook)
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(32, 2, generator=g) * 0.1 + torch.tensor([-3.0, 1.0]), \
+        torch.randn(32, 2, generator=g) * 0.1 + torch.tensor([3.0, 1.0])
+    z = torch.cat([left, right]).T.reshape(1, 2, 8, 8)
+    for _ in range(100):
+        out = q(z)
+    assert torch.allclose(q.codebook[0], right.mean(0), atol=1e-3)
+    assert torch.allclose(q.codebook[1], left.mean(0), atol=1e-3)
+    assert out.loss.item() == pytest.approx(0.25 * out.stats["commit"])
+    q.eval()  # evaluation leaves the codebook alone, and decoding gives forward's values
+    before = q.codebook.clone()
+    out = q(z)
+    assert torch.equal(q.codebook, before) and torch.equal(q.decode_ids(out.ids), out.z_q)
+    with pytest.raises(ValueError, match="ema_decay"):
+        VectorQuantizer(num_codes=4, dim=2, ema_decay=1.0)
+
+
+def test_vq_normalized_lookup_is_by_angle():
+    """normalize: the nearest codeword by direction, not by distance, and z_q is a unit vector."""
+    q = make("vq", num_codes=2, dim=2, normalize=True)
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[10.0, 0.0], [0.1, 0.1]]))
+    z = torch.tensor([0.2, 0.25]).view(1, 2, 1, 1)  # nearer [0.1, 0.1] by distance, by angle too
+    far = torch.tensor([0.2, 0.01]).view(1, 2, 1, 1)  # nearer [0.1, 0.1] by distance, [10, 0] by angle
+    assert q(z).ids.item() == 1 and q(far).ids.item() == 0
+    out = q(torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3)) * 5)
+    assert torch.allclose(out.z_q.norm(dim=1), torch.ones(2, 4, 4))
+    assert torch.equal(q.decode_ids(out.ids), out.z_q)
+
+
 # --- FSQ ------------------------------------------------------------------------------------------
 
 

@@ -43,5 +43,6 @@ run fsq_s1 --quantizer fsq --latent-channels 6 --token-dim 6 --seed 1
 run gq_tdc_s0 --seed 0
 run plain_kl_1e-5_s0 --kl-mode fixed --kl-weight 1e-5 --seed 0     # plain KL, then GQ (and TokenBridge at eval)
 run gq_tdc_d8_s0 --token-dim 8 --seed 0                            # 8-dim tokens: 0.5 bpp
-# still to add: VQ with the practitioners' remedies (k-means or EMA codebook, dead-code restarts, a normalized
-# low-dimensional lookup; training/quantizers/vq.py has none of them yet) and FSQ at 0.5 bpp
+run fsq_d12_s0 --quantizer fsq --latent-channels 12 --token-dim 6 --seed 0    # two FSQ tokens per position: 0.5 bpp
+# VQ with the practitioners' remedies: EMA codebook, dead-code restarts, l2-normalized 8-dim lookup (LlamaGen)
+run vq_remedies_s0 --quantizer vq --vq-remedies true --latent-channels 8 --token-dim 8 --seed 0

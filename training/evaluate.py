@@ -103,9 +103,9 @@ class TokenPath:
             self.to_latent = sq.decode
         elif method == cfg.quantizer:  # a baseline's own quantizer
             q = model.quantizer
-            self.num_codes, self.bits, self.per_position = q.num_codes, float(q.bits_per_token), 1
-            self.to_ids = lambda mu, logvar: q(mu.float()).ids[:, None]
-            self.to_latent = lambda ids: q.decode_ids(ids[:, 0])
+            self.num_codes, self.bits, self.per_position = q.num_codes, float(q.bits_per_token), cfg.tokens_per_position
+            self.to_ids = lambda mu, logvar: model.quantize(mu.float()).ids
+            self.to_latent = model.dequantize
         else:
             raise ValueError(f"method {method!r} does not apply to a {cfg.quantizer} run (gq, tokenbridge or its own)")
 

@@ -54,10 +54,13 @@ class VAEConfig:
     # training crops and frozen (FixedGroupNorm), so that the output does not depend on the image's size
     norm: str = "group"
     # "gq": a Gaussian VAE, turned into a tokenizer by GQ after training (the method);
-    # "vq", "fsq", "lfq", "bsq": baselines that train with their quantizer in the loop
-    # (training/quantizers/; one token per position, so token_dim must equal latent_channels);
+    # "vq", "fsq", "lfq", "bsq": baselines that train with their quantizer in the loop (training/quantizers/;
+    # each of the C/d tokens per position is quantized on its own, with one shared codebook);
     # "uniform": the discretized-VAE codec (training/codec.py), a hyperprior and one gain per rate_lambdas entry
     quantizer: str = "gq"
+    # vq only: the practitioners' remedies (training/quantizers/vq.py): an EMA (online k-means) codebook,
+    # dead-code restarts and an l2-normalized lookup; pair with a low latent_channels (8, as in LlamaGen)
+    vq_remedies: bool = False
     rate_lambdas: tuple[float, ...] = (0.0067,)  # uniform: the lambdas of its rate levels (bpp + lambda*255^2*MSE)
     hyper_channels: int = 32  # uniform: channels of the side information z
 
@@ -86,9 +89,8 @@ class VAEConfig:
             raise ValueError(f"norm must be 'group' or 'fixed', got {self.norm!r}")
         if self.quantizer not in QUANTIZER_CHOICES:
             raise ValueError(f"quantizer must be one of {QUANTIZER_CHOICES}, got {self.quantizer!r}")
-        if self.quantizer not in ("gq", "uniform") and self.token_dim != self.latent_channels:
-            raise ValueError(f"quantizer {self.quantizer} makes one token per position: token_dim must equal "
-                             f"latent_channels ({self.latent_channels}), got {self.token_dim}")
+        if self.vq_remedies and self.quantizer != "vq":
+            raise ValueError(f"vq_remedies applies to the vq quantizer, not {self.quantizer!r}")
 
     @property
     def num_codes(self) -> int:
@@ -258,11 +260,13 @@ def build_baseline_quantizer(cfg: VAEConfig) -> nn.Module:
     """The in-the-loop quantizer of a baseline model, sized from the config."""
     from gqtok.training.quantizers import build_quantizer
 
-    kwargs = {"vq": dict(num_codes=cfg.num_codes, dim=cfg.latent_channels), "fsq": {},
-              "lfq": dict(dim=cfg.latent_channels), "bsq": dict(dim=cfg.latent_channels)}[cfg.quantizer]
+    remedies = dict(ema_decay=0.99, dead_code_restart=True, normalize=True) if cfg.vq_remedies else {}
+    kwargs = {"vq": dict(num_codes=cfg.num_codes, dim=cfg.token_dim, **remedies), "fsq": {},
+              "lfq": dict(dim=cfg.token_dim), "bsq": dict(dim=cfg.token_dim)}[cfg.quantizer]
     q = build_quantizer(cfg.quantizer, **kwargs)
-    if q.dim != cfg.latent_channels:
-        raise ValueError(f"{cfg.quantizer} quantizes {q.dim} channels; set latent_channels and token_dim to {q.dim}")
+    if q.dim != cfg.token_dim:
+        raise ValueError(f"{cfg.quantizer} quantizes {q.dim} channels per token; set token_dim to {q.dim} "
+                         f"(and latent_channels to a multiple of it)")
     return q
 
 
@@ -306,10 +310,36 @@ class GaussianVAE(nn.Module):
         Baselines: decodes the quantized mu (logvar is unused)."""
         mu, logvar = self.encoder(x)
         if self.quantizer is not None:
-            q = self.quantizer(mu)
+            q = self.quantize(mu)
             return self.decoder(q.z_q), mu, logvar, q
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return self.decoder(z), mu, logvar, None
+
+    def quantize(self, mu: torch.Tensor):
+        """A baseline's quantizer on each of the T tokens per position (the strided grouping of
+        gqtok.core.layout, as GQ uses): QuantizerOutput with z_q [B, C, h, w] and ids [B, T, h, w]."""
+        from gqtok.core import layout
+
+        b, _, h, w = mu.shape
+        t, d = self.cfg.tokens_per_position, self.cfg.token_dim
+        tokens = layout.group(mu, d).permute(0, 1, 4, 2, 3).reshape(b * t, d, h, w)
+        q = self.quantizer(tokens)
+        q.z_q = self._positions(q.z_q, b)
+        q.ids = q.ids.reshape(b, t, h, w)
+        return q
+
+    @torch.no_grad()
+    def dequantize(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T, h, w] from `quantize` -> the latent z_q [B, C, h, w] it gave."""
+        b, t, h, w = ids.shape
+        return self._positions(self.quantizer.decode_ids(ids.reshape(b * t, h, w)), b)
+
+    def _positions(self, tokens: torch.Tensor, b: int) -> torch.Tensor:
+        """[B*T, d, h, w] -> [B, C, h, w], undoing quantize's grouping."""
+        from gqtok.core import layout
+
+        _, d, h, w = tokens.shape
+        return layout.ungroup(tokens.reshape(b, -1, d, h, w).permute(0, 1, 3, 4, 2))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
