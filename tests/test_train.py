@@ -381,3 +381,42 @@ def test_a_fine_tune_freezes_the_norms_and_exports_them(tiny_run, small_photos, 
     with torch.no_grad():
         expected = ((model.decoder(torch.from_numpy(mu)) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(runtime.decode(mu) - expected).max() < 1e-4
+
+
+def test_decoder_on_tokens_trains_the_decoder_alone(tiny_run, small_photos, tmp_path):
+    """--decoder-on-tokens: the encoder's weights stay exactly as the source's, the decoder's move, the log has
+    no KL (no TDC), the loss is the decoder's error on GQ's codewords (not on a posterior sample), and a baseline
+    is refused."""
+    from gqtok.training.train import load_run
+
+    source, _ = load_run(tiny_run)
+    run = tmp_path / "dec"
+    last = train(run, small_photos, "tiny", {"steps": 3, "crop": 32, "image_every": 0, "log_every": 1, "ema_decay": 0.0,
+                                             "init_from": str(tiny_run), "decoder_on_tokens": True}, progress=False)
+    tuned, _ = load_run(run)
+    enc = {k: v for k, v in source.state_dict().items() if k.startswith("encoder.")}
+    dec = [k for k in source.state_dict() if k.startswith("decoder.") and source.state_dict()[k].is_floating_point()]
+    assert enc and all(torch.equal(v, tuned.state_dict()[k]) for k, v in enc.items())
+    assert any(not torch.equal(source.state_dict()[k], tuned.state_dict()[k]) for k in dec)
+    assert "kl_mean" not in last and "lam" not in last
+    # the first step's loss is the source model's L1 error decoding GQ's tokens of the same crops
+    from gqtok.training import data as photo_data
+    from gqtok.training.gq import GaussianQuantize
+
+    paths, weights = photo_data.training_photos(small_photos)
+    x = photo_data.to_model_input(photo_data.RandomCrops(paths, 32, seed=0, weights=weights).batch(8))
+    cfg = source.cfg
+    gq = GaussianQuantize(cfg.num_codes, cfg.token_dim, cfg.codebook_seed, cfg.gq_beta)
+    with torch.no_grad():
+        mu, logvar = source.encoder(x)
+        expected = torch.nn.functional.l1_loss(source.decoder(gq(mu, logvar)[0]), x).item()
+        sampled = torch.nn.functional.l1_loss(source(x)[0], x).item()
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(first["recon"]) == pytest.approx(expected, rel=1e-4)
+    assert abs(sampled - expected) > 1e-4 * expected  # what the check tells apart
+    fsq = tmp_path / "fsq"
+    train(fsq, small_photos, "tiny", {"quantizer": "fsq", "latent_channels": 6, "token_dim": 6, "steps": 1,
+                                      "image_every": 0}, progress=False)
+    with pytest.raises(ValueError, match="decoder_on_tokens decodes GQ tokens"):
+        train(tmp_path / "bad", small_photos, "tiny", {"steps": 1, "init_from": str(fsq), "decoder_on_tokens": True},
+              progress=False)

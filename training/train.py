@@ -64,6 +64,9 @@ class TrainConfig:
     # ... and chroma_weight times the MSE of the opponent-colour channels (R - G, (R + G) / 2 - B): colour errors,
     # which a per-pixel RGB MSE weighs little; on a grey crop, exactly its reconstruction's tint
     chroma_weight: float = 0.0
+    # Train the decoder alone on what it decodes in service: GQ's codewords for the frozen encoder's posteriors
+    # (no KL term, no encoder gradient). Training otherwise decodes posterior samples, whose noise is not GQ's
+    decoder_on_tokens: bool = False
     grey_prob: float = 0.0
     dark_prob: float = 0.0
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
@@ -225,7 +228,17 @@ class Trainer:
         self.codec = model_cfg.quantizer == "uniform"
         self.tdc = TDC(model_cfg.codebook_bits, train_cfg.tdc_band, train_cfg.tdc_rate, train_cfg.tdc_lam_init,
                        lam_floor=train_cfg.tdc_lam_floor).to(self.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.gq = None
+        if train_cfg.decoder_on_tokens:
+            if model_cfg.quantizer != "gq":
+                raise ValueError(f"decoder_on_tokens decodes GQ tokens; this is a {model_cfg.quantizer} model")
+            from gqtok.training.gq import GaussianQuantize
+
+            self.gq = GaussianQuantize(model_cfg.num_codes, model_cfg.token_dim, model_cfg.codebook_seed,
+                                       model_cfg.gq_beta).to(self.device)
+            self.model.encoder.requires_grad_(False)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(trained, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if use_cuda else None)
                     if self.distributed else self.model)
         self.perceptual = None
@@ -354,11 +367,18 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.tcfg.precision == "bf16"
                     else nullcontext())
         with autocast:
-            recon, mu, logvar, quantized = self.ddp(x)
+            if self.gq is not None:  # decoder_on_tokens
+                with torch.no_grad():
+                    z_hat = self.gq(*self.model.encoder(x))[0]
+                recon, quantized = self.model.decoder(z_hat), None
+            else:
+                recon, mu, logvar, quantized = self.ddp(x)
         recon = recon.float()
         rec = F.l1_loss(recon, x) if self.tcfg.recon_loss == "l1" else F.mse_loss(recon, x)
         logs = {}
-        if quantized is not None:  # a baseline: its own codebook / commitment / entropy terms
+        if self.gq is not None:
+            loss = rec
+        elif quantized is not None:  # a baseline: its own codebook / commitment / entropy terms
             loss = rec + quantized.loss
             logs = {f"q_{k}": float(v) for k, v in quantized.stats.items()}
         else:
@@ -376,7 +396,7 @@ class Trainer:
         lr = self.tcfg.lr_at(self.step)
         self.optimize(loss)
         logs["lr"] = lr
-        if quantized is None:
+        if quantized is None and self.gq is None:
             stats = self.tdc.statistics(kl_tok)  # all-reduced: every rank updates the same way
             logs.update(kl_mean=stats["mean"], kl_min=stats["min"], kl_max=stats["max"])
             if self.tcfg.kl_mode == "tdc":
