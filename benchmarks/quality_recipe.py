@@ -11,8 +11,10 @@ training/model.py), then measured on the photos of the four sources held out who
 and 256x256 (training.evaluate.evaluate_tokenizer): PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on
 EfficientNet-Lite0 features; not FID), colour shift; and on the same crops codebook usage (share of the codes
 used, perplexity) and, for the Gaussian VAEs, the KL per token. A run named NAME_sS is seed S of NAME: the
-table gives each method's mean and the spread (max - min) over its seeds. Writes
-benchmarks/results/quality_recipe.json (--quick: _quick, a tiny run trained here in seconds).
+table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run (kl_mode fixed) is
+measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
+benchmarks/results/quality_recipe.json and a rate-distortion plot quality_recipe.png (--quick: _quick, tiny runs
+trained here in seconds).
 """
 
 from __future__ import annotations
@@ -82,19 +84,24 @@ def usage_and_kl(model, tokenize, bits: float, paths: list[Path], size: tuple[in
             kl.append(float(kl_bits_per_token(mu, logvar, model.cfg.token_dim).mean()))
     p = np.array(list(counts.values()), dtype=np.float64)
     p /= p.sum()
-    return {"codes": 2 ** round(bits), "codebook_usage": len(counts) / 2 ** round(bits),
+    codes = round(2**bits)  # 64,000 for FSQ
+    return {"codes": codes, "codebook_usage": len(counts) / codes,
             "perplexity": float(2 ** -(p * np.log2(p)).sum()), "kl_bits_per_token": float(np.mean(kl)) if kl else None}
 
 
-def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes) -> dict:
+def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, tokenbridge: bool = False) -> dict:
+    """One run's row; tokenbridge: its latents through TokenBridge (2 levels per channel, 1 bit each: at 16
+    channels the same 16 bits per position as a 16-bit token) instead of GQ, the method named NAME+tokenbridge."""
     from gqtok.training.evaluate import evaluate_tokenizer, run_tokenizer
     from gqtok.training.train import load_run
 
     config = json.loads((run / "config.json").read_text())
     measured = frozen(run, data, cache)
-    tokenize, detokenize, bits = run_tokenizer(measured)
+    tokenize, detokenize, bits = run_tokenizer(measured, method="tokenbridge" if tokenbridge else "auto",
+                                               tokenbridge_levels=2)
     model, _ = load_run(measured)
-    row = {"run": run.name, "method": re.sub(r"_s\d+$", "", run.name), "seed": config["train"]["seed"],
+    method = re.sub(r"_s\d+$", "", run.name) + ("+tokenbridge" if tokenbridge else "")
+    row = {"run": run.name, "method": method, "seed": config["train"]["seed"],
            "quantizer": config["model"]["quantizer"], "token_dim": config["model"]["token_dim"],
            "bits_per_token": bits, "steps": config["step"], "cpu_hours": round(config.get("cpu_seconds", 0) / 3600, 2),
            "sizes": {}}
@@ -144,10 +151,11 @@ def table(summary: dict, size: str) -> str:
 
 
 def quick_runs(root: Path, data: Path) -> None:
-    """Two tiny runs (GQ + TDC, FSQ) trained here in seconds: the harness end to end, not a verdict."""
+    """Three tiny runs (GQ + TDC, FSQ, plain KL) trained here in seconds: the harness end to end, not a verdict."""
     from gqtok.training.train import train
 
-    for name, settings in (("gq_tdc_s0", {}), ("fsq_s0", {"quantizer": "fsq", "latent_channels": 6, "token_dim": 6})):
+    for name, settings in (("gq_tdc_s0", {}), ("fsq_s0", {"quantizer": "fsq", "latent_channels": 6, "token_dim": 6}),
+                           ("plain_kl_s0", {"kl_mode": "fixed", "kl_weight": 1e-4})):
         if not (root / name / "model.safetensors").exists():
             train(root / name, data, "tiny", {"steps": 10, "image_every": 0, **settings}, progress=False)
 
@@ -157,7 +165,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", default=None, help="default runs/quality32 (--quick: runs/quality-recipe-quick)")
     ap.add_argument("--photos", default=str(REPO / "data" / "photos"), help="the sources held out whole")
     ap.add_argument("--data", default=str(REPO / "data" / "endless-sky"), help="training photos (norm statistics)")
-    ap.add_argument("--quick", action="store_true", help="two tiny runs trained here, 4 photos at 64x64 (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="three tiny runs trained here, 4 photos at 64x64 (< 60 s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from gqtok.cli import collect_photos
@@ -174,8 +182,11 @@ def main(argv=None) -> dict:
     unfinished = {r.name: "step {} of {}".format(*progress[r]) for r in runs if r not in done}
     rows = []
     for run in done:
-        rows.append(evaluate_run(run, Path(args.data), paths, runs_dir / "_frozen", sizes))
-        print(f"{run.name}: " + ", ".join(f"{s} {v['psnr']:.2f} dB" for s, v in rows[-1]["sizes"].items()), flush=True)
+        plain_kl = json.loads((run / "config.json").read_text())["train"]["kl_mode"] == "fixed"
+        for tokenbridge in (False, True) if plain_kl else (False,):
+            rows.append(evaluate_run(run, Path(args.data), paths, runs_dir / "_frozen", sizes, tokenbridge))
+            print(f"{rows[-1]['method']} seed {rows[-1]['seed']}: "
+                  + ", ".join(f"{s} {v['psnr']:.2f} dB" for s, v in rows[-1]["sizes"].items()), flush=True)
     summary = by_method(rows)
     result = {"benchmark": "quality_recipe", "quick": args.quick, "runs": str(runs_dir.relative_to(REPO))
               if runs_dir.is_relative_to(REPO) else str(runs_dir), "photos": len(paths),
@@ -185,8 +196,33 @@ def main(argv=None) -> dict:
         print(table(summary, size))
     if unfinished:
         print("unfinished:", unfinished)
-    write_result(result, "quality_recipe", args.quick, args.out)
+    path = write_result(result, "quality_recipe", args.quick, args.out)
+    if summary:
+        plot(summary, result["sizes"], path.with_suffix(".png"))
     return result
+
+
+def plot(summary: dict, sizes: list[str], out: Path) -> None:
+    """Rate-distortion: each method's mean PSNR at its bpp, a bar for its seed spread, one panel per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for method, s in summary.items():
+            st = s.get(size, {}).get("psnr")
+            if st is None:
+                continue
+            ax.errorbar([s["bpp"]], [st["mean"]], yerr=[st["spread"] / 2], fmt="o", capsize=4, label=method)
+            ax.annotate(method, (s["bpp"], st["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.set(title=f"{size} centre crops, sources held out whole", xlabel="bits per pixel", ylabel="PSNR (dB)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -222,8 +222,9 @@ def test_kl_size_benchmark_reports_rate_and_gq_cost_per_size(tiny_model, tmp_pat
 
 
 def test_quality_recipe_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_path):
-    """--quick: two tiny runs (GQ + TDC, FSQ) trained by the harness, measured with frozen norms; a run short of
-    its steps is listed as unfinished, not measured; the KL per token only for the Gaussian VAE."""
+    """--quick: three tiny runs (GQ + TDC, FSQ, plain KL) trained by the harness, measured with frozen norms; a
+    run short of its steps is listed as unfinished, not measured; the KL per token only for the Gaussian VAEs;
+    the plain-KL run also through TokenBridge; the plot written."""
     from benchmarks import quality_recipe
     from gqtok.training.train import train
 
@@ -233,7 +234,11 @@ def test_quality_recipe_evaluates_finished_runs_with_frozen_norms(small_photos, 
     result = quality_recipe.main(["--quick", "--runs", str(runs), "--photos", str(small_photos), "--data",
                                   str(small_photos), "--out", str(tmp_path / "q.json")])
     assert result["unfinished"] == {"vq_s0": "step 5 of 20"}
-    assert sorted(r["run"] for r in result["rows"]) == ["fsq_s0", "gq_tdc_s0"]
+    assert sorted(r["method"] for r in result["rows"]) == ["fsq", "gq_tdc", "plain_kl", "plain_kl+tokenbridge"]
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+    tb = result["by_method"]["plain_kl+tokenbridge"]
+    assert tb["bpp"] == pytest.approx(8 / 64)  # tiny: 8 channels, one bit each per 8x8 patch
+    assert result["by_method"]["plain_kl"]["bpp"] == pytest.approx(16 / 64)  # GQ: two 8-bit tokens
     assert (runs / "_frozen" / "gq_tdc_s0" / "config.json").exists()
     frozen = json.loads((runs / "_frozen" / "gq_tdc_s0" / "config.json").read_text())["model"]
     assert frozen["norm"] == "fixed"

@@ -325,11 +325,14 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
             "skipped_smaller_than_crop": skipped, "failed": failed, "per_image": rows}
 
 
-def run_tokenizer(run_dir: Path, device: str = "cpu"):
-    """(tokenize, detokenize, bits per token) of a training run's torch model and its token path (GQ for a
-    Gaussian VAE, else its own quantizer), on uint8 [B, H, W, 3] images."""
+def run_tokenizer(run_dir: Path, device: str = "cpu", method: str = "auto", tokenbridge_levels: int = 64):
+    """(tokenize, detokenize, bits per token) of a training run's torch model and its token path (method "auto":
+    GQ for a Gaussian VAE, else its own quantizer; or "gq", "tokenbridge" as in `evaluate`), on uint8
+    [B, H, W, 3] images."""
     model, _ = load_run(run_dir, device)
-    path = TokenPath(model, "gq" if model.cfg.quantizer == "gq" else model.cfg.quantizer, 64, device)
+    if method == "auto":
+        method = "gq" if model.cfg.quantizer == "gq" else model.cfg.quantizer
+    path = TokenPath(model, method, tokenbridge_levels, device)
 
     @torch.no_grad()
     def tokenize(images):
