@@ -304,3 +304,25 @@ def test_no_weights_ships_the_graphs_alone(tiny_run, tiny_model, tmp_path):
     image = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     slim, full = (TokenizerRuntime(a, device="cpu", threads=1) for a in (art, load_artifact(tiny_model)))
     assert np.array_equal(slim.tokenize(image), full.tokenize(image))
+
+
+def test_the_chroma_deadzone_reaches_the_onnx_decoder(tiny_run, tiny_model, small_photos, tmp_path):
+    """--chroma-deadzone on a fine-tune from a run (no steps: the same weights) is taken, not dropped for being a
+    model setting, and the exported decoder applies it: at a threshold no pixel reaches, every output is grey."""
+    from gqtok.core.artifact import load_artifact
+    from gqtok.export.exporter import export_run
+    from gqtok.service.runtime import TokenizerRuntime
+    from gqtok.training.train import train
+
+    run = tmp_path / "deadzone"
+    train(run, small_photos, "tiny", {"steps": 0, "image_every": 0, "init_from": str(tiny_run),
+                                      "chroma_deadzone": 1000.0}, progress=False)
+    assert json.loads((run / "config.json").read_text())["model"]["chroma_deadzone"] == 1000.0
+    export_run(run, tmp_path / "model", model_id="tiny-grey")
+    rt = TokenizerRuntime(load_artifact(tmp_path / "model"), device="cpu", threads=1)
+    image = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    out = rt.decode(rt.encode(image)[0])
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    plain = TokenizerRuntime(load_artifact(tiny_model), device="cpu", threads=1)  # the same run, no dead zone
+    colour = plain.decode(plain.encode(image)[0])
+    assert not np.array_equal(colour[..., 0], colour[..., 1])  # without the dead zone the same weights give colour

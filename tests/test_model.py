@@ -125,3 +125,33 @@ def test_fixed_norms_make_the_output_independent_of_the_image_size():
         alone = _centre_of_decoding(model, middle, 128)
         inside = _centre_of_decoding(model, big, 224)
         assert torch.allclose(alone, inside, atol=1e-4) is same
+
+
+def test_grey_below_chroma_greys_faint_colour_only():
+    """The chroma dead zone: a pixel tinted by less than the threshold (in 8-bit Cb, Cr units) comes out exactly
+    grey at its luma, a coloured one is untouched, and a grey one stays as it was."""
+    from gqtok.training.model import grey_below_chroma
+
+    def px(r, g, b):  # 8-bit RGB -> [1, 3, 1, 1] in [-1, 1]
+        return torch.tensor([r, g, b], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+
+    faint, coloured, grey = px(120, 121, 119), px(120, 130, 100), px(77, 77, 77)
+    out = grey_below_chroma(torch.cat([faint, coloured, grey], dim=3), 1.5)
+    f = out[0, :, 0, 0]
+    assert f[0] == f[1] == f[2]  # exactly grey
+    assert (f[0] + 1) * 127.5 == pytest.approx(0.299 * 120 + 0.587 * 121 + 0.114 * 119, abs=1e-4)
+    assert torch.equal(out[..., 1:2], coloured) and torch.equal(out[..., 2:3], grey)
+    assert torch.equal(grey_below_chroma(faint, 0.5), faint)  # its chroma (about 1.1) is above 0.5
+
+
+def test_chroma_deadzone_applies_in_evaluation_not_in_training():
+    cfg = VAEConfig(**{**PRESETS["tiny"]["model"], "chroma_deadzone": 255.0})
+    model = build_model(cfg)
+    z = torch.randn(1, cfg.latent_channels, 2, 3, generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert not torch.equal(model.decoder(z)[:, 0], model.decoder(z)[:, 1])
+    model.eval()
+    y = model.decoder(z)
+    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 1], y[:, 2])  # everything is "faint" at 255
+    with pytest.raises(ValueError, match="chroma_deadzone"):
+        VAEConfig(chroma_deadzone=-1)

@@ -58,6 +58,11 @@ class VAEConfig:
     # each of the C/d tokens per position is quantized on its own, with one shared codebook);
     # "uniform": the discretized-VAE codec (training/codec.py), a hyperprior and one gain per rate_lambdas entry
     quantizer: str = "gq"
+    # Decoder output, in evaluation and export (not in training): a pixel whose chroma, the length of its BT.601
+    # (Cb, Cr) in 8-bit units, is below this comes out grey (its luma in all three channels). GQ's token noise
+    # leaves grey pictures with a faint tint of about this size; 0 = off. A setting of the output, no weights:
+    # it may change on --init-from
+    chroma_deadzone: float = 0.0
     # vq only: the practitioners' remedies (training/quantizers/vq.py): an EMA (online k-means) codebook,
     # dead-code restarts and an l2-normalized lookup; pair with a low latent_channels (8, as in LlamaGen)
     vq_remedies: bool = False
@@ -89,6 +94,8 @@ class VAEConfig:
             raise ValueError(f"norm must be 'group' or 'fixed', got {self.norm!r}")
         if self.quantizer not in QUANTIZER_CHOICES:
             raise ValueError(f"quantizer must be one of {QUANTIZER_CHOICES}, got {self.quantizer!r}")
+        if self.chroma_deadzone < 0:
+            raise ValueError(f"chroma_deadzone must be >= 0, got {self.chroma_deadzone}")
         if self.vq_remedies and self.quantizer != "vq":
             raise ValueError(f"vq_remedies applies to the vq quantizer, not {self.quantizer!r}")
 
@@ -251,9 +258,28 @@ class Decoder(nn.Module):
         self.norm_out = norm_layer(cfg, ch)
         self.conv_out = nn.Conv2d(ch, 3 * cfg.patch**2, 3, padding=1)
         self.head = nn.PixelShuffle(cfg.patch) if cfg.patch > 1 else nn.Identity()
+        self.chroma_deadzone = cfg.chroma_deadzone
 
     def forward(self, z):
-        return self.head(self.conv_out(F.silu(self.norm_out(self.up(self.mid(self.conv_in(z)))))))
+        x = self.head(self.conv_out(F.silu(self.norm_out(self.up(self.mid(self.conv_in(z)))))))
+        if self.chroma_deadzone and not self.training:
+            x = grey_below_chroma(x, self.chroma_deadzone)
+        return x
+
+
+# BT.601 luma and chroma (JPEG's YCbCr) of RGB; the rows of Cb and Cr sum to 0, so a grey pixel has none
+_LUMA = (0.299, 0.587, 0.114)
+_CHROMA = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+def grey_below_chroma(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1]: pixels whose (Cb, Cr) is shorter than `threshold` 8-bit units become their luma
+    (exactly equal channels), the others stay as they are: a dead zone on colour, as a codec's quantizer has one."""
+    r, g, b = x.unbind(1)
+    luma = _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
+    cb, cr = ((w[0] * r + w[1] * g + w[2] * b) * 127.5 for w in _CHROMA)
+    faint = (cb * cb + cr * cr < threshold * threshold).unsqueeze(1)
+    return torch.where(faint, luma.unsqueeze(1).expand_as(x), x)
 
 
 def build_baseline_quantizer(cfg: VAEConfig) -> nn.Module:

@@ -548,6 +548,8 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
                     raise ValueError(f"a codec can widen its latents, not narrow them ({source['latent_channels']} "
                                      f"in {train_cfg.init_from})")
                 own = own + ("latent_channels",)
+            if "chroma_deadzone" in (overrides or {}):  # the decoder's output setting, no weights
+                own = own + ("chroma_deadzone",)
             if "norm" in (overrides or {}):  # asked for; otherwise the source's norms, whatever the preset says
                 own = own + NORM_SETTINGS
             if source.get("downsample") != model_cfg.downsample:  # a coarser grid grown from a finer model
