@@ -384,14 +384,15 @@ def test_a_fine_tune_freezes_the_norms_and_exports_them(tiny_run, small_photos, 
 
 
 def test_decoder_on_tokens_trains_the_decoder_alone(tiny_run, small_photos, tmp_path):
-    """--decoder-on-tokens: the encoder's weights stay exactly as the source's, the decoder's move, the log has
+    """--decoder-on-tokens: the encoder's weights stay exactly as the source's (the EMA weights too, which are the
+    ones load_run and export take), the decoder's move, the log has
     no KL (no TDC), the loss is the decoder's error on GQ's codewords (not on a posterior sample), and a baseline
     is refused."""
     from gqtok.training.train import load_run
 
     source, _ = load_run(tiny_run)
     run = tmp_path / "dec"
-    last = train(run, small_photos, "tiny", {"steps": 3, "crop": 32, "image_every": 0, "log_every": 1, "ema_decay": 0.0,
+    last = train(run, small_photos, "tiny", {"steps": 3, "crop": 32, "image_every": 0, "log_every": 1, "ema_decay": 0.9,
                                              "init_from": str(tiny_run), "decoder_on_tokens": True}, progress=False)
     tuned, _ = load_run(run)
     enc = {k: v for k, v in source.state_dict().items() if k.startswith("encoder.")}

@@ -309,9 +309,11 @@ class Trainer:
                                                                    generator=levels).to(self.device), noise=False))
             calibrate_fixed_norms(self.model, batches, codec_forward if self.codec else None)
         # EMA of every floating-point entry of the state dict (weights and buffers, calibrated ones included),
-        # updated after each step
-        self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()}
-                    if train_cfg.ema_decay else None)
+        # updated after each step; a frozen encoder (decoder_on_tokens) is left out: the average of a constant
+        # drifts by an ulp in float32, and its tokens must stay bit for bit the source's
+        frozen = ("encoder.",) if train_cfg.decoder_on_tokens else ()
+        self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items()
+                     if v.is_floating_point() and not k.startswith(frozen)} if train_cfg.ema_decay else None)
         if self.codec:
             self.lambdas = torch.tensor(model_cfg.rate_lambdas, device=self.device)
 
