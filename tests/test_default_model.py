@@ -22,7 +22,9 @@ def test_embedded_model_is_complete_and_small():
     m = art.manifest
     assert (m.downsample, m.latent_channels, m.token_dim, m.num_codes) == (8, 16, 16, 2**16)
     assert sum(p.stat().st_size for p in DEFAULT.iterdir()) <= 40 * 2**20
-    assert m.eval and m.eval["quantized"]["psnr"] > 15 and m.training["step"] > 0
+    assert m.eval and m.eval["quantized"]["psnr"] > 15
+    # trained, or (0.5.0: an output setting changed with no steps) made from a trained run, which it names
+    assert m.training["step"] > 0 or m.training["train"]["init_from"]
 
 
 def test_serve_with_no_arguments_tokenizes_a_photo(start_server, photos_dir):

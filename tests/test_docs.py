@@ -119,14 +119,14 @@ def test_readme_headline_tables_are_the_committed_results():
     import json
 
     results = REPO / "benchmarks" / "results"
-    colour = json.loads((results / "colour_fixed_norm.json").read_text())
+    colour = json.loads((results / "colour_default_0.5.0.json").read_text())
     readme = (REPO / "README.md").read_text()
     full, small = colour["512x768"], colour["256x256"]
     for label, key in (("gqtok GQ tokens (16 bits per token)", "tokens"), ("JPEG", "jpeg"), ("WebP", "webp")):
         row = (f"| {label} | {full[key]['psnr']:.2f} | {small[key]['psnr']:.2f} | {full[key]['ms_ssim']:.3f} | "
                f"{full[key]['colour_shift']:.2f} |")
         assert row in readme, row
-    for label, name in (("`gqtok-default` (f=8)", "default_256_fd.json"), ("`gqtok-f16` (f=16)", "f16_256.json")):
+    for label, name in (("`gqtok-default` (f=8)", "colour_default_0.5.0.json"), ("`gqtok-f16` (f=16)", "f16_256.json")):
         r = json.loads((results / name).read_text())["256x256"]
         tokens = round(256 * 256 * r["bpp"] / r["bits_per_token"])
         row = (f"| {label} | {tokens:,} | {r['bpp']:g} | {r['tokens']['psnr']:.2f} | {r['tokens']['ms_ssim']:.3f} | "

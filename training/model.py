@@ -267,19 +267,20 @@ class Decoder(nn.Module):
         return x
 
 
-# BT.601 luma and chroma (JPEG's YCbCr) of RGB; the rows of Cb and Cr sum to 0, so a grey pixel has none
-_LUMA = (0.299, 0.587, 0.114)
-_CHROMA = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+# BT.601 luma, and chroma (Cb, Cr) in 8-bit units, of RGB in [-1, 1] (JPEG's YCbCr; the rows of Cb and Cr sum
+# to 0, so a grey pixel has none), as the weights of one 1x1 convolution
+_YCBCR = torch.tensor([[0.299, 0.587, 0.114],
+                       [-0.168736 * 127.5, -0.331264 * 127.5, 0.5 * 127.5],
+                       [0.5 * 127.5, -0.418688 * 127.5, -0.081312 * 127.5]]).view(3, 3, 1, 1)
 
 
 def grey_below_chroma(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1]: pixels whose (Cb, Cr) is shorter than `threshold` 8-bit units become their luma
-    (exactly equal channels), the others stay as they are: a dead zone on colour, as a codec's quantizer has one."""
-    r, g, b = x.unbind(1)
-    luma = _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
-    cb, cr = ((w[0] * r + w[1] * g + w[2] * b) * 127.5 for w in _CHROMA)
-    faint = (cb * cb + cr * cr < threshold * threshold).unsqueeze(1)
-    return torch.where(faint, luma.unsqueeze(1).expand_as(x), x)
+    (exactly equal channels), the others stay as they are: a dead zone on colour, as a codec's quantizer has one.
+    One convolution and one select, so that the exported decoder holds few full-size intermediates."""
+    ycc = F.conv2d(x, _YCBCR.to(x))
+    faint = ycc[:, 1:].square().sum(1, keepdim=True) < threshold * threshold
+    return torch.where(faint, ycc[:, :1], x)
 
 
 def build_baseline_quantizer(cfg: VAEConfig) -> nn.Module:
