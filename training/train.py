@@ -232,6 +232,8 @@ class Trainer:
         if train_cfg.decoder_on_tokens:
             if model_cfg.quantizer != "gq":
                 raise ValueError(f"decoder_on_tokens decodes GQ tokens; this is a {model_cfg.quantizer} model")
+            if self.distributed:  # its step calls the decoder outside DistributedDataParallel
+                raise ValueError("decoder_on_tokens runs in one process, not under torchrun")
             from gqtok.training.gq import GaussianQuantize
 
             self.gq = GaussianQuantize(model_cfg.num_codes, model_cfg.token_dim, model_cfg.codebook_seed,
