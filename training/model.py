@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gqtok.core import layout
 from gqtok.core.layout import tokens_per_position
 from gqtok.core.select import LOGVAR_RANGE
 
@@ -345,8 +346,6 @@ class GaussianVAE(nn.Module):
     def quantize(self, mu: torch.Tensor):
         """A baseline's quantizer on each of the T tokens per position (the strided grouping of
         gqtok.core.layout, as GQ uses): QuantizerOutput with z_q [B, C, h, w] and ids [B, T, h, w]."""
-        from gqtok.core import layout
-
         b, _, h, w = mu.shape
         t, d = self.cfg.tokens_per_position, self.cfg.token_dim
         tokens = layout.group(mu, d).permute(0, 1, 4, 2, 3).reshape(b * t, d, h, w)
@@ -363,8 +362,6 @@ class GaussianVAE(nn.Module):
 
     def _positions(self, tokens: torch.Tensor, b: int) -> torch.Tensor:
         """[B*T, d, h, w] -> [B, C, h, w], undoing quantize's grouping."""
-        from gqtok.core import layout
-
         _, d, h, w = tokens.shape
         return layout.ungroup(tokens.reshape(b, -1, d, h, w).permute(0, 1, 3, 4, 2))
 
@@ -384,8 +381,6 @@ def build_model(cfg: VAEConfig) -> nn.Module:
 
 def kl_bits_per_token(mu: torch.Tensor, logvar: torch.Tensor, token_dim: int) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) in bits, summed over each token's d channels -> [B, T, H, W]."""
-    from gqtok.core import layout
-
     kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()) / math.log(2.0)
     return layout.group(kl, token_dim).sum(-1)
 

@@ -129,6 +129,7 @@ WEIGHTS = "weights.safetensors"  # the torch weights an exported model ships bes
 CODEC_SETTINGS = ("quantizer", "rate_lambdas", "hyper_channels")  # what the codec adds to a network it starts from
 GROW_SETTINGS = ("downsample", "channel_mult")  # what a model with a coarser grid changes in the one it starts from
 NORM_SETTINGS = ("norm",)  # a fine-tune may freeze its source's GroupNorm statistics (model.py, FixedGroupNorm)
+OUTPUT_SETTINGS = ("chroma_deadzone",)  # settings of the decoder's output, no weights: a fine-tune may set them
 STAT_KEYS = ("stat_mean", "stat_var")  # FixedGroupNorm's buffers
 NORM_CALIBRATION_BATCHES = 8  # of 16 crops: 128 crops measure each layer's statistics
 
@@ -552,8 +553,7 @@ def train(run_dir: Path, data, preset: str = "default", overrides: dict | None =
                     raise ValueError(f"a codec can widen its latents, not narrow them ({source['latent_channels']} "
                                      f"in {train_cfg.init_from})")
                 own = own + ("latent_channels",)
-            if "chroma_deadzone" in (overrides or {}):  # the decoder's output setting, no weights
-                own = own + ("chroma_deadzone",)
+            own = own + tuple(k for k in OUTPUT_SETTINGS if k in (overrides or {}))
             if "norm" in (overrides or {}):  # asked for; otherwise the source's norms, whatever the preset says
                 own = own + NORM_SETTINGS
             if source.get("downsample") != model_cfg.downsample:  # a coarser grid grown from a finer model

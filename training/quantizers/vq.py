@@ -135,9 +135,9 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(torch.where(alive[:, None], self.ema_sum / self.ema_count.clamp(min=1e-6)[:, None],
                                         self.codebook))
 
-    def _lookup_table(self) -> torch.Tensor:
-        """The codewords as the search and the decoder see them."""
-        codebook = self.codebook.detach().float()
+    def _codewords(self) -> torch.Tensor:
+        """The codewords as the search and the decoder see them (unit length with `normalize`)."""
+        codebook = self.codebook.float()
         return F.normalize(codebook, dim=1) if self.normalize else codebook
 
     @torch.no_grad()
@@ -156,22 +156,16 @@ class VectorQuantizer(nn.Module):
             if restart:
                 self._restart_dead(tokens.detach())
             cols = self.chunk_codes or (4096 if z.device.type == "cpu" else 65536)
-            ids = nearest_codes(tokens.detach(), self._lookup_table(), self.chunk_tokens, cols)
+            ids = nearest_codes(tokens.detach(), self._codewords().detach(), self.chunk_tokens, cols)
             if restart:
                 self._count_usage(ids)
-            if self.ema_decay is not None:
-                if self.training:
-                    self._ema_update(tokens.detach(), ids)
-                e = from_tokens(F.embedding(ids, self._lookup_table()), b, h, w)
-                codebook_loss = F.mse_loss(e, z.detach())  # logged only: the EMA moves the codebook
-                commit_loss = F.mse_loss(z, e)
-                loss = self.commitment * commit_loss
-            else:
-                codebook = F.normalize(self.codebook.float(), dim=1) if self.normalize else self.codebook.float()
-                e = from_tokens(F.embedding(ids, codebook), b, h, w)
-                codebook_loss = F.mse_loss(e, z.detach())
-                commit_loss = F.mse_loss(z, e.detach())
-                loss = codebook_loss + self.commitment * commit_loss
+            if self.ema_decay is not None and self.training:
+                self._ema_update(tokens.detach(), ids)
+            e = from_tokens(F.embedding(ids, self._codewords()), b, h, w)
+            codebook_loss = F.mse_loss(e, z.detach())
+            commit_loss = F.mse_loss(z, e.detach())
+            # with the EMA the codebook is a buffer that the update above moves: its loss is only logged
+            loss = self.commitment * commit_loss + (codebook_loss if self.ema_decay is None else 0.0)
             z_q = straight_through(e, z)
             ids = ids.reshape(b, h, w)
             stats = usage_stats(ids, self.num_codes, codebook=codebook_loss, commit=commit_loss)
@@ -180,4 +174,4 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         b, h, w = ids.shape
-        return from_tokens(F.embedding(ids.reshape(-1).long(), self._lookup_table()), b, h, w)
+        return from_tokens(F.embedding(ids.reshape(-1).long(), self._codewords()), b, h, w)
