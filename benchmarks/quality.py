@@ -1,325 +1,228 @@
-"""GQ + TDC against the other tokenizers at equal bits per token, same networks, same training budget.
+"""GQ + TDC against FSQ, VQ, plain KL and TokenBridge at the default recipe, equal steps (issue 32).
 
-    python benchmarks/quality.py --budget MINUTES [--jobs 2] [--quick]
+    bash tools/train_quality.sh                            # the runs: about 14 CPU-hours, resumable
+    python benchmarks/quality.py [--runs runs/quality32] [--photos data/photos] [--quick]
 
-Trains every model for the same number of steps on the same encoder/decoder
-(the `compare` architecture below): the steps that the reference gq_tdc makes
-in MINUTES on one CPU thread, measured at the start. It then evaluates on the 24 held-out photos
-(centre crops, 384x256 by default; --size 512 768 for the full evaluation size):
-  gq_tdc            Gaussian VAE + TDC, GQ at d = 16 (0.25 bpp), and d = 8, 4 (0.5, 1 bpp)
-  gq_tdc_floorF     the same with a floor F under TDC's lam (--tdc-lam-floor)
-  plain_kl_W        Gaussian VAE with a fixed KL weight W (a small sweep), converted by GQ, and by
-                    TokenBridge-style per-channel scalar quantization (2 levels = 16 bits per position;
-                    64 levels = 96 bits per position as a higher-rate point)
-  vq, fsq, lfq, bsq the baselines, trained with their quantizer in the loop (training/quantizers/)
-  jpeg, webp        Pillow at the quality that lands closest below each bpp
-Metrics: PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on EfficientNet-Lite0 features;
-not FID), codebook usage and perplexity. Also a theory check: per-token GQ error against the
-bits of slack log2 K - KL. Writes benchmarks/results/quality.json, quality.md, quality_rd.png
-and quality_theory.png. --quick: a few seconds per method on small crops (< 60 s in all).
+Evaluates every run in RUNS that has reached the steps its config asks for (the others are listed as
+unfinished): the runs train with GroupNorm on 128x128 crops, so each is first given frozen norms measured on
+training crops (`gqtok train --init-from RUN --norm fixed --steps 0`, ten CPU-seconds, no training: the same
+for every method; GroupNorm's statistics would make a 768x512 photo a different input from the crops, see
+training/model.py), then measured on the photos of the four sources held out whole, centre crops of 512x768
+and 256x256 (training.evaluate.evaluate_tokenizer): PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on
+EfficientNet-Lite0 features; not FID), colour shift; and on the same crops codebook usage (share of the codes
+used, perplexity) and, for the Gaussian VAEs, the KL per token. A run named NAME_sS is seed S of NAME: the
+table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run (kl_mode fixed) is
+measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
+benchmarks/results/quality.json and a rate-distortion plot quality.png (--quick: _quick, tiny runs
+trained here in seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.service import write_result  # noqa: E402
 
-# The shared architecture: the default preset's shape without attention, trained on 64x64 crops in
-# bf16 so that a CPU gets a few hundred steps per method in minutes.
-# (first default model's network and schedule, pinned: the default preset has since changed)
-COMPARE = dict(downsample=8, patch=1, base_channels=32, channel_mult=(1, 2, 2, 4), blocks_per_level=1, attention=False,
-               groups=16, crop=64, batch_size=8, lr=2e-4, lr_schedule="constant", ema_decay=0.0, crop_window_max=1.0,
-               precision="bf16", log_every=25, image_every=0, ckpt_every=0, steps=10**9)
-QUICK = dict(COMPARE, base_channels=16, channel_mult=(1, 1, 2, 2), groups=8, crop=32, batch_size=4)
-BASE = dict(latent_channels=16, token_dim=16, codebook_bits=16)
-KL_WEIGHTS = (1e-6, 1e-5, 1e-4)
-LAM_FLOORS = (3e-6, 1e-5)  # TDC with a floor under lam (--tdc-lam-floor); the reference rule has none
+SIZES = ((512, 768), (256, 256))
+METRICS = ("psnr", "ssim", "ms_ssim", "colour_shift")
 
 
-def method_table(quick: bool) -> list[tuple[str, dict, list[str]]]:
-    """(run name, settings, evaluations) for every trained model."""
-    table = [
-        ("gq_tdc", BASE, ["gq"]),
-        ("gq_tdc_d8", dict(BASE, token_dim=8), ["gq"]),
-        ("gq_tdc_d4", dict(BASE, token_dim=4), ["gq"]),
-        *[(f"plain_kl_{w:g}", dict(BASE, kl_mode="fixed", kl_weight=w), ["gq", "tokenbridge:2", "tokenbridge:64"])
-          for w in (KL_WEIGHTS[1:2] if quick else KL_WEIGHTS)],
-        *[(f"gq_tdc_floor{f:g}", dict(BASE, tdc_lam_floor=f), ["gq"]) for f in ([] if quick else LAM_FLOORS)],
-        ("vq", dict(BASE, quantizer="vq"), ["vq"]),
-        ("fsq", dict(quantizer="fsq", latent_channels=6, token_dim=6, codebook_bits=16), ["fsq"]),
-        ("lfq", dict(BASE, quantizer="lfq"), ["lfq"]),
-        ("bsq", dict(BASE, quantizer="bsq"), ["bsq"]),
-    ]
-    return table[:1] + table[3:4] + table[-4:] if quick else table
+def finished(run: Path) -> tuple[int, int]:
+    """(steps reached at the last checkpoint, steps asked) of a run, from its config.json."""
+    config = json.loads((run / "config.json").read_text())
+    return config.get("step", 0), config["train"]["steps"]
 
 
-def calibrate_steps(budget_min: float, arch: dict) -> tuple[int, float]:
-    """Steps that the reference model (gq_tdc) makes in `budget_min` minutes on one thread here.
-
-    Every method then trains exactly that many steps: wall time alone would hand more steps to
-    whichever job happened to run alone on a core."""
-    import torch
-
-    from gqtok.training.model import GaussianVAE, kl_bits_per_token
-    from gqtok.training.train import build_configs
-
-    torch.set_num_threads(1)
-    mcfg, tcfg = build_configs("default", {**{k: v for k, v in arch.items() if k != "steps"}, **BASE})
-    torch.manual_seed(0)
-    model = GaussianVAE(mcfg)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    x = torch.rand(tcfg.batch_size, 3, tcfg.crop, tcfg.crop) * 2 - 1
-    times = []
-    for i in range(7):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
-            recon, mu, logvar, _ = model(x)
-        loss = (recon.float() - x).abs().mean() + 1e-6 * kl_bits_per_token(mu, logvar, mcfg.token_dim).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i >= 2:  # the first steps warm up allocators and kernels
-            times.append(time.perf_counter() - t)
-    per_step = float(np.median(times))
-    return max(5, int(budget_min * 60 / per_step)), per_step
-
-
-def train_and_evaluate(job: dict) -> list[dict]:
-    """One worker: train one method for its budget, then run each of its evaluations."""
-    import torch
-
-    torch.set_num_threads(1)
-    from gqtok.training.evaluate import evaluate
+def frozen(run: Path, data: Path, cache: Path) -> Path:
+    """The run with frozen norms (cached beside the runs); a run trained with them already is itself."""
     from gqtok.training.train import train
 
-    run = Path(job["run"])
-    t0 = time.monotonic()
-    config = run / "config.json"
-    saved = json.loads(config.read_text()) if config.exists() else {}
-    finished = saved.get("ranks") and saved.get("step") == job["steps"]  # "ranks" is written when fit() ends
-    if not finished or job["retrain"]:
-        if run.exists():
-            import shutil
+    if json.loads((run / "config.json").read_text())["model"].get("norm") == "fixed":
+        return run
+    out = cache / run.name
+    if not (out / "model.safetensors").exists():
+        import shutil
 
-            shutil.rmtree(run)
-        train(run, job["data"], preset="default", overrides=job["settings"], progress=False)
-    train_s = time.monotonic() - t0
-    out = []
-    for how in job["evals"]:
-        # each evaluation is kept beside its run, so that a rerun (or a second process, see --methods)
-        # reuses it as long as the model and the evaluation settings are the same
-        cache = run / f"quality_eval_{how.replace(':', '_')}.json"
-        key = {"step": job["steps"], "size": list(job["size"]), "limit": job["limit"]}
-        cached = json.loads(cache.read_text()) if cache.exists() else {}
-        if cached.get("key") == key and not job["retrain"]:
-            r = cached["result"]
-        else:
-            method, _, levels = how.partition(":")
-            r = evaluate(run, job["data"], size=job["size"], limit=job["limit"], progress=False, method=method,
-                         tokenbridge_levels=int(levels or 64), fd=True)
-            r.pop("per_image")
-            cache.write_text(json.dumps({"key": key, "result": r}))
-        out.append({"name": job["name"] + ("" if how in ("gq", job["name"]) else f"+{how}"),
-                    "trained": job["name"], "eval": how, "train_seconds": round(train_s, 1), **r})
+        shutil.rmtree(out, ignore_errors=True)
+        train(out, data, "default", {"init_from": str(run), "norm": "fixed", "steps": 0, "image_every": 0},
+              progress=False)
     return out
 
 
-def classic_codecs(data: Path, size, limit, targets) -> list[dict]:
-    """JPEG and WebP (Pillow) at the highest quality whose bpp stays at or under each target."""
-    from gqtok import photos as photo_files
-    from gqtok.training.evaluate import classic_at_bpp, image_metrics
-
-    _, held = photo_files.split_heldout(photo_files.list_images(data))
-    images = [photo_files.center_crop(photo_files.load_rgb(p), size) for p in held[:limit]]
-
-    rows = []
-    for fmt in ("JPEG", "WEBP"):
-        for target in targets:
-            metrics, bpps = [], []
-            for img in images:
-                decoded, bpp, _ = classic_at_bpp(img, fmt, target)
-                bpps.append(bpp)
-                metrics.append(image_metrics(img, decoded))
-            rows.append({"name": f"{fmt.lower()}@{target:g}", "method": fmt.lower(), "images": len(images),
-                         "rate": {"bpp": float(np.mean(bpps)), "target_bpp": target},
-                         "quantized": {k: (float(np.mean(v)) if (v := [m[k] for m in metrics if m[k] is not None])
-                                           else None) for k in ("psnr", "ssim", "ms_ssim")}})
-    return rows
-
-
-def theory_check(run: Path, data: Path, size, limit) -> dict:
-    """Per token: mean |z_hat - mu| / sigma over its d channels against log2 K - KL (bits of slack)."""
+def usage_and_kl(model, tokenize, bits: float, paths: list[Path], size: tuple[int, int]) -> dict:
+    """Codebook usage (share of codes used, perplexity 2^entropy) and, for a Gaussian VAE, the mean KL per token
+    in bits, on the centre crops that evaluate_tokenizer measures (its own pass: evaluate_tokenizer also
+    tokenizes each crop made grey, which usage must not count). `model`: the run's torch model, `tokenize` its
+    token path (training.evaluate.run_tokenizer)."""
     import torch
 
-    from gqtok.core import layout
     from gqtok import photos as photo_files
     from gqtok.training import data as photo_data
-    from gqtok.training.gq import GaussianQuantize
     from gqtok.training.model import kl_bits_per_token
+
+    counts, kl = {}, []
+    for path in paths:
+        img = photo_files.load_rgb(path)
+        if img.shape[0] < size[0] or img.shape[1] < size[1]:
+            continue
+        crop = np.ascontiguousarray(photo_files.center_crop(img, size))[None]
+        ids, n = np.unique(np.asarray(tokenize(crop)), return_counts=True)
+        for i, c in zip(ids.tolist(), n.tolist()):
+            counts[i] = counts.get(i, 0) + c
+        if model.cfg.quantizer == "gq":
+            with torch.no_grad():
+                mu, logvar = model.encoder(photo_data.to_model_input(crop))
+            kl.append(float(kl_bits_per_token(mu, logvar, model.cfg.token_dim).mean()))
+    p = np.array(list(counts.values()), dtype=np.float64)
+    p /= p.sum()
+    codes = round(2**bits)  # 64,000 for FSQ
+    return {"codes": codes, "codebook_usage": len(counts) / codes,
+            "perplexity": float(2 ** -(p * np.log2(p)).sum()), "kl_bits_per_token": float(np.mean(kl)) if kl else None}
+
+
+def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, tokenbridge: bool = False) -> dict:
+    """One run's row; tokenbridge: its latents through TokenBridge (2 levels per channel, 1 bit each: at 16
+    channels the same 16 bits per position as a 16-bit token) instead of GQ, the method named NAME+tokenbridge."""
+    from gqtok.training.evaluate import evaluate_tokenizer, run_tokenizer
     from gqtok.training.train import load_run
 
-    model, _ = load_run(run)
-    cfg = model.cfg
-    gq = GaussianQuantize(cfg.num_codes, cfg.token_dim, cfg.codebook_seed, cfg.gq_beta)
-    _, held = photo_files.split_heldout(photo_files.list_images(data))
-    slack, err = [], []
-    with torch.no_grad():
-        for p in held[:limit]:
-            x = photo_data.to_model_input(photo_files.center_crop(photo_files.load_rgb(p), size)[None])
-            mu, logvar = model.encoder(x)
-            z_hat, _, _ = gq(mu, logvar)
-            e = layout.group((z_hat - mu).abs() / torch.exp(0.5 * logvar), cfg.token_dim).mean(-1)
-            slack.append((cfg.codebook_bits - kl_bits_per_token(mu, logvar, cfg.token_dim)).flatten().numpy())
-            err.append(e.flatten().numpy())
-    slack, err = np.concatenate(slack), np.concatenate(err)
-    edges = np.arange(np.floor(slack.min()), np.ceil(slack.max()) + 1, 1.0)
-    bins = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        sel = (slack >= a) & (slack < b)
-        if sel.sum() >= 5:
-            bins.append({"slack_bits": float((a + b) / 2), "tokens": int(sel.sum()),
-                         "median_error": float(np.median(err[sel])), "p90_error": float(np.percentile(err[sel], 90))})
-    return {"run": str(run), "bins": bins, "tokens": int(slack.size)}
+    config = json.loads((run / "config.json").read_text())
+    measured = frozen(run, data, cache)
+    tokenize, detokenize, bits = run_tokenizer(measured, method="tokenbridge" if tokenbridge else "auto",
+                                               tokenbridge_levels=2)
+    model, _ = load_run(measured)
+    method = re.sub(r"_s\d+$", "", run.name) + ("+tokenbridge" if tokenbridge else "")
+    row = {"run": run.name, "method": method, "seed": config["train"]["seed"],
+           "quantizer": config["model"]["quantizer"], "token_dim": config["model"]["token_dim"],
+           "bits_per_token": bits, "steps": config["step"], "cpu_hours": round(config.get("cpu_seconds", 0) / 3600, 2),
+           "sizes": {}}
+    for size in sizes:
+        r = evaluate_tokenizer(tokenize, detokenize, paths, size, bits, name=run.name, classic=False,
+                               progress=False, fd=True)
+        row["sizes"][f"{size[0]}x{size[1]}"] = {"images": r["images"], "bpp": r["bpp"],
+                                                **{m: r["tokens"][m] for m in METRICS},
+                                                "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
+                                                **usage_and_kl(model, tokenize, bits, paths, size)}
+    return row
 
 
-def plots(result: dict, out_dir: Path, suffix: str = "") -> None:
+def by_method(rows: list[dict]) -> dict:
+    """Each method's mean and spread (max - min) over its seeds, per size and metric."""
+    out = {}
+    for method in sorted({r["method"] for r in rows}):
+        group = [r for r in rows if r["method"] == method]
+        out[method] = {"seeds": sorted(r["seed"] for r in group),
+                       "bpp": next(iter(group[0]["sizes"].values()))["bpp"]}  # the rate: the same at every size
+        for size in group[0]["sizes"]:
+            stats = {}
+            for m in (*METRICS, "fd_effnet_lite0", "codebook_usage", "kl_bits_per_token"):
+                values = [r["sizes"][size][m] for r in group if r["sizes"][size][m] is not None]
+                if values:
+                    stats[m] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values))}
+            out[method][size] = stats
+    return out
+
+
+def table(summary: dict, size: str) -> str:
+    lines = [f"| method ({size}) | seeds | bpp | PSNR (dB) | MS-SSIM | FD-EffNetLite0 | codebook usage | KL bits/token |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(stats, m, fmt):
+        if m not in stats:
+            return "-"
+        s = stats[m]
+        return f"{s['mean']:{fmt}}" + (f" (±{s['spread'] / 2:{fmt}})" if s["spread"] else "")
+
+    for method, s in summary.items():
+        st = s.get(size, {})
+        lines.append(f"| {method} | {len(s['seeds'])} | {s['bpp']:.3f} | {cell(st, 'psnr', '.2f')} | "
+                     f"{cell(st, 'ms_ssim', '.4f')} | {cell(st, 'fd_effnet_lite0', '.1f')} | "
+                     f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} |")
+    return "\n".join(lines)
+
+
+def quick_runs(root: Path, data: Path) -> None:
+    """Three tiny runs (GQ + TDC, FSQ, plain KL) trained here in seconds: the harness end to end, not a verdict."""
+    from gqtok.training.train import train
+
+    for name, settings in (("gq_tdc_s0", {}), ("fsq_s0", {"quantizer": "fsq", "latent_channels": 6, "token_dim": 6}),
+                           ("plain_kl_s0", {"kl_mode": "fixed", "kl_weight": 1e-4})):
+        if not (root / name / "model.safetensors").exists():
+            train(root / name, data, "tiny", {"steps": 10, "image_every": 0, **settings}, progress=False)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default=None, help="default runs/quality32 (--quick: runs/quality-quick)")
+    ap.add_argument("--photos", default=str(REPO / "data" / "photos"), help="the sources held out whole")
+    ap.add_argument("--data", default=str(REPO / "data" / "endless-sky"), help="training photos (norm statistics)")
+    ap.add_argument("--quick", action="store_true", help="three tiny runs trained here, 4 photos at 64x64 (< 60 s)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from gqtok.cli import collect_photos
+
+    start = time.monotonic()
+    runs_dir = Path(args.runs or REPO / "runs" / ("quality-quick" if args.quick else "quality32"))
+    sizes, paths = SIZES, collect_photos([args.photos], "all")
+    if args.quick:
+        sizes, paths = ((64, 64),), paths[:4]
+        quick_runs(runs_dir, Path(args.data))
+    runs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists() and not p.name.startswith("_"))
+    progress = {r: finished(r) for r in runs}
+    done = [r for r, (reached, asked) in progress.items() if reached >= asked]
+    unfinished = {r.name: "step {} of {}".format(*progress[r]) for r in runs if r not in done}
+    rows = []
+    for run in done:
+        plain_kl = json.loads((run / "config.json").read_text())["train"]["kl_mode"] == "fixed"
+        for tokenbridge in (False, True) if plain_kl else (False,):
+            rows.append(evaluate_run(run, Path(args.data), paths, runs_dir / "_frozen", sizes, tokenbridge))
+            print(f"{rows[-1]['method']} seed {rows[-1]['seed']}: "
+                  + ", ".join(f"{s} {v['psnr']:.2f} dB" for s, v in rows[-1]["sizes"].items()), flush=True)
+    summary = by_method(rows)
+    result = {"benchmark": "quality", "quick": args.quick, "runs": str(runs_dir.relative_to(REPO))
+              if runs_dir.is_relative_to(REPO) else str(runs_dir), "photos": len(paths),
+              "sizes": [f"{h}x{w}" for h, w in sizes], "unfinished": unfinished, "rows": rows, "by_method": summary,
+              "seconds": round(time.monotonic() - start, 1)}
+    for size in result["sizes"]:
+        print(table(summary, size))
+    if unfinished:
+        print("unfinished:", unfinished)
+    path = write_result(result, "quality", args.quick, args.out)
+    if summary:
+        plot(summary, result["sizes"], path.with_suffix(".png"))
+    return result
+
+
+def plot(summary: dict, sizes: list[str], out: Path) -> None:
+    """Rate-distortion: each method's mean PSNR at its bpp, a bar for its seed spread, one panel per size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = result["rows"]
-    families = (("gq_tdc", "o"), ("gq_tdc_floor", "D"), ("plain_kl", "s"), ("vq", "^"), ("fsq", "v"), ("lfq", "<"),
-                ("bsq", ">"), ("jpeg", "x"), ("webp", "+"))
-    for family, marker in families:
-        def member(name: str) -> bool:  # the longest family prefix decides: gq_tdc_floor* is not gq_tdc
-            return max((f for f, _ in families if name.startswith(f)), key=len, default=None) == family
-
-        pts = sorted((r["rate"]["bpp"], r["quantized"]["psnr"], r["name"]) for r in rows
-                     if member(r["name"]) and r["rate"]["bpp"] <= 1.6)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="-" if family in
-                    ("gq_tdc", "jpeg", "webp") else "none", label=family)
-    ax.set_xlabel("bits per pixel")
-    ax.set_ylabel(f"PSNR (dB), held-out {result['size'][1]}x{result['size'][0]}")
-    ax.set_title(f"Rate-distortion, {result['steps_per_model']} training steps per model")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for method, s in summary.items():
+            st = s.get(size, {}).get("psnr")
+            if st is None:
+                continue
+            ax.errorbar([s["bpp"]], [st["mean"]], yerr=[st["spread"] / 2], fmt="o", capsize=4, label=method)
+            ax.annotate(method, (s["bpp"], st["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.set(title=f"{size} centre crops, sources held out whole", xlabel="bits per pixel", ylabel="PSNR (dB)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out_dir / f"quality_rd{suffix}.png", dpi=110)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for check in result["theory"]:
-        b = check["bins"]
-        ax.semilogy([x["slack_bits"] for x in b], [x["median_error"] for x in b], marker="o", label=Path(check["run"]).name)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("log2 K - KL(q||p) of the token (bits)")
-    ax.set_ylabel("median |z_hat - mu| / sigma")
-    ax.set_title("GQ error against the bits of slack")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"quality_theory{suffix}.png", dpi=110)
-    plt.close(fig)
-
-
-def markdown(result: dict) -> str:
-    def f(v, fmt):
-        return format(v, fmt) if v is not None else "-"
-
-    how = (f"what gq_tdc makes in {result['budget_min']:g} min on one CPU thread" if result["budget_min"]
-           else "set by --steps")
-    lines = [f"Budget: {result['steps_per_model']} training steps per model ({how}); held-out {result['images']} "
-             f"photos at {result['size'][1]}x{result['size'][0]}.",
-             "", "| method | bpp | bits/token | PSNR | SSIM | MS-SSIM | FD-EffNetLite0 | codebook used | perplexity | steps |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(result["rows"], key=lambda r: (r["rate"]["bpp"], -(r["quantized"]["psnr"] or 0))):
-        cb, fd = r.get("codebook") or {}, (r.get("fd_effnet_lite0") or {}).get("quantized")
-        lines.append(f"| {r['name']} | {r['rate']['bpp']:.3f} | {f(r['rate'].get('bits_per_token'), '.2f')} | "
-                     f"{r['quantized']['psnr']:.2f} | {r['quantized']['ssim']:.4f} | {f(r['quantized']['ms_ssim'], '.4f')} | "
-                     f"{f(fd, '.2f')} | {f(cb.get('used_fraction'), '.3f')} | {f(cb.get('perplexity'), '.0f')} | "
-                     f"{r.get('step') or '-'} |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", type=float, default=5.0, help="minutes of training per model (default 5)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="models trained at once (1 thread each)")
-    ap.add_argument("--data", default=str(REPO / "data" / "endless-sky"))
-    ap.add_argument("--runs", default=str(REPO / "runs" / "quality"), help="where the trained runs go")
-    ap.add_argument("--retrain", action="store_true", help="train again even where a run exists")
-    ap.add_argument("--quick", action="store_true", help="seconds per method, small crops: a smoke run (< 60 s)")
-    ap.add_argument("--size", type=int, nargs=2, default=[256, 384], metavar=("H", "W"),
-                    help="held-out centre crops (default 256 384: a CPU decodes 768x512 ~4x slower)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    ap.add_argument("--steps", type=int, default=None, help="training steps per model (instead of calibrating --budget)")
-    ap.add_argument("--methods", nargs="+", default=None, metavar="RUN",
-                    help="train and evaluate only these runs (e.g. vq fsq), in this order, and write no results: "
-                         "a second process can share the work of a full run on another core; then run the full "
-                         "command with the same --steps, which reuses the finished runs and evaluations")
-    args = ap.parse_args(argv)
-
-    if args.quick:
-        budget, arch, size, limit, runs = 0.03, QUICK, (128, 128), 2, Path(args.runs + "-quick")
-    else:
-        budget, arch, size, limit, runs = args.budget, COMPARE, tuple(args.size), None, Path(args.runs)
-    if args.steps:
-        steps, per_step, budget = args.steps, None, None
-    else:
-        steps, per_step = calibrate_steps(budget, arch)
-        print(f"{budget:g} min per model = {steps} steps ({per_step:.3f} s per step of gq_tdc on one thread)", flush=True)
-    jobs = [{"name": name, "run": str(runs / name), "data": Path(args.data), "size": size, "limit": limit,
-             "retrain": args.retrain or args.quick, "evals": evals, "steps": steps,
-             "settings": {**arch, **settings, "steps": steps}}
-            for name, settings, evals in method_table(args.quick)]
-    if args.methods:
-        by_name = {job["name"]: job for job in jobs}
-        unknown = set(args.methods) - set(by_name)
-        if unknown:
-            ap.error(f"unknown runs {sorted(unknown)}; the runs are {sorted(by_name)}")
-        jobs = [by_name[name] for name in args.methods]
-    start = time.monotonic()
-    rows = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for out in pool.map(train_and_evaluate, jobs):
-            for r in out:
-                print(f"{r['name']:<28} bpp {r['rate']['bpp']:.3f}  PSNR {r['quantized']['psnr']:.2f}  "
-                      f"SSIM {r['quantized']['ssim']:.4f}  steps {r['step']}", flush=True)
-            rows += out
-    if args.methods:
-        return {"rows": rows}
-    targets = sorted({round(r["rate"]["bpp"], 2) for r in rows if r["rate"]["bpp"] <= 1.6})
-    rows += classic_codecs(Path(args.data), size, limit, targets)
-    names = ("gq_tdc", f"gq_tdc_floor{LAM_FLOORS[0]:g}", *(f"plain_kl_{w:g}" for w in KL_WEIGHTS))
-    theory = [theory_check(runs / name, Path(args.data), size, limit or 8) for name in names
-              if (runs / name / "model.safetensors").exists()]
-    result = {"benchmark": "quality", "quick": args.quick, "budget_min": budget, "steps_per_model": steps,
-              "seconds_per_step_reference": per_step and round(per_step, 4), "jobs": args.jobs,
-              "cpus": os.cpu_count(), "size": list(size), "images": rows[0]["images"], "architecture": arch,
-              "seconds": round(time.monotonic() - start, 1), "rows": rows, "theory": theory}
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    # paths inside the repository are recorded relative to it
-    (out_dir / f"quality{suffix}.json").write_text(json.dumps(result, indent=1).replace(str(REPO) + os.sep, "") + "\n")
-    (out_dir / f"quality{suffix}.md").write_text(markdown(result))
-    plots(result, out_dir, suffix)
-    print(markdown(result))
-    return result
 
 
 if __name__ == "__main__":

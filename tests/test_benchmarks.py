@@ -221,18 +221,18 @@ def test_kl_size_benchmark_reports_rate_and_gq_cost_per_size(tiny_model, tmp_pat
             assert len(row["signed_error_rgb"]) == 3 and np.isfinite(row["signed_error_rgb"]).all()
 
 
-def test_quality_recipe_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_path):
+def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_path):
     """--quick: three tiny runs (GQ + TDC, FSQ, plain KL) trained by the harness, measured with frozen norms; a
     run short of its steps is listed as unfinished, not measured; the KL per token only for the Gaussian VAEs;
     the plain-KL run also through TokenBridge; the plot written."""
-    from benchmarks import quality_recipe
+    from benchmarks import quality
     from gqtok.training.train import train
 
     runs = tmp_path / "runs"
     train(runs / "vq_s0", small_photos, "tiny", {"steps": 20, "stop_at": 5, "image_every": 0},
           progress=False)
-    result = quality_recipe.main(["--quick", "--runs", str(runs), "--photos", str(small_photos), "--data",
-                                  str(small_photos), "--out", str(tmp_path / "q.json")])
+    result = quality.main(["--quick", "--runs", str(runs), "--photos", str(small_photos), "--data",
+                           str(small_photos), "--out", str(tmp_path / "q.json")])
     assert result["unfinished"] == {"vq_s0": "step 5 of 20"}
     assert sorted(r["method"] for r in result["rows"]) == ["fsq", "gq_tdc", "plain_kl", "plain_kl+tokenbridge"]
     assert (tmp_path / "q.png").stat().st_size > 10_000

@@ -7,7 +7,7 @@
 #   bash tools/train_quality.sh            the queue below, in order
 #   bash tools/train_quality.sh & bash tools/train_quality.sh &     both cores: each takes the next run that the
 #                                          other does not hold (a lock file per run, flock)
-# Runs go to runs/quality32/NAME (logs NAME.out); benchmarks/quality_recipe.py evaluates the finished ones
+# Runs go to runs/quality32/NAME (logs NAME.out); benchmarks/quality.py evaluates the finished ones
 # (with their norms frozen, on the four sources held out whole, at 768x512 and 256x256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
