@@ -13,8 +13,8 @@ EfficientNet-Lite0 features; not FID), colour shift; and on the same crops codeb
 used, perplexity) and, for the Gaussian VAEs, the KL per token. A run named NAME_sS is seed S of NAME: the
 table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run (kl_mode fixed) is
 measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
-benchmarks/results/quality.json and a rate-distortion plot quality.png (--quick: _quick, tiny runs
-trained here in seconds).
+benchmarks/results/quality.json, its tables quality.md and a rate-distortion plot quality.png (--quick: _quick,
+tiny runs trained here in seconds).
 """
 
 from __future__ import annotations
@@ -91,11 +91,17 @@ def usage_and_kl(model, tokenize, bits: float, paths: list[Path], size: tuple[in
 
 def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, tokenbridge: bool = False) -> dict:
     """One run's row; tokenbridge: its latents through TokenBridge (2 levels per channel, 1 bit each: at 16
-    channels the same 16 bits per position as a 16-bit token) instead of GQ, the method named NAME+tokenbridge."""
+    channels the same 16 bits per position as a 16-bit token) instead of GQ, the method named NAME+tokenbridge.
+    Rows are kept in CACHE (NAME[+tokenbridge].row.json) and reused while the run's step, the photos and the
+    sizes are the same: the study is evaluated again as each run finishes, and one row costs minutes."""
     from gqtok.training.evaluate import evaluate_tokenizer, run_tokenizer
     from gqtok.training.train import load_run
 
     config = json.loads((run / "config.json").read_text())
+    key = {"step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
+    cached = cache / f"{run.name}{'+tokenbridge' if tokenbridge else ''}.row.json"
+    if cached.exists() and json.loads(cached.read_text())["key"] == key:
+        return json.loads(cached.read_text())["row"]
     measured = frozen(run, data, cache)
     tokenize, detokenize, bits = run_tokenizer(measured, method="tokenbridge" if tokenbridge else "auto",
                                                tokenbridge_levels=2)
@@ -112,6 +118,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
                                                 **{m: r["tokens"][m] for m in METRICS},
                                                 "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
                                                 **usage_and_kl(model, tokenize, bits, paths, size)}
+    cached.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
     return row
 
 
@@ -121,6 +128,8 @@ def by_method(rows: list[dict]) -> dict:
     for method in sorted({r["method"] for r in rows}):
         group = [r for r in rows if r["method"] == method]
         out[method] = {"seeds": sorted(r["seed"] for r in group),
+                       "steps": "/".join(sorted({str(r["steps"]) for r in group})),
+                       "cpu_hours": "/".join(f"{r['cpu_hours']:.2f}" for r in group),
                        "bpp": next(iter(group[0]["sizes"].values()))["bpp"]}  # the rate: the same at every size
         for size in group[0]["sizes"]:
             stats = {}
@@ -133,8 +142,8 @@ def by_method(rows: list[dict]) -> dict:
 
 
 def table(summary: dict, size: str) -> str:
-    lines = [f"| method ({size}) | seeds | bpp | PSNR (dB) | MS-SSIM | FD-EffNetLite0 | codebook usage | KL bits/token |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| method ({size}) | seeds | steps | CPU-h | bpp | PSNR (dB) | SSIM | MS-SSIM | FD-EffNetLite0 | "
+             "codebook usage | KL bits/token |", "| --- " * 11 + "|"]
 
     def cell(stats, m, fmt):
         if m not in stats:
@@ -144,8 +153,8 @@ def table(summary: dict, size: str) -> str:
 
     for method, s in summary.items():
         st = s.get(size, {})
-        lines.append(f"| {method} | {len(s['seeds'])} | {s['bpp']:.3f} | {cell(st, 'psnr', '.2f')} | "
-                     f"{cell(st, 'ms_ssim', '.4f')} | {cell(st, 'fd_effnet_lite0', '.1f')} | "
+        lines.append(f"| {method} | {len(s['seeds'])} | {s['steps']} | {s['cpu_hours']} | {s['bpp']:.3f} | "
+                     f"{cell(st, 'psnr', '.2f')} | {cell(st, 'ssim', '.4f')} | {cell(st, 'ms_ssim', '.4f')} | {cell(st, 'fd_effnet_lite0', '.1f')} | "
                      f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} |")
     return "\n".join(lines)
 
@@ -197,6 +206,7 @@ def main(argv=None) -> dict:
     if unfinished:
         print("unfinished:", unfinished)
     path = write_result(result, "quality", args.quick, args.out)
+    path.with_suffix(".md").write_text("\n\n".join(table(summary, size) for size in result["sizes"]) + "\n")
     if summary:
         plot(summary, result["sizes"], path.with_suffix(".png"))
     return result

@@ -247,3 +247,15 @@ def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_pat
     for stats in (gq, fsq):
         assert 0 < stats["codebook_usage"]["mean"] <= 1 and stats["psnr"]["mean"] > 5
         assert stats["psnr"]["spread"] == 0  # one seed each
+    assert "| gq_tdc | 1 | 10 |" in (tmp_path / "q.md").read_text()  # the table: seeds, steps
+
+    # a second evaluation reuses each row while its run's step is the same (the marker below comes back), and
+    # measures a run again once it has trained further
+    row_file = runs / "_frozen" / "gq_tdc_s0.row.json"
+    cached = json.loads(row_file.read_text())
+    cached["row"]["sizes"]["64x64"]["psnr"] = 99.0
+    row_file.write_text(json.dumps(cached))
+    again = quality.main(["--quick", "--runs", str(runs), "--photos", str(small_photos), "--data", str(small_photos),
+                          "--out", str(tmp_path / "q2.json")])
+    assert again["by_method"]["gq_tdc"]["64x64"]["psnr"]["mean"] == 99.0
+    assert again["by_method"]["fsq"] == result["by_method"]["fsq"]
