@@ -10,7 +10,8 @@ for every method; GroupNorm's statistics would make a 768x512 photo a different 
 training/model.py), then measured on the photos of the four sources held out whole, centre crops of 512x768
 and 256x256 (training.evaluate.evaluate_tokenizer): PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on
 EfficientNet-Lite0 features; not FID), colour shift; and on the same crops codebook usage (share of the codes
-used, perplexity) and, for the Gaussian VAEs, the KL per token. A run named NAME_sS is seed S of NAME: the
+used, perplexity) and, for the Gaussian VAEs, the KL per token (mean and spread) and the cost of quantizing
+in dB (the posterior mean decoded unquantized against the tokens). A run named NAME_sS is seed S of NAME: the
 table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run (kl_mode fixed) is
 measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
 benchmarks/results/quality.json, its tables quality.md and a rate-distortion plot quality.png (--quick: _quick,
@@ -58,18 +59,20 @@ def frozen(run: Path, data: Path, cache: Path) -> Path:
     return out
 
 
-def usage_and_kl(model, tokenize, bits: float, paths: list[Path], size: tuple[int, int]) -> dict:
-    """Codebook usage (share of codes used, perplexity 2^entropy) and, for a Gaussian VAE, the mean KL per token
-    in bits, on the centre crops that evaluate_tokenizer measures (its own pass: evaluate_tokenizer also
-    tokenizes each crop made grey, which usage must not count). `model`: the run's torch model, `tokenize` its
-    token path (training.evaluate.run_tokenizer)."""
+def token_statistics(model, tokenize, bits: float, paths: list[Path], size: tuple[int, int]) -> dict:
+    """On the centre crops that evaluate_tokenizer measures (its own pass: evaluate_tokenizer also tokenizes each
+    crop made grey, which usage must not count): codebook usage (share of the codes used, perplexity 2^entropy);
+    and for a Gaussian VAE what explains GQ's cost, the KL per token in bits (mean, 5th and 95th percentiles,
+    share within half a bit of GQ's log2 K) and the PSNR of the posterior mean decoded without quantization.
+    `model`: the run's torch model, `tokenize` its token path (training.evaluate.run_tokenizer)."""
     import torch
 
     from gqtok import photos as photo_files
     from gqtok.training import data as photo_data
+    from gqtok.training.evaluate import image_metrics
     from gqtok.training.model import kl_bits_per_token
 
-    counts, kl = {}, []
+    counts, kl, psnr_continuous = {}, [], []
     for path in paths:
         img = photo_files.load_rgb(path)
         if img.shape[0] < size[0] or img.shape[1] < size[1]:
@@ -81,12 +84,21 @@ def usage_and_kl(model, tokenize, bits: float, paths: list[Path], size: tuple[in
         if model.cfg.quantizer == "gq":
             with torch.no_grad():
                 mu, logvar = model.encoder(photo_data.to_model_input(crop))
-            kl.append(float(kl_bits_per_token(mu, logvar, model.cfg.token_dim).mean()))
+                continuous = photo_data.to_uint8(model.decoder(mu))
+            kl.append(kl_bits_per_token(mu, logvar, model.cfg.token_dim).flatten().numpy())
+            psnr_continuous.append(image_metrics(crop[0], continuous[0])["psnr"])
     p = np.array(list(counts.values()), dtype=np.float64)
     p /= p.sum()
     codes = round(2**bits)  # 64,000 for FSQ
-    return {"codes": codes, "codebook_usage": len(counts) / codes,
-            "perplexity": float(2 ** -(p * np.log2(p)).sum()), "kl_bits_per_token": float(np.mean(kl)) if kl else None}
+    out = {"codes": codes, "codebook_usage": len(counts) / codes, "perplexity": float(2 ** -(p * np.log2(p)).sum()),
+           "kl_bits_per_token": None}
+    if kl:
+        kl = np.concatenate(kl)
+        budget = model.cfg.codebook_bits  # log2 K of GQ's codebook
+        out.update(kl_bits_per_token=float(kl.mean()), kl_p5=float(np.percentile(kl, 5)),
+                   kl_p95=float(np.percentile(kl, 95)), kl_within_half_bit=float((np.abs(kl - budget) <= 0.5).mean()),
+                   psnr_continuous=float(np.mean(psnr_continuous)))
+    return out
 
 
 def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, tokenbridge: bool = False) -> dict:
@@ -98,7 +110,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     from gqtok.training.train import load_run
 
     config = json.loads((run / "config.json").read_text())
-    key = {"step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
+    key = {"version": 2, "step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
     cached = cache / f"{run.name}{'+tokenbridge' if tokenbridge else ''}.row.json"
     if cached.exists() and json.loads(cached.read_text())["key"] == key:
         return json.loads(cached.read_text())["row"]
@@ -114,10 +126,12 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     for size in sizes:
         r = evaluate_tokenizer(tokenize, detokenize, paths, size, bits, name=run.name, classic=False,
                                progress=False, fd=True)
-        row["sizes"][f"{size[0]}x{size[1]}"] = {"images": r["images"], "bpp": r["bpp"],
-                                                **{m: r["tokens"][m] for m in METRICS},
-                                                "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
-                                                **usage_and_kl(model, tokenize, bits, paths, size)}
+        stats = {"images": r["images"], "bpp": r["bpp"], **{m: r["tokens"][m] for m in METRICS},
+                 "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
+                 **token_statistics(model, tokenize, bits, paths, size)}
+        if "psnr_continuous" in stats:  # what quantizing costs: the posterior mean decoded against the tokens
+            stats["quantization_cost_db"] = stats["psnr_continuous"] - stats["psnr"]
+        row["sizes"][f"{size[0]}x{size[1]}"] = stats
     cached.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
     return row
 
@@ -133,8 +147,8 @@ def by_method(rows: list[dict]) -> dict:
                        "bpp": next(iter(group[0]["sizes"].values()))["bpp"]}  # the rate: the same at every size
         for size in group[0]["sizes"]:
             stats = {}
-            for m in (*METRICS, "fd_effnet_lite0", "codebook_usage", "kl_bits_per_token"):
-                values = [r["sizes"][size][m] for r in group if r["sizes"][size][m] is not None]
+            for m in (*METRICS, "fd_effnet_lite0", "codebook_usage", "kl_bits_per_token", "quantization_cost_db"):
+                values = [r["sizes"][size][m] for r in group if r["sizes"][size].get(m) is not None]
                 if values:
                     stats[m] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values))}
             out[method][size] = stats
@@ -143,7 +157,7 @@ def by_method(rows: list[dict]) -> dict:
 
 def table(summary: dict, size: str) -> str:
     lines = [f"| method ({size}) | seeds | steps | CPU-h | bpp | PSNR (dB) | SSIM | MS-SSIM | FD-EffNetLite0 | "
-             "codebook usage | KL bits/token |", "| --- " * 11 + "|"]
+             "codebook usage | KL bits/token | quantization cost (dB) |", "| --- " * 12 + "|"]
 
     def cell(stats, m, fmt):
         if m not in stats:
@@ -154,8 +168,10 @@ def table(summary: dict, size: str) -> str:
     for method, s in summary.items():
         st = s.get(size, {})
         lines.append(f"| {method} | {len(s['seeds'])} | {s['steps']} | {s['cpu_hours']} | {s['bpp']:.3f} | "
-                     f"{cell(st, 'psnr', '.2f')} | {cell(st, 'ssim', '.4f')} | {cell(st, 'ms_ssim', '.4f')} | {cell(st, 'fd_effnet_lite0', '.1f')} | "
-                     f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} |")
+                     f"{cell(st, 'psnr', '.2f')} | {cell(st, 'ssim', '.4f')} | {cell(st, 'ms_ssim', '.4f')} | "
+                     f"{cell(st, 'fd_effnet_lite0', '.1f')} | "
+                     f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} | "
+                     f"{cell(st, 'quantization_cost_db', '.2f')} |")
     return "\n".join(lines)
 
 
