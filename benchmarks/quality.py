@@ -14,8 +14,9 @@ used, perplexity) and, for the Gaussian VAEs, the KL per token (mean and spread)
 in dB (the posterior mean decoded unquantized against the tokens). A run named NAME_sS is seed S of NAME: the
 table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run (kl_mode fixed) is
 measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
-benchmarks/results/quality.json, its tables quality.md and a rate-distortion plot quality.png (--quick: _quick,
-tiny runs trained here in seconds).
+benchmarks/results/quality.json, its tables quality.md, a rate-distortion plot quality.png and
+quality_rate_control.png (each Gaussian VAE's KL per token and TDC's lam over its training steps); --quick:
+the same names with _quick, tiny runs trained here in seconds.
 """
 
 from __future__ import annotations
@@ -239,6 +240,9 @@ def main(argv=None) -> dict:
     path.with_suffix(".md").write_text("\n\n".join(table(summary, size) for size in result["sizes"]) + "\n")
     if summary:
         plot(summary, result["sizes"], path.with_suffix(".png"))
+    gaussian = [r for r in runs if json.loads((r / "config.json").read_text())["model"]["quantizer"] == "gq"]
+    if gaussian:
+        plot_rate_control(gaussian, path.with_name(path.stem + "_rate_control.png"))
     return result
 
 
@@ -260,6 +264,40 @@ def plot(summary: dict, sizes: list[str], out: Path) -> None:
         ax.set(title=f"{size} centre crops, sources held out whole", xlabel="bits per pixel", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_rate_control(runs: list[Path], out: Path) -> None:
+    """Each Gaussian VAE's training log (finished or not): the batch's mean and largest KL per token against
+    log2 K, and TDC's lam (a plain-KL run: its fixed weight), over the steps: whether the rate settled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kl_ax, lam_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, run in enumerate(runs):
+        config = json.loads((run / "config.json").read_text())
+        log_file = run / "log.jsonl"
+        log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
+            if log_file.exists() else []
+        if not log:  # not yet at its first logged step
+            continue
+        steps = [r["step"] for r in log]
+        colour = f"C{i % 10}"
+        kl_ax.plot(steps, [r["kl_mean"] for r in log], color=colour, label=f"{run.name} mean")
+        kl_ax.plot(steps, [r["kl_max"] for r in log], color=colour, ls=":", lw=0.8)
+        lam = [r["lam"] for r in log] if "lam" in log[0] else [config["train"]["kl_weight"]] * len(log)
+        lam_ax.semilogy(steps, lam, color=colour, label=run.name)
+    kl_ax.axhline(json.loads((runs[0] / "config.json").read_text())["model"]["codebook_bits"], color="k", lw=0.8)
+    kl_ax.set(title="KL per token in training batches (dotted: largest; line: log2 K)", xlabel="step",
+              ylabel="bits")
+    lam_ax.set(title="TDC's lam (plain KL: its fixed weight)", xlabel="step", ylabel="lam")
+    for ax in (kl_ax, lam_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

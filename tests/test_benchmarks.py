@@ -236,6 +236,7 @@ def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_pat
     assert result["unfinished"] == {"vq_s0": "step 5 of 20"}
     assert sorted(r["method"] for r in result["rows"]) == ["fsq", "gq_tdc", "plain_kl", "plain_kl+tokenbridge"]
     assert (tmp_path / "q.png").stat().st_size > 10_000
+    assert (tmp_path / "q_rate_control.png").stat().st_size > 10_000  # the Gaussian VAEs' KL and lam over steps
     tb = result["by_method"]["plain_kl+tokenbridge"]
     assert tb["bpp"] == pytest.approx(8 / 64)  # tiny: 8 channels, one bit each per 8x8 patch
     assert result["by_method"]["plain_kl"]["bpp"] == pytest.approx(16 / 64)  # GQ: two 8-bit tokens
