@@ -286,11 +286,11 @@ def plot_rate_control(runs: list[Path], out: Path) -> None:
         if not log:  # not yet at its first logged step
             continue
         steps = [r["step"] for r in log]
-        colour = f"C{i % 10}"
-        kl_ax.plot(steps, [r["kl_mean"] for r in log], color=colour, label=f"{run.name} mean")
+        colour, marker = f"C{i % 10}", "o" if len(log) < 3 else None  # a line of one point shows nothing
+        kl_ax.plot(steps, [r["kl_mean"] for r in log], color=colour, marker=marker, label=f"{run.name} mean")
         kl_ax.plot(steps, [r["kl_max"] for r in log], color=colour, ls=":", lw=0.8)
         lam = [r["lam"] for r in log] if "lam" in log[0] else [config["train"]["kl_weight"]] * len(log)
-        lam_ax.semilogy(steps, lam, color=colour, label=run.name)
+        lam_ax.semilogy(steps, lam, color=colour, marker=marker, label=run.name)
     kl_ax.axhline(json.loads((runs[0] / "config.json").read_text())["model"]["codebook_bits"], color="k", lw=0.8)
     kl_ax.set(title="KL per token in training batches (dotted: largest; line: log2 K)", xlabel="step",
               ylabel="bits")
