@@ -9,11 +9,12 @@ training crops (`gqtok train --init-from RUN --norm fixed --steps 0`, ten CPU-se
 for every method; GroupNorm's statistics would make a 768x512 photo a different input from the crops, see
 training/model.py), then measured on the photos of the four sources held out whole, centre crops of 512x768
 and 256x256 (training.evaluate.evaluate_tokenizer): PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on
-EfficientNet-Lite0 features; not FID), colour shift; and on the same crops codebook usage (share of the codes
-used, perplexity) and, for the Gaussian VAEs, the KL per token (mean and spread) and the cost of quantizing
-in dB (the posterior mean decoded unquantized against the tokens). A run named NAME_sS is seed S of NAME: the
-table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run (kl_mode fixed) is
-measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
+EfficientNet-Lite0 features; not FID), colour shift (and, a control on the frozen norms, PSNR and colour
+shift at the training crop's size with the norms frozen and as trained); and on the same crops codebook usage
+(share of the codes used, perplexity) and, for the Gaussian VAEs, the KL per token (mean and spread) and the
+cost of quantizing in dB (the posterior mean decoded unquantized against the tokens). A run named NAME_sS is
+seed S of NAME: the table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run
+(kl_mode fixed) is measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
 benchmarks/results/quality.json, its tables quality.md, a rate-distortion plot quality.png and
 quality_rate_control.png (each Gaussian VAE's KL per token and TDC's lam over its training steps); --quick:
 the same names with _quick, tiny runs trained here in seconds.
@@ -111,7 +112,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     from gqtok.training.train import load_run
 
     config = json.loads((run / "config.json").read_text())
-    key = {"version": 2, "step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
+    key = {"version": 3, "step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
     cached = cache / f"{run.name}{'+tokenbridge' if tokenbridge else ''}.row.json"
     if cached.exists() and json.loads(cached.read_text())["key"] == key:
         return json.loads(cached.read_text())["row"]
@@ -133,6 +134,15 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
         if "psnr_continuous" in stats:  # what quantizing costs: the posterior mean decoded against the tokens
             stats["quantization_cost_db"] = stats["psnr_continuous"] - stats["psnr"]
         row["sizes"][f"{size[0]}x{size[1]}"] = stats
+    # a control on the frozen norms: at the training crop's size, where GroupNorm sees what it saw in training,
+    # the run as trained against the run measured above (does freezing favour one method?)
+    crop = (config["train"]["crop"],) * 2
+    row["at_training_crop"] = {"size": f"{crop[0]}x{crop[1]}"}
+    for name, tokenizer in (("frozen_norms", (tokenize, detokenize)),
+                            ("as_trained", run_tokenizer(run, method="tokenbridge" if tokenbridge else "auto",
+                                                         tokenbridge_levels=2)[:2])):
+        r = evaluate_tokenizer(*tokenizer, paths, crop, bits, name=run.name, classic=False, progress=False)
+        row["at_training_crop"][name] = {m: r["tokens"][m] for m in ("psnr", "colour_shift")}
     cached.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
     return row
 
@@ -153,12 +163,16 @@ def by_method(rows: list[dict]) -> dict:
                 if values:
                     stats[m] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values))}
             out[method][size] = stats
+        out[method]["at_training_crop_psnr"] = {  # the frozen-norms control: as trained, frozen
+            how: float(np.mean([r["at_training_crop"][how]["psnr"] for r in group]))
+            for how in ("as_trained", "frozen_norms")}
     return out
 
 
 def table(summary: dict, size: str) -> str:
     lines = [f"| method ({size}) | seeds | steps | CPU-h | bpp | PSNR (dB) | SSIM | MS-SSIM | FD-EffNetLite0 | "
-             "codebook usage | KL bits/token | quantization cost (dB) |", "| --- " * 12 + "|"]
+             "codebook usage | KL bits/token | quantization cost (dB) | PSNR at the training crop: as trained / "
+             "frozen |", "| --- " * 13 + "|"]
 
     def cell(stats, m, fmt):
         if m not in stats:
@@ -172,7 +186,8 @@ def table(summary: dict, size: str) -> str:
                      f"{cell(st, 'psnr', '.2f')} | {cell(st, 'ssim', '.4f')} | {cell(st, 'ms_ssim', '.4f')} | "
                      f"{cell(st, 'fd_effnet_lite0', '.1f')} | "
                      f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} | "
-                     f"{cell(st, 'quantization_cost_db', '.2f')} |")
+                     f"{cell(st, 'quantization_cost_db', '.2f')} | {s['at_training_crop_psnr']['as_trained']:.2f} / "
+                     f"{s['at_training_crop_psnr']['frozen_norms']:.2f} |")
     return "\n".join(lines)
 
 

@@ -249,6 +249,8 @@ def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_pat
     gq_row = next(r for r in result["rows"] if r["method"] == "gq_tdc")["sizes"]["64x64"]
     assert gq_row["kl_p5"] <= gq_row["kl_bits_per_token"] <= gq_row["kl_p95"] and 0 <= gq_row["kl_within_half_bit"] <= 1
     assert gq_row["quantization_cost_db"] == pytest.approx(gq_row["psnr_continuous"] - gq_row["psnr"])
+    control = next(r for r in result["rows"] if r["method"] == "gq_tdc")["at_training_crop"]
+    assert control["size"] == "64x64" and control["as_trained"]["psnr"] != control["frozen_norms"]["psnr"]
     for stats in (gq, fsq):
         assert 0 < stats["codebook_usage"]["mean"] <= 1 and stats["psnr"]["mean"] > 5
         assert stats["psnr"]["spread"] == 0  # one seed each
