@@ -41,6 +41,19 @@ def gqtok_commands(code: str) -> list[list[str]]:
     return commands
 
 
+def test_relative_links_and_images_resolve():
+    """Every relative link and image in README.md and docs/ names a file that exists, seen from its page's folder
+    (a docs page that writes benchmarks/... instead of ../benchmarks/... shows a broken image)."""
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold commands, not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if path and not re.match(r"^[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
+
+
 def test_every_page_has_examples():
     assert blocks("python") and sum(len(gqtok_commands(c)) for _, _, c in blocks("bash")) >= 20
 
