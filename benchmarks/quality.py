@@ -114,11 +114,11 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     config = json.loads((run / "config.json").read_text())
     key = {"version": 3, "step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
     cached = cache / f"{run.name}{'+tokenbridge' if tokenbridge else ''}.row.json"
-    if cached.exists() and json.loads(cached.read_text())["key"] == key:
-        return json.loads(cached.read_text())["row"]
+    if cached.exists() and (stored := json.loads(cached.read_text()))["key"] == key:
+        return stored["row"]
+    token_path = {"method": "tokenbridge" if tokenbridge else "auto", "tokenbridge_levels": 2}
     measured = frozen(run, data, cache)
-    tokenize, detokenize, bits = run_tokenizer(measured, method="tokenbridge" if tokenbridge else "auto",
-                                               tokenbridge_levels=2)
+    tokenize, detokenize, bits = run_tokenizer(measured, **token_path)
     model, _ = load_run(measured)
     method = re.sub(r"_s\d+$", "", run.name) + ("+tokenbridge" if tokenbridge else "")
     row = {"run": run.name, "method": method, "seed": config["train"]["seed"],
@@ -137,12 +137,14 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     # a control on the frozen norms: at the training crop's size, where GroupNorm sees what it saw in training,
     # the run as trained against the run measured above (does freezing favour one method?)
     crop = (config["train"]["crop"],) * 2
-    row["at_training_crop"] = {"size": f"{crop[0]}x{crop[1]}"}
-    for name, tokenizer in (("frozen_norms", (tokenize, detokenize)),
-                            ("as_trained", run_tokenizer(run, method="tokenbridge" if tokenbridge else "auto",
-                                                         tokenbridge_levels=2)[:2])):
-        r = evaluate_tokenizer(*tokenizer, paths, crop, bits, name=run.name, classic=False, progress=False)
-        row["at_training_crop"][name] = {m: r["tokens"][m] for m in ("psnr", "colour_shift")}
+
+    def at_crop(tokenize, detokenize) -> dict:
+        r = evaluate_tokenizer(tokenize, detokenize, paths, crop, bits, name=run.name, classic=False, progress=False)
+        return {m: r["tokens"][m] for m in ("psnr", "colour_shift")}
+
+    frozen_norms = at_crop(tokenize, detokenize)
+    as_trained = frozen_norms if measured == run else at_crop(*run_tokenizer(run, **token_path)[:2])
+    row["at_training_crop"] = {"size": f"{crop[0]}x{crop[1]}", "frozen_norms": frozen_norms, "as_trained": as_trained}
     cached.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
     return row
 
