@@ -14,7 +14,8 @@ shift at the training crop's size with the norms frozen and as trained); and on 
 (share of the codes used, perplexity) and, for the Gaussian VAEs, the KL per token (mean and spread) and the
 cost of quantizing in dB (the posterior mean decoded unquantized against the tokens). A run named NAME_sS is
 seed S of NAME: the table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run
-(kl_mode fixed) is measured twice: through GQ, and through TokenBridge (2 levels per channel). Writes
+(kl_mode fixed) is measured twice: through GQ, and through TokenBridge (2 levels per channel). Pillow's JPEG
+and WebP are measured on the same crops at each learned rate, as anchors for the table and plot. Writes
 benchmarks/results/quality.json, its tables quality.md, a rate-distortion plot quality.png and
 quality_rate_control.png (each Gaussian VAE's KL per token and TDC's lam over its training steps); --quick:
 the same names with _quick, tiny runs trained here in seconds.
@@ -127,7 +128,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
            "sizes": {}}
     for size in sizes:
         r = evaluate_tokenizer(tokenize, detokenize, paths, size, bits, name=run.name, classic=False,
-                               progress=False, fd=True)
+                               progress=False, fd=True, greyed=False)
         stats = {"images": r["images"], "bpp": r["bpp"], **{m: r["tokens"][m] for m in METRICS},
                  "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
                  **token_statistics(model, tokenize, bits, paths, size)}
@@ -139,7 +140,8 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     crop = (config["train"]["crop"],) * 2
 
     def at_crop(tokenize, detokenize) -> dict:
-        r = evaluate_tokenizer(tokenize, detokenize, paths, crop, bits, name=run.name, classic=False, progress=False)
+        r = evaluate_tokenizer(tokenize, detokenize, paths, crop, bits, name=run.name, classic=False, progress=False,
+                               greyed=False)
         return {m: r["tokens"][m] for m in ("psnr", "colour_shift")}
 
     frozen_norms = at_crop(tokenize, detokenize)
@@ -147,6 +149,37 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     row["at_training_crop"] = {"size": f"{crop[0]}x{crop[1]}", "frozen_norms": frozen_norms, "as_trained": as_trained}
     cached.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
     return row
+
+
+def classic_reference(paths: list[Path], sizes, rates: list[float], cache: Path) -> dict:
+    """Pillow's JPEG and WebP on the same crops at each rate the learned methods have (each crop at the highest
+    quality that stays at or under the rate, quality 1 where none does: the bpp is the one measured): the plot's
+    anchors. {size: {"jpeg@R": {bpp, psnr, ssim, ms_ssim}}},
+    kept in CACHE/classic.json while the photos, sizes and rates are the same."""
+    from gqtok import photos as photo_files
+    from gqtok.training.evaluate import classic_at_bpp, image_metrics
+
+    key = {"photos": [p.name for p in paths], "sizes": [list(s) for s in sizes], "rates": rates}
+    cached = cache / "classic.json"
+    if cached.exists() and (stored := json.loads(cached.read_text()))["key"] == key:
+        return stored["reference"]
+    reference = {}
+    for size in sizes:
+        crops = [photo_files.center_crop(img, size) for img in map(photo_files.load_rgb, paths)
+                 if img.shape[0] >= size[0] and img.shape[1] >= size[1]]
+        out = reference[f"{size[0]}x{size[1]}"] = {}
+        for fmt in ("JPEG", "WEBP"):
+            for rate in rates:
+                measured = []
+                for crop in crops:
+                    decoded, bpp, _ = classic_at_bpp(np.ascontiguousarray(crop), fmt, rate)
+                    measured.append({"bpp": bpp, **image_metrics(crop, decoded)})
+                out[f"{fmt.lower()}@{rate:g}"] = {  # MS-SSIM: None on crops under its smallest side
+                    m: float(np.mean(v)) if (v := [r[m] for r in measured if r[m] is not None]) else None
+                    for m in ("bpp", "psnr", "ssim", "ms_ssim")}
+    cache.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps({"key": key, "reference": reference}, indent=1) + "\n")
+    return reference
 
 
 def by_method(rows: list[dict]) -> dict:
@@ -171,7 +204,7 @@ def by_method(rows: list[dict]) -> dict:
     return out
 
 
-def table(summary: dict, size: str) -> str:
+def table(summary: dict, size: str, classic: dict) -> str:
     lines = [f"| method ({size}) | seeds | steps | CPU-h | bpp | PSNR (dB) | SSIM | MS-SSIM | FD-EffNetLite0 | "
              "codebook usage | KL bits/token | quantization cost (dB) | PSNR at the training crop: as trained / "
              "frozen |", "| --- " * 13 + "|"]
@@ -190,6 +223,10 @@ def table(summary: dict, size: str) -> str:
                      f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} | "
                      f"{cell(st, 'quantization_cost_db', '.2f')} | {s['at_training_crop_psnr']['as_trained']:.2f} / "
                      f"{s['at_training_crop_psnr']['frozen_norms']:.2f} |")
+    for name, c in classic.items():  # Pillow's codecs on the same crops: figures the learned rows can be read against
+        ms_ssim = "-" if c["ms_ssim"] is None else f"{c['ms_ssim']:.4f}"
+        lines.append(f"| {name} (Pillow) | - | - | - | {c['bpp']:.3f} | {c['psnr']:.2f} | {c['ssim']:.4f} | "
+                     f"{ms_ssim} |" + " - |" * 5)
     return "\n".join(lines)
 
 
@@ -245,26 +282,30 @@ def main(argv=None) -> dict:
             print(f"{rows[-1]['method']} seed {rows[-1]['seed']}: "
                   + ", ".join(f"{s} {v['psnr']:.2f} dB" for s, v in rows[-1]["sizes"].items()), flush=True)
     summary = by_method(rows)
+    rates = sorted({round(s["bpp"] * 64) / 64 for s in summary.values()})  # to 1/64 bpp: FSQ's 0.249 is 0.25
+    reference = classic_reference(paths, sizes, rates, runs_dir / "_frozen") if rates else {}
     result = {"benchmark": "quality", "quick": args.quick, "runs": str(runs_dir.relative_to(REPO))
               if runs_dir.is_relative_to(REPO) else str(runs_dir), "photos": len(paths),
               "sizes": [f"{h}x{w}" for h, w in sizes], "unfinished": unfinished, "rows": rows, "by_method": summary,
-              "seconds": round(time.monotonic() - start, 1)}
+              "classic": reference, "seconds": round(time.monotonic() - start, 1)}
     for size in result["sizes"]:
-        print(table(summary, size))
+        print(table(summary, size, reference.get(size, {})))
     if unfinished:
         print("unfinished:", unfinished)
     path = write_result(result, "quality", args.quick, args.out)
-    path.with_suffix(".md").write_text("\n\n".join(table(summary, size) for size in result["sizes"]) + "\n")
+    path.with_suffix(".md").write_text("\n\n".join(table(summary, size, reference.get(size, {}))
+                                                   for size in result["sizes"]) + "\n")
     if summary:
-        plot(summary, result["sizes"], path.with_suffix(".png"))
+        plot(summary, reference, result["sizes"], path.with_suffix(".png"))
     gaussian = [r for r in runs if json.loads((r / "config.json").read_text())["model"]["quantizer"] == "gq"]
     if gaussian:
         plot_rate_control(gaussian, path.with_name(path.stem + "_rate_control.png"))
     return result
 
 
-def plot(summary: dict, sizes: list[str], out: Path) -> None:
-    """Rate-distortion: each method's mean PSNR at its bpp, a bar for its seed spread, one panel per size."""
+def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
+    """Rate-distortion: each method's mean PSNR at its bpp, a bar for its seed spread, and JPEG and WebP on the
+    same crops (lines), one panel per size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,6 +319,11 @@ def plot(summary: dict, sizes: list[str], out: Path) -> None:
                 continue
             ax.errorbar([s["bpp"]], [st["mean"]], yerr=[st["spread"] / 2], fmt="o", capsize=4, label=method)
             ax.annotate(method, (s["bpp"], st["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        for fmt, style in (("jpeg", "k--"), ("webp", "k:")):
+            points = sorted((c["bpp"], c["psnr"]) for name, c in classic.get(size, {}).items()
+                            if name.startswith(fmt + "@"))
+            if points:
+                ax.plot(*zip(*points), style, marker="x", lw=0.8, label=f"{fmt.upper()} (Pillow), same crops")
         ax.set(title=f"{size} centre crops, sources held out whole", xlabel="bits per pixel", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")

@@ -112,8 +112,8 @@ def train_arm(job: dict) -> dict:
     train(run, job["data"], preset=job["preset"], overrides=job["settings"], resume=resume, progress=False)
     cpu_min = (time.process_time() - start) / 60
     tokenize, detokenize, bits = run_tokenizer(run)
-    evals = {name: evaluate_tokenizer(tokenize, detokenize, paths, job["size"], bits, classic=False, progress=False)
-             for name, paths in job["eval"].items()}
+    evals = {name: evaluate_tokenizer(tokenize, detokenize, paths, job["size"], bits, classic=False, progress=False,
+                                      greyed=False) for name, paths in job["eval"].items()}
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     result = {"arm": job["arm"], "settings": job["settings"], "data": job["data"], "steps": job["settings"]["steps"],
               "cpu_minutes": cpu_min if not resume else None,

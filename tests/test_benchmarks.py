@@ -221,6 +221,25 @@ def test_kl_size_benchmark_reports_rate_and_gq_cost_per_size(tiny_model, tmp_pat
             assert len(row["signed_error_rgb"]) == 3 and np.isfinite(row["signed_error_rgb"]).all()
 
 
+def test_quality_classic_reference(small_photos, tmp_path):
+    """The plot's anchors: JPEG and WebP on the same crops at each rate, under it, better at the higher rate;
+    kept and reused while photos, sizes and rates are the same."""
+    from benchmarks import quality
+    from gqtok.photos import list_images
+
+    paths = list_images(small_photos)[:2]
+    reference = quality.classic_reference(paths, [(256, 256)], [0.5, 1.0], tmp_path)["256x256"]
+    for fmt in ("jpeg", "webp"):
+        low, high = reference[f"{fmt}@0.5"], reference[f"{fmt}@1"]
+        assert low["bpp"] <= 0.5 and low["bpp"] < high["bpp"] <= 1.0
+        assert 15 < low["psnr"] < high["psnr"] and 0 < high["ms_ssim"] <= 1
+    stored = json.loads((tmp_path / "classic.json").read_text())
+    stored["reference"]["256x256"]["jpeg@1"]["psnr"] = 99.0
+    (tmp_path / "classic.json").write_text(json.dumps(stored))
+    assert quality.classic_reference(paths, [(256, 256)], [0.5, 1.0], tmp_path)["256x256"]["jpeg@1"]["psnr"] == 99
+    assert quality.classic_reference(paths, [(256, 256)], [1.0], tmp_path)["256x256"]["jpeg@1"]["psnr"] < 99
+
+
 def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_path):
     """--quick: three tiny runs (GQ + TDC, FSQ, plain KL) trained by the harness, measured with frozen norms; a
     run short of its steps is listed as unfinished, not measured; the KL per token only for the Gaussian VAEs;
@@ -255,6 +274,10 @@ def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_pat
         assert 0 < stats["codebook_usage"]["mean"] <= 1 and stats["psnr"]["mean"] > 5
         assert stats["psnr"]["spread"] == 0  # one seed each
     assert "| gq_tdc | 1 | 10 |" in (tmp_path / "q.md").read_text()  # the table: seeds, steps
+    # JPEG and WebP on the same crops at each learned rate (0.125: TokenBridge; 0.25: the others): at 64x64 their
+    # headers alone are over both rates (test_quality_classic_reference measures them where they fit)
+    assert sorted(result["classic"]["64x64"]) == ["jpeg@0.125", "jpeg@0.25", "webp@0.125", "webp@0.25"]
+    assert "| webp@0.25 (Pillow) |" in (tmp_path / "q.md").read_text()
 
     # a second evaluation reuses each row while its run's step is the same (the marker below comes back), and
     # measures a run again once it has trained further

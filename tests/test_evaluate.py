@@ -125,3 +125,25 @@ def test_every_photo_made_grey_measures_a_tint(own_photos):
     # --fd in this report too: the same pictures are at distance 0, tinted ones are not
     assert abs(same["fd_effnet_lite0"]["tokens"]) < 1e-3 < tinted["fd_effnet_lite0"]["tokens"]
     assert all(row["tokens"]["greyed_chroma"] > 2 for row in tinted["per_image"])
+
+
+def test_greyed_false_tokenizes_each_photo_once(own_photos):
+    """greyed=False (the studies that never read greyed_chroma): one tokenize per photo, the figure left out, the
+    other figures the same as with it."""
+    from gqtok import photos
+    from gqtok.training.evaluate import evaluate_tokenizer
+
+    calls = []
+
+    def tokenize(x):
+        calls.append(x.shape)
+        return x
+
+    def coarse(ids):  # a finite PSNR to compare
+        return ids // 4 * 4
+
+    paths = photos.list_images(own_photos)
+    lean = evaluate_tokenizer(tokenize, coarse, paths, (64, 96), 8.0, classic=False, progress=False, greyed=False)
+    assert len(calls) == lean["images"] > 0 and "greyed_chroma" not in lean["tokens"]
+    full = evaluate_tokenizer(tokenize, coarse, paths, (64, 96), 8.0, classic=False, progress=False)
+    assert len(calls) == 3 * lean["images"] and 20 < full["tokens"]["psnr"] == lean["tokens"]["psnr"] < 60

@@ -243,13 +243,14 @@ def classic_at_bpp(img: np.ndarray, fmt: str, target_bpp: float) -> tuple[np.nda
 
 def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int, int], bits_per_token: float,
                        name: str = "model", classic: bool = True, progress: bool = True,
-                       png_out: Path | None = None, fd: bool = False) -> dict:
+                       png_out: Path | None = None, fd: bool = False, greyed: bool = True) -> dict:
     """Any tokenizer on any photos: centre crops of `size` (photos smaller than it are skipped, not upscaled),
     tokenize(uint8 [1, H, W, 3]) -> ids [1, T, h, w] and detokenize(ids) -> uint8 [1, H, W, 3] (an exported model's
     runtime, a server's client, a run's torch model), PSNR / SSIM / MS-SSIM of the tokens' reconstruction, and
     JPEG and WebP at the same bpp on the same crops, and the colour figures of colour_metrics for each; for the
     tokens also greyed_chroma, the mean chroma C*ab of the reconstruction of each crop made grey (gqtok.photos.
-    to_grey; a grey picture's should be 0). Results overall and per source (gqtok.photos.source_of).
+    to_grey; a grey picture's should be 0; greyed=False leaves it out, half the model's work). Results overall
+    and per source (gqtok.photos.source_of).
     png_out: a grid of the first photo of each source (up to 8): original | tokens | JPEG at the same bpp.
     fd: also fd_effnet_lite0, the Frechet distance on EfficientNet-Lite0 features between the crops and each
     method's reconstructions (over all crops; comparable only on the same photos, and not FID).
@@ -272,13 +273,12 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
             failed.append({"image": str(path), "error": f"{type(e).__name__}: {e}"})
             continue
         bpp = ids[0].size * bits_per_token / (h * w)
-        # every photo made grey and tokenized too: a tint on a grey picture, measured on all photos, not the few
-        # that are greyscale already
-        greyed = np.asarray(detokenize(np.asarray(tokenize(photo_files.to_grey(crop)[None]))))[0]
-        lab = srgb_to_lab(greyed)
         row = {"image": str(path), "source": photo_files.source_of(path), "bpp": bpp,
-               "tokens": image_metrics(crop, recon) | colour_metrics(crop, recon)
-               | {"greyed_chroma": float(np.hypot(lab[..., 1], lab[..., 2]).mean())}}
+               "tokens": image_metrics(crop, recon) | colour_metrics(crop, recon)}
+        if greyed:  # every photo made grey and tokenized too: a tint on a grey picture, measured on all photos,
+            # not the few that are greyscale already
+            lab = srgb_to_lab(np.asarray(detokenize(np.asarray(tokenize(photo_files.to_grey(crop)[None]))))[0])
+            row["tokens"]["greyed_chroma"] = float(np.hypot(lab[..., 1], lab[..., 2]).mean())
         if classic:
             for fmt in ("JPEG", "WEBP"):
                 decoded, fbpp, q = classic_at_bpp(crop, fmt, bpp)
@@ -303,7 +303,7 @@ def evaluate_tokenizer(tokenize, detokenize, paths: list[Path], size: tuple[int,
             out[k] = {m: _mean([r[k] for r in group], m) for m in ("psnr", "ssim", "ms_ssim", "colour_shift",
                                                                        "delta_e76", "grey_chroma")}
             out[k]["grey_images"] = sum(r[k]["grey_chroma"] is not None for r in group)
-            if k == "tokens":
+            if k == "tokens" and greyed:
                 out[k]["greyed_chroma"] = _mean([r[k] for r in group], "greyed_chroma")
             if k != "tokens":
                 out[k]["bpp"] = float(np.mean([r[k]["bpp"] for r in group]))
