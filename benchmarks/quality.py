@@ -11,8 +11,9 @@ training/model.py), then measured on the photos of the four sources held out who
 and 256x256 (training.evaluate.evaluate_tokenizer): PSNR, SSIM, MS-SSIM, FD-EffNetLite0 (a Frechet distance on
 EfficientNet-Lite0 features; not FID), colour shift (and, a control on the frozen norms, PSNR and colour
 shift at the training crop's size with the norms frozen and as trained); and on the same crops codebook usage
-(share of the codes used, perplexity) and, for the Gaussian VAEs, the KL per token (mean and spread) and the
-cost of quantizing in dB (the posterior mean decoded unquantized against the tokens). A run named NAME_sS is
+(share of the codes used, perplexity), the cost of quantizing in dB (the latent decoded unquantized against the
+tokens: a Gaussian VAE's posterior mean, a baseline's value before rounding or lookup) and, for the Gaussian
+VAEs, the KL per token (mean and spread). A run named NAME_sS is
 seed S of NAME: the table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run
 (kl_mode fixed) is measured twice: through GQ, and through TokenBridge (2 levels per channel). Pillow's JPEG
 and WebP are measured on the same crops at each learned rate, as anchors for the table and plot. Writes
@@ -65,8 +66,10 @@ def frozen(run: Path, data: Path, cache: Path) -> Path:
 def token_statistics(model, tokenize, bits: float, paths: list[Path], size: tuple[int, int]) -> dict:
     """On the centre crops that evaluate_tokenizer measures (its own pass: evaluate_tokenizer also tokenizes each
     crop made grey, which usage must not count): codebook usage (share of the codes used, perplexity 2^entropy);
-    and for a Gaussian VAE what explains GQ's cost, the KL per token in bits (mean, 5th and 95th percentiles,
-    share within half a bit of GQ's log2 K) and the PSNR of the posterior mean decoded without quantization.
+    the PSNR of the latent decoded without quantization (a Gaussian VAE's posterior mean, a baseline's value
+    before rounding or lookup: the network's loss told apart from the quantizer's); and for a Gaussian VAE what
+    explains GQ's cost, the KL per token in bits (mean, 5th and 95th percentiles, share within half a bit of
+    GQ's log2 K).
     `model`: the run's torch model, `tokenize` its token path (training.evaluate.run_tokenizer)."""
     import torch
 
@@ -84,23 +87,23 @@ def token_statistics(model, tokenize, bits: float, paths: list[Path], size: tupl
         ids, n = np.unique(np.asarray(tokenize(crop)), return_counts=True)
         for i, c in zip(ids.tolist(), n.tolist()):
             counts[i] = counts.get(i, 0) + c
-        if model.cfg.quantizer == "gq":
-            with torch.no_grad():
-                mu, logvar = model.encoder(photo_data.to_model_input(crop))
-                continuous = photo_data.to_uint8(model.decoder(mu))
+        with torch.no_grad():
+            mu, logvar = model.encoder(photo_data.to_model_input(crop))
+            latent = mu if model.quantizer is None else model.quantize(mu).z_continuous
+            continuous = photo_data.to_uint8(model.decoder(latent))
+        psnr_continuous.append(image_metrics(crop[0], continuous[0])["psnr"])
+        if model.quantizer is None:
             kl.append(kl_bits_per_token(mu, logvar, model.cfg.token_dim).flatten().numpy())
-            psnr_continuous.append(image_metrics(crop[0], continuous[0])["psnr"])
     p = np.array(list(counts.values()), dtype=np.float64)
     p /= p.sum()
     codes = round(2**bits)  # 64,000 for FSQ
     out = {"codes": codes, "codebook_usage": len(counts) / codes, "perplexity": float(2 ** -(p * np.log2(p)).sum()),
-           "kl_bits_per_token": None}
+           "psnr_continuous": float(np.mean(psnr_continuous)), "kl_bits_per_token": None}
     if kl:
         kl = np.concatenate(kl)
         budget = model.cfg.codebook_bits  # log2 K of GQ's codebook
         out.update(kl_bits_per_token=float(kl.mean()), kl_p5=float(np.percentile(kl, 5)),
-                   kl_p95=float(np.percentile(kl, 95)), kl_within_half_bit=float((np.abs(kl - budget) <= 0.5).mean()),
-                   psnr_continuous=float(np.mean(psnr_continuous)))
+                   kl_p95=float(np.percentile(kl, 95)), kl_within_half_bit=float((np.abs(kl - budget) <= 0.5).mean()))
     return out
 
 
@@ -113,7 +116,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     from gqtok.training.train import load_run
 
     config = json.loads((run / "config.json").read_text())
-    key = {"version": 3, "step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
+    key = {"version": 4, "step": config["step"], "photos": [p.name for p in paths], "sizes": [list(s) for s in sizes]}
     cached = cache / f"{run.name}{'+tokenbridge' if tokenbridge else ''}.row.json"
     if cached.exists() and (stored := json.loads(cached.read_text()))["key"] == key:
         return stored["row"]
@@ -132,8 +135,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
         stats = {"images": r["images"], "bpp": r["bpp"], **{m: r["tokens"][m] for m in METRICS},
                  "fd_effnet_lite0": r["fd_effnet_lite0"]["tokens"],
                  **token_statistics(model, tokenize, bits, paths, size)}
-        if "psnr_continuous" in stats:  # what quantizing costs: the posterior mean decoded against the tokens
-            stats["quantization_cost_db"] = stats["psnr_continuous"] - stats["psnr"]
+        stats["quantization_cost_db"] = stats["psnr_continuous"] - stats["psnr"]  # the latent unquantized - tokens
         row["sizes"][f"{size[0]}x{size[1]}"] = stats
     # a control on the frozen norms: at the training crop's size, where GroupNorm sees what it saw in training,
     # the run as trained against the run measured above (does freezing favour one method?)
@@ -193,7 +195,8 @@ def by_method(rows: list[dict]) -> dict:
                        "bpp": next(iter(group[0]["sizes"].values()))["bpp"]}  # the rate: the same at every size
         for size in group[0]["sizes"]:
             stats = {}
-            for m in (*METRICS, "fd_effnet_lite0", "codebook_usage", "kl_bits_per_token", "quantization_cost_db"):
+            for m in (*METRICS, "fd_effnet_lite0", "codebook_usage", "kl_bits_per_token", "psnr_continuous",
+                      "quantization_cost_db"):
                 values = [r["sizes"][size][m] for r in group if r["sizes"][size].get(m) is not None]
                 if values:
                     stats[m] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values))}
@@ -206,8 +209,8 @@ def by_method(rows: list[dict]) -> dict:
 
 def table(summary: dict, size: str, classic: dict) -> str:
     lines = [f"| method ({size}) | seeds | steps | CPU-h | bpp | PSNR (dB) | SSIM | MS-SSIM | FD-EffNetLite0 | "
-             "codebook usage | KL bits/token | quantization cost (dB) | PSNR at the training crop: as trained / "
-             "frozen |", "| --- " * 13 + "|"]
+             "codebook usage | KL bits/token | PSNR unquantized (dB) | quantization cost (dB) | PSNR at the training "
+             "crop: as trained / frozen |", "| --- " * 14 + "|"]
 
     def cell(stats, m, fmt):
         if m not in stats:
@@ -221,12 +224,12 @@ def table(summary: dict, size: str, classic: dict) -> str:
                      f"{cell(st, 'psnr', '.2f')} | {cell(st, 'ssim', '.4f')} | {cell(st, 'ms_ssim', '.4f')} | "
                      f"{cell(st, 'fd_effnet_lite0', '.1f')} | "
                      f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} | "
-                     f"{cell(st, 'quantization_cost_db', '.2f')} | {s['at_training_crop_psnr']['as_trained']:.2f} / "
-                     f"{s['at_training_crop_psnr']['frozen_norms']:.2f} |")
+                     f"{cell(st, 'psnr_continuous', '.2f')} | {cell(st, 'quantization_cost_db', '.2f')} | "
+                     f"{s['at_training_crop_psnr']['as_trained']:.2f} / {s['at_training_crop_psnr']['frozen_norms']:.2f} |")
     for name, c in classic.items():  # Pillow's codecs on the same crops: figures the learned rows can be read against
         ms_ssim = "-" if c["ms_ssim"] is None else f"{c['ms_ssim']:.4f}"
         lines.append(f"| {name} (Pillow) | - | - | - | {c['bpp']:.3f} | {c['psnr']:.2f} | {c['ssim']:.4f} | "
-                     f"{ms_ssim} |" + " - |" * 5)
+                     f"{ms_ssim} |" + " - |" * 6)
     return "\n".join(lines)
 
 

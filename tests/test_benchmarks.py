@@ -264,7 +264,10 @@ def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_pat
     assert frozen["norm"] == "fixed"
     gq, fsq = result["by_method"]["gq_tdc"]["64x64"], result["by_method"]["fsq"]["64x64"]
     assert gq["kl_bits_per_token"]["mean"] > 0 and "kl_bits_per_token" not in fsq
-    assert "quantization_cost_db" in gq and "quantization_cost_db" not in fsq
+    # the cost of quantizing for every method: GQ's posterior mean, FSQ's value before rounding, decoded
+    assert "quantization_cost_db" in gq and "quantization_cost_db" in fsq
+    fsq_row = next(r for r in result["rows"] if r["method"] == "fsq")["sizes"]["64x64"]
+    assert fsq_row["psnr_continuous"] != fsq_row["psnr"]
     gq_row = next(r for r in result["rows"] if r["method"] == "gq_tdc")["sizes"]["64x64"]
     assert gq_row["kl_p5"] <= gq_row["kl_bits_per_token"] <= gq_row["kl_p95"] and 0 <= gq_row["kl_within_half_bit"] <= 1
     assert gq_row["quantization_cost_db"] == pytest.approx(gq_row["psnr_continuous"] - gq_row["psnr"])

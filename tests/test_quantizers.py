@@ -110,6 +110,23 @@ def test_straight_through_gradient(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_z_continuous_is_what_gets_quantized(name):
+    """z_continuous, the value before rounding or lookup on z_q's scale: quantizing it again gives z_q back (FSQ:
+    rounding on the level grid; VQ: the nearest codeword; LFQ and BSQ: the sign), and it is not z_q itself."""
+    q = make(name).eval()
+    out = q(latent(q, b=2, h=4, w=4))
+    c = out.z_continuous
+    assert c.shape == out.z_q.shape and not c.requires_grad and not torch.equal(c, out.z_q)
+    if name == "fsq":
+        again = torch.round(c * q.half_width) / q.half_width
+    elif name == "vq":
+        again = q.decode_ids(q(c).ids)
+    else:
+        again = torch.where(c > 0, 1.0, -1.0) * q.scale
+    assert torch.allclose(again, out.z_q, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_aux_loss_gradient_is_finite(name):
     q = make(name)
     z = latent(q).requires_grad_(True)

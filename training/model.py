@@ -345,12 +345,12 @@ class GaussianVAE(nn.Module):
 
     def quantize(self, mu: torch.Tensor):
         """A baseline's quantizer on each of the T tokens per position (the strided grouping of
-        gqtok.core.layout, as GQ uses): QuantizerOutput with z_q [B, C, h, w] and ids [B, T, h, w]."""
+        gqtok.core.layout, as GQ uses): QuantizerOutput with z_q and z_continuous [B, C, h, w], ids [B, T, h, w]."""
         b, _, h, w = mu.shape
         t, d = self.cfg.tokens_per_position, self.cfg.token_dim
         tokens = layout.group(mu, d).permute(0, 1, 4, 2, 3).reshape(b * t, d, h, w)
         q = self.quantizer(tokens)
-        q.z_q = self._positions(q.z_q, b)
+        q.z_q, q.z_continuous = self._positions(q.z_q, b), self._positions(q.z_continuous, b)
         q.ids = q.ids.reshape(b, t, h, w)
         return q
 

@@ -27,6 +27,9 @@ class QuantizerOutput:
     ids: torch.Tensor  # [B, h, w] long token ids in [0, num_codes)
     loss: torch.Tensor  # scalar auxiliary loss (codebook/commitment/entropy), already weighted
     stats: dict[str, float] = field(default_factory=dict)  # small scalars for logging
+    # [B, D, h, w] what was rounded, on z_q's scale (the straight-through's x): decoded, it tells the network's
+    # loss apart from the rounding's
+    z_continuous: torch.Tensor | None = None
 
 
 @contextmanager

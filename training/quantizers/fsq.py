@@ -66,7 +66,7 @@ class FSQ(nn.Module):
             ids = (digits * self.radix).sum(1)
             loss = z.new_zeros(())
             stats = usage_stats(ids, self.num_codes)
-        return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats)
+        return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats, z_continuous=x.detach() / self.half_width)
 
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ class LFQ(nn.Module):
             commit = self.commit_loss(x, q)
             loss = self.entropy_weight * (per_token - batch) + self.commitment * commit
             stats = usage_stats(ids, self.num_codes, commit=commit, entropy=per_token, batch_entropy=batch)
-        return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats)
+        return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats, z_continuous=x.detach())
 
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ class VectorQuantizer(nn.Module):
             z_q = straight_through(e, z)
             ids = ids.reshape(b, h, w)
             stats = usage_stats(ids, self.num_codes, codebook=codebook_loss, commit=commit_loss)
-        return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats)
+        return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, stats=stats, z_continuous=z.detach())
 
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
