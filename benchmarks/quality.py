@@ -351,6 +351,8 @@ def plot_rate_control(runs: list[Path], out: Path) -> None:
             if log_file.exists() else []
         if not log:  # not yet at its first logged step
             continue
+        # a run resumed from a checkpoint logs again the steps it had logged after it: the later record counts
+        log = sorted({r["step"]: r for r in log}.values(), key=lambda r: r["step"])
         steps = [r["step"] for r in log]
         colour, marker = f"C{i % 10}", "o" if len(log) < 3 else None  # a line of one point shows nothing
         kl_ax.plot(steps, [r["kl_mean"] for r in log], color=colour, marker=marker, label=f"{run.name} mean")
