@@ -209,8 +209,8 @@ def by_method(rows: list[dict]) -> dict:
 
 def table(summary: dict, size: str, classic: dict) -> str:
     lines = [f"| method ({size}) | seeds | steps | CPU-h | bpp | PSNR (dB) | SSIM | MS-SSIM | FD-EffNetLite0 | "
-             "codebook usage | KL bits/token | PSNR unquantized (dB) | quantization cost (dB) | PSNR at the training "
-             "crop: as trained / frozen |", "| --- " * 14 + "|"]
+             "colour shift | codebook usage | KL bits/token | PSNR unquantized (dB) | quantization cost (dB) | "
+             "PSNR at the training crop: as trained / frozen |", "| --- " * 15 + "|"]
 
     def cell(stats, m, fmt):
         if m not in stats:
@@ -222,14 +222,14 @@ def table(summary: dict, size: str, classic: dict) -> str:
         st = s.get(size, {})
         lines.append(f"| {method} | {len(s['seeds'])} | {s['steps']} | {s['cpu_hours']} | {s['bpp']:.3f} | "
                      f"{cell(st, 'psnr', '.2f')} | {cell(st, 'ssim', '.4f')} | {cell(st, 'ms_ssim', '.4f')} | "
-                     f"{cell(st, 'fd_effnet_lite0', '.1f')} | "
+                     f"{cell(st, 'fd_effnet_lite0', '.1f')} | {cell(st, 'colour_shift', '.2f')} | "
                      f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} | "
                      f"{cell(st, 'psnr_continuous', '.2f')} | {cell(st, 'quantization_cost_db', '.2f')} | "
                      f"{s['at_training_crop_psnr']['as_trained']:.2f} / {s['at_training_crop_psnr']['frozen_norms']:.2f} |")
     for name, c in classic.items():  # Pillow's codecs on the same crops: figures the learned rows can be read against
         ms_ssim = "-" if c["ms_ssim"] is None else f"{c['ms_ssim']:.4f}"
         lines.append(f"| {name} (Pillow) | - | - | - | {c['bpp']:.3f} | {c['psnr']:.2f} | {c['ssim']:.4f} | "
-                     f"{ms_ssim} |" + " - |" * 6)
+                     f"{ms_ssim} |" + " - |" * 7)
     return "\n".join(lines)
 
 
@@ -322,14 +322,17 @@ def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
                 continue
             ax.errorbar([s["bpp"]], [st["mean"]], yerr=[st["spread"] / 2], fmt="o", capsize=4, label=method)
             ax.annotate(method, (s["bpp"], st["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
-        for fmt, style in (("jpeg", "k--"), ("webp", "k:")):
+        for fmt, label, style in (("jpeg", "JPEG", "k--"), ("webp", "WebP", "k:")):
             points = sorted((c["bpp"], c["psnr"]) for name, c in classic.get(size, {}).items()
                             if name.startswith(fmt + "@"))
             if points:
-                ax.plot(*zip(*points), style, marker="x", lw=0.8, label=f"{fmt.upper()} (Pillow), same crops")
+                ax.plot(*zip(*points), style, marker="x", lw=0.8, label=f"{label} (Pillow), same crops")
+                ax.annotate(label, points[-1], textcoords="offset points", xytext=(5, 3), fontsize=7)
+        # from 0 and with room for the labels: one rate alone would be stretched across the whole axis
+        ax.set_xlim(0, 1.3 * max(s["bpp"] for s in summary.values()))
         ax.set(title=f"{size} centre crops, sources held out whole", xlabel="bits per pixel", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
