@@ -25,6 +25,7 @@ the same names with _quick, tiny runs trained here in seconds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -61,6 +62,19 @@ def frozen(run: Path, data: Path, cache: Path) -> Path:
         train(out, data, "default", {"init_from": str(run), "norm": "fixed", "steps": 0, "image_every": 0},
               progress=False)
     return out
+
+
+def remembering(tokenize):
+    """tokenize, keeping each crop's ids (a few MB for the study): a crop asked for again is not encoded again."""
+    memo = {}
+
+    def call(crop: np.ndarray) -> np.ndarray:
+        key = (crop.shape, hashlib.sha256(np.ascontiguousarray(crop).data).digest())
+        if key not in memo:
+            memo[key] = np.asarray(tokenize(crop))
+        return memo[key]
+
+    return call
 
 
 def token_statistics(model, tokenize, bits: float, paths: list[Path], size: tuple[int, int]) -> dict:
@@ -123,6 +137,7 @@ def evaluate_run(run: Path, data: Path, paths: list[Path], cache: Path, sizes, t
     token_path = {"method": "tokenbridge" if tokenbridge else "auto", "tokenbridge_levels": 2}
     measured = frozen(run, data, cache)
     tokenize, detokenize, bits = run_tokenizer(measured, **token_path)
+    tokenize = remembering(tokenize)  # token_statistics asks again for the crops that evaluate_tokenizer measured
     model, _ = load_run(measured)
     method = re.sub(r"_s\d+$", "", run.name) + ("+tokenbridge" if tokenbridge else "")
     row = {"run": run.name, "method": method, "seed": config["train"]["seed"],

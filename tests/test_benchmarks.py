@@ -292,3 +292,18 @@ def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_pat
                           "--out", str(tmp_path / "q2.json")])
     assert again["by_method"]["gq_tdc"]["64x64"]["psnr"]["mean"] == 99.0
     assert again["by_method"]["fsq"] == result["by_method"]["fsq"]
+
+
+def test_quality_remembering_tokenizes_each_crop_once():
+    """The study's tokenizer memo: the same crop (by content and shape) is encoded once, another crop again."""
+    import numpy as np
+
+    from benchmarks import quality
+
+    calls = []
+    tokenize = quality.remembering(lambda x: calls.append(1) or x[..., 0] // 2)
+    a = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(1, 2, 4, 3)
+    first = tokenize(a)
+    assert np.array_equal(tokenize(a.copy()), first) and len(calls) == 1
+    tokenize(a + 1), tokenize(a.reshape(1, 4, 2, 3))
+    assert len(calls) == 3
