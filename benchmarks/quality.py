@@ -16,7 +16,8 @@ tokens: a Gaussian VAE's posterior mean, a baseline's value before rounding or l
 VAEs, the KL per token (mean and spread). A run named NAME_sS is
 seed S of NAME: the table gives each method's mean and the spread (max - min) over its seeds. A plain-KL run
 (kl_mode fixed) is measured twice: through GQ, and through TokenBridge (2 levels per channel). Pillow's JPEG
-and WebP are measured on the same crops at each learned rate, as anchors for the table and plot. Writes
+and WebP are measured on the same crops at each learned rate, as anchors for the table and plot; and how the
+plain-KL weight was chosen (the short runs in --calibration against TDC's reference rule). Writes
 benchmarks/results/quality.json, its tables quality.md, a rate-distortion plot quality.png and
 quality_rate_control.png (each Gaussian VAE's KL per token and TDC's lam over its training steps); --quick:
 the same names with _quick, tiny runs trained here in seconds.
@@ -199,6 +200,49 @@ def classic_reference(paths: list[Path], sizes, rates: list[float], cache: Path)
     return reference
 
 
+def training_log(run: Path) -> list[dict]:
+    """A run's log.jsonl, a record per logged step: a run resumed from a checkpoint logs again the steps it had
+    logged after it, and the later record counts."""
+    log_file = run / "log.jsonl"
+    log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] if log_file.exists() else []
+    return sorted({r["step"]: r for r in log}.values(), key=lambda r: r["step"])
+
+
+def plain_kl_calibration(calibration: Path, reference: Path, window: tuple[int, int] = (600, 800)) -> dict:
+    """How the plain-KL weight was chosen (tools/train_quality.sh): each short run in CALIBRATION (a fixed KL
+    weight, the first steps of the study's schedule) against the TDC run REFERENCE, by the training batches' KL
+    per token averaged over the logged steps in WINDOW; the chosen weight is the one nearest the reference's.
+    A run not yet past the window is listed as unfinished."""
+    def over_window(run: Path) -> dict:
+        rows = [r for r in training_log(run) if window[0] <= r["step"] <= window[1]]
+        if not rows:
+            raise ValueError(f"{run} has no logged step in {window[0]}-{window[1]}")
+        return {m: float(np.mean([r[m] for r in rows])) for m in ("kl_mean", "kl_max", "psnr")}
+
+    weights, unfinished = {}, []
+    for run in sorted(p for p in calibration.iterdir() if (p / "config.json").exists()):
+        if not training_log(run) or training_log(run)[-1]["step"] < window[1]:
+            unfinished.append(run.name)  # still short of the window's end: not compared yet
+            continue
+        weights[json.loads((run / "config.json").read_text())["train"]["kl_weight"]] = over_window(run)
+    target = over_window(reference)
+    chosen = min(weights, key=lambda w: abs(weights[w]["kl_mean"] - target["kl_mean"])) if weights else None
+    return {"window": list(window), "reference": {"run": reference.name, **target},
+            "weights": {f"{w:g}": v for w, v in sorted(weights.items(), reverse=True)},
+            "chosen": None if chosen is None else f"{chosen:g}", "unfinished": unfinished}
+
+
+def calibration_table(calibrated: dict) -> str:
+    lo, hi = calibrated["window"]
+    lines = [f"| plain-KL weight (steps {lo}-{hi}) | KL bits/token | largest in a batch | training PSNR (dB) |",
+             "| --- | --- | --- | --- |"]
+    ref = calibrated["reference"]
+    rows = [(f"TDC reference rule ({ref['run']})", ref)]
+    rows += [(w + (" (chosen)" if w == calibrated["chosen"] else ""), v) for w, v in calibrated["weights"].items()]
+    lines += [f"| {name} | {v['kl_mean']:.2f} | {v['kl_max']:.1f} | {v['psnr']:.2f} |" for name, v in rows]
+    return "\n".join(lines)
+
+
 def by_method(rows: list[dict]) -> dict:
     """Each method's mean and spread (max - min) over its seeds, per size and metric."""
     out = {}
@@ -277,6 +321,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--photos", default=str(REPO / "data" / "photos"), help="the sources held out whole")
     ap.add_argument("--data", default=str(REPO / "data" / "endless-sky"), help="training photos (norm statistics)")
     ap.add_argument("--quick", action="store_true", help="three tiny runs trained here, 4 photos at 64x64 (< 60 s)")
+    ap.add_argument("--calibration", default=str(REPO / "runs" / "quality32-calib"),
+                    help="the plain-KL weight's calibration runs (tools/train_quality.sh), reported when present")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from gqtok.cli import collect_photos
@@ -302,17 +348,21 @@ def main(argv=None) -> dict:
     summary = by_method(rows)
     rates = sorted({round(s["bpp"] * 64) / 64 for s in summary.values()})  # to 1/64 bpp: FSQ's 0.249 is 0.25
     reference = classic_reference(paths, sizes, rates, runs_dir / "_frozen") if rates else {}
+    calibration, tdc_reference = Path(args.calibration), runs_dir / "gq_tdc_s0"
+    calibrated = plain_kl_calibration(calibration, tdc_reference) \
+        if calibration.is_dir() and (tdc_reference / "log.jsonl").exists() and not args.quick else None
     result = {"benchmark": "quality", "quick": args.quick, "runs": str(runs_dir.relative_to(REPO))
               if runs_dir.is_relative_to(REPO) else str(runs_dir), "photos": len(paths),
               "sizes": [f"{h}x{w}" for h, w in sizes], "unfinished": unfinished, "rows": rows, "by_method": summary,
-              "classic": reference, "seconds": round(time.monotonic() - start, 1)}
+              "classic": reference, "plain_kl_calibration": calibrated, "seconds": round(time.monotonic() - start, 1)}
     for size in result["sizes"]:
         print(table(summary, size, reference.get(size, {})))
     if unfinished:
         print("unfinished:", unfinished)
     path = write_result(result, "quality", args.quick, args.out)
-    path.with_suffix(".md").write_text("\n\n".join(table(summary, size, reference.get(size, {}))
-                                                   for size in result["sizes"]) + "\n")
+    tables = [table(summary, size, reference.get(size, {})) for size in result["sizes"]]
+    path.with_suffix(".md").write_text("\n\n".join(tables + ([calibration_table(calibrated)] if calibrated else []))
+                                       + "\n")
     if summary:
         plot(summary, reference, result["sizes"], path.with_suffix(".png"))
     gaussian = [r for r in runs if json.loads((r / "config.json").read_text())["model"]["quantizer"] == "gq"]
@@ -364,13 +414,9 @@ def plot_rate_control(runs: list[Path], out: Path) -> None:
     fig, (kl_ax, lam_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, run in enumerate(runs):
         config = json.loads((run / "config.json").read_text())
-        log_file = run / "log.jsonl"
-        log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
-            if log_file.exists() else []
+        log = training_log(run)
         if not log:  # not yet at its first logged step
             continue
-        # a run resumed from a checkpoint logs again the steps it had logged after it: the later record counts
-        log = sorted({r["step"]: r for r in log}.values(), key=lambda r: r["step"])
         steps = [r["step"] for r in log]
         colour, marker = f"C{i % 10}", "o" if len(log) < 3 else None  # a line of one point shows nothing
         kl_ax.plot(steps, [r["kl_mean"] for r in log], color=colour, marker=marker, label=f"{run.name} mean")

@@ -307,3 +307,30 @@ def test_quality_remembering_tokenizes_each_crop_once():
     assert np.array_equal(tokenize(a.copy()), first) and len(calls) == 1
     tokenize(a + 1), tokenize(a.reshape(1, 4, 2, 3))
     assert len(calls) == 3
+
+
+def test_quality_plain_kl_calibration_picks_the_weight_nearest_tdc(small_photos, tmp_path):
+    """The plain-KL weight's calibration: short real runs at two weights against a TDC run, compared by the
+    training KL per token over a window of logged steps; the weight whose KL is nearest TDC's is chosen, and a
+    window with no logged step is refused by name."""
+    from benchmarks import quality
+    from gqtok.training.train import train
+
+    for name, settings in (("w0.1", {"kl_mode": "fixed", "kl_weight": 0.1}),
+                           ("w1e-06", {"kl_mode": "fixed", "kl_weight": 1e-6})):
+        train(tmp_path / "calib" / name, small_photos, "tiny", {"steps": 20, "image_every": 0, **settings},
+              progress=False)
+    train(tmp_path / "gq_tdc_s0", small_photos, "tiny", {"steps": 20, "image_every": 0}, progress=False)
+    result = quality.plain_kl_calibration(tmp_path / "calib", tmp_path / "gq_tdc_s0", window=(10, 20))
+    kl = {w: v["kl_mean"] for w, v in result["weights"].items()}
+    assert sorted(kl) == ["0.1", "1e-06"] and kl["0.1"] < kl["1e-06"]  # the heavier weight, the fewer bits
+    target = result["reference"]["kl_mean"]
+    assert result["chosen"] == min(kl, key=lambda w: abs(kl[w] - target))
+    assert f"| {result['chosen']} (chosen) |" in quality.calibration_table(result)
+    assert result["unfinished"] == []
+    train(tmp_path / "calib" / "w1", small_photos, "tiny", {"steps": 20, "stop_at": 10, "image_every": 0,
+                                                             "kl_mode": "fixed", "kl_weight": 1.0}, progress=False)
+    again = quality.plain_kl_calibration(tmp_path / "calib", tmp_path / "gq_tdc_s0", window=(10, 20))
+    assert again["unfinished"] == ["w1"] and again["weights"] == result["weights"]  # short of step 20: not compared
+    with pytest.raises(ValueError, match="no logged step in 500-800"):  # the reference must reach the window
+        quality.plain_kl_calibration(tmp_path / "calib", tmp_path / "gq_tdc_s0", window=(500, 800))
