@@ -278,13 +278,13 @@ def table(summary: dict, size: str, classic: dict) -> str:
         return f"{s['mean']:{fmt}}" + (f" (±{s['spread'] / 2:{fmt}})" if s["spread"] else "")
 
     for method, s in summary.items():
-        st = s.get(size, {})
+        st, control = s.get(size, {}), s["at_training_crop_psnr"]
         lines.append(f"| {method} | {len(s['seeds'])} | {s['steps']} | {s['cpu_hours']} | {s['bpp']:.3f} | "
                      f"{cell(st, 'psnr', '.2f')} | {cell(st, 'ssim', '.4f')} | {cell(st, 'ms_ssim', '.4f')} | "
                      f"{cell(st, 'fd_effnet_lite0', '.1f')} | {cell(st, 'colour_shift', '.2f')} | "
                      f"{cell(st, 'codebook_usage', '.3f')} | {cell(st, 'kl_bits_per_token', '.2f')} | "
                      f"{cell(st, 'psnr_continuous', '.2f')} | {cell(st, 'quantization_cost_db', '.2f')} | "
-                     f"{s['at_training_crop_psnr']['as_trained']:.2f} / {s['at_training_crop_psnr']['frozen_norms']:.2f} |")
+                     f"{control['as_trained']:.2f} / {control['frozen_norms']:.2f} |")
     for name, c in classic.items():  # Pillow's codecs on the same crops: figures the learned rows can be read against
         ms_ssim = "-" if c["ms_ssim"] is None else f"{c['ms_ssim']:.4f}"
         lines.append(f"| {name} (Pillow) | - | - | - | {c['bpp']:.3f} | {c['psnr']:.2f} | {c['ssim']:.4f} | "
