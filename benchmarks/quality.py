@@ -79,8 +79,8 @@ def remembering(tokenize):
 
 
 def token_statistics(model, tokenize, bits: float, paths: list[Path], size: tuple[int, int]) -> dict:
-    """On the centre crops that evaluate_tokenizer measures (its own pass: evaluate_tokenizer also tokenizes each
-    crop made grey, which usage must not count): codebook usage (share of the codes used, perplexity 2^entropy);
+    """On the centre crops that evaluate_tokenizer measures (their ids come from `remembering`'s memo):
+    codebook usage (share of the codes used, perplexity 2^entropy);
     the PSNR of the latent decoded without quantization (a Gaussian VAE's posterior mean, a baseline's value
     before rounding or lookup: the network's loss told apart from the quantizer's); and for a Gaussian VAE what
     explains GQ's cost, the KL per token in bits (mean, 5th and 95th percentiles, share within half a bit of
@@ -213,19 +213,20 @@ def plain_kl_calibration(calibration: Path, reference: Path, window: tuple[int, 
     weight, the first steps of the study's schedule) against the TDC run REFERENCE, by the training batches' KL
     per token averaged over the logged steps in WINDOW; the chosen weight is the one nearest the reference's.
     A run not yet past the window is listed as unfinished."""
-    def over_window(run: Path) -> dict:
-        rows = [r for r in training_log(run) if window[0] <= r["step"] <= window[1]]
+    def over_window(run: Path, log: list[dict]) -> dict:
+        rows = [r for r in log if window[0] <= r["step"] <= window[1]]
         if not rows:
             raise ValueError(f"{run} has no logged step in {window[0]}-{window[1]}")
         return {m: float(np.mean([r[m] for r in rows])) for m in ("kl_mean", "kl_max", "psnr")}
 
     weights, unfinished = {}, []
     for run in sorted(p for p in calibration.iterdir() if (p / "config.json").exists()):
-        if not training_log(run) or training_log(run)[-1]["step"] < window[1]:
+        log = training_log(run)
+        if not log or log[-1]["step"] < window[1]:
             unfinished.append(run.name)  # still short of the window's end: not compared yet
             continue
-        weights[json.loads((run / "config.json").read_text())["train"]["kl_weight"]] = over_window(run)
-    target = over_window(reference)
+        weights[json.loads((run / "config.json").read_text())["train"]["kl_weight"]] = over_window(run, log)
+    target = over_window(reference, training_log(reference))
     chosen = min(weights, key=lambda w: abs(weights[w]["kl_mean"] - target["kl_mean"])) if weights else None
     return {"window": list(window), "reference": {"run": reference.name, **target},
             "weights": {f"{w:g}": v for w, v in sorted(weights.items(), reverse=True)},

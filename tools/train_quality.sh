@@ -15,7 +15,6 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 GQTOK=${GQTOK:-.venv/bin/gqtok}
 STEPS=${STEPS:-8700}
 ROOT=runs/quality32
-mkdir -p "$ROOT"
 
 run() {  # run NAME [train overrides...]: start, resume, or skip when finished or held by another instance
   # (ROOT and STOP_AT, set in a subshell, put a run elsewhere and stop it early on the same schedule)
