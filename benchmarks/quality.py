@@ -21,6 +21,10 @@ plain-KL weight was chosen (the short runs in --calibration against TDC's refere
 benchmarks/results/quality.json, its tables quality.md, a rate-distortion plot quality.png and
 quality_rate_control.png (each Gaussian VAE's KL per token and TDC's lam over its training steps); --quick:
 the same names with _quick, tiny runs trained here in seconds.
+
+runs/ stays out of git and is not kept from one working session to the next here, so a run trained in an earlier
+session may be gone when the study is evaluated again: its row, its training curves and the calibration are then
+carried over from the committed quality.json (listed under "carried_over"), measured then by this harness.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.service import write_result  # noqa: E402
+from benchmarks.service import RESULTS, write_result  # noqa: E402
 
 SIZES = ((512, 768), (256, 256))
 METRICS = ("psnr", "ssim", "ms_ssim", "colour_shift")
@@ -335,10 +339,15 @@ def main(argv=None) -> dict:
         sizes, paths = ((64, 64),), paths[:4]
         args.data = quick_data(Path(args.data), runs_dir)
         quick_runs(runs_dir, args.data)
+    runs_dir.mkdir(parents=True, exist_ok=True)
     runs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists() and not p.name.startswith("_"))
     progress = {r: finished(r) for r in runs}
     done = [r for r, (reached, asked) in progress.items() if reached >= asked]
-    unfinished = {r.name: "step {} of {}".format(*progress[r]) for r in runs if r not in done}
+    out = Path(args.out or RESULTS / f"quality{'_quick' if args.quick else ''}.json")
+    committed = earlier_result(out)
+    carried = [r for r in committed.get("rows", []) if r["run"] not in {d.name for d in done}]
+    unfinished = {r.name: "step {} of {}".format(*progress[r]) for r in runs
+                  if r not in done and r.name not in {c["run"] for c in carried}}
     rows = []
     for run in done:
         plain_kl = json.loads((run / "config.json").read_text())["train"]["kl_mode"] == "fixed"
@@ -346,30 +355,41 @@ def main(argv=None) -> dict:
             rows.append(evaluate_run(run, Path(args.data), paths, runs_dir / "_frozen", sizes, tokenbridge))
             print(f"{rows[-1]['method']} seed {rows[-1]['seed']}: "
                   + ", ".join(f"{s} {v['psnr']:.2f} dB" for s, v in rows[-1]["sizes"].items()), flush=True)
+    rows += carried
     summary = by_method(rows)
     rates = sorted({round(s["bpp"] * 64) / 64 for s in summary.values()})  # to 1/64 bpp: FSQ's 0.249 is 0.25
     reference = classic_reference(paths, sizes, rates, runs_dir / "_frozen") if rates else {}
     calibration, tdc_reference = Path(args.calibration), runs_dir / "gq_tdc_s0"
     calibrated = plain_kl_calibration(calibration, tdc_reference) \
-        if calibration.is_dir() and (tdc_reference / "log.jsonl").exists() and not args.quick else None
+        if calibration.is_dir() and (tdc_reference / "log.jsonl").exists() and not args.quick \
+        else committed.get("plain_kl_calibration")
+    gaussian = [r for r in runs if json.loads((r / "config.json").read_text())["model"]["quantizer"] == "gq"]
+    curves = {**committed.get("rate_curves", {}), **rate_curves(gaussian)}
     result = {"benchmark": "quality", "quick": args.quick, "runs": str(runs_dir.relative_to(REPO))
               if runs_dir.is_relative_to(REPO) else str(runs_dir), "photos": len(paths),
               "sizes": [f"{h}x{w}" for h, w in sizes], "unfinished": unfinished, "rows": rows, "by_method": summary,
-              "classic": reference, "plain_kl_calibration": calibrated, "seconds": round(time.monotonic() - start, 1)}
+              "carried_over": sorted(r["run"] + ("+tokenbridge" if r["method"].endswith("+tokenbridge") else "")
+                                     for r in carried),
+              "classic": reference, "plain_kl_calibration": calibrated, "rate_curves": curves,
+              "seconds": round(time.monotonic() - start, 1)}
     for size in result["sizes"]:
         print(table(summary, size, reference.get(size, {})))
     if unfinished:
         print("unfinished:", unfinished)
-    path = write_result(result, "quality", args.quick, args.out)
+    path = write_result(result, "quality", args.quick, out)
     tables = [table(summary, size, reference.get(size, {})) for size in result["sizes"]]
     path.with_suffix(".md").write_text("\n\n".join(tables + ([calibration_table(calibrated)] if calibrated else []))
                                        + "\n")
     if summary:
         plot(summary, reference, result["sizes"], path.with_suffix(".png"))
-    gaussian = [r for r in runs if json.loads((r / "config.json").read_text())["model"]["quantizer"] == "gq"]
-    if gaussian:
-        plot_rate_control(gaussian, path.with_name(path.stem + "_rate_control.png"))
+    if curves:
+        plot_rate_control(curves, path.with_name(path.stem + "_rate_control.png"))
     return result
+
+
+def earlier_result(path: Path) -> dict:
+    """The committed result at PATH (empty when there is none): what runs gone from runs/ leave behind."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
@@ -404,27 +424,37 @@ def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_rate_control(runs: list[Path], out: Path) -> None:
-    """Each Gaussian VAE's training log (finished or not): the batch's mean and largest KL per token against
-    log2 K, and TDC's lam (a plain-KL run: its fixed weight), over the steps: whether the rate settled."""
+def rate_curves(runs: list[Path]) -> dict:
+    """Each Gaussian VAE's training log (finished or not) as the rate-control plot's series: per logged step the
+    batch's mean and largest KL per token and TDC's lam (a plain-KL run: its fixed weight); kept in quality.json
+    so that the plot outlives the run directories."""
+    curves = {}
+    for run in runs:
+        config, log = json.loads((run / "config.json").read_text()), training_log(run)
+        if log:  # else not yet at its first logged step
+            curves[run.name] = {"codebook_bits": config["model"]["codebook_bits"],
+                                "step": [r["step"] for r in log], "kl_mean": [r["kl_mean"] for r in log],
+                                "kl_max": [r["kl_max"] for r in log],
+                                "lam": [r.get("lam", config["train"]["kl_weight"]) for r in log]}
+    return curves
+
+
+def plot_rate_control(curves: dict, out: Path) -> None:
+    """The runs' KL per token (mean and largest in a batch) against log2 K, and TDC's lam, over the steps: whether
+    the rate settled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (kl_ax, lam_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, run in enumerate(runs):
-        config = json.loads((run / "config.json").read_text())
-        log = training_log(run)
-        if not log:  # not yet at its first logged step
-            continue
-        steps = [r["step"] for r in log]
-        colour, marker = f"C{i % 10}", "o" if len(log) < 3 else None  # a line of one point shows nothing
-        kl_ax.plot(steps, [r["kl_mean"] for r in log], color=colour, marker=marker, label=f"{run.name} mean")
-        kl_ax.plot(steps, [r["kl_max"] for r in log], color=colour, ls=":", lw=0.8)
-        lam = [r["lam"] for r in log] if "lam" in log[0] else [config["train"]["kl_weight"]] * len(log)
-        lam_ax.semilogy(steps, lam, color=colour, marker=marker, label=run.name)
-    kl_ax.axhline(json.loads((runs[0] / "config.json").read_text())["model"]["codebook_bits"], color="k", lw=0.8)
+    for i, (name, c) in enumerate(sorted(curves.items())):
+        colour, marker = f"C{i % 10}", "o" if len(c["step"]) < 3 else None  # a line of one point shows nothing
+        kl_ax.plot(c["step"], c["kl_mean"], color=colour, marker=marker, label=f"{name} mean")
+        kl_ax.plot(c["step"], c["kl_max"], color=colour, ls=":", lw=0.8)
+        lam_ax.semilogy(c["step"], c["lam"], color=colour, marker=marker, label=name)
+    for bits in sorted({c["codebook_bits"] for c in curves.values()}):
+        kl_ax.axhline(bits, color="k", lw=0.8)
     kl_ax.set(title="KL per token in training batches (dotted: largest; line: log2 K)", xlabel="step",
               ylabel="bits")
     lam_ax.set(title="TDC's lam (plain KL: its fixed weight)", xlabel="step", ylabel="lam")

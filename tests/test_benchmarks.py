@@ -293,6 +293,24 @@ def test_quality_evaluates_finished_runs_with_frozen_norms(small_photos, tmp_pat
     assert again["by_method"]["gq_tdc"]["64x64"]["psnr"]["mean"] == 99.0
     assert again["by_method"]["fsq"] == result["by_method"]["fsq"]
 
+    # runs/ is not kept between sessions: a run gone from RUNS keeps its row and its training curves from the
+    # result written before (here a second FSQ seed and a TDC run of an earlier session), the runs here are measured
+    earlier = json.loads((tmp_path / "q.json").read_text())
+    gone = {**next(r for r in earlier["rows"] if r["run"] == "fsq_s0"), "run": "fsq_s1", "seed": 1}
+    gone["sizes"]["64x64"]["psnr"] += 1.0
+    earlier["rows"].append(gone)
+    earlier["rate_curves"]["gq_tdc_s1"] = {**earlier["rate_curves"]["gq_tdc_s0"], "kl_mean": [3.0]}
+    (tmp_path / "q.json").write_text(json.dumps(earlier))
+    third = quality.main(["--quick", "--runs", str(runs), "--photos", str(small_photos), "--data", str(small_photos),
+                          "--out", str(tmp_path / "q.json")])
+    assert third["carried_over"] == ["fsq_s1"] and result["carried_over"] == []
+    assert sorted(r["run"] for r in third["rows"]) == ["fsq_s0", "fsq_s1", "gq_tdc_s0", "plain_kl_s0", "plain_kl_s0"]
+    fsq_psnr = third["by_method"]["fsq"]["64x64"]["psnr"]
+    assert third["by_method"]["fsq"]["seeds"] == [0, 1] and fsq_psnr["spread"] == pytest.approx(1.0)
+    assert third["rate_curves"]["gq_tdc_s1"]["kl_mean"] == [3.0]  # the gone run's curve, kept for the plot
+    assert third["rate_curves"]["gq_tdc_s0"] == result["rate_curves"]["gq_tdc_s0"]  # the run here: its log
+    assert "| fsq | 2 |" in (tmp_path / "q.md").read_text()
+
 
 def test_quality_remembering_tokenizes_each_crop_once():
     """The study's tokenizer memo: the same crop (by content and shape) is encoded once, another crop again."""

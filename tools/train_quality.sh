@@ -7,6 +7,9 @@
 #   bash tools/train_quality.sh            the queue below, in order
 #   bash tools/train_quality.sh & bash tools/train_quality.sh &     both cores: each takes the next run that the
 #                                          other does not hold (a lock file per run, flock)
+#   bash tools/train_quality.sh NAME...    only these runs (runs/ is not kept between working sessions here, so a
+#                                          session trains what it can finish; benchmarks/quality.py keeps the rows
+#                                          of runs that are gone from the committed quality.json)
 # Runs go to runs/quality32/NAME (logs NAME.out); benchmarks/quality.py evaluates the finished ones
 # (with their norms frozen, on the four sources held out whole, at 768x512 and 256x256).
 set -euo pipefail
@@ -15,10 +18,12 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 GQTOK=${GQTOK:-.venv/bin/gqtok}
 STEPS=${STEPS:-8700}
 ROOT=runs/quality32
+ONLY=" $* "
 
 run() {  # run NAME [train overrides...]: start, resume, or skip when finished or held by another instance
   # (ROOT and STOP_AT, set in a subshell, put a run elsewhere and stop it early on the same schedule)
   local name=$1 dir=$ROOT/$1 lock stop_at=${STOP_AT:-0}; shift
+  [ -z "${ONLY// }" ] || [[ "$ONLY" == *" $name "* ]] || return 0
   mkdir -p "$ROOT"
   exec {lock}>"$ROOT/$name.lock"
   flock -n "$lock" || { exec {lock}>&-; return 0; }
