@@ -209,7 +209,8 @@ def test_pc_benchmark_codes_digits_and_tokens(tiny_model, small_photos, tmp_path
 def test_kl_size_benchmark_reports_rate_and_gq_cost_per_size(tiny_model, tmp_path):
     from benchmarks import kl_size
 
-    result = kl_size.main(["--model", str(tiny_model), "--model", "default", "--quick", "--out", str(tmp_path / "kl.json")])
+    result = kl_size.main(["--model", str(tiny_model), "--model", "default", "--quick",
+                           "--out", str(tmp_path / "kl.json")])
     assert list(result["models"]) == [str(tiny_model), "default"]  # side by side, in the order given
     for spec, bits in ((str(tiny_model), 8.0), ("default", 16.0)):
         sizes = result["models"][spec]["sizes"]
