@@ -7,6 +7,7 @@
 #   bash tools/train_quality.sh            the queue below, in order
 #   bash tools/train_quality.sh & bash tools/train_quality.sh &     both cores: each takes the next run that the
 #                                          other does not hold (a lock file per run, flock)
+#   THREADS=2 bash tools/train_quality.sh NAME    one run on both cores (torch's intra-op threads)
 #   bash tools/train_quality.sh NAME...    only these runs (runs/ is not kept between working sessions here, so a
 #                                          session trains what it can finish; benchmarks/quality.py keeps the rows
 #                                          of runs that are gone from the committed quality.json)
@@ -14,7 +15,7 @@
 # (with their norms frozen, on the four sources held out whole, at 768x512 and 256x256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
 GQTOK=${GQTOK:-.venv/bin/gqtok}
 STEPS=${STEPS:-8700}
 ROOT=runs/quality32
