@@ -92,7 +92,7 @@ def test_ten_rounds_of_a_megapixel_photo_stay_under_2_gib_and_do_not_grow(photos
         result = memory.rounds(url, proc.pid, memory.photo(720, 1440), 10)
         assert proc.poll() is None, "the server died during the rounds"
         assert result["peak_mib"] < 2048, result
-        assert result["last_over_first"] <= 1.10, result
+        assert result["last_over_warm"] <= 1.10, result  # rounds 4-10 against the first three's largest
         if group is None:
             pytest.skip(f"no memory cgroup could be made here (needs root); peak {result['peak_mib']} MiB measured")
     finally:
@@ -212,7 +212,7 @@ CODEC_FIXTURE = FIXTURE.with_name("behaviour_codec_model.npz")
 
 def test_bundled_codec_makes_and_decodes_the_recorded_streams():
     """The bundled codec compresses crop a to the recorded bytes at qualities 1, 3, 6 and decodes them to the
-    recorded pixels; its rates rise with quality. (Re-record after re-exporting the codec:
+    recorded pixels (within one level on another CPU: the comment below); its rates rise with quality. (Re-record after re-exporting the codec:
     python tests/fixtures/record_default_model.py codec.)"""
     from gqtok.core.bitstream import read_header
     from gqtok.service.compressor import load_compressor
@@ -222,14 +222,21 @@ def test_bundled_codec_makes_and_decodes_the_recorded_streams():
     codec = load_compressor("codec", device="cpu")
     assert recorded["model_digest"].tobytes().decode() == codec.manifest.model_digest, \
         "models/codec changed: re-record tests/fixtures/behaviour_codec_model.npz"
-    sizes = []
+    sizes, errors = [], []
     for q in (1, 3, 6):
         data = codec.compress(recorded["image"], quality=q)
         assert data == recorded[f"q{q}_stream"].tobytes(), q
         assert read_header(data).quality == q
-        assert np.array_equal(codec.decompress(data)[0], recorded[f"q{q}_pixels"]), q
+        # the bytes are exact on any machine; the pixels come from the float32 synthesis network, which another
+        # CPU's SIMD path rounds differently (docs/compression.md): an AVX2 host put 1 value of 36,864 one level
+        # off the recording (made on an AVX-512 host)
+        pixels = codec.decompress(data)[0].astype(int)
+        diff = np.abs(pixels - recorded[f"q{q}_pixels"])
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size, (q, diff.max(), np.count_nonzero(diff))
         sizes.append(len(data))
+        errors.append(np.square(pixels - recorded["image"]).mean())
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.5 * errors[0], errors  # the bits buy fidelity
 
 
 # -- the bundled 256-token model (models/f16), beside the default ----------------------------------------------------
