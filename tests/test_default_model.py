@@ -212,8 +212,8 @@ CODEC_FIXTURE = FIXTURE.with_name("behaviour_codec_model.npz")
 
 def test_bundled_codec_makes_and_decodes_the_recorded_streams():
     """The bundled codec compresses crop a to the recorded bytes at qualities 1, 3, 6 and decodes them to the
-    recorded pixels (within one level on another CPU: the comment below); its rates rise with quality. (Re-record after re-exporting the codec:
-    python tests/fixtures/record_default_model.py codec.)"""
+    recorded pixels (within one level on another CPU: the comment below); its rates and fidelity rise with
+    quality. (Re-record after re-exporting the codec: python tests/fixtures/record_default_model.py codec.)"""
     from gqtok.core.bitstream import read_header
     from gqtok.service.compressor import load_compressor
 
