@@ -345,9 +345,11 @@ def main(argv=None) -> dict:
     done = [r for r, (reached, asked) in progress.items() if reached >= asked]
     out = Path(args.out or RESULTS / f"quality{'_quick' if args.quick else ''}.json")
     committed = earlier_result(out)
-    carried = [r for r in committed.get("rows", []) if r["run"] not in {d.name for d in done}]
+    done_names = {r.name for r in done}
+    carried = [r for r in committed.get("rows", []) if r["run"] not in done_names]
+    carried_names = {r["run"] for r in carried}
     unfinished = {r.name: "step {} of {}".format(*progress[r]) for r in runs
-                  if r not in done and r.name not in {c["run"] for c in carried}}
+                  if r.name not in done_names | carried_names}
     rows = []
     for run in done:
         plain_kl = json.loads((run / "config.json").read_text())["train"]["kl_mode"] == "fixed"
