@@ -385,7 +385,7 @@ def main(argv=None) -> dict:
     if summary:
         plot(summary, reference, result["sizes"], path.with_suffix(".png"))
     if curves:
-        plot_rate_control(curves, path.with_name(path.stem + "_rate_control.png"))
+        plot_rate_control(curves, path.with_name(path.stem + "_rate_control.png"), unfinished)
     return result
 
 
@@ -441,9 +441,9 @@ def rate_curves(runs: list[Path]) -> dict:
     return curves
 
 
-def plot_rate_control(curves: dict, out: Path) -> None:
+def plot_rate_control(curves: dict, out: Path, unfinished: dict) -> None:
     """The runs' KL per token (mean and largest in a batch) against log2 K, and TDC's lam, over the steps: whether
-    the rate settled."""
+    the rate settled. A run still training says so in the legend (UNFINISHED: name -> "step N of M")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,9 +452,10 @@ def plot_rate_control(curves: dict, out: Path) -> None:
     fig, (kl_ax, lam_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, c) in enumerate(sorted(curves.items())):
         colour, marker = f"C{i % 10}", "o" if len(c["step"]) < 3 else None  # a line of one point shows nothing
-        kl_ax.plot(c["step"], c["kl_mean"], color=colour, marker=marker, label=f"{name} mean")
+        label = f"{name} (unfinished)" if name in unfinished else name
+        kl_ax.plot(c["step"], c["kl_mean"], color=colour, marker=marker, label=f"{label} mean")
         kl_ax.plot(c["step"], c["kl_max"], color=colour, ls=":", lw=0.8)
-        lam_ax.semilogy(c["step"], c["lam"], color=colour, marker=marker, label=name)
+        lam_ax.semilogy(c["step"], c["lam"], color=colour, marker=marker, label=label)
     for bits in sorted({c["codebook_bits"] for c in curves.values()}):
         kl_ax.axhline(bits, color="k", lw=0.8)
     kl_ax.set(title="KL per token in training batches (dotted: largest; line: log2 K)", xlabel="step",
