@@ -385,7 +385,7 @@ def main(argv=None) -> dict:
     if summary:
         plot(summary, reference, result["sizes"], path.with_suffix(".png"))
     if curves:
-        plot_rate_control(curves, path.with_name(path.stem + "_rate_control.png"), unfinished)
+        plot_rate_control(curves, path.with_name(path.stem + "_rate_control.png"))
     return result
 
 
@@ -428,22 +428,23 @@ def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
 
 def rate_curves(runs: list[Path]) -> dict:
     """Each Gaussian VAE's training log (finished or not) as the rate-control plot's series: per logged step the
-    batch's mean and largest KL per token and TDC's lam (a plain-KL run: its fixed weight); kept in quality.json
-    so that the plot outlives the run directories."""
+    batch's mean and largest KL per token and TDC's lam (a plain-KL run: its fixed weight), and the steps the run
+    asks for (a curve that stops short is unfinished); kept in quality.json so that the plot outlives the runs."""
     curves = {}
     for run in runs:
         config, log = json.loads((run / "config.json").read_text()), training_log(run)
         if log:  # else not yet at its first logged step
-            curves[run.name] = {"codebook_bits": config["model"]["codebook_bits"],
+            curves[run.name] = {"codebook_bits": config["model"]["codebook_bits"], "steps": config["train"]["steps"],
                                 "step": [r["step"] for r in log], "kl_mean": [r["kl_mean"] for r in log],
                                 "kl_max": [r["kl_max"] for r in log],
                                 "lam": [r.get("lam", config["train"]["kl_weight"]) for r in log]}
     return curves
 
 
-def plot_rate_control(curves: dict, out: Path, unfinished: dict) -> None:
+def plot_rate_control(curves: dict, out: Path) -> None:
     """The runs' KL per token (mean and largest in a batch) against log2 K, and TDC's lam, over the steps: whether
-    the rate settled. A run still training says so in the legend (UNFINISHED: name -> "step N of M")."""
+    the rate settled. A curve short of its run's steps says so in the legend (a run still training, or one
+    carried over from the committed result that was gone before it finished)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,7 +453,7 @@ def plot_rate_control(curves: dict, out: Path, unfinished: dict) -> None:
     fig, (kl_ax, lam_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, c) in enumerate(sorted(curves.items())):
         colour, marker = f"C{i % 10}", "o" if len(c["step"]) < 3 else None  # a line of one point shows nothing
-        label = f"{name} (unfinished)" if name in unfinished else name
+        label = f"{name} (unfinished)" if c["step"][-1] < c.get("steps", 0) else name
         kl_ax.plot(c["step"], c["kl_mean"], color=colour, marker=marker, label=f"{label} mean")
         kl_ax.plot(c["step"], c["kl_max"], color=colour, ls=":", lw=0.8)
         lam_ax.semilogy(c["step"], c["lam"], color=colour, marker=marker, label=label)
