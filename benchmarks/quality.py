@@ -404,12 +404,17 @@ def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
+        points = []
         for method, s in summary.items():
             st = s.get(size, {}).get("psnr")
             if st is None:
                 continue
             ax.errorbar([s["bpp"]], [st["mean"]], yerr=[st["spread"] / 2], fmt="o", capsize=4, label=method)
-            ax.annotate(method, (s["bpp"], st["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+            points.append((s["bpp"], st["mean"], method))
+        ys = [y for _, y, _ in points] + [c["psnr"] for c in classic.get(size, {}).values()]
+        for (x, y, method), label_y in zip(points, spread_labels(points, 0.045 * (max(ys) - min(ys)))):
+            ax.annotate(method, (x, y), xytext=(x + 0.012, label_y), fontsize=7, va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if abs(label_y - y) > 0.05 else None)
         for fmt, label, style in (("jpeg", "JPEG", "k--"), ("webp", "WebP", "k:")):
             points = sorted((c["bpp"], c["psnr"]) for name, c in classic.get(size, {}).items()
                             if name.startswith(fmt + "@"))
@@ -424,6 +429,30 @@ def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def spread_labels(points: list[tuple[float, float, str]], gap: float) -> list[float]:
+    """Label heights for (bpp, PSNR, name) points: labels of points at one rate (to 1/64 bpp) closer than GAP are
+    stacked GAP apart, each stack centred on its points, so that methods a few tenths of a dB apart stay readable;
+    a label with room keeps its point's height."""
+    heights = [y for _, y, _ in points]
+    rates: dict[float, list[int]] = {}
+    for i, (x, _, _) in enumerate(points):
+        rates.setdefault(round(x * 64) / 64, []).append(i)
+    for members in rates.values():
+        members.sort(key=lambda i: points[i][1])
+        stacks = [[members[0]]]
+        for i in members[1:]:
+            top = points[stacks[-1][0]][1] + gap * (len(stacks[-1]) - 1)  # the stack's top label, before centring
+            if points[i][1] < top + gap:
+                stacks[-1].append(i)
+            else:
+                stacks.append([i])
+        for stack in stacks:
+            centre = sum(points[i][1] for i in stack) / len(stack)
+            for k, i in enumerate(stack):
+                heights[i] = centre + gap * (k - (len(stack) - 1) / 2)
+    return heights
 
 
 def rate_curves(runs: list[Path]) -> dict:

@@ -328,6 +328,19 @@ def test_quality_remembering_tokenizes_each_crop_once():
     assert len(calls) == 3
 
 
+def test_quality_plot_labels_at_one_rate_stay_apart():
+    """The study's plot labels: close points at one rate get labels at least the gap apart, centred on them, in
+    the points' order; a point with room, or at another rate, keeps its own height."""
+    from benchmarks import quality
+
+    points = [(0.25, 30.2, "a"), (0.249, 29.9, "b"), (0.25, 27.8, "c"), (0.25, 27.78, "d"), (0.25, 17.5, "e"),
+              (0.5, 31.3, "f"), (0.5, 30.4, "g")]
+    h = quality.spread_labels(points, gap=0.5)
+    assert h[1] < h[0] and h[0] - h[1] >= 0.5 - 1e-9 and h[2] - h[3] >= 0.5 - 1e-9  # the order of the points
+    assert abs((h[0] + h[1]) / 2 - (30.2 + 29.9) / 2) < 1e-9 and abs((h[2] + h[3]) / 2 - 27.79) < 1e-9
+    assert h[4] == 17.5 and h[5:] == [31.3, 30.4]  # room enough: their own heights
+
+
 def test_quality_plain_kl_calibration_picks_the_weight_nearest_tdc(small_photos, tmp_path):
     """The plain-KL weight's calibration: short real runs at two weights against a TDC run, compared by the
     training KL per token over a window of logged steps; the weight whose KL is nearest TDC's is chosen, and a
