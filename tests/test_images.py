@@ -62,6 +62,8 @@ class Container:
         flags += [f for t in service.get("tmpfs", []) for f in ("--tmpfs", t)]
         flags += [f for c in service.get("cap_drop", []) for f in ("--cap-drop", c)]
         flags += [f for s in service.get("security_opt", []) for f in ("--security-opt", s)]
+        flags += [f for v in service.get("volumes", []) if v["type"] == "bind"
+                  for f in ("-v", f"{v['source']}:{v['target']}" + (":ro" if v.get("read_only") else ""))]
         if service.get("mem_limit"):
             flags += ["--memory", str(service["mem_limit"]), "--memory-swap", str(service["mem_limit"])]
         environment = {k: v for k, v in (service.get("environment") or {}).items() if v is not None}
@@ -145,6 +147,51 @@ def test_the_container_runs_as_compose_declares(tokenizer, tokenizer_service):
     for scratch in tokenizer_service["tmpfs"]:  # compose's writable folders (a path inside the container)
         tokenizer.exec("touch", f"{scratch}/x")
     assert tokenizer_service["read_only"] and tokenizer_service["cap_drop"] == ["ALL"]
+
+
+def test_the_documented_override_serves_other_models(photos_dir):
+    """docs/deploy.md's docker-compose.override.yml, merged by compose over docker-compose.yml: the tokenizer
+    container serves the models in the mounted folder (the bundled default and a second one by its own name), with
+    the in-process tokens; the image's own /models is out of sight."""
+    import re
+
+    from gqtok.service.client import TokenizerClient
+    from gqtok.service.tokenizer import Tokenizer
+
+    override = re.search(r"```yaml\n(# docker-compose.override.yml\n.*?)```", (REPO / "docs" / "deploy.md").read_text(),
+                         re.S).group(1)
+    # beside a copy of the compose file, so that ./my-models resolves there; readable by uid 10001, so not under
+    # pytest's tmp_path (0700)
+    project = REPO / "build" / f"override-{uuid.uuid4().hex[:8]}"
+    project.mkdir(parents=True)
+    try:
+        shutil.copy(REPO / "docker-compose.yml", project / "docker-compose.yml")
+        (project / "docker-compose.override.yml").write_text(override)
+        shutil.copytree(REPO / "models" / "default", project / "my-models" / "default")
+        shutil.copytree(REPO / "models" / "f16", project / "my-models" / "my-model")
+        for d in (project.parent, project, *(p for p in project.rglob("*") if p.is_dir())):
+            d.chmod(0o755)
+        for f in project.rglob("*"):
+            if f.is_file():
+                f.chmod(0o644)
+        out = compose("-f", str(project / "docker-compose.override.yml"), "config", "--format", "json",
+                      file=project / "docker-compose.yml")
+        assert out.returncode == 0, out.stderr
+        service = json.loads(out.stdout)["services"]["tokenizer"]
+        c = Container(f"gqtok-tokenizer:{TAG}", service, {"GQTOK_THREADS": "1"})
+        try:
+            c.wait_healthy()
+            assert c.exec("ls", "/models").stdout.split() == ["default", "my-model"]
+            images = crops(photos_dir, 2)
+            with TokenizerClient(c.url) as client:
+                assert sorted(m["model_id"] for m in client.models()["models"]) == ["gqtok-default", "gqtok-f16"]
+                served = client.tokenize([png(a) for a in images], model="gqtok-f16")
+            local = Tokenizer.load(str(REPO / "models" / "f16"), device="cpu", threads=1)
+            assert np.array_equal(served.astype(np.int64), local.encode(images))
+        finally:
+            c.remove()
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
 
 
 def test_the_api_key(tokenizer_service):
