@@ -359,7 +359,7 @@ def main(argv=None) -> dict:
                   + ", ".join(f"{s} {v['psnr']:.2f} dB" for s, v in rows[-1]["sizes"].items()), flush=True)
     rows += carried
     summary = by_method(rows)
-    rates = sorted({round(s["bpp"] * 64) / 64 for s in summary.values()})  # to 1/64 bpp: FSQ's 0.249 is 0.25
+    rates = sorted({nominal_rate(s["bpp"]) for s in summary.values()})
     reference = classic_reference(paths, sizes, rates, runs_dir / "_frozen") if rates else {}
     calibration, tdc_reference = Path(args.calibration), runs_dir / "gq_tdc_s0"
     calibrated = plain_kl_calibration(calibration, tdc_reference) \
@@ -431,14 +431,19 @@ def plot(summary: dict, classic: dict, sizes: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def nominal_rate(bpp: float) -> float:
+    """A method's rate to the nearest 1/64 bpp, the rate it was built for: FSQ's 0.249 bpp is 0.25."""
+    return round(bpp * 64) / 64
+
+
 def spread_labels(points: list[tuple[float, float, str]], gap: float) -> list[float]:
-    """Label heights for (bpp, PSNR, name) points: labels of points at one rate (to 1/64 bpp) closer than GAP are
+    """Label heights for (bpp, PSNR, name) points: labels of points at one nominal rate closer than GAP are
     stacked GAP apart, each stack centred on its points, so that methods a few tenths of a dB apart stay readable;
     a label with room keeps its point's height."""
     heights = [y for _, y, _ in points]
     rates: dict[float, list[int]] = {}
     for i, (x, _, _) in enumerate(points):
-        rates.setdefault(round(x * 64) / 64, []).append(i)
+        rates.setdefault(nominal_rate(x), []).append(i)
     for members in rates.values():
         members.sort(key=lambda i: points[i][1])
         stacks = [[members[0]]]

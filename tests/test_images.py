@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -96,6 +97,16 @@ class Container:
         docker("rm", "-f", self.id, check=False)
 
 
+def folder_for_containers(name: str) -> Path:
+    """A new folder build/NAME that the images' uid 10001 can read when it is bind-mounted: not under pytest's
+    tmp_path, whose folders are 0700."""
+    path = REPO / "build" / name
+    path.mkdir(parents=True)
+    for d in (path.parent, path):
+        d.chmod(0o755)
+    return path
+
+
 def test_every_image_was_built():
     for image in ("gqtok-tokenizer", "gqtok-tokenizer-gpu", "gqtok-generator", "gqtok-balancer"):
         docker("image", "inspect", f"{image}:{TAG}")
@@ -153,27 +164,19 @@ def test_the_documented_override_serves_other_models(photos_dir):
     """docs/deploy.md's docker-compose.override.yml, merged by compose over docker-compose.yml: the tokenizer
     container serves the models in the mounted folder (the bundled default and a second one by its own name), with
     the in-process tokens; the image's own /models is out of sight."""
-    import re
-
     from gqtok.service.client import TokenizerClient
     from gqtok.service.tokenizer import Tokenizer
 
     override = re.search(r"```yaml\n(# docker-compose.override.yml\n.*?)```", (REPO / "docs" / "deploy.md").read_text(),
                          re.S).group(1)
-    # beside a copy of the compose file, so that ./my-models resolves there; readable by uid 10001, so not under
-    # pytest's tmp_path (0700)
-    project = REPO / "build" / f"override-{uuid.uuid4().hex[:8]}"
-    project.mkdir(parents=True)
+    project = folder_for_containers(f"override-{uuid.uuid4().hex[:8]}")  # ./my-models resolves beside the copy
     try:
         shutil.copy(REPO / "docker-compose.yml", project / "docker-compose.yml")
         (project / "docker-compose.override.yml").write_text(override)
         shutil.copytree(REPO / "models" / "default", project / "my-models" / "default")
         shutil.copytree(REPO / "models" / "f16", project / "my-models" / "my-model")
-        for d in (project.parent, project, *(p for p in project.rglob("*") if p.is_dir())):
-            d.chmod(0o755)
-        for f in project.rglob("*"):
-            if f.is_file():
-                f.chmod(0o644)
+        for path in (project / "my-models").rglob("*"):  # whatever this checkout's umask gave the originals
+            path.chmod(0o755 if path.is_dir() else 0o644)
         out = compose("-f", str(project / "docker-compose.override.yml"), "config", "--format", "json",
                       file=project / "docker-compose.yml")
         assert out.returncode == 0, out.stderr
@@ -319,11 +322,8 @@ def test_compose_replicas_behind_the_balancer_lose_nothing_when_one_is_killed(ph
     generator, trained through the balancer, serves /generate through it too."""
     project = f"gqtok-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    # the generator's run is bind-mounted for uid 10001: not under pytest's tmp_path, whose folders are 0700
-    run = REPO / "build" / project / "generator"
-    run.mkdir(parents=True)
-    for d in (run.parent.parent, run.parent):
-        d.chmod(0o755)
+    run = folder_for_containers(project) / "generator"  # bind-mounted into the generator
+    run.mkdir()
     env = {"GQTOK_TAG": TAG, "GQTOK_PUBLISH": f"127.0.0.1:{port}", "GQTOK_THREADS": "1",
            "GENERATOR_RUN": str(run), "GENERATOR_PUBLISH": f"127.0.0.1:{free_port()}"}
 
